@@ -1,0 +1,95 @@
+"""The `teachdiag` command: one subcommand per stage, each a config dataclass.
+
+    teachdiag probe --teacher T --student S --contexts rollouts.jsonl --out runs/r1
+    teachdiag probe                      # the embedded demo pair on the demo rollouts
+    teachdiag rollout --student S --prompts prompts.jsonl --out rollouts.jsonl
+    teachdiag analyze runs/r1
+
+Each dataclass field is one flag and its metadata "help" is its --help text (written once).
+Bad input prints one line `teachdiag: error: ...` and exits 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+
+from teachdiag.errors import InputError
+
+
+def _probe(cfg, argv: list[str]) -> None:
+    from teachdiag.runner import run_probe, summary_lines
+
+    out = run_probe(cfg, argv)
+    print("\n".join(summary_lines(out)))
+
+
+def _commands() -> dict:
+    """name -> (config class, handler(cfg, argv), one-line description); imported lazily."""
+    from teachdiag.runner import ProbeConfig
+
+    cmds = {"probe": (ProbeConfig, _probe, "single-step probe on frozen contexts -> tokens.csv")}
+    try:
+        from teachdiag.rollout import RolloutConfig, run_rollout
+
+        cmds["rollout"] = (RolloutConfig, lambda cfg, argv: run_rollout(cfg),
+                           "sample frozen student rollouts -> contexts JSONL")
+    except ImportError:
+        pass
+    try:
+        from teachdiag.analyze import AnalyzeConfig, run_analyze
+
+        cmds["analyze"] = (AnalyzeConfig, lambda cfg, argv: run_analyze(cfg),
+                           "statistics, tables and figures from tokens.csv")
+    except ImportError:
+        pass
+    return cmds
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One argument per field: `foo_bar` -> --foo-bar; bools are flags; help from metadata."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        meta, kind = dict(f.metadata), hints[f.name]
+        kw = {"help": meta.get("help", "")}
+        if "choices" in meta:
+            kw["choices"] = meta["choices"]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if meta.get("positional"):
+            parser.add_argument(f.name, nargs=meta.get("nargs"), **kw)
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if kind is bool:
+            parser.add_argument(flag, action="store_true", **kw)
+        elif typing.get_origin(kind) is list:
+            parser.add_argument(flag, nargs="+", type=typing.get_args(kind)[0], default=default, **kw)
+        else:
+            base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
+            kw["help"] += f" [default: {default}]" if default not in ("", None) else ""
+            parser.add_argument(flag, type=base, default=default, **kw)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    commands = _commands()
+    parser = argparse.ArgumentParser(prog="teachdiag", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (cls, _, desc) in commands.items():
+        add_dataclass_args(sub.add_parser(name, help=desc, description=desc), cls)
+    args = vars(parser.parse_args(argv))
+    cls, run, _ = commands[args.pop("command")]
+    try:
+        run(cls(**args), argv[1:])
+    except InputError as exc:
+        print(f"teachdiag: error: {exc.one_line()}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("teachdiag: interrupted; finished contexts are saved (rerun with --resume)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,214 @@
+"""Frozen contexts (student rollouts): load, validate, truncate, pick positions.
+
+    from teachdiag.contexts import load_contexts, select_positions
+    ctxs = load_contexts("rollouts.jsonl")                   # JSONL or .parquet
+    ctxs = tokenize_text_records(ctxs, student_tokenizer)    # only if records carry text
+    check_token_ids(ctxs, vocab=49152, max_positions=8192)
+    picks = select_positions(ctxs, "all" | 2000, seed=0)     # [(context index, position)]
+
+A record: {"id": str, "prompt_ids": [int], "response_ids": [int] (non-empty),
+"teacher_prompt_ids": [int] (optional), "meta": {} (optional)}, or the text form
+{"id", "prompt", "response", "teacher_prompt"?}. Position j predicts response_ids[j]:
+the student sees prompt_ids + response_ids[:j], the teacher teacher_prompt_ids + response_ids[:j].
+Every problem is an InputError naming file, line and field; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from teachdiag.errors import InputError
+
+ID_FIELDS = ("prompt_ids", "response_ids", "teacher_prompt_ids")
+TEXT_FIELDS = ("prompt", "response", "teacher_prompt")
+
+
+@dataclass
+class Context:
+    id: str
+    prompt_ids: list[int]
+    response_ids: list[int]
+    teacher_prompt_ids: list[int] | None = None
+    meta: dict = field(default_factory=dict)
+    text: dict | None = None  # text-form record, until tokenized
+    file: str = ""
+    line: int = 0  # 1-based line (JSONL) or row (Parquet) in `file`
+
+    @property
+    def teacher_view(self) -> list[int]:
+        return self.prompt_ids if self.teacher_prompt_ids is None else self.teacher_prompt_ids
+
+
+# ---------------------------------------------------------------------------- reading
+
+def _records(path: Path):
+    """Yield (line number, record dict) from JSONL or Parquet."""
+    if path.suffix in (".parquet", ".pq"):
+        import pyarrow.parquet as pq
+
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as exc:
+            raise InputError(f"not a readable Parquet file ({str(exc).splitlines()[0]})",
+                             file=str(path)) from None
+        yield from enumerate(rows, start=1)
+        return
+    with open(path, encoding="utf-8") as f:
+        for lineno, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            try:
+                rec = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"malformed JSON ({exc.msg}, column {exc.colno})",
+                                 file=str(path), line=lineno) from None
+            yield lineno, rec
+
+
+def _token_list(value, where: dict, name: str, allow_empty: bool) -> list[int]:
+    if hasattr(value, "tolist"):  # numpy arrays from Parquet
+        value = value.tolist()
+    if not isinstance(value, list):
+        raise InputError(f"must be a list of token ids, got {type(value).__name__}", field=name, **where)
+    for tok in value:
+        if isinstance(tok, bool) or not isinstance(tok, int):
+            raise InputError(f"token id {tok!r} is not an integer", field=name, **where)
+        if tok < 0:
+            raise InputError(f"token id {tok} is negative", field=name, **where)
+    if not value and not allow_empty:
+        raise InputError("is empty", field=name, **where)
+    return value
+
+
+def _parse(rec, path: Path, lineno: int) -> Context:
+    where = {"file": str(path), "line": lineno}
+    if not isinstance(rec, dict):
+        raise InputError(f"a record must be a JSON object, got {type(rec).__name__}", **where)
+    rid = rec.get("id")
+    if rid is None:
+        raise InputError("missing", field="id", **where)
+    if not isinstance(rid, str) or not rid:
+        raise InputError(f"must be a non-empty string, got {rid!r}", field="id", **where)
+    meta = rec.get("meta") or {}
+    if not isinstance(meta, dict):
+        raise InputError("must be an object", field="meta", **where)
+    if "response_ids" not in rec and isinstance(rec.get("response"), str):
+        for name in TEXT_FIELDS:
+            if rec.get(name) is not None and not isinstance(rec[name], str):
+                raise InputError("must be a string", field=name, **where)
+        if not rec["response"]:
+            raise InputError("is empty", field="response", **where)
+        if not isinstance(rec.get("prompt"), str):
+            raise InputError("missing (text records need prompt and response)", field="prompt", **where)
+        text = {k: rec[k] for k in TEXT_FIELDS if rec.get(k) is not None}
+        return Context(rid, [], [], None, meta, text, str(path), lineno)
+    for name in ("prompt_ids", "response_ids"):
+        if rec.get(name) is None:
+            raise InputError("missing", field=name, **where)
+    prompt = _token_list(rec["prompt_ids"], where, "prompt_ids", allow_empty=False)
+    response = _token_list(rec["response_ids"], where, "response_ids", allow_empty=False)
+    tprompt = None
+    if rec.get("teacher_prompt_ids") is not None:
+        tprompt = _token_list(rec["teacher_prompt_ids"], where, "teacher_prompt_ids", allow_empty=False)
+    return Context(rid, prompt, response, tprompt, meta, None, str(path), lineno)
+
+
+def load_contexts(path: str | Path, max_response_tokens: int | None = None) -> list[Context]:
+    """Read and validate every record; truncate responses to `max_response_tokens`."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("contexts file not found", file=str(path), field="--contexts")
+    if path.suffix in (".pt", ".pkl", ".pickle", ".bin"):
+        raise InputError("pickled inputs are never loaded; use JSONL or Parquet", file=str(path))
+    if max_response_tokens is not None and max_response_tokens < 1:
+        raise InputError("must be >= 1", field="--max-response-tokens")
+    out, seen = [], {}
+    for lineno, rec in _records(path):
+        ctx = _parse(rec, path, lineno)
+        if ctx.id in seen:
+            raise InputError(f"duplicate id {ctx.id!r} (first at line {seen[ctx.id]})",
+                             file=str(path), line=lineno, field="id")
+        seen[ctx.id] = lineno
+        if max_response_tokens is not None and ctx.text is None:
+            ctx.response_ids = ctx.response_ids[:max_response_tokens]
+        ctx.meta.setdefault("max_response_tokens", max_response_tokens)
+        out.append(ctx)
+    if not out:
+        raise InputError("no records", file=str(path))
+    return out
+
+
+def tokenize_text_records(ctxs: list[Context], tokenizer, max_response_tokens: int | None = None) -> list[Context]:
+    """Tokenize text-form records once with the student's tokenizer (ids are then recorded)."""
+    for ctx in ctxs:
+        if ctx.text is None:
+            continue
+        enc = lambda s, special: tokenizer(s, add_special_tokens=special)["input_ids"]  # noqa: E731
+        ctx.prompt_ids = enc(ctx.text["prompt"], True)
+        ctx.response_ids = enc(ctx.text["response"], False)[:max_response_tokens]
+        if "teacher_prompt" in ctx.text:
+            ctx.teacher_prompt_ids = enc(ctx.text["teacher_prompt"], True)
+        where = {"file": ctx.file, "line": ctx.line}
+        if not ctx.prompt_ids:
+            raise InputError("tokenizes to nothing", field="prompt", **where)
+        if not ctx.response_ids:
+            raise InputError("tokenizes to nothing", field="response", **where)
+        ctx.text = None
+    return ctxs
+
+
+def check_token_ids(ctxs: list[Context], vocab: int, max_positions: int | None = None) -> None:
+    """Every id must index the shared vocabulary; every sequence must fit the models."""
+    for ctx in ctxs:
+        where = {"file": ctx.file, "line": ctx.line}
+        for name in ID_FIELDS:
+            ids = getattr(ctx, name)
+            if ids and max(ids) >= vocab:
+                raise InputError(f"token id {max(ids)} >= vocabulary size {vocab}", field=name, **where)
+        longest = max(len(ctx.prompt_ids), len(ctx.teacher_view)) + len(ctx.response_ids)
+        if max_positions is not None and longest > max_positions:
+            raise InputError(f"prompt + response is {longest} tokens, more than the models' "
+                             f"{max_positions} positions; use --max-response-tokens",
+                             field="response_ids", **where)
+
+
+# ---------------------------------------------------------------------------- positions
+
+def select_positions(ctxs: list[Context], positions: str | int, seed: int) -> list[tuple[int, int]]:
+    """(context index, position) pairs to probe, in file order.
+
+    'all' takes every response position; an integer N takes a seeded uniform sample of N
+    positions over the whole file (capped at the number available). The sample depends
+    only on the file and the seed, never on how the work is split.
+    """
+    counts = np.array([len(c.response_ids) for c in ctxs], dtype=np.int64)
+    total = int(counts.sum())
+    if positions == "all":
+        flat = np.arange(total)
+    else:
+        n = int(positions)
+        if n < 1:
+            raise InputError(f"must be 'all' or a positive integer, got {positions!r}", field="--positions")
+        rng = np.random.default_rng(seed)
+        flat = np.sort(rng.choice(total, size=min(n, total), replace=False))
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    ctx_idx = np.searchsorted(starts, flat, side="right") - 1
+    return [(int(c), int(f - starts[c])) for c, f in zip(ctx_idx, flat)]
+
+
+def parse_positions(value: str) -> str | int:
+    """CLI value of --positions: 'all' or a positive integer."""
+    if value == "all":
+        return "all"
+    try:
+        n = int(value)
+    except ValueError:
+        raise InputError(f"must be 'all' or a positive integer, got {value!r}", field="--positions") from None
+    if n < 1 or not math.isfinite(n):
+        raise InputError(f"must be 'all' or a positive integer, got {value!r}", field="--positions")
+    return n

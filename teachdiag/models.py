@@ -1,0 +1,116 @@
+"""Load teacher and student through the same `from_pretrained` path users use.
+
+    from teachdiag.models import load_model, load_tokenizer, tokenizer_fingerprint
+    tok = load_tokenizer("path/or/hf-id")
+    model = load_model("path/or/hf-id", dtype="float32", device="cpu")
+
+Every failure to load becomes an InputError (one line, exit code 2 in the CLI).
+`trust_remote_code` stays off unless the caller asks for it: a model folder whose config
+points at custom code is refused rather than executed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from teachdiag import zoo
+from teachdiag.errors import InputError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' picks CUDA when present, else CPU; asking for CUDA without it is an input error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("CUDA was requested but torch sees no GPU", field="--device")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise InputError(f"unknown device {device!r} (auto, cpu, cuda)", field="--device")
+    return torch.device(device)
+
+
+def _check_exists(name_or_path: str, what: str) -> str:
+    path = zoo.resolve(name_or_path)
+    looks_local = path.startswith((".", "/", "~")) or Path(path).exists() or path.count("/") > 1
+    if looks_local and not Path(path).expanduser().is_dir():
+        raise InputError(f"{what} model folder not found: {path}", field=f"--{what}")
+    return str(Path(path).expanduser()) if looks_local else path
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
+def load_tokenizer(name_or_path: str, what: str = "student", trust_remote_code: bool = False):
+    """The model's tokenizer (fast when available)."""
+    from transformers import AutoTokenizer
+
+    path = _check_exists(name_or_path, what)
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # transformers raises many types; the user needs one line
+        raise InputError(f"cannot load tokenizer of {path!r}: {_first_line(exc)}",
+                         field=f"--{what}") from None
+
+
+def load_model(name_or_path: str, what: str = "student", dtype: str = "float32",
+               device: str | torch.device = "cpu", trust_remote_code: bool = False):
+    """A causal LM in eval mode on `device`, weights in `dtype`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own bar is the one that matters
+    path = _check_exists(name_or_path, what)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, config=config, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        msg = _first_line(exc)
+        if "trust_remote_code" in str(exc):
+            msg = "its config loads custom code; pass --trust-remote-code if you trust it"
+        raise InputError(f"cannot load model {path!r}: {msg}", field=f"--{what}") from None
+    model.to(device).eval()
+    model.requires_grad_(False)
+    return model
+
+
+def vocab_rows(model) -> int:
+    """Rows of the output embedding (may exceed the tokenizer: padded vocabularies)."""
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
+def config_sha256(model) -> str:
+    """Hash of the full model config, so run.json pins the architecture."""
+    text = model.config.to_json_string(use_diff=False)
+    # the dtype and the local path are not part of the architecture
+    cfg = {k: v for k, v in json.loads(text).items() if k not in ("dtype", "torch_dtype", "_name_or_path")}
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()
+
+
+def tokenizer_fingerprint(tok) -> str:
+    """sha256 over the vocabulary, merges and special tokens: equal iff the tokenizers agree."""
+    payload: dict = {"vocab": sorted(tok.get_vocab().items(), key=lambda kv: kv[1]),
+                     "special": sorted(map(str, tok.all_special_tokens))}
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        model = json.loads(backend.to_str()).get("model", {})
+        payload["merges"] = model.get("merges")
+        payload["type"] = model.get("type")
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def check_same_tokenizer(teacher_tok, student_tok, teacher: str, student: str) -> str:
+    """Refuse a pair whose tokenizers differ; return the shared fingerprint."""
+    ft, fs = tokenizer_fingerprint(teacher_tok), tokenizer_fingerprint(student_tok)
+    if ft != fs:
+        raise InputError(f"teacher and student tokenizers differ ({teacher}: {ft[:12]}, "
+                         f"{student}: {fs[:12]}); teachdiag compares distributions over one "
+                         "shared vocabulary", field="--teacher")
+    return fs

@@ -1,0 +1,177 @@
+"""The exact single-step probe (DESIGN §4): one step toward the teacher per position, then restore.
+
+    from teachdiag.probe import SingleStepProbe
+    probe = SingleStepProbe(student, params="all", loss="reverse_kl", optimizer="normalized",
+                            lr=1e-3, vocab=V)
+    rows = probe.run_context(student_ids, n_prompt, teacher_logits, positions)
+    # the student is back at θ0, bit for bit, after every position
+
+For each position j, starting from θ0: forward the prefix prompt + response[:j] (causal, so
+nothing after j matters), take the loss against the fixed teacher distribution, one update
+θ1 = θ0 − lr·d, forward the same prefix again, then copy θ0 back from a saved copy (a
+subtraction would not restore the bits). The "before" numbers come from the same prefix
+forward as the "after" ones, so gain = before − after compares like with like.
+
+Precision: the stepped parameters must be float32 or float64. A step of lr·d on bfloat16
+weights rounds to no change for most entries (8-bit mantissa), so the probe refuses them;
+the runner keeps the student in float32 whatever --dtype says about the teacher.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from teachdiag.signals import probe_loss, signals_from_logits
+
+OPTIMIZERS = ("sgd", "adam", "normalized")
+ADAM_EPS = 1e-8
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The transformer blocks: the longest ModuleList in the model (layers / h / blocks)."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise ValueError("cannot find the transformer blocks of this model")
+    return max(lists, key=len)
+
+
+def final_norm(model: nn.Module) -> nn.Module | None:
+    """The norm applied after the last block (model.model.norm in Llama/Qwen)."""
+    base = getattr(model, "base_model", model)
+    for name in ("norm", "final_layernorm", "ln_f"):
+        if isinstance(getattr(base, name, None), nn.Module):
+            return getattr(base, name)
+    return None
+
+
+def select_params(model: nn.Module, params: str) -> list[tuple[str, nn.Parameter]]:
+    """The parameter set the step touches: 'all', 'lm_head' or 'last:N'.
+
+    With tied embeddings the LM head *is* the input embedding: stepping it moves both uses,
+    as training would, and its gradient sums both paths (autograd does this for a shared
+    Parameter). Parameters are listed once even when shared.
+    """
+    named = dict(model.named_parameters())  # named_parameters() already drops shared duplicates
+    by_id = {id(p): n for n, p in named.items()}
+    head = model.get_output_embeddings().weight
+    if params == "all":
+        chosen = list(named.values())
+    elif params == "lm_head":
+        chosen = [head]
+    elif params.startswith("last:"):
+        try:
+            n = int(params.split(":", 1)[1])
+        except ValueError:
+            raise ValueError(f"--params last:N needs an integer N, got {params!r}") from None
+        blocks = decoder_blocks(model)
+        if not 1 <= n <= len(blocks):
+            raise ValueError(f"--params last:N needs 1 <= N <= {len(blocks)} blocks, got {n}")
+        chosen = [p for b in blocks[-n:] for p in b.parameters()]
+        norm = final_norm(model)
+        chosen += list(norm.parameters()) if norm is not None else []
+        chosen.append(head)
+    else:
+        raise ValueError(f"unknown --params {params!r} (all, lm_head, last:N)")
+    seen, out = set(), []
+    for p in chosen:
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append((by_id[id(p)], p))
+    return out
+
+
+def step_direction(grads: list[torch.Tensor], optimizer: str) -> list[torch.Tensor]:
+    """d in θ1 = θ0 − lr·d: sgd g; adam's first bias-corrected step g/(|g|+eps); normalized g/‖g‖."""
+    if optimizer == "sgd":
+        return grads
+    if optimizer == "adam":
+        return [g / (g.abs() + ADAM_EPS) for g in grads]
+    if optimizer == "normalized":
+        norm = torch.sqrt(sum(g.double().pow(2).sum() for g in grads))
+        return [g / norm.to(g.dtype) if norm > 0 else torch.zeros_like(g) for g in grads]
+    raise ValueError(f"unknown optimizer {optimizer!r}; one of {OPTIMIZERS}")
+
+
+class SingleStepProbe:
+    """Holds θ0 for the stepped parameters and probes positions one at a time."""
+
+    def __init__(self, model: nn.Module, params: str, loss: str, optimizer: str, lr: float,
+                 vocab: int, top_k: int = 16) -> None:
+        self.model, self.loss, self.optimizer, self.lr = model, loss, optimizer, float(lr)
+        self.vocab, self.top_k = vocab, top_k
+        self.named = select_params(model, params)
+        self.params = [p for _, p in self.named]
+        for name, p in self.named:
+            if p.dtype not in (torch.float32, torch.float64):
+                raise ValueError(f"stepped parameter {name} is {p.dtype}; a small step would round "
+                                 "to nothing, keep the student in float32")
+        self.theta0 = [p.detach().clone() for p in self.params]
+        self.n_stepped = sum(p.numel() for p in self.params)
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {optimizer!r}; one of {OPTIMIZERS}")
+
+    def _last_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """(1, V) logits predicting the token after `ids` (L,), padded vocab rows dropped."""
+        out = self.model(input_ids=ids[None], logits_to_keep=1, use_cache=False)
+        return out.logits[0, -1:, : self.vocab].float()
+
+    def probe_position(self, prefix: torch.Tensor, teacher_logits: torch.Tensor,
+                       token_id: int) -> dict[str, float]:
+        """Signals before, the step, and the same signals after, for one position.
+
+        prefix: (L,) student input ids = prompt + response[:j]; teacher_logits: (V,) float32.
+        """
+        t = teacher_logits[None]  # (1, V)
+        y = torch.tensor([token_id], device=prefix.device)
+        for p in self.params:
+            p.requires_grad_(True)
+        try:
+            with torch.enable_grad():
+                s_before = self._last_logits(prefix)  # (1, V)
+                loss = probe_loss(s_before, t, y, self.loss)
+                grads = torch.autograd.grad(loss, self.params)
+        finally:
+            for p in self.params:
+                p.requires_grad_(False)
+        s_before = s_before.detach()
+        before = {k: v.item() for k, v in signals_from_logits(s_before, t, y, self.top_k).items()}
+        grad_norm = math.sqrt(sum(g.double().pow(2).sum().item() for g in grads))
+        finite = math.isfinite(grad_norm) and torch.isfinite(s_before).all().item()
+        with torch.no_grad():
+            for p, d in zip(self.params, step_direction(list(grads), self.optimizer)):
+                p.add_(d, alpha=-self.lr)
+            s_after = self._last_logits(prefix)
+            self.restore()
+        after = signals_from_logits(s_after, t, y, self.top_k)
+        finite = finite and torch.isfinite(s_after).all().item()
+        row = dict(before)
+        row["fkl_after"], row["rkl_after"] = after["fkl"].item(), after["rkl"].item()
+        row["gain_fkl"] = row["fkl"] - row["fkl_after"]
+        row["gain_rkl"] = row["rkl"] - row["rkl_after"]
+        row["rel_gain_fkl"] = row["gain_fkl"] / row["fkl"] if row["fkl"] != 0 else math.nan
+        row["rel_gain_rkl"] = row["gain_rkl"] / row["rkl"] if row["rkl"] != 0 else math.nan
+        row["grad_norm"] = grad_norm
+        row["finite"] = int(bool(finite) and all(math.isfinite(v) for v in before.values()))
+        return row
+
+    def run_context(self, student_ids: torch.Tensor, n_prompt: int, teacher_logits: torch.Tensor,
+                    positions: list[int]) -> list[dict[str, float]]:
+        """Probe `positions` of one context.
+
+        student_ids: (n_prompt + R,) prompt + response; teacher_logits: (R, V) float32, row j
+        predicting response[j] from the teacher's view.
+        """
+        rows = []
+        for j in positions:
+            prefix = student_ids[: n_prompt + j]
+            rows.append(self.probe_position(prefix, teacher_logits[j], int(student_ids[n_prompt + j])))
+        return rows
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Copy θ0 back into the stepped parameters (exact, bit for bit)."""
+        for p, p0 in zip(self.params, self.theta0):
+            p.copy_(p0)

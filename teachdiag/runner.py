@@ -1,0 +1,240 @@
+"""`teachdiag probe`: contexts → signals → single-step probe → tokens.csv + run.json.
+
+    from teachdiag.runner import ProbeConfig, run_probe
+    run_probe(ProbeConfig(teacher="T", student="S", contexts="rollouts.jsonl", out="runs/r1"))
+
+The teacher runs once per context (all response positions from one forward); the student is
+probed position by position (probe.py). Rows are saved per finished context, so a run that
+dies keeps its work and `--resume` continues it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from teachdiag import __version__, zoo
+from teachdiag.contexts import (check_token_ids, load_contexts, parse_positions, select_positions,
+                                tokenize_text_records)
+from teachdiag.errors import InputError
+from teachdiag.models import (check_same_tokenizer, config_sha256, load_model, load_tokenizer,
+                              resolve_device, vocab_rows)
+from teachdiag.probe import SingleStepProbe
+from teachdiag.table import RUN, RunWriter
+
+PAPER = "arXiv:2605.26844, Not All Disagreement Is Learnable: Token Teachability in On-Policy Distillation"
+
+
+def _h(text: str, **kw) -> dict:
+    return {"metadata": {"help": text, **kw}}
+
+
+@dataclass
+class ProbeConfig:
+    teacher: str = field(default="", **_h("teacher model: local folder, HF id or short name (default: the embedded pair)"))
+    student: str = field(default="", **_h("student model: local folder, HF id or short name (default: the embedded pair)"))
+    contexts: str = field(default="", **_h("frozen rollouts, JSONL or Parquet (default: the demo rollouts)"))
+    out: str = field(default="", **_h("run folder for tokens.csv and run.json (default: runs/<time>)"))
+    positions: str = field(default="", **_h("'all', or N for a seeded uniform sample of N positions over the file"))
+    max_response_tokens: int = field(default=0, **_h("truncate each response to M tokens (0: keep all; the paper used 192)"))
+    top_k: int = field(default=16, **_h("K of the student's top-K for compat_mass, topk_entropy, union_fkl"))
+    loss: str = field(default="reverse_kl", **_h("probe loss", choices=["reverse_kl", "forward_kl", "sampled_token"]))
+    optimizer: str = field(default="normalized", **_h("step rule: θ1 = θ0 − lr·d with d = g, g/(|g|+1e-8), g/‖g‖",
+                                                       choices=["sgd", "adam", "normalized"]))
+    lr: float = field(default=0.0, **_h("step size (0: the default for the step rule, see README)"))
+    params: str = field(default="all", **_h("parameters the step touches: all, lm_head, last:N"))
+    seed: int = field(default=0, **_h("seed for position sampling"))
+    device: str = field(default="auto", **_h("auto, cpu or cuda"))
+    dtype: str = field(default="float32", **_h("teacher forward dtype; the student always steps in float32",
+                                               choices=["float32", "bfloat16"]))
+    trust_remote_code: bool = field(default=False, **_h("allow model folders that load their own code"))
+    overwrite: bool = field(default=False, **_h("replace an existing non-empty --out"))
+    resume: bool = field(default=False, **_h("continue an interrupted run in --out (same options and models)"))
+    quiet: bool = field(default=False, **_h("no progress bar"))
+
+
+# The embedded demo: what `teachdiag probe` runs with no models or contexts given.
+DATA = Path(__file__).resolve().parent.parent / "data"
+EMBEDDED = {"teacher": "smollm2-135m", "student": "smollm2-135m", "contexts": str(DATA / "demo_rollouts.jsonl"),
+            "positions": "1000"}
+
+# lr defaults per step rule; see README "Choosing the step" for how they were chosen
+DEFAULT_LR = {"sgd": 1e-3, "adam": 1e-6, "normalized": 1e-2}
+# options that must match for --resume to continue a folder
+RESUME_KEYS = ("teacher", "student", "contexts", "positions", "max_response_tokens", "top_k", "loss",
+               "optimizer", "lr", "params", "seed", "dtype")
+
+
+def resolve_defaults(cfg: ProbeConfig) -> ProbeConfig:
+    """Fill the embedded pair, positions, lr and out the user left unset."""
+    embedded = not (cfg.teacher or cfg.student or cfg.contexts)
+    if embedded:
+        cfg.teacher, cfg.student, cfg.contexts = EMBEDDED["teacher"], EMBEDDED["student"], EMBEDDED["contexts"]
+        cfg.positions = cfg.positions or EMBEDDED["positions"]
+    elif not (cfg.teacher and cfg.student and cfg.contexts):
+        raise InputError("give --teacher, --student and --contexts together (or none, for the demo)",
+                         field="--teacher/--student/--contexts")
+    cfg.positions = cfg.positions or "all"
+    parse_positions(cfg.positions)
+    cfg.lr = cfg.lr or DEFAULT_LR[cfg.optimizer]
+    if cfg.lr < 0:
+        raise InputError(f"must be positive, got {cfg.lr}", field="--lr")
+    if cfg.top_k < 1:
+        raise InputError(f"must be >= 1, got {cfg.top_k}", field="--top-k")
+    cfg.out = cfg.out or f"runs/{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    return cfg
+
+
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _versions() -> dict:
+    import numpy, pandas, scipy, transformers  # noqa: E401
+
+    return {"teachdiag": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "numpy": numpy.__version__,
+            "pandas": pandas.__version__, "scipy": scipy.__version__, "platform": platform.platform()}
+
+
+def _model_record(name: str, model, dtype: str) -> dict:
+    return {"name": name, "path": zoo.resolve(name), "class": type(model).__name__,
+            "config_sha256": config_sha256(model), "vocab_rows": vocab_rows(model), "dtype": dtype,
+            "n_params": sum(p.numel() for p in model.parameters()),
+            "tied_embeddings": model.get_output_embeddings().weight is model.get_input_embeddings().weight}
+
+
+def _check_resume(writer: RunWriter, record: dict) -> None:
+    old_path = writer.out / RUN
+    if not old_path.exists():
+        raise InputError("nothing to resume (no run.json)", field="--resume", file=str(writer.out))
+    import json
+
+    old = json.loads(old_path.read_text())
+    for key in RESUME_KEYS:
+        if old["options"].get(key) != record["options"].get(key):
+            raise InputError(f"option {key} differs from the run being resumed "
+                             f"({old['options'].get(key)!r} vs {record['options'].get(key)!r})",
+                             field="--resume", file=str(old_path))
+    for who in ("teacher", "student"):
+        if old[who]["config_sha256"] != record[who]["config_sha256"]:
+            raise InputError(f"the {who} model differs from the run being resumed", field="--resume",
+                             file=str(old_path))
+    if old["contexts"]["sha256"] != record["contexts"]["sha256"]:
+        raise InputError("the contexts file changed since the run began", field="--resume", file=str(old_path))
+
+
+def run_probe(cfg: ProbeConfig, argv: list[str] | None = None) -> Path:
+    """Run the probe; returns the run folder. Raises InputError on bad input."""
+    t_start = time.time()
+    cfg = resolve_defaults(cfg)
+    device = resolve_device(cfg.device)
+    ctxs = load_contexts(cfg.contexts, cfg.max_response_tokens or None)
+    s_tok = load_tokenizer(cfg.student, "student", cfg.trust_remote_code)
+    t_tok = load_tokenizer(cfg.teacher, "teacher", cfg.trust_remote_code)
+    fingerprint = check_same_tokenizer(t_tok, s_tok, cfg.teacher, cfg.student)
+    ctxs = tokenize_text_records(ctxs, s_tok, cfg.max_response_tokens or None)
+    writer = RunWriter(cfg.out, overwrite=cfg.overwrite, resume=cfg.resume)
+
+    teacher = load_model(cfg.teacher, "teacher", cfg.dtype, device, cfg.trust_remote_code)
+    student = load_model(cfg.student, "student", "float32", device, cfg.trust_remote_code)
+    vocab = len(s_tok)
+    for who, model in (("teacher", teacher), ("student", student)):
+        if vocab > vocab_rows(model):
+            raise InputError(f"tokenizer has {vocab} tokens but the {who} has only {vocab_rows(model)} "
+                             "output rows", field=f"--{who}")
+    max_pos = min(getattr(m.config, "max_position_embeddings", None) or 10**9 for m in (teacher, student))
+    check_token_ids(ctxs, vocab, max_pos)
+    picks = select_positions(ctxs, parse_positions(cfg.positions), cfg.seed)
+    by_ctx: dict[int, list[int]] = {}
+    for c, j in picks:
+        by_ctx.setdefault(c, []).append(j)
+    try:
+        probe = SingleStepProbe(student, cfg.params, cfg.loss, cfg.optimizer, cfg.lr, vocab, cfg.top_k)
+    except ValueError as exc:
+        raise InputError(str(exc), field="--params") from None
+
+    record = {
+        "teachdiag": __version__, "cite": PAPER,
+        "command": " ".join(["teachdiag", "probe", *(argv if argv is not None else sys.argv[2:])]),
+        "options": asdict(cfg), "device": str(device),
+        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                        else f"CPU, {torch.get_num_threads()} torch threads"),
+        "teacher": _model_record(cfg.teacher, teacher, cfg.dtype),
+        "student": _model_record(cfg.student, student, "float32"),
+        "tokenizer": {"fingerprint": fingerprint, "vocab": vocab},
+        "contexts": {"path": str(cfg.contexts), "sha256": _file_sha256(cfg.contexts), "n_contexts": len(ctxs),
+                     "n_positions_available": sum(len(c.response_ids) for c in ctxs)},
+        "positions": {"requested": cfg.positions, "probed": len(picks)},
+        "step": {"loss": cfg.loss, "optimizer": cfg.optimizer, "lr": cfg.lr, "params": cfg.params,
+                 "n_stepped_params": probe.n_stepped, "student_compute_dtype": "float32"},
+        "top_k": cfg.top_k, "seed": cfg.seed, "versions": _versions(),
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    done: set[str] = set()
+    if cfg.resume:
+        _check_resume(writer, record)
+        done = writer.done_contexts()
+    writer.start(record)
+
+    todo = [c for c in by_ctx if ctxs[c].id not in done]
+    n_todo = sum(len(by_ctx[c]) for c in todo)
+    t_probe = time.time()
+    bar = tqdm(total=n_todo, unit="pos", desc="probe", disable=cfg.quiet, file=sys.stderr)
+    try:
+        for c in todo:
+            ctx = ctxs[c]
+            resp = torch.tensor(ctx.response_ids, device=device)
+            t_in = torch.tensor(ctx.teacher_view + ctx.response_ids[:-1], device=device)
+            with torch.no_grad():  # one teacher forward gives every response position: (R, V)
+                t_logits = teacher(input_ids=t_in[None], logits_to_keep=len(resp), use_cache=False)
+                t_logits = t_logits.logits[0, :, :vocab].float()
+            s_ids = torch.tensor(ctx.prompt_ids + ctx.response_ids, device=device)
+            rows = probe.run_context(s_ids, len(ctx.prompt_ids), t_logits, by_ctx[c])
+            del t_logits
+            for j, row in zip(by_ctx[c], rows):
+                tok = ctx.response_ids[j]
+                row.update(context_id=ctx.id, position=j, token_id=tok, token=s_tok.decode([tok]))
+            writer.append_context(ctx.id, rows)
+            bar.update(len(rows))
+    except KeyboardInterrupt:
+        bar.close()
+        writer.write_record(dict(record, complete=False, interrupted=True))
+        raise
+    bar.close()
+    probe.restore()
+    wall = time.time() - t_start
+    record.update(finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                  wall_s=round(wall, 3), probe_s=round(time.time() - t_probe, 3),
+                  positions_per_s=round(n_todo / max(time.time() - t_probe, 1e-9), 4))
+    writer.finish(record)
+    return writer.out
+
+
+def summary_lines(out: Path) -> list[str]:
+    """Where the files are, and three lines on what the run shows."""
+    from scipy.stats import spearmanr
+
+    from teachdiag.table import TOKENS, read_tokens
+
+    df = read_tokens(out / TOKENS)
+    ok = df[df["finite"] == 1]
+    rho = lambda a, b: spearmanr(ok[a], ok[b], nan_policy="omit")[0] if len(ok) > 2 else float("nan")  # noqa: E731
+    gain = "gain_fkl"
+    return [f"wrote {out / TOKENS} and {out / RUN}",
+            f"positions: {len(df)} ({len(df) - len(ok)} non-finite, excluded)",
+            f"median fkl: {ok['fkl'].median():.4f} nats (mean {ok['fkl'].mean():.4f})",
+            f"Spearman({gain}, fkl) = {rho(gain, 'fkl'):+.3f}; "
+            f"Spearman({gain}, teachability) = {rho(gain, 'teachability'):+.3f}"]

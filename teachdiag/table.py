@@ -1,0 +1,133 @@
+"""The run folder: tokens.csv (one row per probed position) and run.json (the run record).
+
+    from teachdiag.table import RunWriter, COLUMNS
+    w = RunWriter("runs/r1", overwrite=False)
+    w.start(record)                 # run.json with "complete": false
+    w.append_context("ctx-1", rows) # appended, flushed and fsynced: a killed run keeps it
+    df = w.finish(record)           # tokens.csv with teachability/incompat, "complete": true
+
+Rows are first appended to tokens.partial.csv, one write per finished context, and the byte
+length after each context goes to progress.jsonl; a crash can only tear the last context, which
+resume cuts off. tokens.csv appears only when the run is complete, because teachability and
+incompat are normalised over all rows of the run (DESIGN §3) and would change with more rows.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from teachdiag.errors import InputError
+from teachdiag.signals import teachability_scores
+
+COLUMNS = ["context_id", "position", "token_id", "token", "fkl", "rkl", "student_entropy",
+           "teacher_entropy", "student_logprob", "teacher_logprob", "compat_mass", "topk_entropy",
+           "union_fkl", "teachability", "incompat", "fkl_after", "rkl_after", "gain_fkl", "gain_rkl",
+           "rel_gain_fkl", "rel_gain_rkl", "grad_norm", "finite"]
+PARTIAL, PROGRESS, TOKENS, RUN = "tokens.partial.csv", "progress.jsonl", "tokens.csv", "run.json"
+
+
+def _fsync_write(path: Path, text: str, mode: str = "a") -> None:
+    with open(path, mode, encoding="utf-8", newline="") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    _fsync_write(tmp, text, mode="w")
+    os.replace(tmp, path)
+
+
+def rows_to_csv(rows: list[dict], header: bool) -> str:
+    """CSV text; floats as repr (shortest text that round-trips float64), tokens CSV-escaped."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    if header:
+        w.writerow(COLUMNS)
+    for r in rows:
+        w.writerow([repr(float(r[c])) if isinstance(r.get(c), float) else r.get(c, "") for c in COLUMNS])
+    return buf.getvalue()
+
+
+def read_tokens(path: str | Path) -> pd.DataFrame:
+    """Read a tokens CSV back exactly (float64 round-trip, tokens kept as strings)."""
+    return pd.read_csv(path, dtype={"context_id": str, "token": str}, keep_default_na=False,
+                       na_values={c: ["nan", "NaN", ""] for c in COLUMNS if c not in ("context_id", "token")},
+                       float_precision="round_trip")
+
+
+class RunWriter:
+    """Owns one run folder; see the module docstring for the files and their order."""
+
+    def __init__(self, out: str | Path, overwrite: bool = False, resume: bool = False) -> None:
+        self.out = Path(out)
+        if self.out.exists() and not self.out.is_dir():
+            raise InputError("exists and is not a folder", field="--out", file=str(self.out))
+        if self.out.is_dir() and any(self.out.iterdir()) and not (overwrite or resume):
+            raise InputError("folder is not empty; pass --overwrite to replace it or --resume to "
+                             "continue it", field="--out", file=str(self.out))
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            probe = self.out / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as exc:
+            raise InputError(f"cannot write there ({exc.strerror})", field="--out", file=str(self.out)) from None
+        if overwrite and not resume:
+            for name in (PARTIAL, PROGRESS, TOKENS, RUN):
+                (self.out / name).unlink(missing_ok=True)
+        self.partial, self.progress = self.out / PARTIAL, self.out / PROGRESS
+
+    def done_contexts(self) -> set[str]:
+        """Contexts finished by an earlier, interrupted run; cuts off a torn last write."""
+        if not self.progress.exists():
+            return set()
+        entries = []
+        for line in self.progress.read_text().splitlines():
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a torn progress line: the context it describes is redone
+        if self.partial.exists():
+            with open(self.partial, "r+b") as f:
+                f.truncate(entries[-1]["bytes"] if entries else 0)
+        _atomic_write(self.progress, "".join(json.dumps(e) + "\n" for e in entries))
+        return {e["id"] for e in entries}
+
+    def start(self, record: dict) -> None:
+        self.write_record(dict(record, complete=False))
+
+    def write_record(self, record: dict) -> None:
+        _atomic_write(self.out / RUN, json.dumps(record, indent=2, default=str) + "\n")
+
+    def append_context(self, context_id: str, rows: list[dict]) -> None:
+        header = not self.partial.exists() or self.partial.stat().st_size == 0
+        _fsync_write(self.partial, rows_to_csv(rows, header=header))
+        _fsync_write(self.progress, json.dumps({"id": context_id, "bytes": self.partial.stat().st_size}) + "\n")
+
+    def finish(self, record: dict) -> pd.DataFrame:
+        """Normalise teachability/incompat over all rows, write tokens.csv, mark complete."""
+        df = read_tokens(self.partial) if self.partial.exists() else pd.DataFrame(columns=COLUMNS)
+        finite = df["finite"].to_numpy() == 1
+        teach, incompat = np.full(len(df), np.nan), np.full(len(df), np.nan)
+        teach[finite], incompat[finite] = teachability_scores(
+            df.loc[finite, "union_fkl"].to_numpy(), df.loc[finite, "compat_mass"].to_numpy())
+        df["teachability"], df["incompat"] = teach, incompat
+        rows = df.to_dict("records")
+        for r in rows:  # pandas gives numpy scalars; CSV writing wants plain floats and ints
+            for c in COLUMNS:
+                v = r[c]
+                r[c] = float(v) if isinstance(v, (float, np.floating)) else v
+        _atomic_write(self.out / TOKENS, rows_to_csv(rows, header=True))
+        self.write_record(dict(record, complete=True))
+        self.partial.unlink(missing_ok=True)
+        self.progress.unlink(missing_ok=True)
+        return df
