@@ -42,6 +42,21 @@ def _check_exists(name_or_path: str, what: str) -> str:
     return str(Path(path).expanduser()) if looks_local else path
 
 
+def _refuse_remote_code(path: str, what: str, trust_remote_code: bool) -> None:
+    """A local folder whose config names its own code is refused, not silently run or ignored."""
+    if trust_remote_code or not Path(path).is_dir():
+        return
+    for name in ("config.json", "tokenizer_config.json"):
+        cfg = Path(path) / name
+        try:
+            auto_map = cfg.is_file() and json.loads(cfg.read_text()).get("auto_map")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            raise InputError("is not valid JSON", file=str(cfg), field=f"--{what}") from None
+        if auto_map:
+            raise InputError(f"{name} asks to load custom code (auto_map); pass --trust-remote-code "
+                             "if you trust it", file=str(cfg), field=f"--{what}")
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0][:300]
@@ -52,6 +67,7 @@ def load_tokenizer(name_or_path: str, what: str = "student", trust_remote_code: 
     from transformers import AutoTokenizer
 
     path = _check_exists(name_or_path, what)
+    _refuse_remote_code(path, what, trust_remote_code)
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as exc:  # transformers raises many types; the user needs one line
@@ -67,10 +83,16 @@ def load_model(name_or_path: str, what: str = "student", dtype: str = "float32",
 
     hf_logging.disable_progress_bar()  # our own bar is the one that matters
     path = _check_exists(name_or_path, what)
+    _refuse_remote_code(path, what, trust_remote_code)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if getattr(config, "auto_map", None) and not trust_remote_code:  # hub ids: same rule as folders
+            raise InputError("its config asks to load custom code (auto_map); pass --trust-remote-code "
+                             "if you trust it", field=f"--{what}")
         model = AutoModelForCausalLM.from_pretrained(
             path, config=config, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    except InputError:
+        raise
     except Exception as exc:
         msg = _first_line(exc)
         if "trust_remote_code" in str(exc):

@@ -139,7 +139,7 @@ class SingleStepProbe:
         s_before = s_before.detach()
         before = {k: v.item() for k, v in signals_from_logits(s_before, t, y, self.top_k).items()}
         grad_norm = math.sqrt(sum(g.double().pow(2).sum().item() for g in grads))
-        finite = math.isfinite(grad_norm) and torch.isfinite(s_before).all().item()
+        finite = math.isfinite(grad_norm) and bool(torch.isfinite(s_before).all() and torch.isfinite(t).all())
         with torch.no_grad():
             for p, d in zip(self.params, step_direction(list(grads), self.optimizer)):
                 p.add_(d, alpha=-self.lr)

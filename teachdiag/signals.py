@@ -23,15 +23,15 @@ LOSSES = ("reverse_kl", "forward_kl", "sampled_token")
 
 
 def kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """KL(p ‖ q) along the last dim from log-probabilities; 0·log 0 counts as 0."""
+    """KL(p ‖ q) along the last dim from log-probabilities; 0·log 0 counts as 0, NaN stays NaN."""
     p = log_p.exp()
-    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
+    return torch.where(p == 0, torch.zeros_like(p), p * (log_p - log_q)).sum(-1)
 
 
 def entropy(log_p: torch.Tensor) -> torch.Tensor:
     """Shannon entropy along the last dim, nats."""
     p = log_p.exp()
-    return -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(-1)
+    return -torch.where(p == 0, torch.zeros_like(p), p * log_p).sum(-1)
 
 
 def signals_from_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -58,7 +58,7 @@ def signals_from_logits(student_logits: torch.Tensor, teacher_logits: torch.Tens
     neg_inf = torch.tensor(float("-inf"), dtype=log_s.dtype, device=log_s.device)
     log_su = F.log_softmax(torch.where(union, log_s, neg_inf), -1)
     log_tu = F.log_softmax(torch.where(union, log_t, neg_inf), -1)
-    union_fkl = torch.where(union, log_tu.exp() * (log_tu - log_su), torch.zeros_like(log_s)).sum(-1)
+    union_fkl = kl(log_tu, log_su)  # outside U both are -inf: p = 0 there, which kl counts as 0
 
     return {
         "fkl": kl(log_t, log_s),

@@ -1,0 +1,99 @@
+"""Independent references the tests compare against: float64 NumPy signals and a naive probe.
+
+The naive probe does what the definition says and nothing clever: deep-copy the student,
+forward the FULL sequence, take the loss through torch.distributions, step with torch.optim
+(or by hand for the normalized rule), forward the full sequence again with the copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import torch
+from torch.distributions import Categorical, kl_divergence
+
+
+def _logsoftmax(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    m = x.max()
+    return x - (m + np.log(np.exp(x - m).sum()))
+
+
+def ref_signals(s_logits, t_logits, y: int, k: int) -> dict[str, float]:
+    ls, lt = _logsoftmax(s_logits), _logsoftmax(t_logits)
+    ps, pt = np.exp(ls), np.exp(lt)
+    top_s = np.argsort(-ls, kind="stable")[:k]
+    top_t = np.argsort(-lt, kind="stable")[:k]
+    q = ps[top_s] / ps[top_s].sum()
+    u = np.union1d(top_s, top_t)
+    pu_t, pu_s = pt[u] / pt[u].sum(), ps[u] / ps[u].sum()
+    return {
+        "fkl": float(np.sum(pt * (lt - ls))),
+        "rkl": float(np.sum(ps * (ls - lt))),
+        "student_entropy": float(-np.sum(ps * ls)),
+        "teacher_entropy": float(-np.sum(pt * lt)),
+        "student_logprob": float(ls[y]),
+        "teacher_logprob": float(lt[y]),
+        "compat_mass": float(pt[top_s].sum()),
+        "topk_entropy": float(-np.sum(q * np.log(q)) / math.log(k)) if k > 1 else 0.0,
+        "union_fkl": float(np.sum(pu_t * np.log(pu_t / pu_s))),
+    }
+
+
+def full_logits(model, ids: list[int], index: int, vocab: int) -> torch.Tensor:
+    """Logits at sequence index `index` from a forward over the whole sequence."""
+    out = model(input_ids=torch.tensor([ids]))
+    return out.logits[0, index, :vocab].float()
+
+
+def naive_probe(student, teacher, ctx: dict, j: int, vocab: int, loss: str, optimizer: str, lr: float,
+                params: str = "all") -> dict[str, float]:
+    """Gains at position j of ctx by deep copy + torch.optim, for comparison with the tool."""
+    model = copy.deepcopy(student)
+    model.requires_grad_(False)
+    if params == "all":
+        chosen = list(model.parameters())
+    elif params == "lm_head":
+        chosen = [model.lm_head.weight]
+    else:  # last:N
+        n = int(params.split(":")[1])
+        chosen = [p for layer in model.model.layers[-n:] for p in layer.parameters()]
+        chosen += list(model.model.norm.parameters()) + [model.lm_head.weight]
+        chosen = list({id(p): p for p in chosen}.values())
+    for p in chosen:
+        p.requires_grad_(True)
+    s_ids = ctx["prompt_ids"] + ctx["response_ids"]
+    t_view = ctx.get("teacher_prompt_ids") or ctx["prompt_ids"]
+    t_ids = t_view + ctx["response_ids"]
+    y = ctx["response_ids"][j]
+    with torch.no_grad():
+        t = full_logits(teacher, t_ids, len(t_view) + j - 1, vocab).double()
+    s = full_logits(model, s_ids, len(ctx["prompt_ids"]) + j - 1, vocab).double()
+    ps, pt = Categorical(logits=s), Categorical(logits=t)
+    if loss == "reverse_kl":
+        value = kl_divergence(ps, pt)
+    elif loss == "forward_kl":
+        value = kl_divergence(pt, ps)
+    else:
+        lp_s = ps.log_prob(torch.tensor(y))
+        value = -(pt.log_prob(torch.tensor(y)) - lp_s).detach() * lp_s
+    value.backward()
+    grads = [p.grad.clone() for p in chosen]
+    grad_norm = math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads))
+    if optimizer == "sgd":
+        torch.optim.SGD(chosen, lr=lr).step()
+    elif optimizer == "adam":
+        torch.optim.Adam(chosen, lr=lr, betas=(0.9, 0.999), eps=1e-8).step()
+    else:
+        with torch.no_grad():
+            for p, g in zip(chosen, grads):
+                p -= lr * g / grad_norm
+    with torch.no_grad():
+        after = full_logits(model, s_ids, len(ctx["prompt_ids"]) + j - 1, vocab)
+    b = ref_signals(s.detach().numpy(), t.numpy(), y, 16)
+    a = ref_signals(after.numpy(), t.numpy(), y, 16)
+    return {"fkl": b["fkl"], "rkl": b["rkl"], "fkl_after": a["fkl"], "rkl_after": a["rkl"],
+            "gain_fkl": b["fkl"] - a["fkl"], "gain_rkl": b["rkl"] - a["rkl"], "grad_norm": grad_norm,
+            "g_l1": sum(float(g.abs().double().sum()) for g in grads)}

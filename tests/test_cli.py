@@ -1,0 +1,173 @@
+"""End to end through `teachdiag probe` (main(argv)), and every bad input: exit 2, one line."""
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from conftest import make_tokenizer, write_contexts
+from teachdiag.cli import main
+from teachdiag.table import COLUMNS, read_tokens
+
+
+def probe(pair, contexts, out, *extra):
+    teacher, student = pair
+    return main(["probe", "--teacher", teacher, "--student", student, "--contexts", str(contexts),
+                 "--out", str(out), "--device", "cpu", "--quiet", *extra])
+
+
+def test_probe_writes_table_and_run_record(tmp_path, pair, contexts, capsys):
+    out = tmp_path / "r1"
+    assert probe(pair, contexts, out, "--positions", "all", "--top-k", "8") == 0
+    stdout = capsys.readouterr().out
+    assert "tokens.csv" in stdout and "median fkl" in stdout and "Spearman" in stdout
+    header = (out / "tokens.csv").read_text().splitlines()[0].split(",")
+    assert header[:22] == COLUMNS[:22]
+    df = read_tokens(out / "tokens.csv")
+    ctxs = [json.loads(line) for line in open(contexts)]
+    assert len(df) == sum(len(c["response_ids"]) for c in ctxs)  # one row per position
+    assert list(df["position"][: len(ctxs[0]["response_ids"])]) == list(range(len(ctxs[0]["response_ids"])))
+    assert (df["gain_fkl"] == df["fkl"] - df["fkl_after"]).all()
+    assert df["teachability"].between(0, 1).all() and df["incompat"].between(0, 1).all()
+    # floats are written repr-exact, not to 6 digits
+    text = (out / "tokens.csv").read_text().splitlines()[1].split(",")
+    assert len(text[4]) > 12 and float(text[4]) == df["fkl"].iloc[0]
+    # the decoded token text is the tokenizer's
+    tok = make_tokenizer()
+    assert df["token"].iloc[0] == tok.decode([int(df["token_id"].iloc[0])])
+    rec = json.loads((out / "run.json").read_text())
+    assert rec["complete"] is True and rec["top_k"] == 8
+    for key in ("command", "options", "teacher", "student", "tokenizer", "versions", "device", "seed",
+                "wall_s", "positions_per_s"):
+        assert key in rec, key
+    assert rec["teacher"]["config_sha256"] != rec["student"]["config_sha256"]
+    assert rec["teacher"]["vocab_rows"] == 112 and rec["student"]["vocab_rows"] == 128
+    assert rec["tokenizer"]["vocab"] == 68
+    assert not (out / "tokens.partial.csv").exists()
+
+
+def test_sampled_positions_are_seeded_and_truncation_applies(tmp_path, pair, contexts):
+    assert probe(pair, contexts, tmp_path / "a", "--positions", "5", "--seed", "3") == 0
+    assert probe(pair, contexts, tmp_path / "b", "--positions", "5", "--seed", "3") == 0
+    a, b = read_tokens(tmp_path / "a/tokens.csv"), read_tokens(tmp_path / "b/tokens.csv")
+    pd.testing.assert_frame_equal(a, b)
+    assert len(a) == 5
+    assert probe(pair, contexts, tmp_path / "c", "--max-response-tokens", "2") == 0
+    c = read_tokens(tmp_path / "c/tokens.csv")
+    assert c["position"].max() == 1 and len(c) == 8
+
+
+def test_text_records_are_tokenized_with_the_student_tokenizer(tmp_path, pair):
+    path = tmp_path / "text.jsonl"
+    path.write_text(json.dumps({"id": "t", "prompt": "what is two", "response": "two plus two"}) + "\n")
+    assert probe(pair, path, tmp_path / "r") == 0
+    df = read_tokens(tmp_path / "r/tokens.csv")
+    assert "".join(df["token"]) == "two plus two"
+
+
+def test_parquet_contexts(tmp_path, pair, contexts):
+    recs = [json.loads(line) for line in open(contexts)]
+    pd.DataFrame(recs).to_parquet(tmp_path / "ctx.parquet")
+    assert probe(pair, tmp_path / "ctx.parquet", tmp_path / "p") == 0
+    assert probe(pair, contexts, tmp_path / "j") == 0
+    pd.testing.assert_frame_equal(read_tokens(tmp_path / "p/tokens.csv"), read_tokens(tmp_path / "j/tokens.csv"))
+
+
+BAD_RECORDS = {
+    "missing id": ({"prompt_ids": [1], "response_ids": [2]}, "line 2|:2: id: missing"),
+    "duplicate id": ({"id": "c0", "prompt_ids": [1], "response_ids": [2]}, ":2: id: duplicate id 'c0'"),
+    "empty response": ({"id": "x", "prompt_ids": [1], "response_ids": []}, ":2: response_ids: is empty"),
+    "token id >= vocab": ({"id": "x", "prompt_ids": [1], "response_ids": [68]}, ":2: response_ids: token id 68"),
+    "float id": ({"id": "x", "prompt_ids": [1.5], "response_ids": [2]}, ":2: prompt_ids: token id 1.5"),
+    "negative id": ({"id": "x", "prompt_ids": [1], "response_ids": [-3]}, ":2: response_ids: token id -3"),
+    "numeric context id": ({"id": 7, "prompt_ids": [1], "response_ids": [2]}, ":2: id: must be a non-empty string"),
+}
+
+
+def assert_clean_error(capsys, out, expect: str):
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("teachdiag: error:"), err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert any(e in err for e in expect.split("|")), err
+    assert not (out / "tokens.csv").exists()
+
+
+@pytest.mark.parametrize("case", list(BAD_RECORDS))
+def test_bad_records(tmp_path, pair, capsys, case):
+    rec, expect = BAD_RECORDS[case]
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"id": "c0", "prompt_ids": [1, 2], "response_ids": [3, 4]}) + "\n"
+                    + json.dumps(rec) + "\n")
+    assert probe(pair, path, tmp_path / "out") == 2
+    assert_clean_error(capsys, tmp_path / "out", expect)
+
+
+def test_malformed_json_reports_the_line(tmp_path, pair, capsys):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"id": "a", "prompt_ids": [1], "response_ids": [2]}\n\n{"id": "b", "prompt_ids": [1\n')
+    assert probe(pair, path, tmp_path / "out") == 2
+    assert_clean_error(capsys, tmp_path / "out", "bad.jsonl:3: malformed JSON")
+
+
+def test_mismatched_tokenizers_refused(tmp_path, pair, contexts, capsys):
+    import shutil
+
+    other = tmp_path / "other_teacher"
+    shutil.copytree(pair[0], other)
+    make_tokenizer(drop_merge=True).save_pretrained(other)
+    assert probe((str(other), pair[1]), contexts, tmp_path / "out") == 2
+    assert_clean_error(capsys, tmp_path / "out", "tokenizers differ")
+
+
+def test_unknown_model_path(tmp_path, pair, contexts, capsys):
+    assert probe((str(tmp_path / "nope"), pair[1]), contexts, tmp_path / "out") == 2
+    assert_clean_error(capsys, tmp_path / "out", "teacher model folder not found")
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "many"])
+def test_bad_positions(tmp_path, pair, contexts, capsys, value):
+    assert probe(pair, contexts, tmp_path / "out", "--positions", value) == 2
+    assert_clean_error(capsys, tmp_path / "out", "--positions")
+
+
+def test_non_empty_out_needs_overwrite(tmp_path, pair, contexts, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "something").write_text("x")
+    assert probe(pair, contexts, out) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert probe(pair, contexts, out, "--overwrite") == 0
+
+
+def test_remote_code_is_refused_without_flag(tmp_path, pair, contexts, capsys):
+    import shutil
+
+    model = tmp_path / "custom"
+    shutil.copytree(pair[1], model)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM",
+                       "AutoConfig": "configuration_evil.EvilConfig"}
+    (model / "config.json").write_text(json.dumps(cfg))
+    (model / "modeling_evil.py").write_text("raise SystemExit('remote code ran')\n")
+    (model / "configuration_evil.py").write_text("raise SystemExit('remote code ran')\n")
+    assert probe((pair[0], str(model)), contexts, tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "remote code ran" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_console_script_exit_code_and_no_traceback(tmp_path, pair):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json\n")
+    proc = subprocess.run([sys.executable, "-m", "teachdiag", "probe", "--teacher", pair[0], "--student", pair[1],
+                           "--contexts", str(bad), "--out", str(tmp_path / "o"), "--device", "cpu"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "teachdiag: error: " + str(bad) + ":1: malformed JSON (Expecting value, column 1)"
+
+
+def test_help_for_every_command():
+    for cmd in ("probe", "rollout", "analyze"):
+        proc = subprocess.run([sys.executable, "-m", "teachdiag", cmd, "--help"], capture_output=True, text=True)
+        assert proc.returncode == 0 and "usage" in proc.stdout, cmd

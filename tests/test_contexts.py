@@ -1,0 +1,72 @@
+"""Context loading and position selection."""
+
+import json
+
+import numpy as np
+import pytest
+
+from teachdiag.contexts import check_token_ids, load_contexts, parse_positions, select_positions
+from teachdiag.errors import InputError
+
+
+def write(path, recs):
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return path
+
+
+def test_loads_fields_and_teacher_view(tmp_path):
+    p = write(tmp_path / "c.jsonl", [{"id": "a", "prompt_ids": [1, 2], "response_ids": [3, 4, 5]},
+                                     {"id": "b", "prompt_ids": [1], "response_ids": [3], "teacher_prompt_ids": [9, 9],
+                                      "meta": {"k": 1}}])
+    a, b = load_contexts(p)
+    assert a.teacher_view == [1, 2] and b.teacher_view == [9, 9] and b.meta["k"] == 1
+    assert (a.line, b.line) == (1, 2)
+    assert load_contexts(p, max_response_tokens=2)[0].response_ids == [3, 4]
+
+
+def test_select_positions_all_and_sample():
+    class C:
+        def __init__(self, n):
+            self.response_ids = list(range(n))
+
+    ctxs = [C(3), C(1), C(4)]
+    assert select_positions(ctxs, "all", 0) == [(0, 0), (0, 1), (0, 2), (1, 0), (2, 0), (2, 1), (2, 2), (2, 3)]
+    s = select_positions(ctxs, 5, seed=1)
+    assert len(s) == 5 and s == sorted(s) and len(set(s)) == 5
+    assert s == select_positions(ctxs, 5, seed=1) and s != select_positions(ctxs, 5, seed=2)
+    assert len(select_positions(ctxs, 100, seed=0)) == 8  # capped at what exists
+    # uniform over positions, not over contexts: the long context gets about half
+    counts = np.zeros(3)
+    for seed in range(300):
+        for c, _ in select_positions(ctxs, 2, seed):
+            counts[c] += 1
+    assert counts[2] / counts.sum() == pytest.approx(4 / 8, abs=0.05)
+
+
+def test_parse_positions():
+    assert parse_positions("all") == "all" and parse_positions("12") == 12
+    for bad in ("0", "-1", "x", "1.5"):
+        with pytest.raises(InputError):
+            parse_positions(bad)
+
+
+def test_too_long_for_the_model(tmp_path):
+    p = write(tmp_path / "c.jsonl", [{"id": "a", "prompt_ids": [1] * 5, "response_ids": [2] * 10}])
+    with pytest.raises(InputError, match="more than the models' 12 positions"):
+        check_token_ids(load_contexts(p), vocab=50, max_positions=12)
+    check_token_ids(load_contexts(p, max_response_tokens=7), vocab=50, max_positions=12)
+
+
+def test_pickles_are_never_loaded(tmp_path):
+    p = tmp_path / "ctx.pt"
+    p.write_bytes(b"\x80\x04not really")
+    with pytest.raises(InputError, match="never loaded"):
+        load_contexts(p)
+
+
+def test_parquet_wrong_types(tmp_path):
+    import pandas as pd
+
+    pd.DataFrame({"id": ["a"], "prompt_ids": ["1 2 3"], "response_ids": [[1, 2]]}).to_parquet(tmp_path / "c.parquet")
+    with pytest.raises(InputError, match=r"c.parquet:1: prompt_ids: must be a list"):
+        load_contexts(tmp_path / "c.parquet")

@@ -1,0 +1,140 @@
+"""The exact probe against a naive deep-copy reference, the first-order limit, and exact restore."""
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from reference import naive_probe
+from teachdiag.probe import SingleStepProbe, select_params
+from teachdiag.runner import ProbeConfig, run_probe
+from teachdiag.table import read_tokens
+
+VOCAB = 68  # the test tokenizer's length (conftest)
+LR = {"sgd": 1e-3, "adam": 1e-4, "normalized": 1e-2}
+
+
+def load(path):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def read_contexts(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def run(tmp_path, pair, contexts, name, **kw):
+    teacher, student = pair
+    cfg = ProbeConfig(teacher=teacher, student=student, contexts=str(contexts), out=str(tmp_path / name),
+                      device="cpu", quiet=True, **kw)
+    return read_tokens(run_probe(cfg, []) / "tokens.csv")
+
+
+@pytest.mark.parametrize("loss", ["reverse_kl", "forward_kl", "sampled_token"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "normalized"])
+def test_probe_equals_naive_reference(tmp_path, pair, contexts, loss, optimizer):
+    df = run(tmp_path, pair, contexts, "r", loss=loss, optimizer=optimizer, lr=LR[optimizer], positions="6")
+    teacher, student = load(pair[0]), load(pair[1])
+    ctxs = {c["id"]: c for c in read_contexts(contexts)}
+    for row in df.itertuples():
+        ref = naive_probe(student, teacher, ctxs[row.context_id], row.position, VOCAB, loss, optimizer,
+                          LR[optimizer])
+        assert row.grad_norm == pytest.approx(ref["grad_norm"], rel=1e-4)
+        for col in ("fkl", "rkl", "fkl_after", "rkl_after"):
+            assert getattr(row, col) == pytest.approx(ref[col], rel=1e-5, abs=1e-6), col
+        for col in ("gain_fkl", "gain_rkl"):
+            assert getattr(row, col) == pytest.approx(ref[col], rel=2e-3, abs=2e-6), col
+        assert abs(row.gain_rkl) > 1e-4  # the step did something measurable
+
+
+@pytest.mark.parametrize("params", ["lm_head", "last:1", "last:3"])
+def test_param_subsets_with_tied_embeddings(tmp_path, llama_pair, contexts, params):
+    df = run(tmp_path, llama_pair, contexts, "r", optimizer="sgd", lr=1e-3, params=params, positions="4")
+    teacher, student = load(llama_pair[0]), load(llama_pair[1])
+    assert student.lm_head.weight is student.model.embed_tokens.weight  # tied: one shared matrix
+    ctxs = {c["id"]: c for c in read_contexts(contexts)}
+    for row in df.itertuples():
+        ref = naive_probe(student, teacher, ctxs[row.context_id], row.position, VOCAB, "reverse_kl", "sgd", 1e-3,
+                          params)
+        assert row.grad_norm == pytest.approx(ref["grad_norm"], rel=1e-4)
+        assert row.gain_rkl == pytest.approx(ref["gain_rkl"], rel=2e-3, abs=2e-6)
+
+
+def test_select_params_sets(llama_pair):
+    model = load(llama_pair[1])
+    n_all = sum(p.numel() for p in model.parameters())
+    assert sum(p.numel() for _, p in select_params(model, "all")) == n_all
+    assert [n for n, _ in select_params(model, "lm_head")] == ["model.embed_tokens.weight"]  # tied
+    last1 = [n for n, _ in select_params(model, "last:1")]
+    assert all(n.startswith(("model.layers.2.", "model.norm", "model.embed_tokens")) for n in last1)
+    for bad in ("last:0", "last:4", "last:x", "first"):
+        with pytest.raises(ValueError):
+            select_params(model, bad)
+
+
+def test_first_order_limit_sgd_reverse_kl(pair, contexts):
+    """gain_rkl / (lr·‖g‖²) -> 1 as lr -> 0 (sgd, loss = reverse KL)."""
+    teacher, student = load(pair[0]), load(pair[1])
+    ctx = read_contexts(contexts)[1]
+    ids = torch.tensor(ctx["prompt_ids"] + ctx["response_ids"])
+    t_ids = torch.tensor(ctx["prompt_ids"] + ctx["response_ids"][:-1])
+    t_logits = teacher(input_ids=t_ids[None]).logits[0, -len(ctx["response_ids"]):, :VOCAB].detach()
+    errors = []
+    for lr in (1e-2, 1e-3, 1e-4, 1e-5):
+        probe = SingleStepProbe(student, "all", "reverse_kl", "sgd", lr, VOCAB)
+        row = probe.run_context(ids, len(ctx["prompt_ids"]), t_logits, [2])[0]
+        errors.append(abs(row["gain_rkl"] / (lr * row["grad_norm"] ** 2) - 1))
+    assert errors[-1] < 1e-2
+    assert errors[-1] < errors[0]
+
+
+@pytest.mark.parametrize("optimizer,first_order", [("normalized", lambda r: r["grad_norm"]),
+                                                   ("adam", lambda r: r["g_l1"])])
+def test_first_order_other_rules(pair, contexts, optimizer, first_order):
+    teacher, student = load(pair[0]), load(pair[1])
+    ctx = read_contexts(contexts)[0]
+    lr = 1e-5 if optimizer == "normalized" else 1e-8
+    ref = naive_probe(student, teacher, ctx, 1, VOCAB, "reverse_kl", optimizer, lr)
+    assert ref["gain_rkl"] / (lr * first_order(ref)) == pytest.approx(1, abs=2e-2)
+
+
+def test_student_weights_bit_identical_after_probe(pair, contexts):
+    teacher, student = load(pair[0]), load(pair[1])
+    before = copy.deepcopy(student.state_dict())
+    ctx = read_contexts(contexts)[3]
+    ids = torch.tensor(ctx["prompt_ids"] + ctx["response_ids"])
+    t_logits = torch.randn(len(ctx["response_ids"]), VOCAB)
+    for optimizer in ("sgd", "adam", "normalized"):
+        probe = SingleStepProbe(student, "all", "reverse_kl", optimizer, 1e-2, VOCAB)
+        rows = probe.run_context(ids, len(ctx["prompt_ids"]), t_logits, list(range(len(ctx["response_ids"]))))
+        assert all(r["gain_rkl"] != 0 for r in rows)
+    after = student.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(not p.requires_grad for p in student.parameters())
+
+
+def test_bfloat16_trap_is_refused_and_bf16_teacher_still_steps(tmp_path, pair, contexts):
+    student = load(pair[1])
+    w = student.lm_head.weight.detach().to(torch.bfloat16)
+    stepped = w - 1e-5 * torch.randn_like(w)  # a small step applied to bf16 weights ...
+    assert (stepped == w).float().mean() > 0.95  # ... mostly rounds to nothing
+    with pytest.raises(ValueError, match="float32"):
+        SingleStepProbe(student.to(torch.bfloat16), "all", "reverse_kl", "sgd", 1e-3, VOCAB)
+    f32 = run(tmp_path, pair, contexts, "f32", positions="8")
+    bf16 = run(tmp_path, pair, contexts, "bf16", positions="8", dtype="bfloat16")
+    assert (bf16["gain_rkl"].abs() > 1e-4).all()
+    assert bf16["gain_rkl"].corr(f32["gain_rkl"]) > 0.98
+
+
+def test_nonfinite_logits_are_flagged(pair, contexts):
+    student = load(pair[1])
+    ctx = read_contexts(contexts)[0]
+    ids = torch.tensor(ctx["prompt_ids"] + ctx["response_ids"])
+    t_logits = torch.randn(len(ctx["response_ids"]), VOCAB)
+    t_logits[1, 5] = float("nan")
+    rows = SingleStepProbe(student, "lm_head", "reverse_kl", "sgd", 1e-3, VOCAB).run_context(
+        ids, len(ctx["prompt_ids"]), t_logits, [0, 1])
+    assert rows[0]["finite"] == 1 and rows[1]["finite"] == 0
+    assert math.isnan(rows[1]["fkl"])
