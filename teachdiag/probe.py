@@ -83,15 +83,19 @@ def select_params(model: nn.Module, params: str) -> list[tuple[str, nn.Parameter
     return out
 
 
-def step_direction(grads: list[torch.Tensor], optimizer: str) -> list[torch.Tensor]:
+def global_norm(grads: list[torch.Tensor]) -> float:
+    """‖g‖ over all tensors: per-tensor norms in the tensors' dtype, combined in float64."""
+    return math.sqrt(sum(float(torch.linalg.vector_norm(g)) ** 2 for g in grads))
+
+
+def step_direction(grads: list[torch.Tensor], optimizer: str, grad_norm: float) -> list[torch.Tensor]:
     """d in θ1 = θ0 − lr·d: sgd g; adam's first bias-corrected step g/(|g|+eps); normalized g/‖g‖."""
     if optimizer == "sgd":
         return grads
     if optimizer == "adam":
         return [g / (g.abs() + ADAM_EPS) for g in grads]
     if optimizer == "normalized":
-        norm = torch.sqrt(sum(g.double().pow(2).sum() for g in grads))
-        return [g / norm.to(g.dtype) if norm > 0 else torch.zeros_like(g) for g in grads]
+        return [g / grad_norm if grad_norm > 0 else torch.zeros_like(g) for g in grads]
     raise ValueError(f"unknown optimizer {optimizer!r}; one of {OPTIMIZERS}")
 
 
@@ -138,10 +142,10 @@ class SingleStepProbe:
                 p.requires_grad_(False)
         s_before = s_before.detach()
         before = {k: v.item() for k, v in signals_from_logits(s_before, t, y, self.top_k).items()}
-        grad_norm = math.sqrt(sum(g.double().pow(2).sum().item() for g in grads))
+        grad_norm = global_norm(grads)
         finite = math.isfinite(grad_norm) and bool(torch.isfinite(s_before).all() and torch.isfinite(t).all())
         with torch.no_grad():
-            for p, d in zip(self.params, step_direction(list(grads), self.optimizer)):
+            for p, d in zip(self.params, step_direction(list(grads), self.optimizer, grad_norm)):
                 p.add_(d, alpha=-self.lr)
             s_after = self._last_logits(prefix)
             self.restore()

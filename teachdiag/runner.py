@@ -67,7 +67,7 @@ EMBEDDED = {"teacher": "smollm2-135m", "student": "smollm2-135m", "contexts": st
             "positions": "1000"}
 
 # lr defaults per step rule; see README "Choosing the step" for how they were chosen
-DEFAULT_LR = {"sgd": 1e-3, "adam": 1e-6, "normalized": 1e-2}
+DEFAULT_LR = {"sgd": 1e-4, "adam": 1e-7, "normalized": 1e-3}
 # options that must match for --resume to continue a folder
 RESUME_KEYS = ("teacher", "student", "contexts", "positions", "max_response_tokens", "top_k", "loss",
                "optimizer", "lr", "params", "seed", "dtype")

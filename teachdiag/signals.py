@@ -1,8 +1,10 @@
 """Per-position signals (DESIGN §3) as pure functions over logits, in nats.
 
-    from teachdiag.signals import signals_from_logits, probe_loss, quantile_normalize
+    from teachdiag.signals import signals_from_logits, probe_loss
     s = signals_from_logits(student_logits, teacher_logits, token_ids, k=16)   # dict of (P,)
     s["fkl"], s["compat_mass"], s["union_fkl"], ...
+
+teachability and incompat need the whole run's quantiles, so they live in table.py.
 
 Logits are (P, V) over the shared vocabulary (padded rows already dropped). All arithmetic
 is done in float64: gains are differences of two KLs that agree to ~1e-4, so float32 sums
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -90,21 +91,3 @@ def probe_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
         lp_s, lp_t = log_s.gather(-1, y).squeeze(-1), log_t.gather(-1, y).squeeze(-1)
         return (-(lp_t - lp_s).detach() * lp_s).sum()
     raise ValueError(f"unknown loss {loss!r}; one of {LOSSES}")
-
-
-def quantile_normalize(x: np.ndarray) -> np.ndarray:
-    """clip((x − q05) / (q95 − q05), 0, 1) over finite values; 0 where q95 == q05 (DESIGN §3)."""
-    x = np.asarray(x, dtype=np.float64)
-    finite = np.isfinite(x)
-    out = np.full_like(x, np.nan)
-    if not finite.any():
-        return out
-    q05, q95 = np.quantile(x[finite], [0.05, 0.95])
-    out[finite] = 0.0 if q95 == q05 else np.clip((x[finite] - q05) / (q95 - q05), 0.0, 1.0)
-    return out
-
-
-def teachability_scores(union_fkl: np.ndarray, compat_mass: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(teachability, incompat) = (D̃·C̃, D̃·(1 − C̃)), normalised over all rows of one run."""
-    d, c = quantile_normalize(union_fkl), quantile_normalize(compat_mass)
-    return d * c, d * (1.0 - c)

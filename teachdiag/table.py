@@ -10,6 +10,7 @@ Rows are first appended to tokens.partial.csv, one write per finished context, a
 length after each context goes to progress.jsonl; a crash can only tear the last context, which
 resume cuts off. tokens.csv appears only when the run is complete, because teachability and
 incompat are normalised over all rows of the run (DESIGN §3) and would change with more rows.
+No torch here: the analysis reads tables through this module on a laptop.
 """
 
 from __future__ import annotations
@@ -24,13 +25,30 @@ import numpy as np
 import pandas as pd
 
 from teachdiag.errors import InputError
-from teachdiag.signals import teachability_scores
 
 COLUMNS = ["context_id", "position", "token_id", "token", "fkl", "rkl", "student_entropy",
            "teacher_entropy", "student_logprob", "teacher_logprob", "compat_mass", "topk_entropy",
            "union_fkl", "teachability", "incompat", "fkl_after", "rkl_after", "gain_fkl", "gain_rkl",
            "rel_gain_fkl", "rel_gain_rkl", "grad_norm", "finite"]
 PARTIAL, PROGRESS, TOKENS, RUN = "tokens.partial.csv", "progress.jsonl", "tokens.csv", "run.json"
+
+
+def quantile_normalize(x: np.ndarray) -> np.ndarray:
+    """clip((x − q05) / (q95 − q05), 0, 1) over finite values; 0 where q95 == q05 (DESIGN §3)."""
+    x = np.asarray(x, dtype=np.float64)
+    finite = np.isfinite(x)
+    out = np.full_like(x, np.nan)
+    if not finite.any():
+        return out
+    q05, q95 = np.quantile(x[finite], [0.05, 0.95])
+    out[finite] = 0.0 if q95 == q05 else np.clip((x[finite] - q05) / (q95 - q05), 0.0, 1.0)
+    return out
+
+
+def teachability_scores(union_fkl: np.ndarray, compat_mass: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(teachability, incompat) = (D̃·C̃, D̃·(1 − C̃)), normalised over all rows of one run."""
+    d, c = quantile_normalize(union_fkl), quantile_normalize(compat_mass)
+    return d * c, d * (1.0 - c)
 
 
 def _fsync_write(path: Path, text: str, mode: str = "a") -> None:

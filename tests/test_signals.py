@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from reference import ref_signals
-from teachdiag.signals import (SIGNALS, entropy, kl, probe_loss, quantile_normalize, signals_from_logits,
-                               teachability_scores)
+from teachdiag.signals import SIGNALS, entropy, kl, probe_loss, signals_from_logits
+from teachdiag.table import quantile_normalize, teachability_scores
 
 
 @pytest.mark.parametrize("k", [1, 8, 16, 32])
