@@ -1,0 +1,414 @@
+"""Statistics of DESIGN §6 on a probe table (tokens.csv), from the CSV alone (no torch).
+
+    from teachdiag.analysis import add_scores, correlations, regressions, q3_gap, gain_by_bin
+    from teachdiag.analyze import load_tokens          # checks columns, drops finite == 0 rows
+    df = add_scores(load_tokens("runs/r1/tokens.csv")[0], seed=0)
+    correlations(df, gains=["rel_gain_fkl"], signals=["fkl", "teachability"], n_boot=1000)
+    regressions(df, "rel_gain_fkl"); q3_gap(df, "rel_gain_fkl"); gain_by_bin(df, "fkl", "rel_gain_fkl")
+
+Every confidence interval is a 95% percentile interval of a cluster bootstrap: contexts
+(`context_id`) are drawn with replacement, because positions of one rollout are not independent.
+A resample is a vector of integer row weights, so every statistic is a weighted moment (or a
+weighted rank), computed for a chunk of resamples at once: 1000 resamples of 10k rows take seconds.
+Kendall's tau under a resample is taken to first order (its influence function; exact for large n):
+the exact version costs one O(n log n) sort per resample and pair, minutes instead of seconds.
+statsmodels is not used: point OLS is one linear solve, and the clustered bootstrap of standardized
+coefficients runs on batched weighted moment matrices, which statsmodels cannot batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from teachdiag.table import quantile_normalize
+
+GAINS = ("gain_fkl", "gain_rkl", "rel_gain_fkl", "rel_gain_rkl")
+RAW_SIGNALS = ("fkl", "rkl", "union_fkl", "student_entropy", "teacher_entropy", "topk_entropy",
+               "compat_mass", "teachability", "incompat", "position")
+# Peer selection scores of DESIGN §3, computed by add_scores.
+PEER_SCORES = ("entropy", "divergence", "tip", "teach_entropy", "random")
+SIGNALS = RAW_SIGNALS + PEER_SCORES
+# The three OLS models of DESIGN §6; H = topk_entropy, D = union_fkl, C = compat_mass, and HD
+# their raw product. Every term and the gain are z-scored, so coefficients are standardized.
+HD = "topk_entropy:union_fkl"
+MODELS = {
+    "base": ["topk_entropy", "union_fkl", HD, "position", "teacher_entropy"],
+    "base+C": ["topk_entropy", "union_fkl", HD, "position", "teacher_entropy", "compat_mass"],
+    "teachability": ["topk_entropy", "teachability", "incompat", "position", "teacher_entropy"],
+}
+REG_COLUMNS = ["gain", "winsor", "model", "stat", "term", "estimate", "ci_low", "ci_high", "n",
+               "n_contexts"]
+CELLS = 2_000_000  # resamples x rows held at once (16 MB a float array)
+
+
+def add_scores(df: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """Copy of `df` with the peer scores: entropy H̃, divergence D̃, tip H̃+D̃−H̃D̃,
+    teach_entropy H̃+T̃−H̃T̃ (T = teachability) and random (uniform, seeded). Normalized over df's rows."""
+    out = df.copy()
+    h, d = quantile_normalize(out["topk_entropy"]), quantile_normalize(out["union_fkl"])
+    t = quantile_normalize(out["teachability"])
+    out["entropy"], out["divergence"] = h, d
+    out["tip"] = h + d - h * d
+    out["teach_entropy"] = h + t - h * t
+    out["random"] = np.random.default_rng(seed).random(len(out))
+    return out
+
+
+# ---------------------------------------------------------------- cluster bootstrap weights
+
+def count_chunks(codes: np.ndarray, n_boot: int, seed: int) -> Iterator[np.ndarray]:
+    """Yield (b, G) chunks of context counts, n_boot rows in all: each row is one resample of the
+    G contexts (codes (n,) int in 0..G-1) drawn with replacement. Chunks hold ~CELLS row weights."""
+    n_ctx = int(codes.max()) + 1
+    counts = np.random.default_rng(seed).multinomial(n_ctx, np.full(n_ctx, 1.0 / n_ctx), size=n_boot)
+    step = max(1, CELLS // max(1, len(codes)))
+    for lo in range(0, n_boot, step):
+        yield counts[lo:lo + step].astype(float)
+
+
+def bootstrap_weights(codes: np.ndarray, n_boot: int, seed: int) -> Iterator[np.ndarray]:
+    """Yield (b, n) row-weight chunks: weight = times the row's context was drawn (count_chunks)."""
+    for counts in count_chunks(codes, n_boot, seed):
+        yield counts[:, codes]
+
+
+def _ci(draws: np.ndarray) -> tuple[float, float]:
+    draws = draws[np.isfinite(draws)]
+    if draws.size == 0:
+        return np.nan, np.nan
+    lo, hi = np.percentile(draws, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def _rank_groups(x: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What _wranks needs for x (n,): value-group index, contexts in x order, group starts."""
+    _, inv = np.unique(x, return_inverse=True)
+    order = np.argsort(inv, kind="stable")
+    starts = np.r_[0, np.flatnonzero(np.diff(inv[order])) + 1]
+    return inv, codes[order], starts
+
+
+def _wranks(counts: np.ndarray, groups: tuple) -> np.ndarray:
+    """Centred mid-ranks (b, n) of each resample: row i counted W[b, i] times, ties averaged, as
+    scipy.stats.rankdata on the resampled array gives them, minus their mean (N + 1) / 2."""
+    inv, codes_sorted, starts = groups
+    w = counts[:, codes_sorted]  # gather from the small (b, G) array: cache friendly
+    wu = np.add.reduceat(w, starts, axis=1) if len(starts) < w.shape[1] else w  # (b, values)
+    mid = np.cumsum(wu, axis=1) - (wu - 1) / 2 - (wu.sum(1, keepdims=True) + 1) / 2
+    return mid[:, inv]
+
+
+# ---------------------------------------------------------------- Kendall tau-b, first order
+
+def _count_earlier_smaller(r: np.ndarray) -> np.ndarray:
+    """c_i = #{j < i : r_j < r_i} for int ranks r (n,), by a bottom-up merge sort: O(n log² n)."""
+    n = len(r)
+    m = int(r.max()) + 1 if n else 1
+    out, perm, w = np.zeros(n, np.int64), np.arange(n), 1
+    while w < n:  # runs of w original indices, each sorted by r, merged pairwise
+        pair = perm // (2 * w)
+        right = (perm // w) % 2 == 1
+        key = pair * m + r[perm]
+        left = key[~right]  # globally sorted: pairs ascend, each left run is sorted
+        out[perm[right]] += (np.searchsorted(left, key[right])
+                             - np.searchsorted(left, pair[right] * m))
+        perm, w = perm[np.argsort(key, kind="stable")], 2 * w
+    return out
+
+
+def kendall_influence(x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+    """Kendall tau-b of (x, y) and its influence values psi (n,), sum 0: for row weights w,
+    tau(w) ≈ tau + (n / Σw) · Σ w_i psi_i. O(n log² n), ties handled as scipy's tau-b."""
+    n = len(x)
+    rx, ry = np.unique(x, return_inverse=True)[1], np.unique(y, return_inverse=True)[1]
+    mx, my = int(rx.max()) + 1, int(ry.max()) + 1
+    cx, cy = np.bincount(rx, minlength=mx), np.bincount(ry, minlength=my)
+    # strict dominance N(<,<): sort x ascending, y descending so equal-x rows never count
+    order = np.lexsort((-ry, rx))
+    both_lt = np.empty(n, np.int64)
+    both_lt[order] = _count_earlier_smaller(ry[order])
+    x_lt = (np.cumsum(cx) - cx)[rx]
+    x_gt = n - x_lt - cx[rx]
+    y_lt = (np.cumsum(cy) - cy)[ry]
+    kyx = np.sort(ry * mx + rx)  # rows keyed by (y, x)
+    xlt_yeq = np.searchsorted(kyx, ry * mx + rx) - np.searchsorted(kyx, ry * mx)
+    xgt_yeq = np.searchsorted(kyx, (ry + 1) * mx) - np.searchsorted(kyx, ry * mx + rx + 1)
+    kxy = np.sort(rx * my + ry)
+    xeq_ylt = np.searchsorted(kxy, rx * my + ry) - np.searchsorted(kxy, rx * my)
+    # s_i = Σ_j sign(x_i - x_j) sign(y_i - y_j), from the cell counts above
+    s = 4 * both_lt + x_gt - x_lt - 2 * y_lt + 2 * xeq_ylt - xgt_yeq + xlt_yeq
+    ax, ay = (n - cx[rx]).astype(float), (n - cy[ry]).astype(float)  # untied partners
+    big_ax, big_ay = ax.sum(), ay.sum()
+    if big_ax == 0 or big_ay == 0:
+        return np.nan, np.full(n, np.nan)
+    root = np.sqrt(big_ax * big_ay)
+    tau = s.sum() / root
+    return float(tau), 2 * s / root - tau * (ax / big_ax + ay / big_ay)
+
+
+# ---------------------------------------------------------------- correlations
+
+METHODS = ("spearman", "pearson", "kendall")
+
+
+def _point(x: np.ndarray, g: np.ndarray) -> tuple[dict, np.ndarray | None]:
+    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(g) == 0:
+        return {m: np.nan for m in METHODS}, None
+    tau, psi = kendall_influence(x, g)
+    return {"spearman": stats.spearmanr(x, g)[0], "pearson": stats.pearsonr(x, g)[0],
+            "kendall": tau}, psi
+
+
+def _boot_block(X: np.ndarray, G: np.ndarray, codes: np.ndarray, est: dict, psi: dict,
+                n_boot: int, seed: int, progress: str | None) -> dict:
+    """Bootstrap draws {(gain j, signal i, method): (n_boot,)} for signals X (n, S), gains G (n, k)."""
+    S, k = X.shape[1], G.shape[1]
+    n = len(X)
+    V = np.column_stack([X, G])
+    V = V - V.mean(0)  # centre first: fewer digits lost in the moments
+    pairs = [(i, j) for j in range(k) for i in range(S)]
+    cross = np.column_stack([V[:, i] * V[:, S + j] for i, j in pairs])  # (n, S k)
+    Psi = np.column_stack([psi[p] if psi[p] is not None else np.zeros(n) for p in pairs])
+    rx = [_rank_groups(X[:, i], codes) for i in range(S)]
+    rg = [_rank_groups(G[:, j], codes) for j in range(k)]
+    out = {(j, i, m): [] for i, j in pairs for m in METHODS}
+    chunks = count_chunks(codes, n_boot, seed)
+    if progress:
+        from tqdm import tqdm  # progress only; a dependency of the package anyway
+        chunks = tqdm(chunks, desc=progress, leave=False,
+                      total=-(-n_boot // max(1, CELLS // n)))
+    for counts in chunks:
+        W = counts[:, codes]  # (b, n)
+        sw = W.sum(1)
+        m1, m2, mc = W @ V / sw[:, None], W @ (V * V) / sw[:, None], W @ cross / sw[:, None]
+        var = m2 - m1 * m1
+        tau = (n / sw)[:, None] * (W @ Psi)  # first-order Kendall shift, (b, S k)
+        RG = [_wranks(counts, r) for r in rg]
+        WRG = [W * r for r in RG]
+        vg = [np.einsum("bn,bn->b", wr, r) for wr, r in zip(WRG, RG)]
+        for i in range(S):
+            R = _wranks(counts, rx[i])
+            vx = np.einsum("bn,bn->b", W * R, R)
+            for j in range(k):
+                c = pairs.index((i, j))
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    out[j, i, "spearman"].append(np.einsum("bn,bn->b", WRG[j], R) / np.sqrt(vx * vg[j]))
+                    out[j, i, "pearson"].append((mc[:, c] - m1[:, i] * m1[:, S + j])
+                                                / np.sqrt(var[:, i] * var[:, S + j]))
+                kd = est[j, i]["kendall"] + tau[:, c] if psi[i, j] is not None else np.full(len(W), np.nan)
+                out[j, i, "kendall"].append(kd)
+    return {key: np.concatenate(v) for key, v in out.items()}
+
+
+def correlations(df: pd.DataFrame, gains: Sequence[str] = GAINS, signals: Sequence[str] = SIGNALS,
+                 n_boot: int = 1000, seed: int = 0,
+                 contrasts: Sequence[tuple[str, str]] = (), progress: bool = False) -> pd.DataFrame:
+    """Spearman, Pearson and Kendall (tau-b) of each gain with each signal, cluster-bootstrap CIs.
+
+    Rows used per gain: gain and every signal finite (so n is shared and contrasts are paired).
+    contrasts (a, b) add rows signal="a - b": the difference of the two correlations, same resamples.
+    Returns tidy rows: gain, signal, method, estimate, ci_low, ci_high, n, n_contexts, n_boot.
+    """
+    signals, rows = list(signals), []
+    ok = {g: np.isfinite(df[[g, *signals]].to_numpy(float)).all(axis=1) for g in gains}
+    blocks: dict[bytes, list[str]] = {}
+    for g in gains:  # gains with the same usable rows share the signal ranks
+        blocks.setdefault(ok[g].tobytes(), []).append(g)
+    for block in blocks.values():
+        sub = df[ok[block[0]]]
+        codes = pd.factorize(sub["context_id"])[0]
+        X, G = sub[signals].to_numpy(float), sub[block].to_numpy(float)
+        est, psi = {}, {}
+        for j in range(len(block)):
+            for i in range(len(signals)):
+                est[j, i], psi[i, j] = _point(X[:, i], G[:, j])
+        draws = {}
+        if len(sub) and n_boot:
+            draws = _boot_block(X, G, codes, est, psi, n_boot, seed,
+                                f"bootstrap {','.join(block)}" if progress else None)
+        n_ctx = int(codes.max()) + 1 if len(sub) else 0
+        empty = np.array([])
+        for j, gain in enumerate(block):
+            for i, s in enumerate(signals):
+                for m in METHODS:
+                    rows.append((gain, s, m, est[j, i][m], *_ci(draws.get((j, i, m), empty)),
+                                 len(sub), n_ctx, n_boot))
+            for a, b in contrasts:
+                ia, ib = signals.index(a), signals.index(b)
+                for m in METHODS:
+                    d = draws.get((j, ia, m), empty) - draws.get((j, ib, m), empty)
+                    rows.append((gain, f"{a} - {b}", m, est[j, ia][m] - est[j, ib][m], *_ci(d),
+                                 len(sub), n_ctx, n_boot))
+    return pd.DataFrame(rows, columns=["gain", "signal", "method", "estimate", "ci_low", "ci_high",
+                                       "n", "n_contexts", "n_boot"])
+
+
+# ---------------------------------------------------------------- OLS
+
+def winsorize(y: np.ndarray, p: float) -> np.ndarray:
+    """Clip y to its [p, 1 - p] quantiles (both tails); p = 0 returns y."""
+    if p <= 0:
+        return y
+    lo, hi = np.quantile(y, [p, 1 - p])
+    return np.clip(y, lo, hi)
+
+
+def _ols_std(mean: np.ndarray, second: np.ndarray, idx: list[int], iy: int):
+    """Standardized coefficients (b, p) and R² (b,) from weighted moments (b, q), (b, q, q)."""
+    cov = second - mean[:, :, None] * mean[:, None, :]
+    sxx = cov[:, idx][:, :, idx]
+    sxy, syy = cov[:, idx, iy], cov[:, iy, iy]
+    beta = np.einsum("bij,bj->bi", np.linalg.pinv(sxx, hermitian=True), sxy)
+    sdx = np.sqrt(np.clip(np.diagonal(sxx, axis1=1, axis2=2), 0, None))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return beta * sdx / np.sqrt(syy)[:, None], (beta * sxy).sum(1) / syy
+
+
+def regressions(df: pd.DataFrame, gain: str, winsor: Sequence[float] = (0.0, 0.01, 0.05),
+                n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """The three OLS models of DESIGN §6 (MODELS) on `gain`, raw and winsorized.
+
+    stat "std_coef": z-scored coefficient per term; "r2"; "delta_r2": R² minus base's R²;
+    "coef_diff": teachability - incompat coefficients. CIs: cluster bootstrap, same resamples for
+    all (so differences are paired). Returns tidy rows: gain, winsor, model, stat, term,
+    estimate, ci_low, ci_high, n, n_contexts.
+    """
+    cols = ["topk_entropy", "union_fkl", "position", "teacher_entropy", "compat_mass",
+            "teachability", "incompat"]
+    sub = df[np.isfinite(df[[gain, *cols]].to_numpy(float)).all(axis=1)]
+    rows = []
+    if len(sub) < 2:
+        return pd.DataFrame(rows, columns=REG_COLUMNS)
+    Z = sub[cols].to_numpy(float)
+    Z = np.column_stack([Z, Z[:, 0] * Z[:, 1]])
+    names = cols + [HD]
+    codes = pd.factorize(sub["context_id"])[0]
+    constant = {t for t, sd in zip(names, Z.std(0)) if sd == 0}
+    for p in winsor:
+        y = winsorize(sub[gain].to_numpy(float), p)
+        V = np.column_stack([Z, y])
+        V = (V - V.mean(0)) / np.where(V.std(0) > 0, V.std(0), 1.0)  # conditioning only
+        q = V.shape[1]
+        prods = (V[:, :, None] * V[:, None, :]).reshape(len(V), q * q)
+
+        def fit(W):  # W (b, n) -> {model: (coefs (b, p), r2 (b,))}
+            sw = W.sum(1)[:, None]
+            mean, second = (W @ V) / sw, ((W @ prods) / sw).reshape(len(W), q, q)
+            return {m: _ols_std(mean, second, [names.index(t) for t in terms], q - 1)
+                    for m, terms in MODELS.items()}
+
+        point = fit(np.ones((1, len(V))))
+        boot = [fit(W) for W in bootstrap_weights(codes, n_boot, seed)] if n_boot else []
+
+        def draws(m, k, j=None):
+            return np.concatenate([b[m][k][:, j] if j is not None else b[m][k] for b in boot]) \
+                if boot else np.array([])
+
+        def add(m, stat, term, est, d):
+            if term in constant:  # no variation: no coefficient (pinv would report 0)
+                est, d = np.nan, np.array([])
+            rows.append((gain, p, m, stat, term, float(est), *_ci(d), len(sub), codes.max() + 1))
+
+        for m, terms in MODELS.items():
+            for j, t in enumerate(terms):
+                add(m, "std_coef", t, point[m][0][0, j], draws(m, 0, j))
+            add(m, "r2", "", point[m][1][0], draws(m, 1))
+            if m != "base":
+                add(m, "delta_r2", "", point[m][1][0] - point["base"][1][0],
+                    draws(m, 1) - draws("base", 1))
+        it, ii = MODELS["teachability"].index("teachability"), MODELS["teachability"].index("incompat")
+        add("teachability", "coef_diff", "teachability - incompat",
+            point["teachability"][0][0, it] - point["teachability"][0][0, ii],
+            draws("teachability", 0, it) - draws("teachability", 0, ii))
+    return pd.DataFrame(rows, columns=REG_COLUMNS)
+
+
+# ---------------------------------------------------------------- Q3 and binned gain
+
+def _wmean(W: np.ndarray, v: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (W @ v) / W.sum(1)
+
+
+def q3_gap(df: pd.DataFrame, gain: str, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Q3 (H below its median, D above its median): does compat_mass C matter at fixed H, D?
+
+    "tercile": mean gain of the high-C minus the low-C tercile of Q3 (terciles of average ranks,
+    so tied C values stay together). "matched": each high-C Q3 position is paired, with replacement,
+    with the nearest low-C Q3 position of the same context on (H̃, D̃, position normalized like x̃);
+    mean of the paired gain differences. CIs: cluster bootstrap over contexts. `df` from add_scores.
+    Returns rows: gain, comparison, estimate, ci_low, ci_high, mean_high, mean_low, n_high, n_low,
+    n_pairs, n_contexts.
+    """
+    pos = quantile_normalize(df["position"])  # over the run's rows, like H̃ and D̃
+    keep = np.isfinite(df[[gain, "topk_entropy", "union_fkl", "compat_mass"]].to_numpy(float)).all(1)
+    sub, pos = df[keep], pos[keep]
+    h, d = sub["topk_entropy"].to_numpy(float), sub["union_fkl"].to_numpy(float)
+    in_q3 = (h < np.median(h)) & (d > np.median(d)) if len(sub) else np.zeros(0, bool)
+    q = sub[in_q3]
+    g, codes = q[gain].to_numpy(float), pd.factorize(q["context_id"])[0]
+    r = stats.rankdata(q["compat_mass"]) if len(q) else np.zeros(0)
+    low, high = r <= len(q) / 3, r > 2 * len(q) / 3
+    rows = []
+    est = g[high].mean() - g[low].mean() if high.any() and low.any() else np.nan
+    ci = (np.nan, np.nan)
+    if np.isfinite(est) and n_boot:
+        d_ = np.concatenate([_wmean(W[:, high], g[high]) - _wmean(W[:, low], g[low])
+                             for W in bootstrap_weights(codes, n_boot, seed)])
+        ci = _ci(d_)
+    rows.append((gain, "tercile", est, *ci, g[high].mean() if high.any() else np.nan,
+                 g[low].mean() if low.any() else np.nan, int(high.sum()), int(low.sum()),
+                 0, len(set(codes[high | low]))))
+    # within-context nearest neighbour on (H̃, D̃, position~)
+    feats = np.column_stack([q["entropy"], q["divergence"], pos[in_q3]]) if len(q) else np.zeros((0, 3))
+    hi_idx, lo_idx = [], []
+    for c in np.unique(codes[high]):
+        hi = np.flatnonzero(high & (codes == c))
+        lo = np.flatnonzero(low & (codes == c))
+        if lo.size:
+            dist = ((feats[hi, None, :] - feats[None, lo, :]) ** 2).sum(-1)  # (hi, lo)
+            hi_idx.append(hi)
+            lo_idx.append(lo[dist.argmin(1)])  # argmin: ties go to the earlier low position
+    hi_idx = np.concatenate(hi_idx) if hi_idx else np.zeros(0, int)
+    lo_idx = np.concatenate(lo_idx) if lo_idx else np.zeros(0, int)
+    diff = g[hi_idx] - g[lo_idx]
+    est, ci = (diff.mean() if diff.size else np.nan), (np.nan, np.nan)
+    if diff.size and n_boot:
+        pc = pd.factorize(codes[hi_idx])[0]
+        ci = _ci(np.concatenate([_wmean(W, diff) for W in bootstrap_weights(pc, n_boot, seed)]))
+    rows.append((gain, "matched", est, *ci,
+                 g[hi_idx].mean() if diff.size else np.nan, g[lo_idx].mean() if diff.size else np.nan,
+                 len(np.unique(hi_idx)), len(np.unique(lo_idx)), int(diff.size),
+                 len(np.unique(codes[hi_idx]))))
+    return pd.DataFrame(rows, columns=["gain", "comparison", "estimate", "ci_low", "ci_high",
+                                       "mean_high", "mean_low", "n_high", "n_low", "n_pairs",
+                                       "n_contexts"])
+
+
+def gain_by_bin(df: pd.DataFrame, score: str, gain: str, n_bins: int = 10,
+                split: str | None = None) -> pd.DataFrame:
+    """Gain per equal-count bin of `score` (bin 1 = lowest; tied scores are split in table order
+    so bins have equal size). `split`: a column cut at its median into half "high" (> median) and
+    "low"; the score bins stay common to both halves, so halves compare at equal score.
+    Returns rows: score, gain, [half], bin, n, score_min, score_median, score_max, gain_mean,
+    gain_median, gain_sem.
+    """
+    cols = [score, gain] + ([split] if split else [])
+    sub = df[np.isfinite(df[cols].to_numpy(float)).all(axis=1)]
+    rank = stats.rankdata(sub[score], method="ordinal")
+    keys = {"bin": (rank - 1) * n_bins // max(1, len(sub)) + 1}
+    if split:
+        s = sub[split].to_numpy(float)
+        keys = {"half": np.where(s > np.median(s), "high", "low"), **keys}
+    t = pd.DataFrame({**keys, "s": sub[score].to_numpy(float), "g": sub[gain].to_numpy(float)})
+    out = t.groupby(list(keys), sort=True).agg(
+        n=("g", "size"), score_min=("s", "min"), score_median=("s", "median"),
+        score_max=("s", "max"), gain_mean=("g", "mean"), gain_median=("g", "median"),
+        gain_sem=("g", "sem")).reset_index()
+    out.insert(0, "gain", gain)
+    out.insert(0, "score", score)
+    return out

@@ -1,0 +1,199 @@
+"""`teachdiag analyze`: statistics, tables and figures from probe runs, from the CSV alone (no torch).
+
+    teachdiag analyze runs/r1 [--gain rel_gain_fkl] [--out runs/r1/analysis] [--bootstrap 1000] [--seed 0]
+    teachdiag analyze runs/sgd runs/adam --out runs/compare        # several runs, side by side
+    python -c "from teachdiag.analyze import *; run_analyze(AnalyzeConfig(runs=['runs/r1']))"
+
+Writes to --out: correlations.csv, regressions.csv, q3.csv, selection.csv, deciles.csv,
+summary.md, summary.tex, and figures/*.png + *.pdf. Every table has a `run` column.
+A run is a folder holding tokens.csv (or tokens.csv.gz) and run.json, or a path to the CSV itself.
+Rows whose `finite` flag is 0 are excluded from every statistic; their count is reported.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from teachdiag import analysis, plots, report, selection
+from teachdiag.errors import InputError
+from teachdiag.table import COLUMNS, read_tokens, teachability_scores
+
+NUMERIC = [c for c in COLUMNS if c not in ("context_id", "token")]  # includes the finite flag
+DECILE_SCORES = ["fkl", "union_fkl", "topk_entropy", "tip", "teach_entropy", "incompat",
+                 "teachability"]
+CONTRASTS = [("teachability", "fkl"), ("teachability", "incompat"), ("teach_entropy", "tip")]
+
+
+@dataclass
+class AnalyzeConfig:
+    """Options of `teachdiag analyze` (each field's help is its --help text)."""
+
+    runs: list[str] = field(default_factory=list, metadata={
+        "positional": True, "nargs": "+",
+        "help": "run folders (tokens.csv + run.json) or tokens CSV files; several are compared "
+                "side by side"})
+    gain: str = field(default="rel_gain_fkl", metadata={
+        "help": "gain column for regressions, Q3, selection and figures: gain_fkl, gain_rkl, "
+                "rel_gain_fkl or rel_gain_rkl (correlations always cover all four)"})
+    out: str = field(default="", metadata={
+        "help": "output folder (default: <first run>/analysis)"})
+    figures: str = field(default="", metadata={"help": "figure folder (default: <out>/figures)"})
+    bootstrap: int = field(default=1000, metadata={
+        "help": "cluster-bootstrap resamples over contexts for every CI; 0 skips the CIs "
+                "(reduce for a quick look)"})
+    seed: int = field(default=0, metadata={"help": "seed of the bootstrap and the random selector"})
+    allow_partial: bool = field(default=False, metadata={
+        "help": "analyze a run whose run.json says complete: false (an interrupted probe)"})
+
+
+# ---------------------------------------------------------------- loading
+
+def load_tokens(path: str | pathlib.Path) -> tuple[pd.DataFrame, int]:
+    """Read and check a tokens CSV (.csv or .csv.gz). Returns (finite rows in table order,
+    number of rows excluded because `finite` is 0). Raises InputError naming the file and field."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise InputError("no such file", file=str(path))
+    try:
+        # as the probe writes it: ids and tokens are text ("NA" is a token), floats round-trip
+        df = read_tokens(path)
+    except pd.errors.EmptyDataError:
+        raise InputError("file is empty", file=str(path)) from None
+    except (pd.errors.ParserError, UnicodeDecodeError, OSError) as e:
+        raise InputError(f"cannot read CSV: {e}", file=str(path)) from None
+    for col in COLUMNS:
+        if col not in df.columns:
+            raise InputError("missing column", file=str(path), field=col)
+    if df.empty:
+        raise InputError("no rows", file=str(path))
+    for col in NUMERIC:
+        if df[col].dtype == bool:
+            df[col] = df[col].astype(int)
+        if not pd.api.types.is_numeric_dtype(df[col]):
+            num = pd.to_numeric(df[col].replace({"True": 1, "False": 0, "true": 1, "false": 0}),
+                                errors="coerce")
+            bad = num.isna() & df[col].notna()
+            if bad.any():
+                i = int(np.flatnonzero(bad.to_numpy())[0])
+                raise InputError(f"not a number: {df[col].iloc[i]!r}", file=str(path),
+                                 line=i + 2, field=col)
+            df[col] = num
+    finite = df["finite"].fillna(0).to_numpy() != 0
+    df = df[finite]
+    if df.empty:
+        raise InputError("no finite rows (every row has finite = 0)", file=str(path), field="finite")
+    return selection.table_order(df), int((~finite).sum())
+
+
+def load_run(run: str | pathlib.Path, allow_partial: bool = False) -> dict:
+    """Load one run (folder or CSV path). Returns a dict: name, path, table, n_rows, n_excluded,
+    n_contexts, complete, top_k, options. A run.json with complete: false is refused unless
+    allow_partial; a missing run.json is allowed (completeness reported as unknown). With
+    allow_partial, a folder with only tokens.partial.csv is read, teachability and incompat
+    normalised over the rows present."""
+    run = pathlib.Path(run)
+    if run.is_dir():
+        # an interrupted probe leaves only tokens.partial.csv (teachability not yet normalised)
+        csv = next((run / n for n in ("tokens.csv", "tokens.csv.gz", "tokens.partial.csv")
+                    if (run / n).exists()), run / "tokens.csv")
+        meta_path = run / "run.json"
+    else:
+        csv, meta_path = run, run.parent / "run.json"
+    meta: dict = {}
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as e:
+            raise InputError(f"not valid JSON: {e.msg}", file=str(meta_path), line=e.lineno) from None
+        if meta.get("complete") is False and not allow_partial:
+            raise InputError("run is incomplete (complete: false); pass --allow-partial to "
+                             "analyze it anyway", file=str(meta_path), field="complete")
+    if csv.name.startswith("tokens.partial") and not allow_partial:
+        raise InputError("run is incomplete (no tokens.csv yet); pass --allow-partial to analyze "
+                         "it anyway", file=str(csv))
+    table, excluded = load_tokens(csv)
+    if table[["teachability", "incompat"]].isna().all().all():
+        # the probe normalises these when it finishes; for a partial run, over the rows present
+        teach, incompat = teachability_scores(table["union_fkl"], table["compat_mass"])
+        table = table.assign(teachability=teach, incompat=incompat)
+    name = run.name if run.is_dir() else run.name.split(".")[0]
+    return {"name": name, "path": str(run), "table": table, "n_rows": len(table) + excluded,
+            "n_excluded": excluded, "n_contexts": int(table["context_id"].nunique()),
+            "complete": meta.get("complete", "unknown (no run.json)"),
+            "top_k": meta.get("top_k"), "options": meta.get("options", {})}
+
+
+# ---------------------------------------------------------------- the command
+
+def _log(msg: str) -> None:
+    print(f"teachdiag analyze: {msg}", file=sys.stderr, flush=True)
+
+
+def run_analyze(cfg: AnalyzeConfig) -> pathlib.Path:
+    """Run every statistic on every run of cfg.runs and write the tables, summary and figures.
+    Returns the output folder."""
+    if not cfg.runs:
+        raise InputError("give at least one run folder", field="runs")
+    if cfg.gain not in analysis.GAINS:
+        raise InputError(f"unknown gain {cfg.gain!r}; choose one of {', '.join(analysis.GAINS)}",
+                         field="gain")
+    if cfg.bootstrap < 0:
+        raise InputError("must be >= 0", field="bootstrap")
+    runs = [load_run(r, cfg.allow_partial) for r in cfg.runs]
+    names = [r["name"] for r in runs]
+    if len(set(names)) < len(names):  # same folder names: fall back to the paths given
+        for r in runs:
+            r["name"] = r["path"]
+    first = pathlib.Path(cfg.runs[0])
+    out = pathlib.Path(cfg.out) if cfg.out else (first if first.is_dir() else first.parent) / "analysis"
+    fig_dir = pathlib.Path(cfg.figures) if cfg.figures else out / "figures"
+    out.mkdir(parents=True, exist_ok=True)
+    tables: dict[str, list[pd.DataFrame]] = {k: [] for k in
+                                             ("corr", "reg", "q3", "sel", "dec", "split")}
+    scored = {}
+    for r in runs:
+        t0 = time.time()
+        _log(f"{r['name']}: {r['n_rows']} rows, {r['n_excluded']} excluded as non-finite, "
+             f"{r['n_contexts']} contexts; {cfg.bootstrap} cluster-bootstrap resamples")
+        t = analysis.add_scores(r["table"], seed=cfg.seed)
+        scored[r["name"]] = t
+        parts = {
+            "corr": analysis.correlations(t, analysis.GAINS, analysis.SIGNALS, cfg.bootstrap,
+                                          cfg.seed, CONTRASTS, progress=True),
+            "reg": analysis.regressions(t, cfg.gain, n_boot=cfg.bootstrap, seed=cfg.seed),
+            "q3": analysis.q3_gap(t, cfg.gain, n_boot=cfg.bootstrap, seed=cfg.seed),
+            "sel": selection.selection_table(t, cfg.gain),
+            "dec": pd.concat([analysis.gain_by_bin(t, s, cfg.gain) for s in DECILE_SCORES]),
+            "split": analysis.gain_by_bin(t, "fkl", cfg.gain, split="compat_mass"),
+        }
+        for k, v in parts.items():
+            tables[k].append(v.assign(run=r["name"])[["run", *v.columns]])
+        _log(f"{r['name']}: statistics done in {time.time() - t0:.1f} s")
+    corr, reg, q3, sel, dec, split = (pd.concat(tables[k], ignore_index=True) for k in
+                                      ("corr", "reg", "q3", "sel", "dec", "split"))
+    for name, df in [("correlations", corr), ("regressions", reg), ("q3", q3),
+                     ("selection", sel), ("deciles", dec)]:
+        df.to_csv(out / f"{name}.csv", index=False)
+    figs = {
+        "gain_vs_fkl": plots.gain_vs_fkl(scored, cfg.gain, seed=cfg.seed),
+        "gain_by_decile": plots.gain_by_decile(dec, cfg.gain),
+        "gain_vs_fkl_by_compat": plots.gain_vs_fkl_by_compat(split, cfg.gain),
+        "selection_by_budget": plots.selection_bars(sel, cfg.gain),
+        "std_coefficients": plots.coefficients(reg),
+        "correlation_heatmap": plots.correlation_heatmap(corr),
+    }
+    written = []
+    for name, fig in figs.items():
+        written += plots.save(fig, fig_dir, name)
+    rel = [str(p.relative_to(out)) if p.is_relative_to(out) else str(p)
+           for p in written if p.suffix == ".png"]
+    report.write_summary(out, runs, corr, reg, q3, sel, cfg.gain, figures=rel)
+    _log(f"wrote {out} ({len(written)} figure files in {fig_dir})")
+    return out

@@ -1,0 +1,97 @@
+"""Budgeted selection (DESIGN §6): what each selector keeps at a fixed share of positions.
+
+    from teachdiag.selection import selection_table, select_top, budget_size
+    selection_table(add_scores(df), "rel_gain_fkl")   # budgets 1/3/5/10 %, every selector
+    select_top(scores, budget_size(len(scores), 0.05))  # boolean mask (n,)
+
+Rule: a selector keeps exactly k = ceil(rho · N) positions of the whole table (global over the
+batch, not per context), highest score first. Ties go to the *earlier* position, where earlier
+means table order: contexts in order of first appearance in the table, then ascending `position`
+(selection_table sorts the table that way first). NaN scores rank below every number.
+The oracle is the same rule applied to the measured gain itself.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+BUDGETS = (0.01, 0.03, 0.05, 0.10)
+# selector name -> column of a table from analysis.add_scores. "entropy" is the raw top-K entropy
+# H: it orders like H̃ but without the tie plateaus that clipping puts at H̃ = 0 and 1.
+SELECTORS = {
+    "teachability": "teachability", "incompat": "incompat", "fkl": "fkl",
+    "union_fkl": "union_fkl", "entropy": "topk_entropy", "student_entropy": "student_entropy",
+    "tip": "tip", "teach_entropy": "teach_entropy", "random": "random",
+}
+
+
+def budget_size(n: int, rho: float) -> int:
+    """k = ceil(rho · n) for 0 < rho <= 1 (so k >= 1 when n >= 1). Rounded to 9 decimals first,
+    so float noise such as 0.03 · 100 = 3.0000000000000004 does not add a position."""
+    if not 0 < rho <= 1:
+        raise ValueError(f"budget must be in (0, 1], got {rho}")
+    return min(n, math.ceil(round(rho * n, 9)))
+
+
+def select_top(scores: np.ndarray, k: int) -> np.ndarray:
+    """Boolean mask (n,) of the k highest scores; ties to the lower index; NaN ranks last."""
+    s = np.asarray(scores, dtype=float)
+    key = np.where(np.isnan(s), -np.inf, s)
+    nan_last = np.isnan(s)  # below -inf scores too
+    order = np.lexsort((np.arange(len(s)), -key, nan_last))  # last key is primary
+    mask = np.zeros(len(s), dtype=bool)
+    mask[order[:k]] = True
+    return mask
+
+
+def table_order(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows sorted by (context in order of first appearance, position): the tie-break order."""
+    ctx = pd.factorize(df["context_id"])[0]
+    idx = np.lexsort((df["position"].to_numpy(), ctx))
+    return df.iloc[idx].reset_index(drop=True)
+
+
+def _tied_at_cutoff(scores: np.ndarray, mask: np.ndarray) -> int:
+    """Kept positions that won their place by the tie-break only (score equal to a dropped one)."""
+    if mask.all() or not mask.any():
+        return 0
+    cut = np.nanmin(scores[mask]) if np.isfinite(scores[mask]).any() else np.nan
+    if np.isnan(cut) or not (scores[~mask] == cut).any():
+        return 0
+    return int((scores[mask] == cut).sum())
+
+
+def selection_table(df: pd.DataFrame, gain: str, budgets: Sequence[float] = BUDGETS,
+                    selectors: Mapping[str, str] = SELECTORS) -> pd.DataFrame:
+    """Mean / median gain kept by each selector (plus "oracle") at each budget.
+
+    Rows with a non-finite gain are left out first (N counts the rest). share_of_gain is
+    Σ kept gain / Σ all gain (NaN if the latter is 0); overlap_oracle is |kept ∩ oracle| / k;
+    tied_at_cutoff counts kept positions chosen by the tie-break alone (a clipped score's plateau).
+    Returns rows: gain, budget, selector, n, k, mean_gain, median_gain, share_of_gain,
+    overlap_oracle, mean_gain_all, tied_at_cutoff.
+    """
+    t = table_order(df[np.isfinite(df[gain].to_numpy(float))])
+    g = t[gain].to_numpy(float)
+    total = g.sum()
+    cols = {**selectors, "oracle": gain}
+    rows = []
+    for rho in budgets:
+        k = budget_size(len(t), rho)
+        oracle = select_top(g, k)
+        for name, col in cols.items():
+            s = t[col].to_numpy(float)
+            mask = select_top(s, k)
+            kept = g[mask]
+            rows.append((gain, rho, name, len(t), k,
+                         kept.mean() if k else np.nan, np.median(kept) if k else np.nan,
+                         kept.sum() / total if total != 0 else np.nan,
+                         (mask & oracle).sum() / k if k else np.nan,
+                         g.mean() if len(g) else np.nan, _tied_at_cutoff(s, mask)))
+    return pd.DataFrame(rows, columns=["gain", "budget", "selector", "n", "k", "mean_gain",
+                                       "median_gain", "share_of_gain", "overlap_oracle",
+                                       "mean_gain_all", "tied_at_cutoff"])

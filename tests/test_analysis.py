@@ -1,0 +1,180 @@
+"""Statistics of teachdiag.analysis on synthetic tables with a planted answer.
+
+    python -m pytest -q tests/test_analysis.py
+"""
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import stats
+
+from synthetic import make_tokens
+from teachdiag import analysis as A
+
+
+@pytest.fixture(scope="module")
+def planted():
+    """rel_gain_fkl = 0.5 · teachability~ + context effect + noise."""
+    return A.add_scores(make_tokens(n_ctx=40, n_pos=40, effect="teachability", seed=1))
+
+
+# ---------------------------------------------------------------- normalization and scores
+
+def test_quantile_normalize_known_values_clip_and_constant():
+    x = np.arange(101.0)  # q05 = 5, q95 = 95
+    z = A.quantile_normalize(x)
+    assert z[5] == 0 and z[95] == 1 and z[50] == pytest.approx(0.5)
+    assert z.min() == 0 and z.max() == 1  # clipped outside [q05, q95]
+    assert np.all(A.quantile_normalize(np.full(7, 3.0)) == 0)  # q95 == q05
+
+
+def test_add_scores_soft_or_and_seeded_random(planted):
+    h, d, t = planted["entropy"], planted["divergence"], A.quantile_normalize(planted["teachability"])
+    np.testing.assert_allclose(planted["tip"], h + d - h * d)
+    np.testing.assert_allclose(planted["teach_entropy"], h + t - h * t)
+    assert planted[list(A.PEER_SCORES)].min().min() >= 0
+    assert planted[list(A.PEER_SCORES)].max().max() <= 1
+    again = A.add_scores(planted.drop(columns=list(A.PEER_SCORES)), seed=0)
+    np.testing.assert_array_equal(again["random"], planted["random"])
+
+
+# ---------------------------------------------------------------- bootstrap machinery
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 4), st.integers(0, 3)), min_size=2, max_size=60))
+def test_kendall_influence_matches_scipy_tau_b(pairs):
+    x, y = np.array(pairs, dtype=float).T
+    tau, psi = A.kendall_influence(x, y)
+    ref = stats.kendalltau(x, y)[0]
+    if np.isnan(ref):
+        assert np.isnan(tau)
+    else:
+        assert tau == pytest.approx(ref, abs=1e-12)
+        assert psi.sum() == pytest.approx(0, abs=1e-9)  # degree-0 homogeneous in the weights
+
+
+def test_weighted_ranks_pearson_kendall_equal_an_explicit_resample():
+    rng = np.random.default_rng(3)
+    n = 400
+    x = rng.integers(0, 15, n).astype(float)  # ties on purpose
+    g = x + rng.normal(0, 4, n)
+    codes = pd.factorize(rng.integers(0, 40, n))[0]
+    est, psi = {}, {}
+    est[0, 0], psi[0, 0] = A._point(x, g)
+    draws = A._boot_block(x[:, None], g[:, None], codes, est, psi, 4, 7, None)
+    counts = next(A.count_chunks(codes, 4, 7))
+    for b in range(4):
+        rep = np.repeat(np.arange(n), counts[b, codes].astype(int))
+        assert draws[0, 0, "spearman"][b] == pytest.approx(stats.spearmanr(x[rep], g[rep])[0], abs=1e-10)
+        assert draws[0, 0, "pearson"][b] == pytest.approx(stats.pearsonr(x[rep], g[rep])[0], abs=1e-10)
+        # Kendall is first order in the weights: close, not equal
+        assert draws[0, 0, "kendall"][b] == pytest.approx(stats.kendalltau(x[rep], g[rep])[0], abs=0.02)
+
+
+def test_cluster_bootstrap_ci_covers_a_known_correlation():
+    """Bivariate normal rows with a shared context effect: the population Pearson r is 0.5,
+    Spearman (6/pi) asin(r/2), Kendall (2/pi) asin(r). 95% CIs must cover them ~95% of the time."""
+    r = 0.5
+    truth = {"pearson": r, "spearman": 6 / np.pi * np.arcsin(r / 2), "kendall": 2 / np.pi * np.arcsin(r)}
+    hits, reps = {m: 0 for m in truth}, 80
+    cov = np.array([[1, r], [r, 1]])
+    for rep in range(reps):
+        rng = np.random.default_rng(100 + rep)
+        n_ctx, n_pos = 30, 10
+        # half the (co)variance is shared within a context: rows of one context are correlated
+        xy = (rng.multivariate_normal([0, 0], cov / 2, n_ctx).repeat(n_pos, axis=0)
+              + rng.multivariate_normal([0, 0], cov / 2, n_ctx * n_pos))
+        df = pd.DataFrame({"context_id": np.repeat(np.arange(n_ctx), n_pos), "s": xy[:, 0],
+                           "g": xy[:, 1]})
+        c = A.correlations(df, gains=["g"], signals=["s"], n_boot=200, seed=rep)
+        for row in c.itertuples():
+            hits[row.method] += row.ci_low <= truth[row.method] <= row.ci_high
+    for m, h in hits.items():
+        assert h / reps >= 0.85, (m, h / reps)
+
+
+# ---------------------------------------------------------------- planted answers
+
+def test_correlations_find_the_planted_signal(planted):
+    c = A.correlations(planted, gains=["rel_gain_fkl"], n_boot=200,
+                       contrasts=[("teachability", "fkl"), ("teachability", "incompat")])
+    sp = c[c["method"] == "spearman"].set_index("signal")
+    assert sp.loc["teachability", "ci_low"] > 0.4
+    assert sp.loc["teachability - fkl", "ci_low"] > 0  # beats raw fkl, CI excludes 0
+    assert sp.loc["teachability - incompat", "ci_low"] > 0
+    assert sp.loc["random", "ci_low"] < 0 < sp.loc["random", "ci_high"]
+    assert (c["n"] == len(planted)).all() and (c["n_contexts"] == 40).all()
+    assert set(c["method"]) == {"spearman", "pearson", "kendall"}
+    assert (c["ci_low"] <= c["estimate"] + 1e-9).all() or c["signal"].str.contains(" - ").any()
+
+
+def test_regressions_r2_ordering_and_signs(planted):
+    r = A.regressions(planted, "rel_gain_fkl", n_boot=100)
+    raw = r[r["winsor"] == 0].set_index(["model", "stat", "term"])
+    assert raw.loc[("teachability", "r2", ""), "estimate"] > raw.loc[("base", "r2", ""), "estimate"]
+    assert raw.loc[("teachability", "delta_r2", ""), "ci_low"] > 0
+    assert raw.loc[("base+C", "delta_r2", ""), "ci_low"] > 0  # C adds to [H, D, HD, ...]
+    t = raw.loc[("teachability", "std_coef", "teachability")]
+    assert t["ci_low"] > 0.3 and t["ci_low"] <= t["estimate"] <= t["ci_high"]
+    assert raw.loc[("teachability", "coef_diff", "teachability - incompat"), "ci_low"] > 0
+    assert sorted(r["winsor"].unique()) == [0, 0.01, 0.05]
+
+
+def test_standardized_coefficients_equal_ols_on_zscores(planted):
+    r = A.regressions(planted, "gain_fkl", winsor=[0.0], n_boot=0)
+    terms = A.MODELS["base"]
+    X = planted[["topk_entropy", "union_fkl"]].to_numpy()
+    X = np.column_stack([X, X[:, 0] * X[:, 1], planted[["position", "teacher_entropy"]]])
+    y = planted["gain_fkl"].to_numpy()
+    z = lambda a: (a - a.mean(0)) / a.std(0)  # noqa: E731
+    beta, *_ = np.linalg.lstsq(np.column_stack([np.ones(len(y)), z(X)]), z(y), rcond=None)
+    got = r[(r["model"] == "base") & (r["stat"] == "std_coef")].set_index("term")["estimate"]
+    np.testing.assert_allclose(got.loc[terms].to_numpy(), beta[1:], atol=1e-8)
+    r2 = 1 - ((z(y) - np.column_stack([np.ones(len(y)), z(X)]) @ beta) ** 2).mean()
+    assert r[(r["model"] == "base") & (r["stat"] == "r2")]["estimate"].iloc[0] == pytest.approx(r2)
+
+
+def test_winsorize_clips_both_tails():
+    y = np.arange(100.0)
+    w = A.winsorize(y, 0.05)
+    assert w.min() == pytest.approx(np.quantile(y, 0.05)) and w.max() == pytest.approx(np.quantile(y, 0.95))
+    assert A.winsorize(y, 0) is y
+
+
+@pytest.mark.parametrize("effect, sign", [("teachability", 1), ("incompat", -1)])
+def test_q3_gap_sign_follows_the_planted_effect(effect, sign):
+    df = A.add_scores(make_tokens(n_ctx=40, n_pos=40, effect=effect, seed=2))
+    q = A.q3_gap(df, "rel_gain_fkl", n_boot=200).set_index("comparison")
+    for comp in ("tercile", "matched"):
+        assert sign * q.loc[comp, "ci_low"] > 0 or sign * q.loc[comp, "ci_high"] < 0
+        assert np.sign(q.loc[comp, "estimate"]) == sign
+        assert np.sign(q.loc[comp, "ci_low"]) == np.sign(q.loc[comp, "ci_high"]) == sign
+    assert q.loc["matched", "n_pairs"] >= q.loc["matched", "n_high"] > 0
+
+
+def test_gain_by_decile_rises_with_the_planted_score(planted):
+    b = A.gain_by_bin(planted, "teachability", "rel_gain_fkl")
+    assert list(b["bin"]) == list(range(1, 11)) and b["n"].sum() == len(planted)
+    assert b["n"].max() - b["n"].min() <= 1  # equal-count bins even with ties
+    assert b["gain_mean"].iloc[-1] > b["gain_mean"].iloc[0] + 0.2
+    s = A.gain_by_bin(planted, "fkl", "rel_gain_fkl", split="compat_mass")
+    assert set(s["half"]) == {"high", "low"} and s["n"].sum() == len(planted)
+    hi = s[s["half"] == "high"]["gain_mean"].mean()
+    assert hi > s[s["half"] == "low"]["gain_mean"].mean()  # high C learns more at equal fkl
+
+
+def test_one_position_per_context_and_nan_gain_rows():
+    df = A.add_scores(make_tokens(n_ctx=200, n_pos=1, seed=4))
+    df.loc[:9, "rel_gain_fkl"] = np.nan  # e.g. fkl = 0 before the step
+    c = A.correlations(df, gains=["rel_gain_fkl", "gain_fkl"], signals=["teachability", "fkl"],
+                       n_boot=50)
+    n = c.groupby("gain")["n"].first()
+    assert n["rel_gain_fkl"] == 190 and n["gain_fkl"] == 200
+    assert (c.groupby("gain")["n_contexts"].first() == n).all()
+    assert np.isfinite(c["ci_low"]).all()
+    r = A.regressions(df, "rel_gain_fkl", n_boot=20)
+    assert r[r["term"] == "position"]["estimate"].isna().all()  # position is constant here
+    assert r[r["term"] == "teachability"]["ci_low"].notna().all()
+    assert len(A.q3_gap(df, "rel_gain_fkl", n_boot=20)) == 2  # matched: no pairs, NaN, no crash

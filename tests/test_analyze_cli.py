@@ -1,0 +1,149 @@
+"""`teachdiag analyze` end to end on synthetic runs: every file written, input errors, no torch.
+
+    python -m pytest -q tests/test_analyze_cli.py
+"""
+
+import dataclasses
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from synthetic import make_tokens
+from teachdiag.analyze import COLUMNS, AnalyzeConfig, load_run, load_tokens, run_analyze
+from teachdiag.errors import InputError
+
+TABLES = ["correlations.csv", "regressions.csv", "q3.csv", "selection.csv", "summary.md",
+          "summary.tex"]
+FIGURES = ["gain_vs_fkl", "gain_by_decile", "gain_vs_fkl_by_compat", "selection_by_budget",
+           "std_coefficients", "correlation_heatmap"]
+
+
+def write_run(folder: pathlib.Path, complete: bool = True, **kw) -> pathlib.Path:
+    folder.mkdir(parents=True)
+    make_tokens(**kw).to_csv(folder / "tokens.csv", index=False)
+    (folder / "run.json").write_text(json.dumps({"complete": complete, "top_k": 16,
+                                                 "options": {"step": "sgd", "lr": 1e-4}}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def analyzed(tmp_path_factory):
+    """Two runs analyzed side by side, default output folder."""
+    root = tmp_path_factory.mktemp("runs")
+    r1 = write_run(root / "sgd", n_ctx=20, n_pos=30, n_nonfinite=7, seed=1)
+    r2 = write_run(root / "adam", n_ctx=15, n_pos=20, effect="incompat", seed=2)
+    out = run_analyze(AnalyzeConfig(runs=[str(r1), str(r2)], bootstrap=50))
+    return out, r1
+
+
+def test_writes_every_file_in_the_default_folder(analyzed):
+    out, r1 = analyzed
+    assert out == r1 / "analysis"
+    for name in TABLES:
+        assert (out / name).stat().st_size > 100, name
+
+
+def test_figures_are_nonempty_png_and_pdf(analyzed):
+    out, _ = analyzed
+    for name in FIGURES:
+        png, pdf = out / "figures" / f"{name}.png", out / "figures" / f"{name}.pdf"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1024, name
+        assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 1024, name
+
+
+def test_tables_hold_both_runs_and_report_excluded_rows(analyzed):
+    out, _ = analyzed
+    for name in TABLES[:4]:
+        assert set(pd.read_csv(out / name)["run"]) == {"sgd", "adam"}, name
+    corr = pd.read_csv(out / "correlations.csv")
+    assert set(corr["gain"]) == {"gain_fkl", "gain_rkl", "rel_gain_fkl", "rel_gain_rkl"}
+    assert {"teachability", "tip", "teach_entropy", "random", "position"} <= set(corr["signal"])
+    assert corr[corr["run"] == "sgd"]["n"].max() == 20 * 30 - 7
+    md = (out / "summary.md").read_text()
+    assert "7 excluded as non-finite" in md and "Verdict" in md
+    assert "do NOT support" in md  # the "adam" run was planted on incompat
+    tex = (out / "summary.tex").read_text()
+    assert r"\toprule" in tex and r"\bottomrule" in tex and tex.count("Verdict") == 2
+
+
+def test_partial_run_is_refused_unless_allowed(tmp_path):
+    run = write_run(tmp_path / "r", complete=False, n_ctx=3, n_pos=4)
+    with pytest.raises(InputError, match="complete"):
+        load_run(run)
+    assert load_run(run, allow_partial=True)["n_rows"] == 12
+    with pytest.raises(InputError, match="allow-partial"):
+        run_analyze(AnalyzeConfig(runs=[str(run)], bootstrap=0))
+
+
+def test_interrupted_probe_folder_reads_the_partial_table(tmp_path):
+    run = write_run(tmp_path / "r", complete=False, n_ctx=4, n_pos=5)
+    df = pd.read_csv(run / "tokens.csv")
+    df.assign(teachability="", incompat="").to_csv(run / "tokens.partial.csv", index=False)
+    (run / "tokens.csv").unlink()
+    with pytest.raises(InputError, match="incomplete"):
+        load_run(run)
+    t = load_run(run, allow_partial=True)["table"]
+    np.testing.assert_allclose(t["teachability"].to_numpy(), df["teachability"].to_numpy())
+    np.testing.assert_allclose(t["incompat"].to_numpy(), df["incompat"].to_numpy())
+
+
+def test_input_errors_name_the_file_and_field(tmp_path):
+    with pytest.raises(InputError, match="tokens.csv: no such file"):
+        load_run(tmp_path)
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    with pytest.raises(InputError, match="empty.csv: file is empty"):
+        load_tokens(empty)
+    df = make_tokens(n_ctx=2, n_pos=3)
+    df.drop(columns="compat_mass").to_csv(tmp_path / "a.csv", index=False)
+    with pytest.raises(InputError) as e:
+        load_tokens(tmp_path / "a.csv")
+    assert e.value.field == "compat_mass" and "\n" not in str(e.value) and "a.csv" in str(e.value)
+    df.iloc[:0].to_csv(tmp_path / "b.csv", index=False)
+    with pytest.raises(InputError, match="no rows"):
+        load_tokens(tmp_path / "b.csv")
+    bad = df.astype({"fkl": object})
+    bad.loc[2, "fkl"] = "oops"
+    bad.to_csv(tmp_path / "c.csv", index=False)
+    with pytest.raises(InputError, match=r"c.csv:4: fkl: not a number"):
+        load_tokens(tmp_path / "c.csv")
+    df.assign(finite=0).to_csv(tmp_path / "d.csv", index=False)
+    with pytest.raises(InputError, match="finite"):
+        load_tokens(tmp_path / "d.csv")
+    with pytest.raises(InputError, match="gain"):
+        run_analyze(AnalyzeConfig(runs=[str(tmp_path / "a.csv")], gain="fkl"))
+
+
+def test_gz_file_with_bool_finite_and_table_order(tmp_path):
+    df = make_tokens(n_ctx=3, n_pos=4, seed=3).iloc[::-1]  # positions descending
+    df["finite"] = [True] * 11 + [False]
+    df.to_csv(tmp_path / "t.csv.gz", index=False)
+    t, excluded = load_tokens(tmp_path / "t.csv.gz")
+    assert excluded == 1 and len(t) == 11
+    assert list(t["position"][:4]) == [0, 1, 2, 3] and t["context_id"].iloc[0] == "c002"
+    na = make_tokens(n_ctx=2, n_pos=2).assign(context_id="NA", token="nan")
+    na.to_csv(tmp_path / "na.csv", index=False)
+    t, _ = load_tokens(tmp_path / "na.csv")  # text stays text, as the probe wrote it
+    assert (t["context_id"] == "NA").all() and (t["token"] == "nan").all()
+
+
+def test_config_follows_the_cli_convention():
+    fields = {f.name: f for f in dataclasses.fields(AnalyzeConfig)}
+    assert list(fields) == ["runs", "gain", "out", "figures", "bootstrap", "seed", "allow_partial"]
+    assert fields["runs"].metadata["positional"] and fields["runs"].metadata["nargs"] == "+"
+    assert all(f.metadata.get("help") for f in fields.values())
+    cfg = AnalyzeConfig()
+    assert (cfg.gain, cfg.bootstrap, cfg.seed, cfg.allow_partial) == ("rel_gain_fkl", 1000, 0, False)
+    assert COLUMNS[0] == "context_id" and COLUMNS[21] == "grad_norm" and COLUMNS[22] == "finite"
+
+
+def test_analysis_path_never_imports_torch():
+    code = ("import sys, teachdiag.analyze, teachdiag.analysis, teachdiag.plots, "
+            "teachdiag.report, teachdiag.selection; assert 'torch' not in sys.modules")
+    root = pathlib.Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root)

@@ -1,0 +1,106 @@
+"""The budgeted selection rule of DESIGN §6 and its edge cases.
+
+    python -m pytest -q tests/test_selection.py
+"""
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from synthetic import make_tokens
+from teachdiag.analysis import add_scores
+from teachdiag.selection import BUDGETS, budget_size, select_top, selection_table, table_order
+
+
+@pytest.mark.parametrize("n, rho, k", [(100, 0.03, 3), (100, 0.01, 1), (1000, 0.05, 50),
+                                       (7, 0.01, 1), (1, 0.01, 1), (0, 0.05, 0), (101, 0.1, 11),
+                                       (10, 1.0, 10)])
+def test_budget_size_is_ceil_without_float_noise(n, rho, k):
+    assert budget_size(n, rho) == k  # 0.03 * 100 = 3.0000000000000004 must stay 3
+
+
+@pytest.mark.parametrize("rho", [0, -0.1, 1.5])
+def test_budget_size_rejects_out_of_range(rho):
+    with pytest.raises(ValueError):
+        budget_size(10, rho)
+
+
+def test_select_top_ties_go_to_the_earlier_index_and_nan_last():
+    s = np.array([1.0, 5.0, 5.0, np.nan, 5.0, 2.0])
+    assert list(np.flatnonzero(select_top(s, 2))) == [1, 2]
+    assert list(np.flatnonzero(select_top(s, 4))) == [1, 2, 4, 5]
+    assert select_top(s, 6).all() and not select_top(s, 0).any()
+    assert list(np.flatnonzero(select_top(np.array([np.nan, -np.inf]), 1))) == [1]
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.integers(0, 5), min_size=1, max_size=40), st.integers(0, 40))
+def test_select_top_keeps_exactly_k_and_the_highest(scores, k):
+    s = np.array(scores, dtype=float)
+    k = min(k, len(s))
+    m = select_top(s, k)
+    assert m.sum() == k
+    if 0 < k < len(s):
+        assert s[m].min() >= s[~m].max()
+        cut = s[m].min()  # among tied scores, the kept ones come first
+        tied = np.flatnonzero(s == cut)
+        assert list(tied[m[tied]]) == list(tied[: m[tied].sum()])
+
+
+def _table(scores, gains, ctx, pos):
+    n = len(scores)
+    return pd.DataFrame({"context_id": ctx, "position": pos, "gain": gains,
+                         **{c: scores for c in ["teachability", "incompat", "fkl", "union_fkl",
+                                                "topk_entropy", "student_entropy", "tip",
+                                                "teach_entropy", "random"]},
+                         "n": np.arange(n)})
+
+
+def test_table_order_is_context_first_appearance_then_position():
+    df = pd.DataFrame({"context_id": ["b", "a", "b", "a"], "position": [5, 1, 2, 0]})
+    t = table_order(df)
+    assert list(zip(t["context_id"], t["position"])) == [("b", 2), ("b", 5), ("a", 0), ("a", 1)]
+
+
+def test_selection_ties_pick_earlier_positions_in_table_order():
+    # constant scores: every selector keeps the first k rows in table order, whatever row order
+    df = _table(np.ones(8), np.arange(8.0), ["x"] * 4 + ["y"] * 4, [3, 2, 1, 0] * 2)
+    shuffled = df.iloc[[3, 1, 0, 2, 7, 4, 6, 5]]  # rows out of order, contexts still x then y
+    sel = selection_table(shuffled, "gain", budgets=[0.25],
+                          selectors={"flat": "fkl"}).set_index("selector")
+    # k = 2: context x positions 0 and 1 -> gains 3 and 2
+    assert sel.loc["flat", "k"] == 2 and sel.loc["flat", "mean_gain"] == pytest.approx(2.5)
+    assert sel.loc["flat", "tied_at_cutoff"] == 2
+    assert sel.loc["oracle", "mean_gain"] == pytest.approx(6.5)  # gains 7, 6
+
+
+def test_oracle_overlap_is_one_and_oracle_keeps_the_most():
+    df = add_scores(make_tokens(n_ctx=30, n_pos=20, seed=5))
+    sel = selection_table(df, "rel_gain_fkl")
+    o = sel[sel["selector"] == "oracle"]
+    assert (o["overlap_oracle"] == 1).all()
+    assert list(sel.groupby("budget")["k"].first()) == [budget_size(600, b) for b in BUDGETS]
+    best = sel.groupby("budget")["mean_gain"].max()
+    np.testing.assert_allclose(o.set_index("budget")["mean_gain"], best)
+    assert (sel["overlap_oracle"].between(0, 1)).all() and (sel["n"] == 600).all()
+    kept = sel[sel["selector"] == "teachability"]["share_of_gain"]
+    assert (kept > 0).all() and (kept <= 1).all()
+
+
+def test_one_position_per_context_and_tiny_tables():
+    df = _table(np.array([0.1, 0.9, 0.5]), np.array([1.0, 2.0, 3.0]), ["a", "b", "c"], [0, 0, 0])
+    sel = selection_table(df, "gain", budgets=[0.01]).set_index("selector")
+    assert (sel["k"] == 1).all()  # ceil(0.01 * 3) = 1
+    assert sel.loc["fkl", "mean_gain"] == 2.0 and sel.loc["oracle", "mean_gain"] == 3.0
+    assert sel.loc["fkl", "overlap_oracle"] == 0
+    one = selection_table(df.iloc[:1], "gain", budgets=[0.05])
+    assert (one["k"] == 1).all() and (one["overlap_oracle"] == 1).all()
+
+
+def test_nonfinite_gain_rows_are_left_out():
+    df = _table(np.arange(5.0), np.array([1.0, np.nan, 3.0, np.inf, 5.0]), ["a"] * 5, range(5))
+    sel = selection_table(df, "gain", budgets=[0.5])
+    assert (sel["n"] == 3).all() and (sel["k"] == 2).all()
+    assert sel.set_index("selector").loc["fkl", "mean_gain"] == pytest.approx(4.0)
