@@ -1,0 +1,66 @@
+"""A run killed with SIGKILL keeps what it finished; --resume completes it with no lost or doubled rows."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+from conftest import write_contexts
+from teachdiag.cli import main
+from teachdiag.table import read_tokens
+
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1")  # same thread count in every run: same float reductions
+
+
+def cli(args: list[str], wait: bool = True):
+    proc = subprocess.Popen([sys.executable, "-m", "teachdiag", *args], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return proc.wait() if wait else proc
+
+
+def cmd(pair, contexts, out, *extra):
+    return ["probe", "--teacher", pair[0], "--student", pair[1], "--contexts", str(contexts), "--out", str(out),
+            "--device", "cpu", "--quiet", *extra]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path, pair):
+    contexts = write_contexts(tmp_path / "many.jsonl", n=80)
+    assert cli(cmd(pair, contexts, tmp_path / "full")) == 0
+    full = read_tokens(tmp_path / "full/tokens.csv")
+
+    out = tmp_path / "killed"
+    proc = cli(cmd(pair, contexts, out), wait=False)
+    progress = out / "progress.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if progress.exists() and len(progress.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    n_done = len(progress.read_text().splitlines())
+    assert 5 <= n_done < 80, "the run must be killed mid-way for this test to mean anything"
+    assert not (out / "tokens.csv").exists()
+    assert json.loads((out / "run.json").read_text())["complete"] is False
+
+    with open(out / "tokens.partial.csv", "a") as f:  # a torn write, as a crash mid-context leaves
+        f.write("c999,0,1,a,0.5")
+    assert main(["analyze", str(out)]) == 2  # incomplete runs are refused without --allow-partial
+    assert cli(cmd(pair, contexts, out, "--resume")) == 0
+    resumed = read_tokens(out / "tokens.csv")
+    pd.testing.assert_frame_equal(resumed, full)
+    assert json.loads((out / "run.json").read_text())["complete"] is True
+
+
+def test_resume_refuses_changed_options(tmp_path, pair, contexts, capsys):
+    out = tmp_path / "r"
+    assert main(cmd(pair, contexts, out)) == 0
+    assert main(cmd(pair, contexts, out, "--resume", "--top-k", "4")) == 2
+    assert "option top_k differs" in capsys.readouterr().err
