@@ -88,14 +88,18 @@ def global_norm(grads: list[torch.Tensor]) -> float:
     return math.sqrt(sum(float(torch.linalg.vector_norm(g)) ** 2 for g in grads))
 
 
-def step_direction(grads: list[torch.Tensor], optimizer: str, grad_norm: float) -> list[torch.Tensor]:
-    """d in θ1 = θ0 − lr·d: sgd g; adam's first bias-corrected step g/(|g|+eps); normalized g/‖g‖."""
+def step_direction(grads: list[torch.Tensor], optimizer: str, grad_norm: float) -> tuple[list[torch.Tensor], float]:
+    """(d, scale) with d·scale the direction of θ1 = θ0 − lr·d·scale.
+
+    sgd: g; adam's first bias-corrected step: g/(|g|+eps); normalized: g/‖g‖, returned as
+    (g, 1/‖g‖) so no second copy of every gradient is made.
+    """
     if optimizer == "sgd":
-        return grads
+        return grads, 1.0
     if optimizer == "adam":
-        return [g / (g.abs() + ADAM_EPS) for g in grads]
+        return [g / (g.abs() + ADAM_EPS) for g in grads], 1.0
     if optimizer == "normalized":
-        return [g / grad_norm if grad_norm > 0 else torch.zeros_like(g) for g in grads]
+        return grads, (1.0 / grad_norm if grad_norm > 0 else 0.0)
     raise ValueError(f"unknown optimizer {optimizer!r}; one of {OPTIMIZERS}")
 
 
@@ -145,8 +149,9 @@ class SingleStepProbe:
         grad_norm = global_norm(grads)
         finite = math.isfinite(grad_norm) and bool(torch.isfinite(s_before).all() and torch.isfinite(t).all())
         with torch.no_grad():
-            for p, d in zip(self.params, step_direction(list(grads), self.optimizer, grad_norm)):
-                p.add_(d, alpha=-self.lr)
+            directions, scale = step_direction(list(grads), self.optimizer, grad_norm)
+            for p, d in zip(self.params, directions):
+                p.add_(d, alpha=-self.lr * scale)
             s_after = self._last_logits(prefix)
             self.restore()
         after = signals_from_logits(s_after, t, y, self.top_k)

@@ -63,7 +63,7 @@ class ProbeConfig:
 
 # The embedded demo: what `teachdiag probe` runs with no models or contexts given.
 DATA = Path(__file__).resolve().parent.parent / "data"
-EMBEDDED = {"teacher": "smollm2-135m", "student": "smollm2-135m", "contexts": str(DATA / "demo_rollouts.jsonl"),
+EMBEDDED = {"teacher": zoo.TEACHER, "student": zoo.STUDENT, "contexts": str(DATA / "demo_rollouts.jsonl"),
             "positions": "1000"}
 
 # lr defaults per step rule; see README "Choosing the step" for how they were chosen
@@ -232,7 +232,7 @@ def summary_lines(out: Path) -> list[str]:
     df = read_tokens(out / TOKENS)
     ok = df[df["finite"] == 1]
     rho = lambda a, b: spearmanr(ok[a], ok[b], nan_policy="omit")[0] if len(ok) > 2 else float("nan")  # noqa: E731
-    gain = "gain_fkl"
+    gain = "rel_gain_fkl"  # the paper's gain: relative forward-KL drop
     return [f"wrote {out / TOKENS} and {out / RUN}",
             f"positions: {len(df)} ({len(df) - len(ok)} non-finite, excluded)",
             f"median fkl: {ok['fkl'].median():.4f} nats (mean {ok['fkl'].mean():.4f})",
