@@ -67,7 +67,7 @@ EMBEDDED = {"teacher": zoo.TEACHER, "student": zoo.STUDENT, "contexts": str(DATA
             "positions": "1000"}
 
 # lr defaults per step rule; see README "Choosing the step" for how they were chosen
-DEFAULT_LR = {"sgd": 1e-4, "adam": 1e-7, "normalized": 1e-3}
+DEFAULT_LR = {"sgd": 1e-5, "adam": 1e-7, "normalized": 1e-3}
 # options that must match for --resume to continue a folder
 RESUME_KEYS = ("teacher", "student", "contexts", "positions", "max_response_tokens", "top_k", "loss",
                "optimizer", "lr", "params", "seed", "dtype")

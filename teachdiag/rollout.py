@@ -1,0 +1,292 @@
+"""Sample student responses once and freeze them as contexts (`teachdiag rollout`).
+
+    teachdiag rollout --student smollm2-135m-pruned --prompts data/prompts.jsonl --out rollouts.jsonl
+    teachdiag rollout --prompts data/prompts.jsonl --out r.jsonl --teacher-prompts --max-new-tokens 192
+
+    from teachdiag.rollout import RolloutConfig, run_rollout
+    run_rollout(RolloutConfig(student="path/to/model", prompts="p.jsonl", out="r.jsonl"))
+
+Prompt records (JSONL, one object a line): `id`, exactly one of `prompt` (str) or `messages`
+([{"role", "content"}]), optional `teacher_prompt` / `teacher_messages` (the teacher's privileged
+view), optional `answer` (kept in meta). Other fields are ignored.
+
+Output records are the frozen-contexts format:
+`{"id", "prompt_ids", "response_ids", ["teacher_prompt_ids"], "meta"}`. `response_ids` keeps the
+end-of-sequence token when the model emitted one (the student did predict it, so it is a position
+like any other) and `meta.finish_reason` says "eos" or "length" (cut at --max-new-tokens).
+
+Why the seed is set per batch, inside a forked RNG: the same seed then gives the same rollouts on
+the same machine whatever ran before in the process, and a library caller's global RNG is left
+untouched. Different batch sizes give different (equally valid) samples.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from teachdiag.errors import InputError
+
+DEFAULT_STUDENT = "smollm2-135m-pruned"
+DEMO_PROMPTS = Path(__file__).resolve().parent.parent / "data" / "prompts.jsonl"
+
+
+@dataclass
+class RolloutConfig:
+    """Options of `teachdiag rollout` (field foo_bar is the flag --foo-bar)."""
+
+    student: str = field(default=DEFAULT_STUDENT, metadata={
+        "help": "student model: a short name (see teachdiag.zoo), a local folder or a hub id"})
+    prompts: str = field(default=str(DEMO_PROMPTS), metadata={
+        "help": "prompt records, JSONL: id, prompt or messages, optional teacher_prompt / "
+                "teacher_messages and answer"})
+    out: str = field(default="rollouts.jsonl", metadata={
+        "help": "output JSONL of frozen contexts (prompt_ids, response_ids, meta)"})
+    teacher_prompts: bool = field(default=False, metadata={
+        "help": "also write teacher_prompt_ids from each record's teacher_prompt / "
+                "teacher_messages (the teacher's privileged view); every record must have one"})
+    max_new_tokens: int = field(default=256, metadata={
+        "help": "longest response, in tokens; longer ones are cut (finish_reason 'length')"})
+    temperature: float = field(default=1.0, metadata={
+        "help": "sampling temperature; 1.0 samples the student's own distribution (on-policy), "
+                "0 is greedy"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass; 1.0 turns it off"})
+    samples: int = field(default=1, metadata={
+        "help": "responses per prompt; ids get a suffix -s0, -s1, ... when more than one"})
+    seed: int = field(default=0, metadata={"help": "random seed: same seed, same rollouts on the "
+                                                   "same machine and batch size"})
+    batch_size: int = field(default=16, metadata={
+        "help": "prompts generated together (left-padded); reduce if you run out of memory"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda[:N]"})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "allow model folders whose config loads custom code (only if you trust it)"})
+
+
+# ---------------------------------------------------------------------------------------------
+# reading prompt records
+
+
+def _check_text_or_messages(rec: dict, text_key: str, msgs_key: str, file: str, line: int,
+                            required: bool):
+    has_text, has_msgs = text_key in rec, msgs_key in rec
+    if has_text and has_msgs:
+        raise InputError(f"give either {text_key} or {msgs_key}, not both", file, line, msgs_key)
+    if not has_text and not has_msgs:
+        if required:
+            raise InputError(f"missing {text_key} (or {msgs_key})", file, line, text_key)
+        return None
+    if has_text:
+        value = rec[text_key]
+        if not isinstance(value, str) or not value:
+            raise InputError("must be a non-empty string", file, line, text_key)
+        return value
+    msgs = rec[msgs_key]
+    if not isinstance(msgs, list) or not msgs:
+        raise InputError("must be a non-empty list of {role, content} objects", file, line, msgs_key)
+    for m in msgs:
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str)):
+            raise InputError("every message needs string role and content", file, line, msgs_key)
+    return msgs
+
+
+def read_prompts(path: str | Path, need_teacher: bool = False) -> list[dict]:
+    """Validated prompt records: [{id, student, teacher (or None), answer (or None), line}].
+
+    `student` / `teacher` are a string (plain prompt) or a message list.
+    """
+    file = str(path)
+    p = Path(path)
+    if not p.is_file():
+        raise InputError("prompt file not found", file, field="--prompts")
+    out, seen = [], {}
+    with p.open(encoding="utf-8") as f:
+        for line_no, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                rec = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"not valid JSON ({exc.msg})", file, line_no) from None
+            if not isinstance(rec, dict):
+                raise InputError("each line must be a JSON object", file, line_no)
+            rid = rec.get("id")
+            if isinstance(rid, bool) or not isinstance(rid, (str, int)) or rid == "":
+                raise InputError("missing or not a string", file, line_no, "id")
+            rid = str(rid)
+            if rid in seen:
+                raise InputError(f"duplicate id {rid!r} (first on line {seen[rid]})", file, line_no,
+                                 "id")
+            seen[rid] = line_no
+            student = _check_text_or_messages(rec, "prompt", "messages", file, line_no, True)
+            teacher = _check_text_or_messages(rec, "teacher_prompt", "teacher_messages", file,
+                                              line_no, need_teacher)
+            out.append({"id": rid, "student": student, "teacher": teacher,
+                        "answer": rec.get("answer"), "line": line_no})
+    if not out:
+        raise InputError("no prompt records", file, field="--prompts")
+    return out
+
+
+def encode_prompt(tok, prompt, file: str = "", line: int | None = None,
+                  field_name: str = "prompt") -> list[int]:
+    """Token ids of a prompt as the model will see it.
+
+    With a chat template, a string becomes one user message and the generation prompt (the
+    assistant header) is appended; without one, a string is tokenized as plain text and message
+    lists are refused.
+    """
+    if getattr(tok, "chat_template", None):
+        msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        # the template already wrote the special tokens it wants (BOS included, if any)
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+    else:
+        if not isinstance(prompt, str):
+            raise InputError("messages need a tokenizer with a chat template", file, line,
+                             field_name)
+        ids = tok(prompt)["input_ids"]
+    if not ids:
+        raise InputError("encodes to no tokens", file, line, field_name)
+    return list(map(int, ids))
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling
+
+
+def _eos_ids(model, tok) -> list[int]:
+    ids: list[int] = []
+    for src in (getattr(model.generation_config, "eos_token_id", None), tok.eos_token_id):
+        if src is None:
+            continue
+        for i in (src if isinstance(src, (list, tuple)) else [src]):
+            if int(i) not in ids:
+                ids.append(int(i))
+    return ids
+
+
+def generate_batch(model, prompts: list[list[int]], *, max_new_tokens: int, temperature: float,
+                   top_p: float, eos_ids: list[int], pad_id: int, seed: int
+                   ) -> list[tuple[list[int], str]]:
+    """Sample one response per prompt (left-padded batch); returns [(response_ids, finish)].
+
+    A response stops at (and keeps) the first EOS token: finish "eos"; otherwise it has
+    `max_new_tokens` tokens: finish "length".
+    """
+    from transformers import GenerationConfig
+
+    device = next(model.parameters()).device
+    width = max(map(len, prompts))
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, ids in enumerate(prompts):
+        input_ids[i, width - len(ids):] = torch.tensor(ids)
+        mask[i, width - len(ids):] = 1
+    gen_cfg = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+        temperature=temperature if temperature > 0 else None,
+        top_p=top_p if temperature > 0 else None, top_k=0 if temperature > 0 else None,
+        eos_token_id=eos_ids or None, pad_token_id=pad_id)
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        torch.manual_seed(seed)
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                             generation_config=gen_cfg)
+    results = []
+    for row in out[:, width:].tolist():
+        stop = next((j for j, t in enumerate(row) if t in eos_ids), None)
+        if stop is not None:
+            results.append((row[:stop + 1], "eos"))
+        else:
+            results.append((row[:max_new_tokens], "length"))
+    return results
+
+
+def _validate(cfg: RolloutConfig) -> None:
+    checks = [(cfg.max_new_tokens >= 1, "--max-new-tokens", "must be at least 1"),
+              (cfg.temperature >= 0, "--temperature", "must be >= 0"),
+              (0 < cfg.top_p <= 1, "--top-p", "must be in (0, 1]"),
+              (cfg.samples >= 1, "--samples", "must be at least 1"),
+              (cfg.batch_size >= 1, "--batch-size", "must be at least 1")]
+    for ok, flag, msg in checks:
+        if not ok:
+            raise InputError(msg, field=flag)
+
+
+def run_rollout(cfg: RolloutConfig) -> Path:
+    """Sample `cfg.samples` responses per prompt record and write frozen contexts to `cfg.out`.
+
+    Records come out in input order (sample 0, 1, ... of each prompt); prompts are batched by
+    length to save padding. The file is written to a temporary name and renamed at the end, so
+    an interrupted run leaves no partial output under `cfg.out`.
+    """
+    from tqdm.auto import tqdm
+
+    from teachdiag.models import load_model, load_tokenizer, resolve_device, tokenizer_fingerprint
+
+    _validate(cfg)
+    records = read_prompts(cfg.prompts, need_teacher=cfg.teacher_prompts)
+    device = resolve_device(cfg.device)
+    tok = load_tokenizer(cfg.student, "student", trust_remote_code=cfg.trust_remote_code)
+    model = load_model(cfg.student, "student", dtype="float32", device=device,
+                       trust_remote_code=cfg.trust_remote_code)
+    eos_ids = _eos_ids(model, tok)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+    fingerprint = tokenizer_fingerprint(tok)
+
+    prompt_ids = [encode_prompt(tok, r["student"], cfg.prompts, r["line"],
+                                "prompt" if isinstance(r["student"], str) else "messages")
+                  for r in records]
+    teacher_ids = [encode_prompt(tok, r["teacher"], cfg.prompts, r["line"], "teacher_prompt")
+                   if cfg.teacher_prompts else None for r in records]
+
+    # work items (record index, sample index), longest prompts first so batches pad little
+    items = [(i, s) for i in range(len(records)) for s in range(cfg.samples)]
+    order = sorted(items, key=lambda it: (-len(prompt_ids[it[0]]), it))
+    responses: dict[tuple[int, int], tuple[list[int], str]] = {}
+    bar = tqdm(total=len(items), desc="rollout", unit="resp", disable=None)
+    for b, start in enumerate(range(0, len(order), cfg.batch_size)):
+        batch = order[start:start + cfg.batch_size]
+        outs = generate_batch(model, [prompt_ids[i] for i, _ in batch],
+                              max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                              top_p=cfg.top_p, eos_ids=eos_ids, pad_id=pad_id,
+                              seed=cfg.seed * 1_000_003 + b)
+        responses.update(zip(batch, outs))
+        bar.update(len(batch))
+    bar.close()
+
+    sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p,
+                "max_new_tokens": cfg.max_new_tokens, "samples": cfg.samples,
+                "batch_size": cfg.batch_size}
+    out_path = Path(cfg.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + f".tmp{os.getpid()}")
+    ids_written: set[str] = set()
+    with tmp.open("w", encoding="utf-8") as f:
+        for i, s in items:
+            rec = records[i]
+            resp, finish = responses[(i, s)]
+            rid = rec["id"] if cfg.samples == 1 else f"{rec['id']}-s{s}"
+            if rid in ids_written:
+                tmp.unlink()
+                raise InputError(f"id {rid!r} occurs twice once sample suffixes are added",
+                                 cfg.prompts, rec["line"], "id")
+            ids_written.add(rid)
+            meta = {"model": cfg.student, **sampling, "seed": cfg.seed, "sample": s,
+                    "tokenizer_fingerprint": fingerprint,
+                    "chat_template": bool(getattr(tok, "chat_template", None)),
+                    "finish_reason": finish, "n_response_tokens": len(resp)}
+            if rec["answer"] is not None:
+                meta["answer"] = rec["answer"]
+            out = {"id": rid, "prompt_ids": prompt_ids[i], "response_ids": resp}
+            if cfg.teacher_prompts:
+                out["teacher_prompt_ids"] = teacher_ids[i]
+            out["meta"] = meta
+            f.write(json.dumps(out) + "\n")
+    os.replace(tmp, out_path)
+    return out_path

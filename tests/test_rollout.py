@@ -1,0 +1,192 @@
+"""`teachdiag rollout` on tiny random-init models: seeded, valid records, EOS, padding, bad input."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_model, make_tokenizer
+from teachdiag.cli import main
+from teachdiag.errors import InputError
+from teachdiag.rollout import RolloutConfig, read_prompts, run_rollout
+
+CHAT = ("{% for m in messages %}{{ m.role }} {{ m.content }} {% endfor %}"
+        "{% if add_generation_prompt %}assistant{% endif %}")
+
+RECORDS = [
+    {"id": "a", "prompt": "what is one plus two", "teacher_prompt": "one plus two is three so",
+     "answer": "3"},
+    {"id": "b", "prompt": "hi", "teacher_prompt": "hi there"},
+    {"id": "c", "prompt": "a much longer prompt with many words in it to pad the others",
+     "teacher_prompt": "x", "answer": 7},
+    {"id": "d", "prompt": "count to five", "teacher_prompt": "one two three four five"},
+    {"id": "e", "prompt": "z", "teacher_prompt": "z z"},
+]
+
+
+def save_model(path: Path, chat: bool = False, eos: int | None = None) -> str:
+    tok = make_tokenizer()
+    if chat:
+        tok.chat_template = CHAT
+    model = make_model("llama", len(tok), seed=3)
+    if eos is not None:
+        model.generation_config.eos_token_id = eos
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> str:
+    return save_model(tmp_path_factory.mktemp("tiny") / "plain")
+
+
+@pytest.fixture(scope="module")
+def tiny_chat(tmp_path_factory) -> str:
+    return save_model(tmp_path_factory.mktemp("tiny") / "chat", chat=True)
+
+
+def write_prompts(path: Path, records=RECORDS) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def rollout(student, prompts, out, **kw) -> list[dict]:
+    cfg = RolloutConfig(student=student, prompts=prompts, out=str(out), device="cpu",
+                        max_new_tokens=kw.pop("max_new_tokens", 8), batch_size=kw.pop("batch_size", 2),
+                        **kw)
+    path = run_rollout(cfg)
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_same_seed_same_rollouts(tiny, tmp_path):
+    p = write_prompts(tmp_path / "p.jsonl")
+    a = rollout(tiny, p, tmp_path / "a.jsonl", seed=5)
+    torch.manual_seed(123)  # the global RNG state must not matter
+    b = rollout(tiny, p, tmp_path / "b.jsonl", seed=5)
+    assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
+    c = rollout(tiny, p, tmp_path / "c.jsonl", seed=6)
+    assert [r["response_ids"] for r in a] == [r["response_ids"] for r in b]
+    assert [r["response_ids"] for r in a] != [r["response_ids"] for r in c]
+
+
+def test_records_are_valid_frozen_contexts(tiny, tmp_path):
+    p = write_prompts(tmp_path / "p.jsonl")
+    recs = rollout(tiny, p, tmp_path / "r.jsonl", samples=2, teacher_prompts=True, max_new_tokens=6,
+                   temperature=0.8, top_p=0.9)
+    tok = make_tokenizer()
+    assert [r["id"] for r in recs] == [f"{x['id']}-s{s}" for x in RECORDS for s in range(2)]
+    for r in recs:
+        src = RECORDS["abcde".index(r["id"][0])]
+        assert set(r) == {"id", "prompt_ids", "response_ids", "teacher_prompt_ids", "meta"}
+        assert r["prompt_ids"] == tok(src["prompt"])["input_ids"]
+        assert r["teacher_prompt_ids"] == tok(src["teacher_prompt"])["input_ids"]
+        assert 1 <= len(r["response_ids"]) <= 6
+        assert all(isinstance(t, int) and 0 <= t < len(tok) for t in r["response_ids"])
+        m = r["meta"]
+        assert m["model"] == tiny and m["seed"] == 0 and m["temperature"] == 0.8 and m["top_p"] == 0.9
+        assert m["max_new_tokens"] == 6 and m["sample"] == int(r["id"][-1])
+        assert m["n_response_tokens"] == len(r["response_ids"])
+        ends_eos = r["response_ids"][-1] == tok.eos_token_id
+        assert m["finish_reason"] == ("eos" if ends_eos else "length")
+        assert tok.eos_token_id not in r["response_ids"][:-1]
+        assert ("answer" in m) == ("answer" in src) and m.get("answer") == src.get("answer")
+        assert len(m["tokenizer_fingerprint"]) == 64 and m["chat_template"] is False
+    # without --teacher-prompts no teacher view is written
+    assert all("teacher_prompt_ids" not in r for r in rollout(tiny, p, tmp_path / "s.jsonl"))
+
+
+def test_eos_is_kept_and_recorded(tmp_path):
+    plain = save_model(tmp_path / "m0")
+    p = write_prompts(tmp_path / "p.jsonl", RECORDS[:1])
+    first = rollout(plain, p, tmp_path / "g.jsonl", temperature=0.0)[0]["response_ids"][0]
+    with_eos = save_model(tmp_path / "m1", eos=first)  # same weights, the greedy token is an EOS
+    rec = rollout(with_eos, p, tmp_path / "e.jsonl", temperature=0.0)[0]
+    assert rec["response_ids"] == [first]
+    assert rec["meta"]["finish_reason"] == "eos" and rec["meta"]["n_response_tokens"] == 1
+
+
+def test_left_padding_matches_unbatched_greedy(tiny, tmp_path):
+    p = write_prompts(tmp_path / "p.jsonl")
+    batched = rollout(tiny, p, tmp_path / "b.jsonl", temperature=0.0, batch_size=5)
+    single = rollout(tiny, p, tmp_path / "s.jsonl", temperature=0.0, batch_size=1)
+    assert [r["response_ids"] for r in batched] == [r["response_ids"] for r in single]
+    assert all(len(r["response_ids"]) == 8 for r in batched if r["meta"]["finish_reason"] == "length")
+
+
+def test_chat_template_and_messages(tiny_chat, tmp_path):
+    from transformers import AutoTokenizer
+
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    p = write_prompts(tmp_path / "p.jsonl", [{"id": "m", "messages": msgs, "teacher_messages": msgs[1:]},
+                                             {"id": "t", "prompt": "hello", "teacher_prompt": "hey"}])
+    recs = rollout(tiny_chat, p, tmp_path / "r.jsonl", teacher_prompts=True)
+    tok = AutoTokenizer.from_pretrained(tiny_chat)
+
+    def enc(messages):
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    assert recs[0]["prompt_ids"] == enc(msgs) and recs[0]["teacher_prompt_ids"] == enc(msgs[1:])
+    assert recs[1]["prompt_ids"] == enc([{"role": "user", "content": "hello"}])
+    assert recs[0]["meta"]["chat_template"] is True
+
+
+def test_messages_without_chat_template_is_input_error(tiny, tmp_path):
+    p = write_prompts(tmp_path / "p.jsonl", [{"id": "m", "messages": [{"role": "user", "content": "hi"}]}])
+    with pytest.raises(InputError) as e:
+        rollout(tiny, p, tmp_path / "r.jsonl")
+    assert (e.value.file, e.value.line, e.value.field) == (p, 1, "messages")
+    assert not (tmp_path / "r.jsonl").exists()
+
+
+@pytest.mark.parametrize("lines,line,field", [
+    (['{"id": "a", "prompt": "x"}', "not json"], 2, None),
+    (['[1, 2]'], 1, None),
+    (['{"prompt": "x"}'], 1, "id"),
+    (['{"id": true, "prompt": "x"}'], 1, "id"),
+    (['{"id": "a"}'], 1, "prompt"),
+    (['{"id": "a", "prompt": ""}'], 1, "prompt"),
+    (['{"id": "a", "prompt": 3}'], 1, "prompt"),
+    (['{"id": "a", "prompt": "x", "messages": [{"role": "user", "content": "x"}]}'], 1, "messages"),
+    (['{"id": "a", "messages": [{"role": "user"}]}'], 1, "messages"),
+    (['{"id": "a", "messages": []}'], 1, "messages"),
+    (['{"id": "a", "prompt": "x"}', "", '{"id": "a", "prompt": "y"}'], 3, "id"),
+    (['{"id": "a", "prompt": "x", "teacher_prompt": ["x"]}'], 1, "teacher_prompt"),
+])
+def test_bad_prompt_record_is_input_error(lines, line, field, tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(InputError) as e:
+        read_prompts(path)
+    assert (e.value.file, e.value.line, e.value.field) == (str(path), line, field)
+
+
+def test_teacher_prompts_flag_needs_a_teacher_view(tiny, tmp_path):
+    p = write_prompts(tmp_path / "p.jsonl", [RECORDS[0], {"id": "x", "prompt": "no teacher view"}])
+    with pytest.raises(InputError) as e:
+        rollout(tiny, p, tmp_path / "r.jsonl", teacher_prompts=True)
+    assert (e.value.line, e.value.field) == (2, "teacher_prompt")
+
+
+@pytest.mark.parametrize("opt", [{"temperature": -1.0}, {"top_p": 0.0}, {"samples": 0},
+                                 {"max_new_tokens": 0}, {"batch_size": 0}])
+def test_bad_options_are_input_errors(tiny, tmp_path, opt):
+    p = write_prompts(tmp_path / "p.jsonl")
+    with pytest.raises(InputError) as e:
+        rollout(tiny, p, tmp_path / "r.jsonl", **opt)
+    assert e.value.field == "--" + next(iter(opt)).replace("_", "-")
+
+
+def test_cli_rollout(tiny, tmp_path, capsys):
+    p = write_prompts(tmp_path / "p.jsonl")
+    out = tmp_path / "cli.jsonl"
+    assert main(["rollout", "--student", tiny, "--prompts", p, "--out", str(out), "--device", "cpu",
+                 "--max-new-tokens", "4", "--teacher-prompts", "--samples", "1"]) == 0
+    assert len(out.read_text().splitlines()) == len(RECORDS)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a"}\n')
+    assert main(["rollout", "--student", tiny, "--prompts", str(bad), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"teachdiag: error: {bad}:1: prompt: missing prompt (or messages)"
