@@ -28,24 +28,17 @@ def _probe(cfg, argv: list[str]) -> None:
 
 def _commands() -> dict:
     """name -> (config class, handler(cfg, argv), one-line description); imported lazily."""
+    from teachdiag.analyze import AnalyzeConfig, run_analyze
+    from teachdiag.rollout import RolloutConfig, run_rollout
     from teachdiag.runner import ProbeConfig
 
-    cmds = {"probe": (ProbeConfig, _probe, "single-step probe on frozen contexts -> tokens.csv")}
-    try:
-        from teachdiag.rollout import RolloutConfig, run_rollout
-
-        cmds["rollout"] = (RolloutConfig, lambda cfg, argv: run_rollout(cfg),
-                           "sample frozen student rollouts -> contexts JSONL")
-    except ImportError:
-        pass
-    try:
-        from teachdiag.analyze import AnalyzeConfig, run_analyze
-
-        cmds["analyze"] = (AnalyzeConfig, lambda cfg, argv: run_analyze(cfg),
-                           "statistics, tables and figures from tokens.csv")
-    except ImportError:
-        pass
-    return cmds
+    return {
+        "probe": (ProbeConfig, _probe, "single-step probe on frozen contexts -> tokens.csv"),
+        "rollout": (RolloutConfig, lambda cfg, argv: run_rollout(cfg),
+                    "sample frozen student rollouts -> contexts JSONL"),
+        "analyze": (AnalyzeConfig, lambda cfg, argv: run_analyze(cfg),
+                    "statistics, tables and figures from tokens.csv"),
+    }
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:

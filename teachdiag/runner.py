@@ -11,6 +11,7 @@ dies keeps its work and `--resume` continues it.
 from __future__ import annotations
 
 import hashlib
+import json
 import platform
 import sys
 import time
@@ -120,8 +121,6 @@ def _check_resume(writer: RunWriter, record: dict) -> None:
     old_path = writer.out / RUN
     if not old_path.exists():
         raise InputError("nothing to resume (no run.json)", field="--resume", file=str(writer.out))
-    import json
-
     old = json.loads(old_path.read_text())
     for key in RESUME_KEYS:
         if old["options"].get(key) != record["options"].get(key):

@@ -4,7 +4,8 @@
 
 Notebooks are committed with outputs stripped; this test executes them with nbclient (kernel
 python3, working directory notebooks/) and fails on the first cell that raises. They read
-data/demo_tokens.csv.gz, the probe table of the embedded demo pair; without it they are skipped.
+data/demo_tokens.csv.gz, the probe table of the embedded demo pair (committed); 01_quickstart runs
+a 4-position probe on the embedded pair itself.
 """
 
 import os
@@ -23,8 +24,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_runs(path, monkeypatch):
-    if not DEMO.exists():
-        pytest.skip(f"{DEMO.relative_to(ROOT)} is absent: the notebooks read the demo probe table")
+    assert DEMO.exists(), f"{DEMO.relative_to(ROOT)} is missing: the notebooks read the demo probe table"
     # the kernel inherits this environment: teachdiag imports from the checkout even uninstalled
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT),
                                                                    os.environ.get("PYTHONPATH")])))
