@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
             t_in = torch.tensor(ctx.teacher_view + ctx.response_ids[:-1])[None]
             t_logits = teacher(input_ids=t_in, logits_to_keep=len(ctx.response_ids)).logits[0, :, :vocab].float()
         ids = torch.tensor(ctx.prompt_ids + ctx.response_ids)
-        fast += [r["gain_rkl"] for r in probe.run_context(ids, len(ctx.prompt_ids), t_logits, pos)]
+        fast += [r["gain_rkl"] for r in probe.run_context(ids, len(ctx.prompt_ids), t_logits[pos], pos)]
     t_fast = time.perf_counter() - t0
 
     n = len(picks)

@@ -170,13 +170,13 @@ class SingleStepProbe:
                     positions: list[int]) -> list[dict[str, float]]:
         """Probe `positions` of one context.
 
-        student_ids: (n_prompt + R,) prompt + response; teacher_logits: (R, V) float32, row j
-        predicting response[j] from the teacher's view.
+        student_ids: (n_prompt + R,) prompt + response; teacher_logits: (P, V) float32, row i
+        the teacher's distribution for response[positions[i]] (from the teacher's view).
         """
         rows = []
-        for j in positions:
+        for i, j in enumerate(positions):
             prefix = student_ids[: n_prompt + j]
-            rows.append(self.probe_position(prefix, teacher_logits[j], int(student_ids[n_prompt + j])))
+            rows.append(self.probe_position(prefix, teacher_logits[i], int(student_ids[n_prompt + j])))
         return rows
 
     @torch.no_grad()

@@ -3,7 +3,7 @@
     from teachdiag.runner import ProbeConfig, run_probe
     run_probe(ProbeConfig(teacher="T", student="S", contexts="rollouts.jsonl", out="runs/r1"))
 
-The teacher runs once per context (all response positions from one forward); the student is
+The teacher runs once per context (every probed position from one forward); the student is
 probed position by position (probe.py). Rows are saved per finished context, so a run that
 dies keeps its work and `--resume` continues it.
 """
@@ -195,15 +195,17 @@ def run_probe(cfg: ProbeConfig, argv: list[str] | None = None) -> Path:
     try:
         for c in todo:
             ctx = ctxs[c]
-            resp = torch.tensor(ctx.response_ids, device=device)
+            positions = by_ctx[c]
             t_in = torch.tensor(ctx.teacher_view + ctx.response_ids[:-1], device=device)
-            with torch.no_grad():  # one teacher forward gives every response position: (R, V)
-                t_logits = teacher(input_ids=t_in[None], logits_to_keep=len(resp), use_cache=False)
+            # one teacher forward per context; the LM head only at the probed positions: (P, V)
+            keep = torch.tensor([len(ctx.teacher_view) + j - 1 for j in positions], device=device)
+            with torch.no_grad():
+                t_logits = teacher(input_ids=t_in[None], logits_to_keep=keep, use_cache=False)
                 t_logits = t_logits.logits[0, :, :vocab].float()
             s_ids = torch.tensor(ctx.prompt_ids + ctx.response_ids, device=device)
-            rows = probe.run_context(s_ids, len(ctx.prompt_ids), t_logits, by_ctx[c])
+            rows = probe.run_context(s_ids, len(ctx.prompt_ids), t_logits, positions)
             del t_logits
-            for j, row in zip(by_ctx[c], rows):
+            for j, row in zip(positions, rows):
                 tok = ctx.response_ids[j]
                 row.update(context_id=ctx.id, position=j, token_id=tok, token=s_tok.decode([tok]))
             writer.append_context(ctx.id, rows)

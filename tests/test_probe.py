@@ -84,7 +84,7 @@ def test_first_order_limit_sgd_reverse_kl(pair, contexts):
     errors = []
     for lr in (1e-2, 1e-3, 1e-4, 1e-5):
         probe = SingleStepProbe(student, "all", "reverse_kl", "sgd", lr, VOCAB)
-        row = probe.run_context(ids, len(ctx["prompt_ids"]), t_logits, [2])[0]
+        row = probe.run_context(ids, len(ctx["prompt_ids"]), t_logits[[2]], [2])[0]
         errors.append(abs(row["gain_rkl"] / (lr * row["grad_norm"] ** 2) - 1))
     assert errors[-1] < 1e-2
     assert errors[-1] < errors[0]
@@ -138,3 +138,20 @@ def test_nonfinite_logits_are_flagged(pair, contexts):
         ids, len(ctx["prompt_ids"]), t_logits, [0, 1])
     assert rows[0]["finite"] == 1 and rows[1]["finite"] == 0
     assert math.isnan(rows[1]["fkl"])
+
+
+def test_teacher_runs_once_per_context(tmp_path, pair, contexts, monkeypatch):
+    import teachdiag.runner as runner
+
+    calls = {"teacher": 0, "student": 0}
+    real_load = runner.load_model
+
+    def counting_load(name, what, *args, **kw):
+        model = real_load(name, what, *args, **kw)
+        model.register_forward_pre_hook(lambda *_: calls.__setitem__(what, calls[what] + 1))
+        return model
+
+    monkeypatch.setattr(runner, "load_model", counting_load)
+    df = run(tmp_path, pair, contexts, "r")
+    assert calls["teacher"] == df["context_id"].nunique() == 4
+    assert calls["student"] == 2 * len(df)  # forward+backward, then the forward after the step
