@@ -18,12 +18,14 @@ coefficients runs on batched weighted moment matrices, which statsmodels cannot 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
+from teachdiag.bootstrap import (CELLS, bootstrap_weights, count_chunks, kendall_influence, percentile_ci,
+                                 rank_groups, weighted_ranks)
 from teachdiag.table import quantile_normalize
 
 GAINS = ("gain_fkl", "gain_rkl", "rel_gain_fkl", "rel_gain_rkl")
@@ -42,7 +44,6 @@ MODELS = {
 }
 REG_COLUMNS = ["gain", "winsor", "model", "stat", "term", "estimate", "ci_low", "ci_high", "n",
                "n_contexts"]
-CELLS = 2_000_000  # resamples x rows held at once (16 MB a float array)
 
 
 def add_scores(df: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
@@ -57,97 +58,6 @@ def add_scores(df: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
     out["random"] = np.random.default_rng(seed).random(len(out))
     return out
 
-
-# ---------------------------------------------------------------- cluster bootstrap weights
-
-def count_chunks(codes: np.ndarray, n_boot: int, seed: int) -> Iterator[np.ndarray]:
-    """Yield (b, G) chunks of context counts, n_boot rows in all: each row is one resample of the
-    G contexts (codes (n,) int in 0..G-1) drawn with replacement. Chunks hold ~CELLS row weights."""
-    n_ctx = int(codes.max()) + 1
-    counts = np.random.default_rng(seed).multinomial(n_ctx, np.full(n_ctx, 1.0 / n_ctx), size=n_boot)
-    step = max(1, CELLS // max(1, len(codes)))
-    for lo in range(0, n_boot, step):
-        yield counts[lo:lo + step].astype(float)
-
-
-def bootstrap_weights(codes: np.ndarray, n_boot: int, seed: int) -> Iterator[np.ndarray]:
-    """Yield (b, n) row-weight chunks: weight = times the row's context was drawn (count_chunks)."""
-    for counts in count_chunks(codes, n_boot, seed):
-        yield counts[:, codes]
-
-
-def _ci(draws: np.ndarray) -> tuple[float, float]:
-    draws = draws[np.isfinite(draws)]
-    if draws.size == 0:
-        return np.nan, np.nan
-    lo, hi = np.percentile(draws, [2.5, 97.5])
-    return float(lo), float(hi)
-
-
-def _rank_groups(x: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """What _wranks needs for x (n,): value-group index, contexts in x order, group starts."""
-    _, inv = np.unique(x, return_inverse=True)
-    order = np.argsort(inv, kind="stable")
-    starts = np.r_[0, np.flatnonzero(np.diff(inv[order])) + 1]
-    return inv, codes[order], starts
-
-
-def _wranks(counts: np.ndarray, groups: tuple) -> np.ndarray:
-    """Centred mid-ranks (b, n) of each resample: row i counted W[b, i] times, ties averaged, as
-    scipy.stats.rankdata on the resampled array gives them, minus their mean (N + 1) / 2."""
-    inv, codes_sorted, starts = groups
-    w = counts[:, codes_sorted]  # gather from the small (b, G) array: cache friendly
-    wu = np.add.reduceat(w, starts, axis=1) if len(starts) < w.shape[1] else w  # (b, values)
-    mid = np.cumsum(wu, axis=1) - (wu - 1) / 2 - (wu.sum(1, keepdims=True) + 1) / 2
-    return mid[:, inv]
-
-
-# ---------------------------------------------------------------- Kendall tau-b, first order
-
-def _count_earlier_smaller(r: np.ndarray) -> np.ndarray:
-    """c_i = #{j < i : r_j < r_i} for int ranks r (n,), by a bottom-up merge sort: O(n log² n)."""
-    n = len(r)
-    m = int(r.max()) + 1 if n else 1
-    out, perm, w = np.zeros(n, np.int64), np.arange(n), 1
-    while w < n:  # runs of w original indices, each sorted by r, merged pairwise
-        pair = perm // (2 * w)
-        right = (perm // w) % 2 == 1
-        key = pair * m + r[perm]
-        left = key[~right]  # globally sorted: pairs ascend, each left run is sorted
-        out[perm[right]] += (np.searchsorted(left, key[right])
-                             - np.searchsorted(left, pair[right] * m))
-        perm, w = perm[np.argsort(key, kind="stable")], 2 * w
-    return out
-
-
-def kendall_influence(x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
-    """Kendall tau-b of (x, y) and its influence values psi (n,), sum 0: for row weights w,
-    tau(w) ≈ tau + (n / Σw) · Σ w_i psi_i. O(n log² n), ties handled as scipy's tau-b."""
-    n = len(x)
-    rx, ry = np.unique(x, return_inverse=True)[1], np.unique(y, return_inverse=True)[1]
-    mx, my = int(rx.max()) + 1, int(ry.max()) + 1
-    cx, cy = np.bincount(rx, minlength=mx), np.bincount(ry, minlength=my)
-    # strict dominance N(<,<): sort x ascending, y descending so equal-x rows never count
-    order = np.lexsort((-ry, rx))
-    both_lt = np.empty(n, np.int64)
-    both_lt[order] = _count_earlier_smaller(ry[order])
-    x_lt = (np.cumsum(cx) - cx)[rx]
-    x_gt = n - x_lt - cx[rx]
-    y_lt = (np.cumsum(cy) - cy)[ry]
-    kyx = np.sort(ry * mx + rx)  # rows keyed by (y, x)
-    xlt_yeq = np.searchsorted(kyx, ry * mx + rx) - np.searchsorted(kyx, ry * mx)
-    xgt_yeq = np.searchsorted(kyx, (ry + 1) * mx) - np.searchsorted(kyx, ry * mx + rx + 1)
-    kxy = np.sort(rx * my + ry)
-    xeq_ylt = np.searchsorted(kxy, rx * my + ry) - np.searchsorted(kxy, rx * my)
-    # s_i = Σ_j sign(x_i - x_j) sign(y_i - y_j), from the cell counts above
-    s = 4 * both_lt + x_gt - x_lt - 2 * y_lt + 2 * xeq_ylt - xgt_yeq + xlt_yeq
-    ax, ay = (n - cx[rx]).astype(float), (n - cy[ry]).astype(float)  # untied partners
-    big_ax, big_ay = ax.sum(), ay.sum()
-    if big_ax == 0 or big_ay == 0:
-        return np.nan, np.full(n, np.nan)
-    root = np.sqrt(big_ax * big_ay)
-    tau = s.sum() / root
-    return float(tau), 2 * s / root - tau * (ax / big_ax + ay / big_ay)
 
 
 # ---------------------------------------------------------------- correlations
@@ -173,8 +83,8 @@ def _boot_block(X: np.ndarray, G: np.ndarray, codes: np.ndarray, est: dict, psi:
     pairs = [(i, j) for j in range(k) for i in range(S)]
     cross = np.column_stack([V[:, i] * V[:, S + j] for i, j in pairs])  # (n, S k)
     Psi = np.column_stack([psi[p] if psi[p] is not None else np.zeros(n) for p in pairs])
-    rx = [_rank_groups(X[:, i], codes) for i in range(S)]
-    rg = [_rank_groups(G[:, j], codes) for j in range(k)]
+    rx = [rank_groups(X[:, i], codes) for i in range(S)]
+    rg = [rank_groups(G[:, j], codes) for j in range(k)]
     out = {(j, i, m): [] for i, j in pairs for m in METHODS}
     chunks = count_chunks(codes, n_boot, seed)
     if progress:
@@ -187,11 +97,11 @@ def _boot_block(X: np.ndarray, G: np.ndarray, codes: np.ndarray, est: dict, psi:
         m1, m2, mc = W @ V / sw[:, None], W @ (V * V) / sw[:, None], W @ cross / sw[:, None]
         var = m2 - m1 * m1
         tau = (n / sw)[:, None] * (W @ Psi)  # first-order Kendall shift, (b, S k)
-        RG = [_wranks(counts, r) for r in rg]
+        RG = [weighted_ranks(counts, r) for r in rg]
         WRG = [W * r for r in RG]
         vg = [np.einsum("bn,bn->b", wr, r) for wr, r in zip(WRG, RG)]
         for i in range(S):
-            R = _wranks(counts, rx[i])
+            R = weighted_ranks(counts, rx[i])
             vx = np.einsum("bn,bn->b", W * R, R)
             for j in range(k):
                 c = pairs.index((i, j))
@@ -235,13 +145,13 @@ def correlations(df: pd.DataFrame, gains: Sequence[str] = GAINS, signals: Sequen
         for j, gain in enumerate(block):
             for i, s in enumerate(signals):
                 for m in METHODS:
-                    rows.append((gain, s, m, est[j, i][m], *_ci(draws.get((j, i, m), empty)),
+                    rows.append((gain, s, m, est[j, i][m], *percentile_ci(draws.get((j, i, m), empty)),
                                  len(sub), n_ctx, n_boot))
             for a, b in contrasts:
                 ia, ib = signals.index(a), signals.index(b)
                 for m in METHODS:
                     d = draws.get((j, ia, m), empty) - draws.get((j, ib, m), empty)
-                    rows.append((gain, f"{a} - {b}", m, est[j, ia][m] - est[j, ib][m], *_ci(d),
+                    rows.append((gain, f"{a} - {b}", m, est[j, ia][m] - est[j, ib][m], *percentile_ci(d),
                                  len(sub), n_ctx, n_boot))
     return pd.DataFrame(rows, columns=["gain", "signal", "method", "estimate", "ci_low", "ci_high",
                                        "n", "n_contexts", "n_boot"])
@@ -311,7 +221,7 @@ def regressions(df: pd.DataFrame, gain: str, winsor: Sequence[float] = (0.0, 0.0
         def add(m, stat, term, est, d):
             if term in constant:  # no variation: no coefficient (pinv would report 0)
                 est, d = np.nan, np.array([])
-            rows.append((gain, p, m, stat, term, float(est), *_ci(d), len(sub), codes.max() + 1))
+            rows.append((gain, p, m, stat, term, float(est), *percentile_ci(d), len(sub), codes.max() + 1))
 
         for m, terms in MODELS.items():
             for j, t in enumerate(terms):
@@ -359,7 +269,7 @@ def q3_gap(df: pd.DataFrame, gain: str, n_boot: int = 1000, seed: int = 0) -> pd
     if np.isfinite(est) and n_boot:
         d_ = np.concatenate([_wmean(W[:, high], g[high]) - _wmean(W[:, low], g[low])
                              for W in bootstrap_weights(codes, n_boot, seed)])
-        ci = _ci(d_)
+        ci = percentile_ci(d_)
     rows.append((gain, "tercile", est, *ci, g[high].mean() if high.any() else np.nan,
                  g[low].mean() if low.any() else np.nan, int(high.sum()), int(low.sum()),
                  0, len(set(codes[high | low]))))
@@ -379,7 +289,7 @@ def q3_gap(df: pd.DataFrame, gain: str, n_boot: int = 1000, seed: int = 0) -> pd
     est, ci = (diff.mean() if diff.size else np.nan), (np.nan, np.nan)
     if diff.size and n_boot:
         pc = pd.factorize(codes[hi_idx])[0]
-        ci = _ci(np.concatenate([_wmean(W, diff) for W in bootstrap_weights(pc, n_boot, seed)]))
+        ci = percentile_ci(np.concatenate([_wmean(W, diff) for W in bootstrap_weights(pc, n_boot, seed)]))
     rows.append((gain, "matched", est, *ci,
                  g[hi_idx].mean() if diff.size else np.nan, g[lo_idx].mean() if diff.size else np.nan,
                  len(np.unique(hi_idx)), len(np.unique(lo_idx)), int(diff.size),

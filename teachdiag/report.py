@@ -40,7 +40,7 @@ def _f(x: float, spec: str = ".3f") -> str:
     return "n/a" if x is None or not np.isfinite(x) else format(x, spec)
 
 
-def _ci(row: pd.Series, spec: str = ".3f") -> str:
+def fmt_ci(row: pd.Series, spec: str = ".3f") -> str:
     return f"{_f(row['estimate'], spec)} [{_f(row['ci_low'], spec)}, {_f(row['ci_high'], spec)}]"
 
 
@@ -53,7 +53,7 @@ def paper_table(corr: pd.DataFrame, sel: pd.DataFrame, gain: str) -> pd.DataFram
         s = sel[(sel["run"] == run) & (sel["gain"] == gain)].set_index(["selector", "budget"])
         for label, sig, selector in ROWS:
             row = {"run": run, "score": label,
-                   "Spearman [95% CI]": _ci(c.loc[(sig, "spearman")]) if sig else "",
+                   "Spearman [95% CI]": fmt_ci(c.loc[(sig, "spearman")]) if sig else "",
                    "Kendall": _f(c.loc[(sig, "kendall"), "estimate"]) if sig else ""}
             for b in TABLE_BUDGETS:
                 r = s.loc[(selector, b)] if (selector, b) in s.index else None
@@ -93,17 +93,17 @@ def finding(run: str, corr: pd.DataFrame, reg: pd.DataFrame, q3: pd.DataFrame, s
     n, n_ctx = int(t.get("n", 0)), int(t.get("n_contexts", 0))
     sentences = [
         f"On {run} ({n} positions, {n_ctx} contexts; gain = {gain_label(gain)}), the Spearman "
-        f"correlation of teachability with the gain is {_ci(t)}, against {_ci(f)} for raw fkl "
-        f"(difference {_ci(dtf)}) and {_ci(i)} for incompat (difference {_ci(dti)}).",
+        f"correlation of teachability with the gain is {fmt_ci(t)}, against {fmt_ci(f)} for raw fkl "
+        f"(difference {fmt_ci(dtf)}) and {fmt_ci(i)} for incompat (difference {fmt_ci(dti)}).",
         f"In the OLS model [H, teachability, incompat, position, teacher entropy] the standardized "
-        f"coefficient of teachability is {_ci(bt)} and that of incompat {_ci(bi)} (difference "
-        f"{_ci(bd)}; the paper reports about 0.086 vs 0.044), and adding compat_mass C to the base "
-        f"model [H, D, HD, position, teacher entropy] changes R² by {_ci(dc, '.4f')}.",
+        f"coefficient of teachability is {fmt_ci(bt)} and that of incompat {fmt_ci(bi)} (difference "
+        f"{fmt_ci(bd)}; the paper reports about 0.086 vs 0.044), and adding compat_mass C to the base "
+        f"model [H, D, HD, position, teacher entropy] changes R² by {fmt_ci(dc, '.4f')}.",
         f"At a 5% budget, selecting by teachability keeps a mean gain of {_f(s5.get('teachability'), '.3g')} "
         f"(oracle overlap {_f(o5.get('teachability'), '.2f')}) against {_f(s5.get('fkl'), '.3g')} "
         f"for fkl, {_f(s5.get('incompat'), '.3g')} for incompat and {_f(s5.get('oracle'), '.3g')} for "
-        f"the oracle; in Q3 (low H, high D) the high-C tercile gains {_ci(q_t, '.3g')} more than "
-        f"the low-C tercile ({_ci(q_m, '.3g')} between within-context matched positions).",
+        f"the oracle; in Q3 (low H, high D) the high-C tercile gains {fmt_ci(q_t, '.3g')} more than "
+        f"the low-C tercile ({fmt_ci(q_m, '.3g')} between within-context matched positions).",
     ]
     tests = {"Spearman teachability > fkl": _sign(dtf),
              "Spearman teachability > incompat": _sign(dti),
