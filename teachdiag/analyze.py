@@ -13,6 +13,7 @@ Rows whose `finite` flag is 0 are excluded from every statistic; their count is 
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import sys
 import time
@@ -192,8 +193,7 @@ def run_analyze(cfg: AnalyzeConfig) -> pathlib.Path:
     written = []
     for name, fig in figs.items():
         written += plots.save(fig, fig_dir, name)
-    rel = [str(p.relative_to(out)) if p.is_relative_to(out) else str(p)
-           for p in written if p.suffix == ".png"]
+    rel = [os.path.relpath(p, out) for p in written if p.suffix == ".png"]  # links work from out/
     report.write_summary(out, runs, corr, reg, q3, sel, cfg.gain, figures=rel)
     _log(f"wrote {out} ({len(written)} figure files in {fig_dir})")
     return out

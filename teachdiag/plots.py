@@ -17,6 +17,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 
 GAIN_LABELS = {
     "gain_fkl": "fkl drop after one step (nats)",
@@ -93,6 +94,7 @@ def gain_vs_fkl_by_compat(bins: pd.DataFrame, gain: str) -> Figure:
                         ms=3, capsize=2, label=f"{half} compat_mass")
         if len(d) and (d["score_median"] > 0).all():
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap within one decade
         ax.set(xlabel=f"{FKL_LABEL}, bin median", ylabel=f"mean {gain_label(gain)}", title=run)
         ax.legend(fontsize=8)
     return fig
