@@ -58,16 +58,23 @@ def _records(path: Path):
                              file=str(path)) from None
         yield from enumerate(rows, start=1)
         return
-    with open(path, encoding="utf-8") as f:
-        for lineno, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            try:
-                rec = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"malformed JSON ({exc.msg}, column {exc.colno})",
-                                 file=str(path), line=lineno) from None
-            yield lineno, rec
+    try:
+        with open(path, "rb") as f:  # bytes, decoded line by line, so a bad byte gets its own line number
+            for lineno, raw in enumerate(f, start=1):
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise InputError("not UTF-8 text (JSONL expected)", file=str(path), line=lineno) from None
+                if not text.strip():
+                    continue
+                try:
+                    rec = json.loads(text)
+                except json.JSONDecodeError as exc:
+                    raise InputError(f"malformed JSON ({exc.msg}, column {exc.colno})",
+                                     file=str(path), line=lineno) from None
+                yield lineno, rec
+    except OSError as exc:
+        raise InputError(f"cannot read ({exc.strerror})", file=str(path)) from None
 
 
 def _token_list(value, where: dict, name: str, allow_empty: bool) -> list[int]:

@@ -85,7 +85,8 @@ def select_params(model: nn.Module, params: str) -> list[tuple[str, nn.Parameter
 
 def global_norm(grads: list[torch.Tensor]) -> float:
     """‖g‖ over all tensors: per-tensor norms in the tensors' dtype, combined in float64."""
-    return math.sqrt(sum(float(torch.linalg.vector_norm(g)) ** 2 for g in grads))
+    norms = torch.stack([torch.linalg.vector_norm(g) for g in grads]).double()
+    return float(torch.linalg.vector_norm(norms))  # one device sync, not one per tensor
 
 
 def step_direction(grads: list[torch.Tensor], optimizer: str, grad_norm: float) -> tuple[list[torch.Tensor], float]:
@@ -97,7 +98,7 @@ def step_direction(grads: list[torch.Tensor], optimizer: str, grad_norm: float) 
     if optimizer == "sgd":
         return grads, 1.0
     if optimizer == "adam":
-        return [g / (g.abs() + ADAM_EPS) for g in grads], 1.0
+        return [g.div_(g.abs().add_(ADAM_EPS)) for g in grads], 1.0  # in place: grads are ours
     if optimizer == "normalized":
         return grads, (1.0 / grad_norm if grad_norm > 0 else 0.0)
     raise ValueError(f"unknown optimizer {optimizer!r}; one of {OPTIMIZERS}")
@@ -148,11 +149,13 @@ class SingleStepProbe:
         before = {k: v.item() for k, v in signals_from_logits(s_before, t, y, self.top_k).items()}
         grad_norm = global_norm(grads)
         finite = math.isfinite(grad_norm) and bool(torch.isfinite(s_before).all() and torch.isfinite(t).all())
-        with torch.no_grad():
-            directions, scale = step_direction(list(grads), self.optimizer, grad_norm)
-            for p, d in zip(self.params, directions):
-                p.add_(d, alpha=-self.lr * scale)
-            s_after = self._last_logits(prefix)
+        try:
+            with torch.no_grad():
+                directions, scale = step_direction(list(grads), self.optimizer, grad_norm)
+                for p, d in zip(self.params, directions):
+                    p.add_(d, alpha=-self.lr * scale)
+                s_after = self._last_logits(prefix)
+        finally:  # also on OOM or Ctrl-C: the caller's model is never left at θ1
             self.restore()
         after = signals_from_logits(s_after, t, y, self.top_k)
         finite = finite and torch.isfinite(s_after).all().item()

@@ -121,7 +121,11 @@ def _check_resume(writer: RunWriter, record: dict) -> None:
     old_path = writer.out / RUN
     if not old_path.exists():
         raise InputError("nothing to resume (no run.json)", field="--resume", file=str(writer.out))
-    old = json.loads(old_path.read_text())
+    try:
+        old = json.loads(old_path.read_text())
+        old["options"], old["teacher"], old["student"], old["contexts"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        raise InputError("is not a teachdiag run record", field="--resume", file=str(old_path)) from None
     for key in RESUME_KEYS:
         if old["options"].get(key) != record["options"].get(key):
             raise InputError(f"option {key} differs from the run being resumed "
@@ -133,6 +137,9 @@ def _check_resume(writer: RunWriter, record: dict) -> None:
                              file=str(old_path))
     if old["contexts"]["sha256"] != record["contexts"]["sha256"]:
         raise InputError("the contexts file changed since the run began", field="--resume", file=str(old_path))
+    if old.get("complete") is True:
+        raise InputError("this run is already complete; nothing to resume", field="--resume",
+                         file=str(old_path))
 
 
 def run_probe(cfg: ProbeConfig, argv: list[str] | None = None) -> Path:

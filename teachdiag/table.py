@@ -99,9 +99,7 @@ class RunWriter:
             probe.unlink()
         except OSError as exc:
             raise InputError(f"cannot write there ({exc.strerror})", field="--out", file=str(self.out)) from None
-        if overwrite and not resume:
-            for name in (PARTIAL, PROGRESS, TOKENS, RUN):
-                (self.out / name).unlink(missing_ok=True)
+        self.fresh = overwrite and not resume  # old files go in start(), once the models have loaded
         self.partial, self.progress = self.out / PARTIAL, self.out / PROGRESS
 
     def done_contexts(self) -> set[str]:
@@ -121,6 +119,9 @@ class RunWriter:
         return {e["id"] for e in entries}
 
     def start(self, record: dict) -> None:
+        if self.fresh:
+            for name in (PARTIAL, PROGRESS, TOKENS, RUN):
+                (self.out / name).unlink(missing_ok=True)
         self.write_record(dict(record, complete=False))
 
     def write_record(self, record: dict) -> None:

@@ -171,3 +171,10 @@ def test_help_for_every_command():
     for cmd in ("probe", "rollout", "analyze"):
         proc = subprocess.run([sys.executable, "-m", "teachdiag", cmd, "--help"], capture_output=True, text=True)
         assert proc.returncode == 0 and "usage" in proc.stdout, cmd
+
+
+def test_non_utf8_contexts(tmp_path, pair, capsys):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"id": "a", "prompt_ids": [1], "response_ids": [2]}\n{"id": "\xe9"}\n')
+    assert probe(pair, path, tmp_path / "out") == 2
+    assert_clean_error(capsys, tmp_path / "out", "latin1.jsonl:2: not UTF-8")

@@ -155,3 +155,23 @@ def test_teacher_runs_once_per_context(tmp_path, pair, contexts, monkeypatch):
     df = run(tmp_path, pair, contexts, "r")
     assert calls["teacher"] == df["context_id"].nunique() == 4
     assert calls["student"] == 2 * len(df)  # forward+backward, then the forward after the step
+
+
+def test_weights_restored_when_the_after_forward_fails(pair, contexts):
+    student = load(pair[1])
+    before = copy.deepcopy(student.state_dict())
+    probe = SingleStepProbe(student, "all", "reverse_kl", "sgd", 1e-2, VOCAB)
+    calls = {"n": 0}
+
+    def fail_second(*_):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the forward after the step
+            raise RuntimeError("out of memory")
+
+    student.register_forward_pre_hook(fail_second)
+    ctx = read_contexts(contexts)[0]
+    ids = torch.tensor(ctx["prompt_ids"] + ctx["response_ids"])
+    with pytest.raises(RuntimeError, match="out of memory"):
+        probe.run_context(ids, len(ctx["prompt_ids"]), torch.randn(1, VOCAB), [1])
+    after = student.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -64,3 +64,23 @@ def test_resume_refuses_changed_options(tmp_path, pair, contexts, capsys):
     assert main(cmd(pair, contexts, out)) == 0
     assert main(cmd(pair, contexts, out, "--resume", "--top-k", "4")) == 2
     assert "option top_k differs" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_finished_or_foreign_run(tmp_path, pair, contexts, capsys):
+    out = tmp_path / "r"
+    assert main(cmd(pair, contexts, out)) == 0
+    before = (out / "tokens.csv").read_text()
+    assert main(cmd(pair, contexts, out, "--resume")) == 2
+    assert "already complete" in capsys.readouterr().err
+    assert (out / "tokens.csv").read_text() == before  # nothing redone, nothing lost
+    (out / "run.json").write_text("{not json")
+    assert main(cmd(pair, contexts, out, "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "not a teachdiag run record" in err and "Traceback" not in err
+
+
+def test_failed_load_keeps_the_old_run(tmp_path, pair, contexts, capsys):
+    out = tmp_path / "r"
+    assert main(cmd(pair, contexts, out)) == 0
+    assert main(cmd((pair[0], str(tmp_path / "missing")), contexts, out, "--overwrite")) == 2
+    assert (out / "tokens.csv").exists()
