@@ -46,18 +46,8 @@ class Context:
 
 # ---------------------------------------------------------------------------- reading
 
-def _records(path: Path):
-    """Yield (line number, record dict) from JSONL or Parquet."""
-    if path.suffix in (".parquet", ".pq"):
-        import pyarrow.parquet as pq
-
-        try:
-            rows = pq.read_table(path).to_pylist()
-        except Exception as exc:
-            raise InputError(f"not a readable Parquet file ({str(exc).splitlines()[0]})",
-                             file=str(path)) from None
-        yield from enumerate(rows, start=1)
-        return
+def read_jsonl(path: str | Path):
+    """Yield (line number, object) from a JSONL file; a bad line is an InputError naming it."""
     try:
         with open(path, "rb") as f:  # bytes, decoded line by line, so a bad byte gets its own line number
             for lineno, raw in enumerate(f, start=1):
@@ -72,9 +62,27 @@ def _records(path: Path):
                 except json.JSONDecodeError as exc:
                     raise InputError(f"malformed JSON ({exc.msg}, column {exc.colno})",
                                      file=str(path), line=lineno) from None
+                if not isinstance(rec, dict):
+                    raise InputError(f"a record must be a JSON object, got {type(rec).__name__}",
+                                     file=str(path), line=lineno)
                 yield lineno, rec
     except OSError as exc:
         raise InputError(f"cannot read ({exc.strerror})", file=str(path)) from None
+
+
+def _records(path: Path):
+    """Yield (line number, record dict) from JSONL or Parquet."""
+    if path.suffix in (".parquet", ".pq"):
+        import pyarrow.parquet as pq
+
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as exc:
+            raise InputError(f"not a readable Parquet file ({str(exc).splitlines()[0]})",
+                             file=str(path)) from None
+        yield from enumerate(rows, start=1)
+        return
+    yield from read_jsonl(path)
 
 
 def _token_list(value, where: dict, name: str, allow_empty: bool) -> list[int]:

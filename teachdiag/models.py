@@ -42,6 +42,9 @@ def _check_exists(name_or_path: str, what: str) -> str:
     return str(Path(path).expanduser()) if looks_local else path
 
 
+REMOTE_CODE = "asks to load custom code (auto_map); pass --trust-remote-code if you trust it"
+
+
 def _refuse_remote_code(path: str, what: str, trust_remote_code: bool) -> None:
     """A local folder whose config names its own code is refused, not silently run or ignored."""
     if trust_remote_code or not Path(path).is_dir():
@@ -53,8 +56,7 @@ def _refuse_remote_code(path: str, what: str, trust_remote_code: bool) -> None:
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
             raise InputError("is not valid JSON", file=str(cfg), field=f"--{what}") from None
         if auto_map:
-            raise InputError(f"{name} asks to load custom code (auto_map); pass --trust-remote-code "
-                             "if you trust it", file=str(cfg), field=f"--{what}")
+            raise InputError(f"{name} {REMOTE_CODE}", file=str(cfg), field=f"--{what}")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -87,8 +89,7 @@ def load_model(name_or_path: str, what: str = "student", dtype: str = "float32",
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         if getattr(config, "auto_map", None) and not trust_remote_code:  # hub ids: same rule as folders
-            raise InputError("its config asks to load custom code (auto_map); pass --trust-remote-code "
-                             "if you trust it", field=f"--{what}")
+            raise InputError(f"its config {REMOTE_CODE}", field=f"--{what}")
         model = AutoModelForCausalLM.from_pretrained(
             path, config=config, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
     except InputError:
@@ -96,7 +97,7 @@ def load_model(name_or_path: str, what: str = "student", dtype: str = "float32",
     except Exception as exc:
         msg = _first_line(exc)
         if "trust_remote_code" in str(exc):
-            msg = "its config loads custom code; pass --trust-remote-code if you trust it"
+            msg = f"its config {REMOTE_CODE}"
         raise InputError(f"cannot load model {path!r}: {msg}", field=f"--{what}") from None
     model.to(device).eval()
     model.requires_grad_(False)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from teachdiag.contexts import read_jsonl
 from teachdiag.errors import InputError
 
 DEFAULT_STUDENT = "smollm2-135m-pruned"
@@ -104,29 +105,20 @@ def read_prompts(path: str | Path, need_teacher: bool = False) -> list[dict]:
     if not p.is_file():
         raise InputError("prompt file not found", file, field="--prompts")
     out, seen = [], {}
-    with p.open(encoding="utf-8") as f:
-        for line_no, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                rec = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"not valid JSON ({exc.msg})", file, line_no) from None
-            if not isinstance(rec, dict):
-                raise InputError("each line must be a JSON object", file, line_no)
-            rid = rec.get("id")
-            if isinstance(rid, bool) or not isinstance(rid, (str, int)) or rid == "":
-                raise InputError("missing or not a string", file, line_no, "id")
-            rid = str(rid)
-            if rid in seen:
-                raise InputError(f"duplicate id {rid!r} (first on line {seen[rid]})", file, line_no,
-                                 "id")
-            seen[rid] = line_no
-            student = _check_text_or_messages(rec, "prompt", "messages", file, line_no, True)
-            teacher = _check_text_or_messages(rec, "teacher_prompt", "teacher_messages", file,
-                                              line_no, need_teacher)
-            out.append({"id": rid, "student": student, "teacher": teacher,
-                        "answer": rec.get("answer"), "line": line_no})
+    for line_no, rec in read_jsonl(p):
+        rid = rec.get("id")
+        if isinstance(rid, bool) or not isinstance(rid, (str, int)) or rid == "":
+            raise InputError("missing or not a string", file, line_no, "id")
+        rid = str(rid)
+        if rid in seen:
+            raise InputError(f"duplicate id {rid!r} (first on line {seen[rid]})", file, line_no,
+                             "id")
+        seen[rid] = line_no
+        student = _check_text_or_messages(rec, "prompt", "messages", file, line_no, True)
+        teacher = _check_text_or_messages(rec, "teacher_prompt", "teacher_messages", file,
+                                          line_no, need_teacher)
+        out.append({"id": rid, "student": student, "teacher": teacher,
+                    "answer": rec.get("answer"), "line": line_no})
     if not out:
         raise InputError("no prompt records", file, field="--prompts")
     return out
