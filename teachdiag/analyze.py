@@ -27,6 +27,7 @@ from teachdiag.errors import InputError
 from teachdiag.table import COLUMNS, read_tokens, teachability_scores
 
 NUMERIC = [c for c in COLUMNS if c not in ("context_id", "token")]  # includes the finite flag
+OPTIONAL = ("gain_first_order",)  # added in 0.2; tables written before it still load (as NaN)
 DECILE_SCORES = ["fkl", "union_fkl", "topk_entropy", "tip", "teach_entropy", "incompat",
                  "teachability"]
 CONTRASTS = [("teachability", "fkl"), ("teachability", "incompat"), ("teach_entropy", "tip")]
@@ -70,7 +71,9 @@ def load_tokens(path: str | pathlib.Path) -> tuple[pd.DataFrame, int]:
     except (pd.errors.ParserError, UnicodeDecodeError, OSError) as e:
         raise InputError(f"cannot read CSV: {e}", file=str(path)) from None
     for col in COLUMNS:
-        if col not in df.columns:
+        if col not in df.columns and col in OPTIONAL:
+            df[col] = np.nan
+        elif col not in df.columns:
             raise InputError("missing column", file=str(path), field=col)
     if df.empty:
         raise InputError("no rows", file=str(path))

@@ -104,6 +104,37 @@ def step_direction(grads: list[torch.Tensor], optimizer: str, grad_norm: float) 
     raise ValueError(f"unknown optimizer {optimizer!r}; one of {OPTIMIZERS}")
 
 
+def first_order_gain(grads: list[torch.Tensor], optimizer: str, grad_norm: float, lr: float) -> float:
+    """lr·⟨g, d⟩: the first-order drop of the probe loss under θ1 = θ0 − lr·d (DESIGN §4).
+
+    sgd: lr·‖g‖²; normalized: lr·‖g‖; adam: lr·Σ g²/(|g|+eps) ≈ lr·‖g‖₁. Call before
+    step_direction, which overwrites the gradients for adam.
+    """
+    if optimizer == "sgd":
+        return lr * grad_norm**2
+    if optimizer == "normalized":
+        return lr * grad_norm
+    if optimizer == "adam":
+        parts = torch.stack([(g * g / (g.abs() + ADAM_EPS)).sum(dtype=torch.float64) for g in grads])
+        return lr * float(parts.sum())
+    raise ValueError(f"unknown optimizer {optimizer!r}; one of {OPTIMIZERS}")
+
+
+def pad_left(prefixes: list[torch.Tensor], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """A batch of prefixes, left-padded so every last token sits at index −1.
+
+    Returns model kwargs: input_ids, attention_mask (B, L) and position_ids counting from 0 at
+    each prefix's first real token, so RoPE sees the same positions as an unpadded forward.
+    """
+    n = max(len(p) for p in prefixes)
+    ids = prefixes[0].new_full((len(prefixes), n), pad_id)
+    mask = torch.zeros_like(ids)
+    for b, p in enumerate(prefixes):
+        ids[b, n - len(p):] = p
+        mask[b, n - len(p):] = 1
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp(min=0)}
+
+
 class SingleStepProbe:
     """Holds θ0 for the stepped parameters and probes positions one at a time."""
 
@@ -148,6 +179,7 @@ class SingleStepProbe:
         s_before = s_before.detach()
         before = {k: v.item() for k, v in signals_from_logits(s_before, t, y, self.top_k).items()}
         grad_norm = global_norm(grads)
+        predicted = first_order_gain(grads, self.optimizer, grad_norm, self.lr)
         finite = math.isfinite(grad_norm) and bool(torch.isfinite(s_before).all() and torch.isfinite(t).all())
         try:
             with torch.no_grad():
@@ -166,6 +198,7 @@ class SingleStepProbe:
         row["rel_gain_fkl"] = row["gain_fkl"] / row["fkl"] if row["fkl"] != 0 else math.nan
         row["rel_gain_rkl"] = row["gain_rkl"] / row["rkl"] if row["rkl"] != 0 else math.nan
         row["grad_norm"] = grad_norm
+        row["gain_first_order"] = predicted
         row["finite"] = int(bool(finite) and all(math.isfinite(v) for v in before.values()))
         return row
 

@@ -29,7 +29,7 @@ from teachdiag.errors import InputError
 COLUMNS = ["context_id", "position", "token_id", "token", "fkl", "rkl", "student_entropy",
            "teacher_entropy", "student_logprob", "teacher_logprob", "compat_mass", "topk_entropy",
            "union_fkl", "teachability", "incompat", "fkl_after", "rkl_after", "gain_fkl", "gain_rkl",
-           "rel_gain_fkl", "rel_gain_rkl", "grad_norm", "finite"]
+           "rel_gain_fkl", "rel_gain_rkl", "grad_norm", "gain_first_order", "finite"]
 PARTIAL, PROGRESS, TOKENS, RUN = "tokens.partial.csv", "progress.jsonl", "tokens.csv", "run.json"
 
 

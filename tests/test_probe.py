@@ -42,6 +42,9 @@ def test_probe_equals_naive_reference(tmp_path, pair, contexts, loss, optimizer)
         ref = naive_probe(student, teacher, ctxs[row.context_id], row.position, VOCAB, loss, optimizer,
                           LR[optimizer])
         assert row.grad_norm == pytest.approx(ref["grad_norm"], rel=1e-4)
+        lr = LR[optimizer]  # lr·⟨g, d⟩: lr‖g‖², lr‖g‖₁ (adam's first step), lr‖g‖
+        first = {"sgd": lr * ref["grad_norm"] ** 2, "adam": lr * ref["g_l1"], "normalized": lr * ref["grad_norm"]}
+        assert row.gain_first_order == pytest.approx(first[optimizer], rel=1e-3)
         for col in ("fkl", "rkl", "fkl_after", "rkl_after"):
             assert getattr(row, col) == pytest.approx(ref[col], rel=1e-5, abs=1e-6), col
         for col in ("gain_fkl", "gain_rkl"):
@@ -175,3 +178,17 @@ def test_weights_restored_when_the_after_forward_fails(pair, contexts):
         probe.run_context(ids, len(ctx["prompt_ids"]), torch.randn(1, VOCAB), [1])
     after = student.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "llama"])
+def test_left_padded_batch_equals_unpadded_forwards(arch):
+    from conftest import make_model
+    from teachdiag.probe import pad_left
+
+    model = make_model(arch, 128, 0).eval()
+    prefixes = [torch.randint(0, 60, (n,), generator=torch.Generator().manual_seed(n)) for n in (3, 9, 5, 1)]
+    with torch.no_grad():
+        batched = model(**pad_left(prefixes), logits_to_keep=1, use_cache=False).logits[:, -1]
+        alone = torch.stack([model(input_ids=p[None], logits_to_keep=1, use_cache=False).logits[0, -1]
+                             for p in prefixes])
+    torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-5)
