@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import typing
 
@@ -23,7 +24,12 @@ def _probe(cfg, argv: list[str]) -> None:
     from teachdiag.runner import run_probe, summary_lines
 
     out = run_probe(cfg, argv)
-    print("\n".join(summary_lines(out)))
+    if _rank() == 0:  # under torchrun, one summary
+        print("\n".join(summary_lines(out)))
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", 0))  # set by torchrun
 
 
 def _commands() -> dict:
@@ -76,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(cls(**args), argv[1:])
     except InputError as exc:
-        print(f"teachdiag: error: {exc.one_line()}", file=sys.stderr)
+        where = f" [rank {_rank()}]" if "WORLD_SIZE" in os.environ else ""
+        print(f"teachdiag{where}: error: {exc.one_line()}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("teachdiag: interrupted; finished contexts are saved (rerun with --resume)", file=sys.stderr)

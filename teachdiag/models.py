@@ -78,8 +78,14 @@ def load_tokenizer(name_or_path: str, what: str = "student", trust_remote_code: 
 
 
 def load_model(name_or_path: str, what: str = "student", dtype: str = "float32",
-               device: str | torch.device = "cpu", trust_remote_code: bool = False):
-    """A causal LM in eval mode on `device`, weights in `dtype`."""
+               device: str | torch.device = "cpu", trust_remote_code: bool = False,
+               device_map: str | None = None):
+    """A causal LM in eval mode on `device`, weights in `dtype`.
+
+    device_map="auto" lets accelerate spread the model over the visible GPUs (then CPU), for a
+    teacher too big for one GPU; `device` is ignored then. Only the teacher: the student is
+    stepped in float32 and must sit on one device with its gradient and a copy of θ0.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -91,7 +97,8 @@ def load_model(name_or_path: str, what: str = "student", dtype: str = "float32",
         if getattr(config, "auto_map", None) and not trust_remote_code:  # hub ids: same rule as folders
             raise InputError(f"its config {REMOTE_CODE}", field=f"--{what}")
         model = AutoModelForCausalLM.from_pretrained(
-            path, config=config, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+            path, config=config, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
+            **({"device_map": device_map} if device_map else {}))
     except InputError:
         raise
     except Exception as exc:
@@ -99,7 +106,9 @@ def load_model(name_or_path: str, what: str = "student", dtype: str = "float32",
         if "trust_remote_code" in str(exc):
             msg = f"its config {REMOTE_CODE}"
         raise InputError(f"cannot load model {path!r}: {msg}", field=f"--{what}") from None
-    model.to(device).eval()
+    if not device_map:
+        model.to(device)
+    model.eval()
     model.requires_grad_(False)
     return model
 

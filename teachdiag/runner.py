@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from teachdiag import __version__, zoo
+from teachdiag import __version__, distributed, zoo
 from teachdiag.contexts import (check_token_ids, load_contexts, parse_positions, select_positions,
                                 tokenize_text_records)
 from teachdiag.errors import InputError
@@ -56,6 +56,9 @@ class ProbeConfig:
     device: str = field(default="auto", **_h("auto, cpu or cuda"))
     dtype: str = field(default="float32", **_h("teacher forward dtype; the student always steps in float32",
                                                choices=["float32", "bfloat16"]))
+    teacher_device_map: str = field(default="", **_h("'auto': spread a teacher too big for one GPU over all "
+                                                     "visible GPUs (and CPU) with accelerate; '': all on --device",
+                                                     choices=["", "auto"]))
     trust_remote_code: bool = field(default=False, **_h("allow model folders that load their own code"))
     overwrite: bool = field(default=False, **_h("replace an existing non-empty --out"))
     resume: bool = field(default=False, **_h("continue an interrupted run in --out (same options and models)"))
@@ -143,18 +146,25 @@ def _check_resume(writer: RunWriter, record: dict) -> None:
 
 
 def run_probe(cfg: ProbeConfig, argv: list[str] | None = None) -> Path:
-    """Run the probe; returns the run folder. Raises InputError on bad input."""
+    """Run the probe; returns the run folder. Raises InputError on bad input.
+
+    Under torchrun every rank calls this with the same options (distributed.py)."""
     t_start = time.time()
+    if distributed.world()[1] > 1 and not cfg.out:  # a default runs/<time> could differ between ranks
+        raise InputError("give --out when running under torchrun (all ranks share one folder)", field="--out")
+    rank, world, local_rank = distributed.init()
     cfg = resolve_defaults(cfg)
-    device = resolve_device(cfg.device)
+    device = distributed.rank_device(resolve_device(cfg.device), local_rank, world)
     ctxs = load_contexts(cfg.contexts, cfg.max_response_tokens or None)
     s_tok = load_tokenizer(cfg.student, "student", cfg.trust_remote_code)
     t_tok = load_tokenizer(cfg.teacher, "teacher", cfg.trust_remote_code)
     fingerprint = check_same_tokenizer(t_tok, s_tok, cfg.teacher, cfg.student)
     ctxs = tokenize_text_records(ctxs, s_tok, cfg.max_response_tokens or None)
-    writer = RunWriter(cfg.out, overwrite=cfg.overwrite, resume=cfg.resume)
+    writer = RunWriter(cfg.out, overwrite=cfg.overwrite, resume=cfg.resume, rank=rank)
 
-    teacher = load_model(cfg.teacher, "teacher", cfg.dtype, device, cfg.trust_remote_code)
+    teacher = load_model(cfg.teacher, "teacher", cfg.dtype, device, cfg.trust_remote_code,
+                         device_map=cfg.teacher_device_map or None)
+    t_device = teacher.get_input_embeddings().weight.device  # the first GPU of a spread teacher
     student = load_model(cfg.student, "student", "float32", device, cfg.trust_remote_code)
     vocab = len(s_tok)
     for who, model in (("teacher", teacher), ("student", student)):
@@ -175,7 +185,7 @@ def run_probe(cfg: ProbeConfig, argv: list[str] | None = None) -> Path:
     record = {
         "teachdiag": __version__, "cite": PAPER,
         "command": " ".join(["teachdiag", "probe", *(argv if argv is not None else sys.argv[2:])]),
-        "options": asdict(cfg), "device": str(device),
+        "options": asdict(cfg), "device": str(device), "world_size": world,
         "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
                         else f"CPU, {torch.get_num_threads()} torch threads"),
         "teacher": _model_record(cfg.teacher, teacher, cfg.dtype),
@@ -192,23 +202,31 @@ def run_probe(cfg: ProbeConfig, argv: list[str] | None = None) -> Path:
     done: set[str] = set()
     if cfg.resume:
         _check_resume(writer, record)
+        if rank == 0:
+            writer.repair()
+        distributed.barrier()  # every rank reads the repaired parts
         done = writer.done_contexts()
-    writer.start(record)
+    distributed.barrier()  # nobody reads run.json or the parts while rank 0 rewrites them
+    if rank == 0:
+        writer.start(record)
+    distributed.barrier()  # and nobody appends before an --overwrite has cleared the folder
 
-    todo = [c for c in by_ctx if ctxs[c].id not in done]
+    # the work left, in file order, and this rank's share of it
+    todo = distributed.shard([c for c in by_ctx if ctxs[c].id not in done], rank, world)
     n_todo = sum(len(by_ctx[c]) for c in todo)
     t_probe = time.time()
-    bar = tqdm(total=n_todo, unit="pos", desc="probe", disable=cfg.quiet, file=sys.stderr)
+    bar = tqdm(total=n_todo, unit="pos", desc="probe" if world == 1 else f"probe (rank 0 of {world})",
+               disable=cfg.quiet or rank != 0, file=sys.stderr)
     try:
         for c in todo:
             ctx = ctxs[c]
             positions = by_ctx[c]
-            t_in = torch.tensor(ctx.teacher_view + ctx.response_ids[:-1], device=device)
+            t_in = torch.tensor(ctx.teacher_view + ctx.response_ids[:-1], device=t_device)
             # one teacher forward per context; the LM head only at the probed positions: (P, V)
-            keep = torch.tensor([len(ctx.teacher_view) + j - 1 for j in positions], device=device)
+            keep = torch.tensor([len(ctx.teacher_view) + j - 1 for j in positions], device=t_device)
             with torch.no_grad():
                 t_logits = teacher(input_ids=t_in[None], logits_to_keep=keep, use_cache=False)
-                t_logits = t_logits.logits[0, :, :vocab].float()
+                t_logits = t_logits.logits[0, :, :vocab].float().to(device)
             s_ids = torch.tensor(ctx.prompt_ids + ctx.response_ids, device=device)
             rows = probe.run_context(s_ids, len(ctx.prompt_ids), t_logits, positions)
             del t_logits
@@ -219,15 +237,21 @@ def run_probe(cfg: ProbeConfig, argv: list[str] | None = None) -> Path:
             bar.update(len(rows))
     except KeyboardInterrupt:
         bar.close()
-        writer.write_record(dict(record, complete=False, interrupted=True))
+        if rank == 0:
+            writer.write_record(dict(record, complete=False, interrupted=True))
         raise
     bar.close()
     probe.restore()
-    wall = time.time() - t_start
-    record.update(finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                  wall_s=round(wall, 3), probe_s=round(time.time() - t_probe, 3),
-                  positions_per_s=round(n_todo / max(time.time() - t_probe, 1e-9), 4))
-    writer.finish(record)
+    distributed.barrier()  # every rank's part is complete
+    if rank == 0:
+        wall, probe_s = time.time() - t_start, time.time() - t_probe
+        n_new = n_todo if world == 1 else sum(len(by_ctx[c]) for c in by_ctx if ctxs[c].id not in done)
+        record.update(finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                      wall_s=round(wall, 3), probe_s=round(probe_s, 3),
+                      positions_per_s=round(n_new / max(probe_s, 1e-9), 4))
+        writer.finish(record, order=[ctxs[c].id for c in by_ctx])
+    distributed.barrier()  # the other ranks return once tokens.csv exists
+    distributed.close()
     return writer.out
 
 

@@ -4,12 +4,14 @@
     w = RunWriter("runs/r1", overwrite=False)
     w.start(record)                 # run.json with "complete": false
     w.append_context("ctx-1", rows) # appended, flushed and fsynced: a killed run keeps it
-    df = w.finish(record)           # tokens.csv with teachability/incompat, "complete": true
+    df = w.finish(record, order)    # tokens.csv with teachability/incompat, "complete": true
 
 Rows are first appended to tokens.partial.csv, one write per finished context, and the byte
 length after each context goes to progress.jsonl; a crash can only tear the last context, which
 resume cuts off. tokens.csv appears only when the run is complete, because teachability and
 incompat are normalised over all rows of the run (DESIGN §3) and would change with more rows.
+Under torchrun each rank appends to its own part (tokens.partial.rank<r>.csv, progress.rank<r>.jsonl)
+and rank 0 merges every part, in the single-process order, into tokens.csv.
 No torch here: the analysis reads tables through this module on a laptop.
 """
 
@@ -19,6 +21,7 @@ import csv
 import io
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +34,20 @@ COLUMNS = ["context_id", "position", "token_id", "token", "fkl", "rkl", "student
            "union_fkl", "teachability", "incompat", "fkl_after", "rkl_after", "gain_fkl", "gain_rkl",
            "rel_gain_fkl", "rel_gain_rkl", "grad_norm", "gain_first_order", "finite"]
 PARTIAL, PROGRESS, TOKENS, RUN = "tokens.partial.csv", "progress.jsonl", "tokens.csv", "run.json"
+
+
+def part_files(out: Path, rank: int) -> tuple[Path, Path]:
+    """(rows, progress) files of one rank; rank 0 keeps the single-process names."""
+    if rank == 0:
+        return out / PARTIAL, out / PROGRESS
+    return out / f"tokens.partial.rank{rank}.csv", out / f"progress.rank{rank}.jsonl"
+
+
+def all_parts(out: Path) -> list[tuple[Path, Path]]:
+    """Every rank's (rows, progress) files in the folder, rank 0 first; any world size."""
+    ranks = {0} | {int(m.group(1)) for p in out.iterdir()
+                   if (m := re.fullmatch(r"(?:progress|tokens\.partial)\.rank(\d+)\.(?:jsonl|csv)", p.name))}
+    return [part_files(out, r) for r in sorted(ranks)]
 
 
 def quantile_normalize(x: np.ndarray) -> np.ndarray:
@@ -83,45 +100,50 @@ def read_tokens(path: str | Path) -> pd.DataFrame:
 
 
 class RunWriter:
-    """Owns one run folder; see the module docstring for the files and their order."""
+    """Owns one run folder (one rank's part of it); see the module docstring for the files."""
 
-    def __init__(self, out: str | Path, overwrite: bool = False, resume: bool = False) -> None:
-        self.out = Path(out)
+    def __init__(self, out: str | Path, overwrite: bool = False, resume: bool = False, rank: int = 0) -> None:
+        self.out, self.rank = Path(out), rank
         if self.out.exists() and not self.out.is_dir():
             raise InputError("exists and is not a folder", field="--out", file=str(self.out))
-        if self.out.is_dir() and any(self.out.iterdir()) and not (overwrite or resume):
+        # other ranks may be writing their test files right now: those do not make it non-empty
+        occupied = self.out.is_dir() and any(not p.name.startswith(".write-test") for p in self.out.iterdir())
+        if occupied and not (overwrite or resume):
             raise InputError("folder is not empty; pass --overwrite to replace it or --resume to "
                              "continue it", field="--out", file=str(self.out))
         try:
             self.out.mkdir(parents=True, exist_ok=True)
-            probe = self.out / ".write-test"
+            probe = self.out / f".write-test.{rank}"
             probe.write_text("")
             probe.unlink()
         except OSError as exc:
             raise InputError(f"cannot write there ({exc.strerror})", field="--out", file=str(self.out)) from None
         self.fresh = overwrite and not resume  # old files go in start(), once the models have loaded
-        self.partial, self.progress = self.out / PARTIAL, self.out / PROGRESS
+        self.partial, self.progress = part_files(self.out, rank)
+
+    def repair(self) -> None:
+        """Cut a torn last write off every part (rank 0, before any rank reads done_contexts)."""
+        for partial, progress in all_parts(self.out):
+            # no progress file: killed before its first context was recorded, so nothing counts
+            entries = _progress_entries(progress) if progress.exists() else []
+            if partial.exists():
+                with open(partial, "r+b") as f:
+                    f.truncate(entries[-1]["bytes"] if entries else 0)
+            _atomic_write(progress, "".join(json.dumps(e) + "\n" for e in entries))
 
     def done_contexts(self) -> set[str]:
-        """Contexts finished by an earlier, interrupted run; cuts off a torn last write."""
-        if not self.progress.exists():
-            return set()
-        entries = []
-        for line in self.progress.read_text().splitlines():
-            try:
-                entries.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a torn progress line: the context it describes is redone
-        if self.partial.exists():
-            with open(self.partial, "r+b") as f:
-                f.truncate(entries[-1]["bytes"] if entries else 0)
-        _atomic_write(self.progress, "".join(json.dumps(e) + "\n" for e in entries))
-        return {e["id"] for e in entries}
+        """Contexts finished by an earlier, interrupted run, on any rank (after repair())."""
+        return {e["id"] for _, progress in all_parts(self.out) if progress.exists()
+                for e in _progress_entries(progress)}
 
     def start(self, record: dict) -> None:
+        """Rank 0: clear an --overwrite folder and write run.json with "complete": false."""
         if self.fresh:
-            for name in (PARTIAL, PROGRESS, TOKENS, RUN):
-                (self.out / name).unlink(missing_ok=True)
+            for partial, progress in all_parts(self.out):
+                partial.unlink(missing_ok=True)
+                progress.unlink(missing_ok=True)
+            (self.out / TOKENS).unlink(missing_ok=True)
+            (self.out / RUN).unlink(missing_ok=True)
         self.write_record(dict(record, complete=False))
 
     def write_record(self, record: dict) -> None:
@@ -132,9 +154,27 @@ class RunWriter:
         _fsync_write(self.partial, rows_to_csv(rows, header=header))
         _fsync_write(self.progress, json.dumps({"id": context_id, "bytes": self.partial.stat().st_size}) + "\n")
 
-    def finish(self, record: dict) -> pd.DataFrame:
-        """Normalise teachability/incompat over all rows, write tokens.csv, mark complete."""
-        df = read_tokens(self.partial) if self.partial.exists() else pd.DataFrame(columns=COLUMNS)
+    def merged_rows(self, order: list[str]) -> pd.DataFrame:
+        """Every part's rows, contexts in `order` (the single-process order), each exactly once."""
+        parts = [read_tokens(p) for p, _ in all_parts(self.out) if p.exists() and p.stat().st_size > 0]
+        df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=COLUMNS)
+        rank = {cid: i for i, cid in enumerate(order)}
+        found = df.groupby("context_id", sort=False).size().index
+        missing, extra = set(order) - set(found), set(found) - set(order)
+        if missing or extra:  # never write a table that looks finished but is not this run's
+            raise RuntimeError(f"run parts do not match the run: {len(missing)} contexts missing, "
+                               f"{len(extra)} unexpected, in {self.out}")
+        if df.duplicated(["context_id", "position"]).any():
+            raise RuntimeError(f"a position appears twice in the run parts in {self.out}")
+        # stable sort: within a context the rows keep their probe order (positions ascending)
+        return df.sort_values("context_id", key=lambda c: c.map(rank), kind="stable").reset_index(drop=True)
+
+    def finish(self, record: dict, order: list[str]) -> pd.DataFrame:
+        """Merge the parts, normalise teachability/incompat over all rows, write tokens.csv, mark complete.
+
+        `order`: every context id of the run in single-process order.
+        """
+        df = self.merged_rows(order)
         finite = df["finite"].to_numpy() == 1
         teach, incompat = np.full(len(df), np.nan), np.full(len(df), np.nan)
         teach[finite], incompat[finite] = teachability_scores(
@@ -147,6 +187,18 @@ class RunWriter:
                 r[c] = float(v) if isinstance(v, (float, np.floating)) else v
         _atomic_write(self.out / TOKENS, rows_to_csv(rows, header=True))
         self.write_record(dict(record, complete=True))
-        self.partial.unlink(missing_ok=True)
-        self.progress.unlink(missing_ok=True)
+        for partial, progress in all_parts(self.out):
+            partial.unlink(missing_ok=True)
+            progress.unlink(missing_ok=True)
         return df
+
+
+def _progress_entries(progress: Path) -> list[dict]:
+    """The finished-context entries of one progress file, up to a torn line."""
+    entries = []
+    for line in progress.read_text().splitlines():
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a torn progress line: the context it describes is redone
+    return entries
