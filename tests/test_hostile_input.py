@@ -46,3 +46,36 @@ def test_unwritable_out(tmp_path, pair, contexts, capsys):
                  "--out", str(out), "--device", "cpu", "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("teachdiag: error:") and "--out" in err and len(err.splitlines()) == 1
+
+
+def test_overflowing_teacher_positions_are_flagged_and_left_out(tmp_path, pair):
+    """A teacher whose forward overflows on one token (as fp16 can): those positions are flagged
+    finite=0, get no teachability, and analyze excludes them; the rest of the run is unaffected."""
+    import pandas as pd
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import write_contexts
+    from teachdiag.table import read_tokens
+
+    teacher = AutoModelForCausalLM.from_pretrained(pair[0], dtype=torch.float32)
+    with torch.no_grad():
+        teacher.get_input_embeddings().weight[7] = float("inf")  # token 7 poisons every later position
+    teacher.save_pretrained(tmp_path / "bad_teacher")
+    AutoTokenizer.from_pretrained(pair[0]).save_pretrained(tmp_path / "bad_teacher")
+    contexts = write_contexts(tmp_path / "ctx.jsonl", n=12, teacher_view=False)
+    args = ["probe", "--student", pair[1], "--contexts", str(contexts), "--device", "cpu", "--quiet"]
+    assert main([*args, "--teacher", str(tmp_path / "bad_teacher"), "--out", str(tmp_path / "bad")]) == 0
+    assert main([*args, "--teacher", pair[0], "--out", str(tmp_path / "good")]) == 0
+    bad, good = read_tokens(tmp_path / "bad/tokens.csv"), read_tokens(tmp_path / "good/tokens.csv")
+
+    # the teacher reads prompt + response[:-1] in one forward, and a NaN value row reaches even
+    # earlier queries (0 attention × NaN = NaN): the whole context is flagged, not just later positions
+    recs = {r["id"]: r for r in map(json.loads, contexts.read_text().splitlines())}
+    poisoned = bad["context_id"].map(lambda c: 7 in recs[c]["prompt_ids"] + recs[c]["response_ids"][:-1])
+    assert 0 < poisoned.sum() < len(bad)  # the test means something only if both kinds occur
+    assert (bad["finite"] == (~poisoned).astype(int)).all()
+    assert bad.loc[poisoned, "teachability"].isna().all() and bad.loc[~poisoned, "teachability"].notna().all()
+    pd.testing.assert_series_equal(bad.loc[~poisoned, "gain_fkl"], good.loc[~poisoned, "gain_fkl"])
+    assert main(["analyze", str(tmp_path / "bad"), "--bootstrap", "20", "--out", str(tmp_path / "an")]) == 0
+    assert f"{len(bad)} rows, {poisoned.sum()} excluded" in (tmp_path / "an/summary.md").read_text()
