@@ -24,7 +24,7 @@ import pandas as pd
 
 from teachdiag import analysis, plots, report, selection
 from teachdiag.errors import InputError
-from teachdiag.table import COLUMNS, read_tokens, teachability_scores
+from teachdiag.table import COLUMNS, PARTIAL, all_parts, read_tokens, teachability_scores
 
 NUMERIC = [c for c in COLUMNS if c not in ("context_id", "token")]  # includes the finite flag
 OPTIONAL = ("gain_first_order",)  # added in 0.2; tables written before it still load (as NaN)
@@ -122,7 +122,11 @@ def load_run(run: str | pathlib.Path, allow_partial: bool = False) -> dict:
     if csv.name.startswith("tokens.partial") and not allow_partial:
         raise InputError("run is incomplete (no tokens.csv yet); pass --allow-partial to analyze "
                          "it anyway", file=str(csv))
-    table, excluded = load_tokens(csv)
+    if csv.name == PARTIAL:  # an interrupted torchrun run: every rank's part, not just rank 0's
+        loaded = [load_tokens(p) for p, _ in all_parts(csv.parent) if p.is_file() and p.stat().st_size > 0]
+        table, excluded = pd.concat([t for t, _ in loaded], ignore_index=True), sum(e for _, e in loaded)
+    else:
+        table, excluded = load_tokens(csv)
     if table[["teachability", "incompat"]].isna().all().all():
         # the probe normalises these when it finishes; for a partial run, over the rows present
         teach, incompat = teachability_scores(table["union_fkl"], table["compat_mass"])

@@ -91,6 +91,14 @@ def test_interrupted_probe_folder_reads_the_partial_table(tmp_path):
     np.testing.assert_allclose(t["teachability"].to_numpy(), df["teachability"].to_numpy())
     np.testing.assert_allclose(t["incompat"].to_numpy(), df["incompat"].to_numpy())
 
+    # an interrupted torchrun run: rank 1's part is read too
+    part = pd.read_csv(run / "tokens.partial.csv")
+    first = part["context_id"].isin(part["context_id"].unique()[:2])
+    part[first].to_csv(run / "tokens.partial.csv", index=False)
+    part[~first].to_csv(run / "tokens.partial.rank1.csv", index=False)
+    t2 = load_run(run, allow_partial=True)["table"]
+    pd.testing.assert_frame_equal(t2, t)
+
 
 def test_input_errors_name_the_file_and_field(tmp_path):
     with pytest.raises(InputError, match="tokens.csv: no such file"):
