@@ -237,6 +237,7 @@ def run_probe(cfg: ProbeConfig, argv: list[str] | None = None) -> Path:
             bar.update(len(rows))
     except KeyboardInterrupt:
         bar.close()
+        writer.repair(own_only=True)
         if rank == 0:
             writer.write_record(dict(record, complete=False, interrupted=True))
         raise

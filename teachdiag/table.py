@@ -121,9 +121,10 @@ class RunWriter:
         self.fresh = overwrite and not resume  # old files go in start(), once the models have loaded
         self.partial, self.progress = part_files(self.out, rank)
 
-    def repair(self) -> None:
-        """Cut a torn last write off every part (rank 0, before any rank reads done_contexts)."""
-        for partial, progress in all_parts(self.out):
+    def repair(self, own_only: bool = False) -> None:
+        """Cut a torn last write off every part (rank 0, before any rank reads done_contexts),
+        or off this rank's own part (after Ctrl-C, which can land between its two writes)."""
+        for partial, progress in [(self.partial, self.progress)] if own_only else all_parts(self.out):
             # no progress file: killed before its first context was recorded, so nothing counts
             entries = _progress_entries(progress) if progress.exists() else []
             if partial.exists():

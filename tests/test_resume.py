@@ -84,3 +84,30 @@ def test_failed_load_keeps_the_old_run(tmp_path, pair, contexts, capsys):
     assert main(cmd(pair, contexts, out)) == 0
     assert main(cmd((pair[0], str(tmp_path / "missing")), contexts, out, "--overwrite")) == 2
     assert (out / "tokens.csv").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_cleanly_and_keeps_finished_contexts(tmp_path, pair):
+    contexts = write_contexts(tmp_path / "many.jsonl", n=80)
+    out = tmp_path / "r"
+    proc = subprocess.Popen([sys.executable, "-m", "teachdiag", *cmd(pair, contexts, out)], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    progress = out / "progress.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if progress.exists() and len(progress.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130
+    assert err.strip().splitlines() == ["teachdiag: interrupted; finished contexts are saved (rerun with --resume)"]
+    record = json.loads((out / "run.json").read_text())
+    assert record["complete"] is False and record["interrupted"] is True
+    n_done = len(progress.read_text().splitlines())
+    assert 3 <= n_done < 80 and not (out / "tokens.csv").exists()
+    kept = read_tokens(out / "tokens.partial.csv")  # whole contexts only, each once
+    assert kept["context_id"].nunique() == n_done and not kept.duplicated(["context_id", "position"]).any()
+    assert cli(cmd(pair, contexts, out, "--resume")) == 0
+    assert len(read_tokens(out / "tokens.csv")) == sum(
+        len(json.loads(line)["response_ids"]) for line in contexts.read_text().splitlines())
