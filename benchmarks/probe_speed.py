@@ -1,15 +1,23 @@
-"""Probe speed: teachdiag's exact probe against a naive reference, same contexts, same process.
+"""Probe speed: teachdiag's probes against a naive reference, same contexts, same process.
 
-    python benchmarks/probe_speed.py                         # tiny random pair, CPU
-    python benchmarks/probe_speed.py --student smollm2-135m-pruned --teacher smollm2-135m \
-        --contexts data/demo_rollouts.jsonl --positions 8     # the embedded pair
+    python benchmarks/probe_speed.py                                  # tiny random pair, exact, CPU
+    python benchmarks/probe_speed.py --mode lm_head --pair tiny       # lm_head closed form
+    python benchmarks/probe_speed.py --mode linear --positions 64     # first-order mode vs exact
+    python benchmarks/probe_speed.py --pair embedded --positions 6    # SmolLM2-135M / its pruned student
+    python benchmarks/probe_speed.py --pair qwen2.5 --device cuda --dtype bfloat16 --positions 64
+                                         # random-init Qwen2.5-0.5B student / 1.5B teacher, 256-token responses
 
 The naive reference does what the definition says: for every position, deep-copy the student,
 run the teacher on that position's prefix, forward + backward the copy on the full prefix, step,
-forward again. teachdiag runs the teacher once per context and steps/restores in place.
-Prints positions/s of both, their ratio, the largest |gain difference| (the fast path must
-compute the same numbers) and peak resident memory. Timings belong in benchmarks/RESULTS.md,
-never in tests.
+forward again. teachdiag runs the teacher once per context and, by mode:
+  exact    (--params all)  steps and restores in place, one position at a time;
+  lm_head / last:N         runs the bottom of the student once per context (topprobe.py);
+  linear                   no step at all: batched first-order gains lr·⟨g, d⟩ (linear.py),
+                           compared with the exact probe (Spearman) as well as timed.
+Prints positions/s of both, the ratio, the largest |gain difference| (the fast path must compute
+the same numbers), peak memory and, on CUDA, model-FLOP utilisation: the floor of one forward +
+backward + forward of the student over each prefix (8·N·L FLOPs) against a measured bf16 matmul
+rate. Timings belong in benchmarks/RESULTS.md, never in tests.
 """
 
 from __future__ import annotations
@@ -24,37 +32,42 @@ import time
 from pathlib import Path
 
 import torch
+from scipy.stats import spearmanr
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from teachdiag.contexts import load_contexts, select_positions  # noqa: E402
+from teachdiag.contexts import Context, load_contexts, select_positions  # noqa: E402
 from teachdiag.models import load_model, load_tokenizer  # noqa: E402
-from teachdiag.probe import SingleStepProbe, select_params, step_direction, global_norm  # noqa: E402
+from teachdiag.probe import global_norm, pad_left, select_params, step_direction  # noqa: E402
 from teachdiag.signals import probe_loss, signals_from_logits  # noqa: E402
+from teachdiag.topprobe import make_probe  # noqa: E402
 
 
-def naive_position(student, teacher, ctx, j: int, vocab: int, lr: float, optimizer: str) -> float:
+def naive_position(student, teacher, ctx: Context, j: int, vocab: int, lr: float, optimizer: str,
+                   params: str, device: torch.device) -> float:
     """gain_rkl at position j: deep copy, per-position teacher forward, full-prefix recompute."""
     model = copy.deepcopy(student)
-    params = [p for _, p in select_params(model, "all")]
-    s_ids = torch.tensor(ctx.prompt_ids + ctx.response_ids[:j])[None]
-    t_ids = torch.tensor(ctx.teacher_view + ctx.response_ids[:j])[None]
-    y = torch.tensor([ctx.response_ids[j]])
+    chosen = [p for _, p in select_params(model, params)]
+    s_ids = torch.tensor(ctx.prompt_ids + ctx.response_ids[:j], device=device)[None]
+    t_ids = torch.tensor(ctx.teacher_view + ctx.response_ids[:j], device=device)[None]
+    y = torch.tensor([ctx.response_ids[j]], device=device)
     with torch.no_grad():
         t = teacher(input_ids=t_ids).logits[0, -1:, :vocab].float()
-    for p in params:
+    for p in chosen:
         p.requires_grad_(True)
     s = model(input_ids=s_ids).logits[0, -1:, :vocab].float()
-    grads = torch.autograd.grad(probe_loss(s, t, y, "reverse_kl"), params)
+    grads = torch.autograd.grad(probe_loss(s, t, y, "reverse_kl"), chosen)
     with torch.no_grad():
         directions, scale = step_direction(list(grads), optimizer, global_norm(grads))
-        for p, d in zip(params, directions):
+        for p, d in zip(chosen, directions):
             p.add_(d, alpha=-lr * scale)
         after = model(input_ids=s_ids).logits[0, -1:, :vocab].float()
     before = signals_from_logits(s.detach(), t, y)["rkl"].item()
     return before - signals_from_logits(after, t, y)["rkl"].item()
 
+
+# ---------------------------------------------------------------- pairs
 
 def tiny_pair(root: Path) -> tuple[str, str, str]:
     from conftest import save_pair, write_contexts
@@ -63,46 +76,186 @@ def tiny_pair(root: Path) -> tuple[str, str, str]:
     return teacher, student, str(write_contexts(root / "ctx.jsonl", n=6))
 
 
+def qwen25_pair(root: Path, n_contexts: int = 16, response: int = 256) -> tuple[str, str, str]:
+    """Random-init models with the shapes of Qwen2.5-0.5B (student) and -1.5B (teacher); weights
+    do not change speed. Contexts: 64-token prompts, `response`-token responses."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from conftest import make_tokenizer
+
+    shapes = {"student": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                              num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True),
+              "teacher": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                              num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True)}
+    tok = make_tokenizer()
+    for name, shape in shapes.items():
+        torch.manual_seed(0)
+        cfg = Qwen2Config(vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6, **shape)
+        Qwen2ForCausalLM(cfg).save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    g = torch.Generator().manual_seed(0)
+    vocab = len(AutoTokenizer.from_pretrained(root / "student"))
+    with open(root / "ctx.jsonl", "w") as f:
+        for i in range(n_contexts):
+            rec = {"id": f"c{i}", "prompt_ids": torch.randint(0, vocab, (64,), generator=g).tolist(),
+                   "response_ids": torch.randint(0, vocab, (response,), generator=g).tolist()}
+            f.write(json.dumps(rec) + "\n")
+    return str(root / "teacher"), str(root / "student"), str(root / "ctx.jsonl")
+
+
+def resolve_pair(name: str) -> tuple[str, str, str]:
+    if name == "tiny":
+        return tiny_pair(Path(tempfile.mkdtemp()))
+    if name == "qwen2.5":
+        return qwen25_pair(Path(tempfile.mkdtemp()))
+    if name == "embedded":
+        return "smollm2-135m", "smollm2-135m-pruned", str(ROOT / "data/demo_rollouts.jsonl")
+    raise SystemExit(f"unknown --pair {name!r} (tiny, embedded, qwen2.5)")
+
+
+# ---------------------------------------------------------------- timing
+
+class Clock:
+    """Wall time with the device synchronised, so CUDA work is counted where it happens."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def __enter__(self):
+        self._sync()
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._sync()
+        self.s = time.perf_counter() - self.t0
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def bf16_matmul_flops(device: torch.device) -> float:
+    """Measured dense bf16 matmul rate (FLOP/s), the MFU denominator."""
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ a
+    with Clock(device) as c:
+        for _ in range(20):
+            a @ a
+    return 20 * 2 * 8192**3 / c.s
+
+
+def teacher_logits(teacher, ctx: Context, positions: list[int], vocab: int, device) -> torch.Tensor:
+    t_in = torch.tensor(ctx.teacher_view + ctx.response_ids[:-1], device=device)[None]
+    keep = torch.tensor([len(ctx.teacher_view) + j - 1 for j in positions], device=device)
+    with torch.no_grad():
+        return teacher(input_ids=t_in, logits_to_keep=keep, use_cache=False).logits[0, :, :vocab].float()
+
+
+def run_teachdiag(mode: str, student, teacher, ctxs, by_ctx, vocab, lr, optimizer, device, batch: int):
+    """gain_rkl per position in pick order (exact modes) or gain_first_order (linear)."""
+    out = {}
+    if mode == "linear":
+        from teachdiag.linear import first_order_rows
+
+        items = [(c, j) for c in by_ctx for j in by_ctx[c]]
+        t_all = {c: teacher_logits(teacher, ctxs[c], by_ctx[c], vocab, device) for c in by_ctx}
+        for a in range(0, len(items), batch):
+            chunk = items[a : a + batch]
+            prefixes = [torch.tensor(ctxs[c].prompt_ids + ctxs[c].response_ids[:j], device=device) for c, j in chunk]
+            t = torch.stack([t_all[c][by_ctx[c].index(j)] for c, j in chunk])
+            ys = [ctxs[c].response_ids[j] for c, j in chunk]
+            rows = first_order_rows(student, "all", prefixes, t, ys, "reverse_kl", optimizer, lr, vocab)
+            out.update({key: r["gain_first_order"] for key, r in zip(chunk, rows)})
+        return out
+    params = "all" if mode == "exact" else mode
+    probe = make_probe(student, params, "reverse_kl", optimizer, lr, vocab)
+    for c, pos in by_ctx.items():
+        ctx = ctxs[c]
+        ids = torch.tensor(ctx.prompt_ids + ctx.response_ids, device=device)
+        rows = probe.run_context(ids, len(ctx.prompt_ids), teacher_logits(teacher, ctx, pos, vocab, device), pos)
+        out.update({(c, j): r["gain_rkl"] for j, r in zip(pos, rows)})
+    return out
+
+
+def two_forwards(student, teacher, ctxs, by_ctx, vocab, device) -> None:
+    """The floor for lm_head mode: one teacher and one student forward per context, nothing else."""
+    for c, pos in by_ctx.items():
+        teacher_logits(teacher, ctxs[c], pos, vocab, device)
+        ctx = ctxs[c]
+        ids = torch.tensor(ctx.prompt_ids + ctx.response_ids[: max(pos)], device=device)[None]
+        keep = torch.tensor([len(ctx.prompt_ids) + j - 1 for j in pos], device=device)
+        with torch.no_grad():
+            student(input_ids=ids, logits_to_keep=keep, use_cache=False)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pair", default="tiny", help="tiny, embedded, qwen2.5 (or give the three paths)")
     ap.add_argument("--teacher", default="")
     ap.add_argument("--student", default="")
     ap.add_argument("--contexts", default="")
-    ap.add_argument("--positions", type=int, default=20, help="positions timed in each mode")
+    ap.add_argument("--mode", default="exact", help="exact, lm_head, last:N, linear")
+    ap.add_argument("--positions", type=int, default=20, help="positions timed")
+    ap.add_argument("--naive-positions", type=int, default=0, help="time the naive reference on the first N only "
+                    "(0: all); its rate is per position, so the ratio stays fair")
     ap.add_argument("--optimizer", default="normalized")
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--batch", type=int, default=16, help="positions per batch in linear mode")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", help="teacher dtype (the student steps in float32)")
     args = ap.parse_args(argv)
+    device = torch.device(args.device)
     if not args.teacher:
-        args.teacher, args.student, args.contexts = tiny_pair(Path(tempfile.mkdtemp()))
-    tok = load_tokenizer(args.student)
-    vocab = len(tok)
-    teacher, student = load_model(args.teacher), load_model(args.student)
-    ctxs = load_contexts(args.contexts, max_response_tokens=192)
+        args.teacher, args.student, args.contexts = resolve_pair(args.pair)
+    vocab = len(load_tokenizer(args.student))
+    teacher = load_model(args.teacher, "teacher", args.dtype, device)
+    student = load_model(args.student, "student", "float32", device)
+    ctxs = load_contexts(args.contexts, max_response_tokens=256)
     picks = select_positions(ctxs, args.positions, seed=0)
+    by_ctx: dict[int, list[int]] = {}
+    for c, j in picks:
+        by_ctx.setdefault(c, []).append(j)
+    picks = [(c, j) for c in by_ctx for j in by_ctx[c]]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
-    t0 = time.perf_counter()
-    naive = [naive_position(student, teacher, ctxs[c], j, vocab, args.lr, args.optimizer) for c, j in picks]
-    t_naive = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    probe = SingleStepProbe(student, "all", "reverse_kl", args.optimizer, args.lr, vocab)
-    fast = []
-    for c in sorted({c for c, _ in picks}):
-        ctx, pos = ctxs[c], [j for cc, j in picks if cc == c]
-        with torch.no_grad():
-            t_in = torch.tensor(ctx.teacher_view + ctx.response_ids[:-1])[None]
-            t_logits = teacher(input_ids=t_in, logits_to_keep=len(ctx.response_ids)).logits[0, :, :vocab].float()
-        ids = torch.tensor(ctx.prompt_ids + ctx.response_ids)
-        fast += [r["gain_rkl"] for r in probe.run_context(ids, len(ctx.prompt_ids), t_logits[pos], pos)]
-    t_fast = time.perf_counter() - t0
-
+    naive_picks = picks[: args.naive_positions or len(picks)]
+    params = "all" if args.mode in ("exact", "linear") else args.mode
+    with Clock(device) as t_naive:
+        naive = [naive_position(student, teacher, ctxs[c], j, vocab, args.lr, args.optimizer, params, device)
+                 for c, j in naive_picks]
+    with Clock(device) as t_fast:
+        fast = run_teachdiag(args.mode, student, teacher, ctxs, by_ctx, vocab, args.lr, args.optimizer, device,
+                             args.batch)
     n = len(picks)
-    result = {"device": "cpu", "threads": torch.get_num_threads(), "teacher": args.teacher,
-              "student": args.student, "positions": n, "naive_pos_per_s": n / t_naive,
-              "teachdiag_pos_per_s": n / t_fast, "speedup": t_naive / t_fast,
-              "max_abs_gain_diff": max(abs(a - b) for a, b in zip(naive, fast)),
-              "max_abs_gain": max(abs(a) for a in naive),
-              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    result = {"mode": args.mode, "device": str(device), "threads": torch.get_num_threads(),
+              "teacher": args.teacher, "student": args.student, "optimizer": args.optimizer, "lr": args.lr,
+              "positions": n, "naive_positions": len(naive_picks),
+              "naive_pos_per_s": len(naive_picks) / t_naive.s, "teachdiag_pos_per_s": n / t_fast.s,
+              "speedup": (t_naive.s / len(naive_picks)) / (t_fast.s / n)}
+    gains = [fast[p] for p in naive_picks]
+    if args.mode == "linear":  # first-order vs exact: agreement, not equality
+        with Clock(device) as t_exact:
+            exact = run_teachdiag("exact", student, teacher, ctxs, by_ctx, vocab, args.lr, args.optimizer, device, 0)
+        result["exact_pos_per_s"] = n / t_exact.s
+        result["speedup_vs_exact"] = t_exact.s / t_fast.s
+        result["spearman_vs_exact"] = float(spearmanr([exact[p] for p in picks], [fast[p] for p in picks])[0])
+        result["median_exact_over_linear"] = float(torch.tensor([exact[p] / fast[p] for p in picks]).median())
+    else:
+        result["max_abs_gain_diff"] = max(abs(a - b) for a, b in zip(naive, gains))
+        result["max_abs_gain"] = max(abs(a) for a in naive)
+    if args.mode == "lm_head":
+        with Clock(device) as t_fwd:
+            two_forwards(student, teacher, ctxs, by_ctx, vocab, device)
+        result["share_of_two_forwards_speed"] = t_fwd.s / t_fast.s
+    if device.type == "cuda":
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        n_params = sum(p.numel() for p in student.parameters())
+        flops = sum(8 * n_params * (len(ctxs[c].prompt_ids) + j) for c, j in picks)  # fwd 2NL + bwd 4NL + fwd 2NL
+        result["mfu_bf16"] = flops / t_fast.s / bf16_matmul_flops(device)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(result, indent=2))
     return result
 

@@ -4,6 +4,7 @@
     teachdiag probe                      # the embedded demo pair on the demo rollouts
     teachdiag rollout --student S --prompts prompts.jsonl --out rollouts.jsonl
     teachdiag analyze runs/r1
+    teachdiag calibrate --positions 24 --out calib   # pick an lr in the linear regime
 
 Each dataclass field is one flag and its metadata "help" is its --help text (written once).
 Bad input prints one line `teachdiag: error: ...` and exits 2, without a traceback.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import typing
@@ -24,17 +26,36 @@ def _probe(cfg, argv: list[str]) -> None:
     from teachdiag.runner import run_probe, summary_lines
 
     out = run_probe(cfg, argv)
-    if _rank() == 0:  # under torchrun, one summary
-        print("\n".join(summary_lines(out)))
+    if _rank() != 0:  # under torchrun, one summary
+        return
+    step = json.loads((out / "run.json").read_text())["step"]
+    if "lr_auto" in step:  # --lr auto: the sweep that chose the lr, next to the table
+        import pandas as pd
+
+        from teachdiag import plots
+        from teachdiag.calibrate import BAND, MAX_NEGATIVE
+
+        fig = plots.calibration(pd.DataFrame(step["lr_auto"]["summary"]), step["lr"],
+                                f"--lr auto for {cfg.student}: loss {cfg.loss}, step {cfg.optimizer}",
+                                band=BAND, max_negative=MAX_NEGATIVE)
+        plots.save(fig, out, "calibration")
+    print("\n".join(summary_lines(out)))
 
 
 def _rank() -> int:
     return int(os.environ.get("RANK", 0))  # set by torchrun
 
 
+def _calibrate(cfg, argv: list[str]) -> None:
+    from teachdiag.calibrate import run_calibrate
+
+    print("\n".join(run_calibrate(cfg, argv)[1]))
+
+
 def _commands() -> dict:
     """name -> (config class, handler(cfg, argv), one-line description); imported lazily."""
     from teachdiag.analyze import AnalyzeConfig, run_analyze
+    from teachdiag.calibrate import CalibrateConfig
     from teachdiag.rollout import RolloutConfig, run_rollout
     from teachdiag.runner import ProbeConfig
 
@@ -44,6 +65,7 @@ def _commands() -> dict:
                     "sample frozen student rollouts -> contexts JSONL"),
         "analyze": (AnalyzeConfig, lambda cfg, argv: run_analyze(cfg),
                     "statistics, tables and figures from tokens.csv"),
+        "calibrate": (CalibrateConfig, _calibrate, "sweep the step size, pick an lr in the linear regime"),
     }
 
 

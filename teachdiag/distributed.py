@@ -43,6 +43,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def broadcast_float(value: float) -> float:
+    """Rank 0's value on every rank (gloo, CPU tensor); the value itself without torchrun."""
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.broadcast(t, src=0)
+    return float(t.item())
+
+
 def close() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

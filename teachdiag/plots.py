@@ -151,3 +151,32 @@ def correlation_heatmap(corr: pd.DataFrame, method: str = "spearman") -> Figure:
         ax.set(xlabel="gain", ylabel="signal", title=run)
         ax.tick_params(axis="x", labelrotation=30)
     return fig
+
+
+def calibration(summary: pd.DataFrame, chosen: float | None, title: str,
+                band: tuple[float, float] = (0.9, 1.1), max_negative: float = 0.05) -> Figure:
+    """lr sweep of `teachdiag calibrate`: median measured gain / first-order prediction (IQR band,
+    accepted band shaded) and % of positions whose probe loss went up, against lr; chosen lr marked."""
+    fig, axes = _panels(2, width=5.5)
+    ax, neg = axes[0]
+    s = summary.sort_values("lr")
+    ax.axhspan(*band, color="tab:green", alpha=0.15, label=f"accepted: {band[0]}–{band[1]}")
+    ax.axhline(1, color="grey", lw=0.5)
+    ax.fill_between(s["lr"], s["q25_ratio"], s["q75_ratio"], alpha=0.25, color="tab:blue", label="IQR over positions")
+    ax.plot(s["lr"], s["median_ratio"], marker="o", ms=4, color="tab:blue", label="median")
+    finite = s[["q25_ratio", "q75_ratio"]].to_numpy(float)
+    finite = finite[np.isfinite(finite)]
+    lo = max(min(finite.min(initial=0.5), 0.5), -1.0)  # overshoot ratios can reach −100: clip the view
+    ax.set_ylim(lo, min(max(finite.max(initial=1.5), 1.5), 3.0))
+    ax.set(xscale="log", xlabel="lr (step size of the step rule, log scale)",
+           ylabel="measured gain / first-order prediction lr·⟨g, d⟩ (ratio)", title="linearity")
+    neg.plot(s["lr"], 100 * s["share_negative"], marker="o", ms=4, color="tab:red")
+    neg.axhline(100 * max_negative, color="k", ls="--", lw=0.8, label=f"{max_negative:.0%} limit")
+    neg.set(xscale="log", ylim=(-2, 102), xlabel="lr (step size of the step rule, log scale)",
+            ylabel="positions whose probe loss went up (%)", title="overshoot")
+    for a in (ax, neg):
+        if chosen is not None:
+            a.axvline(chosen, color="k", lw=1.2, label=f"chosen lr = {chosen:.3g}")
+        a.legend(fontsize=7)
+    fig.suptitle(title if chosen is not None else f"{title} — no lr in the linear regime", fontsize=10)
+    return fig

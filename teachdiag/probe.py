@@ -5,6 +5,8 @@
                             lr=1e-3, vocab=V)
     rows = probe.run_context(student_ids, n_prompt, teacher_logits, positions)
     # the student is back at θ0, bit for bit, after every position
+    pg = probe.position_gradient(prefix, teacher_logits_j, y_j)  # one backward at θ0 ...
+    row = probe.row(pg, probe.stepped_logits(pg, lr), lr)  # ... reused for any lr (calibrate.py)
 
 For each position j, starting from θ0: forward the prefix prompt + response[:j] (causal, so
 nothing after j matters), take the loss against the fixed teacher distribution, one update
@@ -20,6 +22,7 @@ the runner keeps the student in float32 whatever --dtype says about the teacher.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -135,6 +138,21 @@ def pad_left(prefixes: list[torch.Tensor], pad_id: int = 0) -> dict[str, torch.T
     return {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp(min=0)}
 
 
+@dataclass
+class PositionGrad:
+    """One position at θ0: what any step size needs (the direction is lr-free)."""
+
+    prefix: torch.Tensor  # (L,) student input ids
+    teacher: torch.Tensor  # (1, V) teacher logits, float32
+    token: torch.Tensor  # (1,) sampled token y_j
+    before: dict[str, float]  # signals at θ0
+    directions: list[torch.Tensor]  # d, one tensor per stepped parameter
+    scale: float  # θ1 = θ0 − lr·scale·d
+    grad_norm: float  # ‖g‖
+    g_dot_d: float  # ⟨g, scale·d⟩: gain_first_order = lr·g_dot_d (nats per unit lr)
+    finite: bool
+
+
 class SingleStepProbe:
     """Holds θ0 for the stepped parameters and probes positions one at a time."""
 
@@ -164,6 +182,15 @@ class SingleStepProbe:
 
         prefix: (L,) student input ids = prompt + response[:j]; teacher_logits: (V,) float32.
         """
+        pg = self.position_gradient(prefix, teacher_logits, token_id)
+        return self.row(pg, self.stepped_logits(pg, self.lr), self.lr)
+
+    def position_gradient(self, prefix: torch.Tensor, teacher_logits: torch.Tensor,
+                          token_id: int) -> PositionGrad:
+        """Forward + backward at θ0 once; the result serves any number of step sizes.
+
+        prefix: (L,) student input ids; teacher_logits: (V,) float32.
+        """
         t = teacher_logits[None]  # (1, V)
         y = torch.tensor([token_id], device=prefix.device)
         for p in self.params:
@@ -179,27 +206,35 @@ class SingleStepProbe:
         s_before = s_before.detach()
         before = {k: v.item() for k, v in signals_from_logits(s_before, t, y, self.top_k).items()}
         grad_norm = global_norm(grads)
-        predicted = first_order_gain(grads, self.optimizer, grad_norm, self.lr)
+        g_dot_d = first_order_gain(grads, self.optimizer, grad_norm, 1.0)  # before adam overwrites g
         finite = math.isfinite(grad_norm) and bool(torch.isfinite(s_before).all() and torch.isfinite(t).all())
+        with torch.no_grad():
+            directions, scale = step_direction(list(grads), self.optimizer, grad_norm)
+        return PositionGrad(prefix, t, y, before, directions, scale, grad_norm, g_dot_d, finite)
+
+    def stepped_logits(self, pg: PositionGrad, lr: float) -> torch.Tensor:
+        """(1, V) logits of pg's prefix at θ1 = θ0 − lr·scale·d; θ0 is back afterwards, bit for bit."""
         try:
             with torch.no_grad():
-                directions, scale = step_direction(list(grads), self.optimizer, grad_norm)
-                for p, d in zip(self.params, directions):
-                    p.add_(d, alpha=-self.lr * scale)
-                s_after = self._last_logits(prefix)
+                for p, d in zip(self.params, pg.directions):
+                    p.add_(d, alpha=-lr * pg.scale)
+                return self._last_logits(pg.prefix)
         finally:  # also on OOM or Ctrl-C: the caller's model is never left at θ1
             self.restore()
-        after = signals_from_logits(s_after, t, y, self.top_k)
-        finite = finite and torch.isfinite(s_after).all().item()
-        row = dict(before)
+
+    def row(self, pg: PositionGrad, s_after: torch.Tensor, lr: float) -> dict[str, float]:
+        """The tokens.csv row of one position: signals before, KLs after the step of size lr, gains."""
+        after = signals_from_logits(s_after, pg.teacher, pg.token, self.top_k)
+        finite = pg.finite and torch.isfinite(s_after).all().item()
+        row = dict(pg.before)
         row["fkl_after"], row["rkl_after"] = after["fkl"].item(), after["rkl"].item()
         row["gain_fkl"] = row["fkl"] - row["fkl_after"]
         row["gain_rkl"] = row["rkl"] - row["rkl_after"]
         row["rel_gain_fkl"] = row["gain_fkl"] / row["fkl"] if row["fkl"] != 0 else math.nan
         row["rel_gain_rkl"] = row["gain_rkl"] / row["rkl"] if row["rkl"] != 0 else math.nan
-        row["grad_norm"] = grad_norm
-        row["gain_first_order"] = predicted
-        row["finite"] = int(bool(finite) and all(math.isfinite(v) for v in before.values()))
+        row["grad_norm"] = pg.grad_norm
+        row["gain_first_order"] = lr * pg.g_dot_d
+        row["finite"] = int(bool(finite) and all(math.isfinite(v) for v in pg.before.values()))
         return row
 
     def run_context(self, student_ids: torch.Tensor, n_prompt: int, teacher_logits: torch.Tensor,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import platform
 import sys
 import time
@@ -23,12 +24,12 @@ import torch
 from tqdm.auto import tqdm
 
 from teachdiag import __version__, distributed, zoo
-from teachdiag.contexts import (check_token_ids, load_contexts, parse_positions, select_positions,
+from teachdiag.contexts import (Context, check_token_ids, load_contexts, parse_positions, select_positions,
                                 tokenize_text_records)
 from teachdiag.errors import InputError
 from teachdiag.models import (check_same_tokenizer, config_sha256, load_model, load_tokenizer,
                               resolve_device, vocab_rows)
-from teachdiag.probe import SingleStepProbe
+from teachdiag.topprobe import make_probe
 from teachdiag.table import RUN, RunWriter
 
 PAPER = "arXiv:2605.26844, Not All Disagreement Is Learnable: Token Teachability in On-Policy Distillation"
@@ -50,7 +51,9 @@ class ProbeConfig:
     loss: str = field(default="reverse_kl", **_h("probe loss", choices=["reverse_kl", "forward_kl", "sampled_token"]))
     optimizer: str = field(default="normalized", **_h("step rule: θ1 = θ0 − lr·d with d = g, g/(|g|+1e-8), g/‖g‖",
                                                        choices=["sgd", "adam", "normalized"]))
-    lr: float = field(default=0.0, **_h("step size (0: the default for the step rule, see README)"))
+    lr: str = field(default="", **_h("step size; empty: the step rule's default (README); 'auto': the largest lr "
+                                     "in the linear regime on a seeded sample (as `teachdiag calibrate`)"))
+    auto_lr_positions: int = field(default=64, **_h("positions swept by --lr auto (one backward + 10 forwards each)"))
     params: str = field(default="all", **_h("parameters the step touches: all, lm_head, last:N"))
     seed: int = field(default=0, **_h("seed for position sampling"))
     device: str = field(default="auto", **_h("auto, cpu or cuda"))
@@ -88,13 +91,47 @@ def resolve_defaults(cfg: ProbeConfig) -> ProbeConfig:
                          field="--teacher/--student/--contexts")
     cfg.positions = cfg.positions or "all"
     parse_positions(cfg.positions)
-    cfg.lr = cfg.lr or DEFAULT_LR[cfg.optimizer]
-    if cfg.lr < 0:
-        raise InputError(f"must be positive, got {cfg.lr}", field="--lr")
+    cfg.lr = parse_lr(cfg.lr, cfg.optimizer)
     if cfg.top_k < 1:
         raise InputError(f"must be >= 1, got {cfg.top_k}", field="--top-k")
     cfg.out = cfg.out or f"runs/{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     return cfg
+
+
+def parse_lr(value: str | float, optimizer: str) -> float | str:
+    """--lr as a positive float, 'auto', or the step rule's default when empty or 0."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        lr = float(value or 0) or DEFAULT_LR[optimizer]
+    except ValueError:
+        raise InputError(f"must be a number or 'auto', got {value!r}", field="--lr") from None
+    if not (math.isfinite(lr) and lr > 0):
+        raise InputError(f"must be positive, got {lr}", field="--lr")
+    return lr
+
+
+def _auto_lr(cfg: ProbeConfig, writer: RunWriter, teacher, student, ctxs: list[Context], vocab: int,
+             device: torch.device, rank: int) -> tuple[float, dict | None]:
+    """--lr auto: the lr `teachdiag calibrate` would choose, found once (rank 0, then shared) and
+    kept by --resume from the run record, so a resumed run steps with the same lr."""
+    if cfg.resume and (writer.out / RUN).is_file():
+        try:
+            old = json.loads((writer.out / RUN).read_text())["step"]
+            return float(old["lr"]), old.get("lr_auto")
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            pass  # _check_resume reports the broken record
+    from teachdiag.calibrate import RULE, auto_lr  # calibrate builds on this module
+
+    lr, summary = float("nan"), None
+    if rank == 0:
+        lr, summary = auto_lr(teacher, student, ctxs, vocab, loss=cfg.loss, optimizer=cfg.optimizer,
+                              params=cfg.params, seed=cfg.seed, positions=cfg.auto_lr_positions,
+                              device=device, quiet=cfg.quiet)
+    lr = distributed.broadcast_float(lr)  # GPU ranks could otherwise round to different choices
+    info = None if summary is None else {"rule": RULE, "positions": cfg.auto_lr_positions,
+                                         "summary": json.loads(summary.to_json(orient="records"))}
+    return lr, info
 
 
 def _file_sha256(path: str) -> str:
@@ -145,6 +182,41 @@ def _check_resume(writer: RunWriter, record: dict) -> None:
                          file=str(old_path))
 
 
+def load_inputs(cfg) -> tuple[list[Context], object, str]:
+    """(contexts as token ids, student tokenizer, tokenizer fingerprint); refuses a pair whose
+    tokenizers differ. `cfg`: a ProbeConfig or anything with the same model/contexts fields."""
+    ctxs = load_contexts(cfg.contexts, cfg.max_response_tokens or None)
+    s_tok = load_tokenizer(cfg.student, "student", cfg.trust_remote_code)
+    t_tok = load_tokenizer(cfg.teacher, "teacher", cfg.trust_remote_code)
+    fingerprint = check_same_tokenizer(t_tok, s_tok, cfg.teacher, cfg.student)
+    return tokenize_text_records(ctxs, s_tok, cfg.max_response_tokens or None), s_tok, fingerprint
+
+
+def load_models(cfg, device: torch.device, ctxs: list[Context], vocab: int):
+    """(teacher, student), the student in float32 on `device`; checks vocabularies and lengths."""
+    teacher = load_model(cfg.teacher, "teacher", cfg.dtype, device, cfg.trust_remote_code,
+                         device_map=getattr(cfg, "teacher_device_map", "") or None)
+    student = load_model(cfg.student, "student", "float32", device, cfg.trust_remote_code)
+    for who, model in (("teacher", teacher), ("student", student)):
+        if vocab > vocab_rows(model):
+            raise InputError(f"tokenizer has {vocab} tokens but the {who} has only {vocab_rows(model)} "
+                             "output rows", field=f"--{who}")
+    max_pos = min(getattr(m.config, "max_position_embeddings", None) or 10**9 for m in (teacher, student))
+    check_token_ids(ctxs, vocab, max_pos)
+    return teacher, student
+
+
+def teacher_logits(teacher, ctx: Context, positions: list[int], vocab: int, device: torch.device) -> torch.Tensor:
+    """(P, V) float32 teacher logits for response[positions], from ONE teacher forward of the context
+    (the LM head only at those positions), moved to the student's `device`."""
+    t_device = teacher.get_input_embeddings().weight.device  # the first GPU of a spread teacher
+    t_in = torch.tensor(ctx.teacher_view + ctx.response_ids[:-1], device=t_device)
+    keep = torch.tensor([len(ctx.teacher_view) + j - 1 for j in positions], device=t_device)
+    with torch.no_grad():
+        out = teacher(input_ids=t_in[None], logits_to_keep=keep, use_cache=False)
+    return out.logits[0, :, :vocab].float().to(device)
+
+
 def run_probe(cfg: ProbeConfig, argv: list[str] | None = None) -> Path:
     """Run the probe; returns the run folder. Raises InputError on bad input.
 
@@ -155,30 +227,18 @@ def run_probe(cfg: ProbeConfig, argv: list[str] | None = None) -> Path:
     rank, world, local_rank = distributed.init()
     cfg = resolve_defaults(cfg)
     device = distributed.rank_device(resolve_device(cfg.device), local_rank, world)
-    ctxs = load_contexts(cfg.contexts, cfg.max_response_tokens or None)
-    s_tok = load_tokenizer(cfg.student, "student", cfg.trust_remote_code)
-    t_tok = load_tokenizer(cfg.teacher, "teacher", cfg.trust_remote_code)
-    fingerprint = check_same_tokenizer(t_tok, s_tok, cfg.teacher, cfg.student)
-    ctxs = tokenize_text_records(ctxs, s_tok, cfg.max_response_tokens or None)
+    ctxs, s_tok, fingerprint = load_inputs(cfg)
     writer = RunWriter(cfg.out, overwrite=cfg.overwrite, resume=cfg.resume, rank=rank)
-
-    teacher = load_model(cfg.teacher, "teacher", cfg.dtype, device, cfg.trust_remote_code,
-                         device_map=cfg.teacher_device_map or None)
-    t_device = teacher.get_input_embeddings().weight.device  # the first GPU of a spread teacher
-    student = load_model(cfg.student, "student", "float32", device, cfg.trust_remote_code)
+    teacher, student = load_models(cfg, device, ctxs, len(s_tok))
     vocab = len(s_tok)
-    for who, model in (("teacher", teacher), ("student", student)):
-        if vocab > vocab_rows(model):
-            raise InputError(f"tokenizer has {vocab} tokens but the {who} has only {vocab_rows(model)} "
-                             "output rows", field=f"--{who}")
-    max_pos = min(getattr(m.config, "max_position_embeddings", None) or 10**9 for m in (teacher, student))
-    check_token_ids(ctxs, vocab, max_pos)
+    lr, lr_auto = (cfg.lr, None) if cfg.lr != "auto" else _auto_lr(cfg, writer, teacher, student, ctxs, vocab,
+                                                                    device, rank)
     picks = select_positions(ctxs, parse_positions(cfg.positions), cfg.seed)
     by_ctx: dict[int, list[int]] = {}
     for c, j in picks:
         by_ctx.setdefault(c, []).append(j)
     try:
-        probe = SingleStepProbe(student, cfg.params, cfg.loss, cfg.optimizer, cfg.lr, vocab, cfg.top_k)
+        probe = make_probe(student, cfg.params, cfg.loss, cfg.optimizer, lr, vocab, cfg.top_k)
     except ValueError as exc:
         raise InputError(str(exc), field="--params") from None
 
@@ -194,8 +254,9 @@ def run_probe(cfg: ProbeConfig, argv: list[str] | None = None) -> Path:
         "contexts": {"path": str(cfg.contexts), "sha256": _file_sha256(cfg.contexts), "n_contexts": len(ctxs),
                      "n_positions_available": sum(len(c.response_ids) for c in ctxs)},
         "positions": {"requested": cfg.positions, "probed": len(picks)},
-        "step": {"loss": cfg.loss, "optimizer": cfg.optimizer, "lr": cfg.lr, "params": cfg.params,
-                 "n_stepped_params": probe.n_stepped, "student_compute_dtype": "float32"},
+        "step": {"loss": cfg.loss, "optimizer": cfg.optimizer, "lr": lr, "params": cfg.params,
+                 "n_stepped_params": probe.n_stepped, "student_compute_dtype": "float32",
+                 "probe": type(probe).__name__, **({"lr_auto": lr_auto} if lr_auto else {})},
         "top_k": cfg.top_k, "seed": cfg.seed, "versions": _versions(),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -221,12 +282,7 @@ def run_probe(cfg: ProbeConfig, argv: list[str] | None = None) -> Path:
         for c in todo:
             ctx = ctxs[c]
             positions = by_ctx[c]
-            t_in = torch.tensor(ctx.teacher_view + ctx.response_ids[:-1], device=t_device)
-            # one teacher forward per context; the LM head only at the probed positions: (P, V)
-            keep = torch.tensor([len(ctx.teacher_view) + j - 1 for j in positions], device=t_device)
-            with torch.no_grad():
-                t_logits = teacher(input_ids=t_in[None], logits_to_keep=keep, use_cache=False)
-                t_logits = t_logits.logits[0, :, :vocab].float().to(device)
+            t_logits = teacher_logits(teacher, ctx, positions, vocab, device)  # (P, V)
             s_ids = torch.tensor(ctx.prompt_ids + ctx.response_ids, device=device)
             rows = probe.run_context(s_ids, len(ctx.prompt_ids), t_logits, positions)
             del t_logits

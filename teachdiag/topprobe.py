@@ -1,0 +1,166 @@
+"""Exact probes that step only the top of the network, so the bottom runs once per context.
+
+    from teachdiag.topprobe import make_probe
+    probe = make_probe(student, params="lm_head", loss="reverse_kl", optimizer="normalized",
+                       lr=1e-3, vocab=V)          # a HeadProbe, a TopBlocksProbe or a SingleStepProbe
+    rows = probe.run_context(student_ids, n_prompt, teacher_logits, positions)
+
+--params lm_head (untied head): the step only changes W in z = W·h, and h does not move, so every
+probed position of a context comes from ONE forward in closed form. With δ = ∂ℓ/∂z (V,), the
+gradient is g = δ·hᵀ, ‖g‖ = ‖δ‖·‖h‖, and the stepped logits z1 = z − lr·scale·d·h are
+    sgd:         z − lr·‖h‖²·δ
+    normalized:  z − lr·(‖h‖/‖δ‖)·δ
+    adam:        z_v − lr·Σ_k h_k·δ_v·h_k / (|δ_v·h_k| + eps)      (chunked over the vocabulary)
+--params last:N (untied head): the hidden states entering block L−N are cached from one forward
+of the context; each position then runs only the top N blocks, forward + backward + forward.
+A tied head is also the input embedding, so stepping it moves every layer's input: those runs
+(and --params all) use the plain per-position probe.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from teachdiag.probe import ADAM_EPS, PositionGrad, SingleStepProbe, decoder_blocks, select_params
+from teachdiag.signals import probe_loss, signals_from_logits
+
+
+def _tied(model: nn.Module) -> bool:
+    return model.get_output_embeddings().weight is model.get_input_embeddings().weight
+
+
+def make_probe(model: nn.Module, params: str, loss: str, optimizer: str, lr: float, vocab: int,
+               top_k: int = 16) -> SingleStepProbe:
+    """The fastest exact probe for this parameter set (all three give the same numbers)."""
+    args = (model, params, loss, optimizer, lr, vocab, top_k)
+    select_params(model, params)  # validates params (ValueError) before any choice
+    head = model.get_output_embeddings()
+    if params == "lm_head" and not _tied(model) and type(head) is nn.Linear and head.bias is None:
+        return HeadProbe(*args)
+    if params.startswith("last:") and not _tied(model):
+        return TopBlocksProbe(*args)
+    return SingleStepProbe(*args)
+
+
+class HeadProbe(SingleStepProbe):
+    """--params lm_head with an untied, bias-free head: closed form from one forward per context."""
+
+    def run_context(self, student_ids: torch.Tensor, n_prompt: int, teacher_logits: torch.Tensor,
+                    positions: list[int]) -> list[dict[str, float]]:
+        head = self.model.get_output_embeddings()
+        w = head.weight  # (V_rows, d)
+        captured = {}
+        hook = head.register_forward_hook(lambda m, args, out: captured.update(h=args[0]))
+        ids = student_ids[: n_prompt + max(positions)]  # enough context for the last position
+        keep = torch.tensor([n_prompt + j - 1 for j in positions], device=ids.device)
+        try:
+            with torch.no_grad():
+                z = self.model(input_ids=ids[None], logits_to_keep=keep, use_cache=False).logits[0]  # (P, V_rows)
+        finally:
+            hook.remove()
+        h = captured["h"][0].float()  # (P, d): the head's input at each probed position
+        if not torch.allclose(h @ w.T, z, rtol=1e-4, atol=1e-4):  # logits post-processed (softcap, scale)
+            raise ValueError("this model's logits are not lm_head(h); use --params last:1")
+        z = z.float()
+        t = teacher_logits  # (P, V)
+        y = student_ids[[n_prompt + j for j in positions]]  # (P,)
+        zv = z[:, : self.vocab].detach().requires_grad_(True)
+        with torch.enable_grad():
+            (delta,) = torch.autograd.grad(probe_loss(zv, t, y, self.loss), zv)  # (P, V): ∂ℓ_j/∂z_j
+        delta = delta.float()
+        rows = []
+        for i in range(len(positions)):
+            pg, z_after = self._closed_form(z[i : i + 1, : self.vocab], h[i], delta[i], t[i : i + 1], y[i : i + 1], w)
+            rows.append(self.row(pg, z_after, self.lr))
+        return rows
+
+    def _closed_form(self, z: torch.Tensor, h: torch.Tensor, delta: torch.Tensor, t: torch.Tensor,
+                     y: torch.Tensor, w: torch.Tensor) -> tuple[PositionGrad, torch.Tensor]:
+        """One position: z (1, V) logits, h (d,) head input, delta (V,) = ∂ℓ/∂z."""
+        before = {k: v.item() for k, v in signals_from_logits(z, t, y, self.top_k).items()}
+        dn, hn = float(torch.linalg.vector_norm(delta.double())), float(torch.linalg.vector_norm(h.double()))
+        grad_norm = dn * hn
+        if self.optimizer == "sgd":
+            dz, g_dot_d = hn**2 * delta, grad_norm**2
+        elif self.optimizer == "normalized":
+            dz = (hn / dn if dn > 0 else 0.0) * delta
+            g_dot_d = grad_norm
+        else:  # adam: d = g/(|g|+eps) elementwise, g = δ·hᵀ; chunks of rows keep memory at (C, d)
+            dz, g_dot_d = torch.empty_like(delta), 0.0
+            for a in range(0, delta.numel(), 4096):
+                g = delta[a : a + 4096, None] * h[None, :]  # (C, d) rows of the gradient
+                d = g / (g.abs() + ADAM_EPS)
+                dz[a : a + 4096] = d @ h
+                g_dot_d += float((g * d).sum(dtype=torch.float64))
+        # z1 = (W − lr·scale·D)·h = z − lr·dz; only the vocabulary rows matter
+        z_after = z - self.lr * dz[None]
+        finite = math.isfinite(grad_norm) and bool(torch.isfinite(z).all() and torch.isfinite(t).all())
+        pg = PositionGrad(prefix=None, teacher=t, token=y, before=before, directions=[], scale=1.0,
+                          grad_norm=grad_norm, g_dot_d=g_dot_d, finite=finite)
+        return pg, z_after
+
+
+class TopBlocksProbe(SingleStepProbe):
+    """--params last:N with an untied head: the blocks below the stepped ones run once per context."""
+
+    def __init__(self, model: nn.Module, params: str, *args, **kw) -> None:
+        super().__init__(model, params, *args, **kw)
+        self.blocks = decoder_blocks(model)
+        self.first = len(self.blocks) - int(params.split(":", 1)[1])  # the lowest stepped block
+        self.cache: torch.Tensor | None = None  # (1, T, d) input of block `first` over the context
+
+    def run_context(self, student_ids: torch.Tensor, n_prompt: int, teacher_logits: torch.Tensor,
+                    positions: list[int]) -> list[dict[str, float]]:
+        captured = {}
+
+        def grab(module, args, kwargs):
+            captured["h"] = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).detach()
+            raise _Stop  # nothing above this block is needed now
+
+        hook = self.blocks[self.first].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                self.model(input_ids=student_ids[: n_prompt + max(positions)][None], use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            hook.remove()
+        self.cache = captured["h"]
+        try:
+            return super().run_context(student_ids, n_prompt, teacher_logits, positions)
+        finally:
+            self.cache = None
+
+    def _last_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """As the parent's, but blocks below `first` are skipped and their output read from the cache."""
+        cached = self.cache[:, : len(ids)]
+
+        def swap(module, args, kwargs):
+            if "hidden_states" in kwargs:
+                return args, dict(kwargs, hidden_states=cached)
+            return (cached, *args[1:]), kwargs
+
+        lower = [self.blocks[i] for i in range(self.first)]
+        for i in range(self.first):
+            self.blocks[i] = _Pass()
+        hook = self.blocks[self.first].register_forward_pre_hook(swap, with_kwargs=True)
+        try:
+            return super()._last_logits(ids)
+        finally:
+            hook.remove()
+            for i, block in enumerate(lower):
+                self.blocks[i] = block
+
+
+class _Stop(Exception):
+    """Ends the caching forward at the first stepped block."""
+
+
+class _Pass(nn.Module):
+    """Stands in for a block whose output is cached: returns its input unchanged."""
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return hidden_states
