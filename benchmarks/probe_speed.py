@@ -11,7 +11,7 @@ The naive reference does what the definition says: for every position, deep-copy
 run the teacher on that position's prefix, forward + backward the copy on the full prefix, step,
 forward again. teachdiag runs the teacher once per context and, by mode:
   exact    (--params all)  steps and restores in place, one position at a time;
-  lm_head / last:N         runs the bottom of the student once per context (topprobe.py);
+  lm_head / last:N         runs the bottom of the student once per context (fastprobe.py);
   linear                   no step at all: batched first-order gains lr·⟨g, d⟩ (linear.py),
                            compared with the exact probe (Spearman) as well as timed.
 Prints positions/s of both, the ratio, the largest |gain difference| (the fast path must compute
@@ -41,7 +41,7 @@ from teachdiag.contexts import Context, load_contexts, select_positions  # noqa:
 from teachdiag.models import load_model, load_tokenizer  # noqa: E402
 from teachdiag.probe import global_norm, pad_left, select_params, step_direction  # noqa: E402
 from teachdiag.signals import probe_loss, signals_from_logits  # noqa: E402
-from teachdiag.topprobe import make_probe  # noqa: E402
+from teachdiag.fastprobe import make_probe  # noqa: E402
 
 
 def naive_position(student, teacher, ctx: Context, j: int, vocab: int, lr: float, optimizer: str,

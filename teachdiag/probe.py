@@ -203,13 +203,18 @@ class SingleStepProbe:
         finally:
             for p in self.params:
                 p.requires_grad_(False)
-        s_before = s_before.detach()
+        return self.gradient_at(prefix, s_before.detach(), t, y, list(grads))
+
+    def gradient_at(self, prefix: torch.Tensor, s_before: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                    grads: list[torch.Tensor]) -> PositionGrad:
+        """PositionGrad from a position's logits at θ0 (1, V) and its gradient (one tensor per
+        parameter, ours to overwrite: adam's direction is computed in place)."""
         before = {k: v.item() for k, v in signals_from_logits(s_before, t, y, self.top_k).items()}
         grad_norm = global_norm(grads)
         g_dot_d = first_order_gain(grads, self.optimizer, grad_norm, 1.0)  # before adam overwrites g
         finite = math.isfinite(grad_norm) and bool(torch.isfinite(s_before).all() and torch.isfinite(t).all())
         with torch.no_grad():
-            directions, scale = step_direction(list(grads), self.optimizer, grad_norm)
+            directions, scale = step_direction(grads, self.optimizer, grad_norm)
         return PositionGrad(prefix, t, y, before, directions, scale, grad_norm, g_dot_d, finite)
 
     def stepped_logits(self, pg: PositionGrad, lr: float) -> torch.Tensor:

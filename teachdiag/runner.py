@@ -29,7 +29,7 @@ from teachdiag.contexts import (Context, check_token_ids, load_contexts, parse_p
 from teachdiag.errors import InputError
 from teachdiag.models import (check_same_tokenizer, config_sha256, load_model, load_tokenizer,
                               resolve_device, vocab_rows)
-from teachdiag.topprobe import make_probe
+from teachdiag.fastprobe import make_probe
 from teachdiag.table import RUN, RunWriter
 
 PAPER = "arXiv:2605.26844, Not All Disagreement Is Learnable: Token Teachability in On-Policy Distillation"

@@ -75,19 +75,22 @@ def signals_from_logits(student_logits: torch.Tensor, teacher_logits: torch.Tens
 
 
 def probe_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-               token_ids: torch.Tensor, loss: str) -> torch.Tensor:
+               token_ids: torch.Tensor, loss: str, reduce: bool = True) -> torch.Tensor:
     """The probe's loss at each position (DESIGN §4), summed over positions; teacher fixed.
 
     student_logits: (P, V) with grad; teacher_logits: (P, V); token_ids: (P,).
+    reduce=False gives the (P,) per-position losses instead of their sum.
     """
     log_s = F.log_softmax(student_logits.double(), -1)
     log_t = F.log_softmax(teacher_logits.detach().double(), -1)
     if loss == "reverse_kl":
-        return kl(log_s, log_t).sum()
-    if loss == "forward_kl":
-        return kl(log_t, log_s).sum()
-    if loss == "sampled_token":
+        per = kl(log_s, log_t)
+    elif loss == "forward_kl":
+        per = kl(log_t, log_s)
+    elif loss == "sampled_token":
         y = token_ids.long().view(-1, 1)
         lp_s, lp_t = log_s.gather(-1, y).squeeze(-1), log_t.gather(-1, y).squeeze(-1)
-        return (-(lp_t - lp_s).detach() * lp_s).sum()
-    raise ValueError(f"unknown loss {loss!r}; one of {LOSSES}")
+        per = -(lp_t - lp_s).detach() * lp_s
+    else:
+        raise ValueError(f"unknown loss {loss!r}; one of {LOSSES}")
+    return per.sum() if reduce else per

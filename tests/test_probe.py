@@ -157,7 +157,8 @@ def test_teacher_runs_once_per_context(tmp_path, pair, contexts, monkeypatch):
     monkeypatch.setattr(runner, "load_model", counting_load)
     df = run(tmp_path, pair, contexts, "r")
     assert calls["teacher"] == df["context_id"].nunique() == 4
-    assert calls["student"] == 2 * len(df)  # forward+backward, then the forward after the step
+    # one forward + vmapped backward per context (BatchedProbe), then one forward after each step
+    assert calls["student"] == df["context_id"].nunique() + len(df)
 
 
 def test_weights_restored_when_the_after_forward_fails(pair, contexts):

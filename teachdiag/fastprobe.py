@@ -1,9 +1,14 @@
-"""Exact probes that step only the top of the network, so the bottom runs once per context.
+"""Exact probes that share work between the positions of a context; same numbers as probe.py.
 
-    from teachdiag.topprobe import make_probe
-    probe = make_probe(student, params="lm_head", loss="reverse_kl", optimizer="normalized",
-                       lr=1e-3, vocab=V)          # a HeadProbe, a TopBlocksProbe or a SingleStepProbe
+    from teachdiag.fastprobe import make_probe
+    probe = make_probe(student, params="all", loss="reverse_kl", optimizer="normalized",
+                       lr=1e-3, vocab=V)          # a BatchedProbe, HeadProbe or TopBlocksProbe
     rows = probe.run_context(student_ids, n_prompt, teacher_logits, positions)
+
+--params all (and tied heads): one forward of the context gives every probed position's logits,
+and one vmapped backward (autograd.grad with is_grads_batched) gives every position's own
+gradient, (P, *param) per parameter, in chunks that fit `grad_bytes`. Only the forward after
+each step stays per position: its weights differ.
 
 --params lm_head (untied head): the step only changes W in z = W·h, and h does not move, so every
 probed position of a context comes from ONE forward in closed form. With δ = ∂ℓ/∂z (V,), the
@@ -33,8 +38,10 @@ def _tied(model: nn.Module) -> bool:
 
 
 def make_probe(model: nn.Module, params: str, loss: str, optimizer: str, lr: float, vocab: int,
-               top_k: int = 16) -> SingleStepProbe:
-    """The fastest exact probe for this parameter set (all three give the same numbers)."""
+               top_k: int = 16, grad_bytes: int = 2 << 30) -> SingleStepProbe:
+    """The fastest exact probe for this parameter set (all give the same numbers as probe.py).
+
+    grad_bytes: memory for the per-position gradients of BatchedProbe (reduce if you OOM)."""
     args = (model, params, loss, optimizer, lr, vocab, top_k)
     select_params(model, params)  # validates params (ValueError) before any choice
     head = model.get_output_embeddings()
@@ -42,7 +49,50 @@ def make_probe(model: nn.Module, params: str, loss: str, optimizer: str, lr: flo
         return HeadProbe(*args)
     if params.startswith("last:") and not _tied(model):
         return TopBlocksProbe(*args)
-    return SingleStepProbe(*args)
+    return BatchedProbe(*args, grad_bytes=grad_bytes)
+
+
+class BatchedProbe(SingleStepProbe):
+    """Before-logits and per-position gradients of a context from one forward and one vmapped backward."""
+
+    def __init__(self, *args, grad_bytes: int = 2 << 30, **kw) -> None:
+        super().__init__(*args, **kw)
+        itemsize = self.params[0].element_size()
+        self.chunk = max(1, min(64, grad_bytes // max(1, self.n_stepped * itemsize)))  # positions per backward
+
+    def run_context(self, student_ids: torch.Tensor, n_prompt: int, teacher_logits: torch.Tensor,
+                    positions: list[int]) -> list[dict[str, float]]:
+        rows = []
+        for a in range(0, len(positions), self.chunk):
+            rows += self._chunk(student_ids, n_prompt, teacher_logits[a : a + self.chunk],
+                                positions[a : a + self.chunk])
+        return rows
+
+    def _chunk(self, student_ids: torch.Tensor, n_prompt: int, t: torch.Tensor,
+               positions: list[int]) -> list[dict[str, float]]:
+        ids = student_ids[: n_prompt + max(positions)]  # (T,) enough for the last position
+        keep = torch.tensor([n_prompt + j - 1 for j in positions], device=ids.device)
+        y = student_ids[[n_prompt + j for j in positions]]  # (P,)
+        for p in self.params:
+            p.requires_grad_(True)
+        try:
+            with torch.enable_grad():
+                z = self.model(input_ids=ids[None], logits_to_keep=keep, use_cache=False).logits[0]
+                z = z[:, : self.vocab].float()  # (P, V)
+                losses = probe_loss(z, t, y, self.loss, reduce=False)  # (P,)
+                eye = torch.eye(len(positions), dtype=losses.dtype, device=losses.device)
+                # row i of each result is ∂ℓ_i/∂θ: causality keeps later tokens out of it
+                grads = torch.autograd.grad(losses, self.params, grad_outputs=eye, is_grads_batched=True)
+        finally:
+            for p in self.params:
+                p.requires_grad_(False)
+        z = z.detach()
+        rows = []
+        for i, j in enumerate(positions):
+            g = [G[i] for G in grads]  # this position's gradient, one view per parameter
+            pg = self.gradient_at(ids[: n_prompt + j], z[i : i + 1], t[i : i + 1], y[i : i + 1], g)
+            rows.append(self.row(pg, self.stepped_logits(pg, self.lr), self.lr))
+        return rows
 
 
 class HeadProbe(SingleStepProbe):

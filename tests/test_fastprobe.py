@@ -11,7 +11,7 @@ from reference import naive_probe
 from teachdiag.probe import SingleStepProbe
 from teachdiag.runner import ProbeConfig, run_probe
 from teachdiag.table import read_tokens
-from teachdiag.topprobe import HeadProbe, TopBlocksProbe, make_probe
+from teachdiag.fastprobe import BatchedProbe, HeadProbe, TopBlocksProbe, make_probe
 
 VOCAB = 68
 LR = {"sgd": 1e-3, "adam": 1e-4, "normalized": 1e-2}
@@ -71,7 +71,7 @@ def test_the_bottom_runs_once_per_context_and_weights_come_back(arch):
     assert all(r["finite"] == 1 for r in rows_top)
 
 
-def test_tied_heads_use_the_full_probe():
+def test_tied_heads_use_the_batched_full_probe():
     model = make_model("llama", 128, 2, tied=True).eval()
     for params in ("lm_head", "last:1", "all"):
-        assert type(make_probe(model, params, "reverse_kl", "sgd", 1e-3, VOCAB)) is SingleStepProbe
+        assert type(make_probe(model, params, "reverse_kl", "sgd", 1e-3, VOCAB)) is BatchedProbe
