@@ -43,7 +43,8 @@ class AnalyzeConfig:
                 "side by side"})
     gain: str = field(default="rel_gain_fkl", metadata={
         "help": "gain column for regressions, Q3, selection and figures: gain_fkl, gain_rkl, "
-                "rel_gain_fkl or rel_gain_rkl (correlations always cover all four)"})
+                "rel_gain_fkl, rel_gain_rkl or gain_first_order (the only one of a --mode linear run); "
+                "correlations cover every gain the run has"})
     out: str = field(default="", metadata={
         "help": "output folder (default: <first run>/analysis)"})
     figures: str = field(default="", metadata={"help": "figure folder (default: <out>/figures)"})
@@ -149,9 +150,9 @@ def run_analyze(cfg: AnalyzeConfig) -> pathlib.Path:
     Returns the output folder."""
     if not cfg.runs:
         raise InputError("give at least one run folder", field="runs")
-    if cfg.gain not in analysis.GAINS:
-        raise InputError(f"unknown gain {cfg.gain!r}; choose one of {', '.join(analysis.GAINS)}",
-                         field="gain")
+    known = (*analysis.GAINS, "gain_first_order")
+    if cfg.gain not in known:
+        raise InputError(f"unknown gain {cfg.gain!r}; choose one of {', '.join(known)}", field="gain")
     if cfg.bootstrap < 0:
         raise InputError("must be >= 0", field="bootstrap")
     runs = [load_run(r, cfg.allow_partial) for r in cfg.runs]
@@ -172,8 +173,13 @@ def run_analyze(cfg: AnalyzeConfig) -> pathlib.Path:
              f"{r['n_contexts']} contexts; {cfg.bootstrap} cluster-bootstrap resamples")
         t = analysis.add_scores(r["table"], seed=cfg.seed)
         scored[r["name"]] = t
+        # measured gains, and the first-order prediction where the run has it (--mode linear: only it)
+        gains = [g for g in known if t[g].notna().any()]
+        if cfg.gain not in gains:
+            hint = "; a --mode linear run has only gain_first_order" if "gain_first_order" in gains else ""
+            raise InputError(f"this run has no {cfg.gain} values{hint}", file=r["path"], field="gain")
         parts = {
-            "corr": analysis.correlations(t, analysis.GAINS, analysis.SIGNALS, cfg.bootstrap,
+            "corr": analysis.correlations(t, gains, analysis.SIGNALS, cfg.bootstrap,
                                           cfg.seed, CONTRASTS, progress=True),
             "reg": analysis.regressions(t, cfg.gain, n_boot=cfg.bootstrap, seed=cfg.seed),
             "q3": analysis.q3_gap(t, cfg.gain, n_boot=cfg.bootstrap, seed=cfg.seed),

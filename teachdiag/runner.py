@@ -30,6 +30,8 @@ from teachdiag.errors import InputError
 from teachdiag.models import (check_same_tokenizer, config_sha256, load_model, load_tokenizer,
                               resolve_device, vocab_rows)
 from teachdiag.fastprobe import make_probe
+from teachdiag.linear import first_order_rows
+from teachdiag.probe import select_params
 from teachdiag.table import RUN, RunWriter
 
 PAPER = "arXiv:2605.26844, Not All Disagreement Is Learnable: Token Teachability in On-Policy Distillation"
@@ -55,6 +57,10 @@ class ProbeConfig:
                                      "in the linear regime on a seeded sample (as `teachdiag calibrate`)"))
     auto_lr_positions: int = field(default=64, **_h("positions swept by --lr auto (one backward + 10 forwards each)"))
     params: str = field(default="all", **_h("parameters the step touches: all, lm_head, last:N"))
+    mode: str = field(default="exact", **_h("exact: take the step and measure; linear: first-order gains "
+                                            "lr·⟨g, d⟩ only (no step, *_after columns empty), batched",
+                                            choices=["exact", "linear"]))
+    batch: int = field(default=16, **_h("positions per forward/backward in --mode linear (reduce if you OOM)"))
     seed: int = field(default=0, **_h("seed for position sampling"))
     device: str = field(default="auto", **_h("auto, cpu or cuda"))
     dtype: str = field(default="float32", **_h("teacher forward dtype; the student always steps in float32",
@@ -77,7 +83,7 @@ EMBEDDED = {"teacher": zoo.TEACHER, "student": zoo.STUDENT, "contexts": str(DATA
 DEFAULT_LR = {"sgd": 1e-5, "adam": 1e-7, "normalized": 1e-3}
 # options that must match for --resume to continue a folder
 RESUME_KEYS = ("teacher", "student", "contexts", "positions", "max_response_tokens", "top_k", "loss",
-               "optimizer", "lr", "params", "seed", "dtype")
+               "optimizer", "lr", "params", "mode", "seed", "dtype")
 
 
 def resolve_defaults(cfg: ProbeConfig) -> ProbeConfig:
@@ -92,6 +98,8 @@ def resolve_defaults(cfg: ProbeConfig) -> ProbeConfig:
     cfg.positions = cfg.positions or "all"
     parse_positions(cfg.positions)
     cfg.lr = parse_lr(cfg.lr, cfg.optimizer)
+    if cfg.batch < 1:
+        raise InputError(f"must be >= 1, got {cfg.batch}", field="--batch")
     if cfg.top_k < 1:
         raise InputError(f"must be >= 1, got {cfg.top_k}", field="--top-k")
     cfg.out = cfg.out or f"runs/{datetime.now().strftime('%Y%m%d-%H%M%S')}"
@@ -217,6 +225,53 @@ def teacher_logits(teacher, ctx: Context, positions: list[int], vocab: int, devi
     return out.logits[0, :, :vocab].float().to(device)
 
 
+def _groups(todo: list[int], by_ctx: dict[int, list[int]], size: int) -> list[list[int]]:
+    """Consecutive contexts, each group holding at least `size` positions (the last may hold fewer)."""
+    groups, cur, n = [], [], 0
+    for c in todo:
+        cur.append(c)
+        n += len(by_ctx[c])
+        if n >= size:
+            groups.append(cur)
+            cur, n = [], 0
+    return groups + ([cur] if cur else [])
+
+
+def _probe_group(probe, teacher, ctxs: list[Context], group: list[int], by_ctx: dict[int, list[int]],
+                 vocab: int, device: torch.device) -> list[list[dict]]:
+    """The exact probe: every context of the group on its own (one teacher forward each)."""
+    out = []
+    for c in group:
+        ctx = ctxs[c]
+        t_logits = teacher_logits(teacher, ctx, by_ctx[c], vocab, device)  # (P, V)
+        s_ids = torch.tensor(ctx.prompt_ids + ctx.response_ids, device=device)
+        out.append(probe.run_context(s_ids, len(ctx.prompt_ids), t_logits, by_ctx[c]))
+    return out
+
+
+def _linear_group(cfg: ProbeConfig, student, lr: float, teacher, ctxs: list[Context], group: list[int],
+                  by_ctx: dict[int, list[int]], vocab: int, device: torch.device) -> list[list[dict]]:
+    """--mode linear: the group's positions, across contexts, in batches of cfg.batch."""
+    items = [(c, i, j) for c in group for i, j in enumerate(by_ctx[c])]
+    t_all = {c: teacher_logits(teacher, ctxs[c], by_ctx[c], vocab, device) for c in group}  # (P_c, V) each
+    # batches of similar prefix lengths waste less on padding (~1.5x on the demo pair)
+    order = sorted(range(len(items)), key=lambda k: len(ctxs[items[k][0]].prompt_ids) + items[k][2])
+    rows: list[dict | None] = [None] * len(items)
+    for a in range(0, len(order), cfg.batch):
+        chunk = [items[k] for k in order[a : a + cfg.batch]]
+        prefixes = [torch.tensor(ctxs[c].prompt_ids + ctxs[c].response_ids[:j], device=device) for c, _, j in chunk]
+        t = torch.stack([t_all[c][i] for c, i, _ in chunk])  # (B, V)
+        ys = [ctxs[c].response_ids[j] for c, _, j in chunk]
+        got = first_order_rows(student, cfg.params, prefixes, t, ys, cfg.loss, cfg.optimizer, lr, vocab, cfg.top_k)
+        for k, row in zip(order[a : a + cfg.batch], got):
+            rows[k] = row
+    out, a = [], 0
+    for c in group:
+        out.append(rows[a : a + len(by_ctx[c])])
+        a += len(by_ctx[c])
+    return out
+
+
 def run_probe(cfg: ProbeConfig, argv: list[str] | None = None) -> Path:
     """Run the probe; returns the run folder. Raises InputError on bad input.
 
@@ -238,7 +293,9 @@ def run_probe(cfg: ProbeConfig, argv: list[str] | None = None) -> Path:
     for c, j in picks:
         by_ctx.setdefault(c, []).append(j)
     try:
-        probe = make_probe(student, cfg.params, cfg.loss, cfg.optimizer, lr, vocab, cfg.top_k)
+        probe = (make_probe(student, cfg.params, cfg.loss, cfg.optimizer, lr, vocab, cfg.top_k)
+                 if cfg.mode == "exact" else None)
+        n_stepped = sum(p.numel() for _, p in select_params(student, cfg.params))
     except ValueError as exc:
         raise InputError(str(exc), field="--params") from None
 
@@ -255,8 +312,8 @@ def run_probe(cfg: ProbeConfig, argv: list[str] | None = None) -> Path:
                      "n_positions_available": sum(len(c.response_ids) for c in ctxs)},
         "positions": {"requested": cfg.positions, "probed": len(picks)},
         "step": {"loss": cfg.loss, "optimizer": cfg.optimizer, "lr": lr, "params": cfg.params,
-                 "n_stepped_params": probe.n_stepped, "student_compute_dtype": "float32",
-                 "probe": type(probe).__name__, **({"lr_auto": lr_auto} if lr_auto else {})},
+                 "n_stepped_params": n_stepped, "student_compute_dtype": "float32", "mode": cfg.mode,
+                 "probe": type(probe).__name__ if probe else "first_order_rows", **({"lr_auto": lr_auto} if lr_auto else {})},
         "top_k": cfg.top_k, "seed": cfg.seed, "versions": _versions(),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -278,19 +335,19 @@ def run_probe(cfg: ProbeConfig, argv: list[str] | None = None) -> Path:
     t_probe = time.time()
     bar = tqdm(total=n_todo, unit="pos", desc="probe" if world == 1 else f"probe (rank 0 of {world})",
                disable=cfg.quiet or rank != 0, file=sys.stderr)
+    # exact: one context at a time; linear: consecutive contexts until a batch is full
+    groups = _groups(todo, by_ctx, cfg.batch if cfg.mode == "linear" else 1)
     try:
-        for c in todo:
-            ctx = ctxs[c]
-            positions = by_ctx[c]
-            t_logits = teacher_logits(teacher, ctx, positions, vocab, device)  # (P, V)
-            s_ids = torch.tensor(ctx.prompt_ids + ctx.response_ids, device=device)
-            rows = probe.run_context(s_ids, len(ctx.prompt_ids), t_logits, positions)
-            del t_logits
-            for j, row in zip(positions, rows):
-                tok = ctx.response_ids[j]
-                row.update(context_id=ctx.id, position=j, token_id=tok, token=s_tok.decode([tok]))
-            writer.append_context(ctx.id, rows)
-            bar.update(len(rows))
+        for group in groups:
+            results = (_probe_group(probe, teacher, ctxs, group, by_ctx, vocab, device) if probe else
+                       _linear_group(cfg, student, lr, teacher, ctxs, group, by_ctx, vocab, device))
+            for c, rows in zip(group, results):
+                ctx = ctxs[c]
+                for j, row in zip(by_ctx[c], rows):
+                    tok = ctx.response_ids[j]
+                    row.update(context_id=ctx.id, position=j, token_id=tok, token=s_tok.decode([tok]))
+                writer.append_context(ctx.id, rows)
+                bar.update(len(rows))
     except KeyboardInterrupt:
         bar.close()
         writer.repair(own_only=True)
@@ -298,7 +355,6 @@ def run_probe(cfg: ProbeConfig, argv: list[str] | None = None) -> Path:
             writer.write_record(dict(record, complete=False, interrupted=True))
         raise
     bar.close()
-    probe.restore()
     distributed.barrier()  # every rank's part is complete
     if rank == 0:
         wall, probe_s = time.time() - t_start, time.time() - t_probe
@@ -321,7 +377,9 @@ def summary_lines(out: Path) -> list[str]:
     df = read_tokens(out / TOKENS)
     ok = df[df["finite"] == 1]
     rho = lambda a, b: spearmanr(ok[a], ok[b], nan_policy="omit")[0] if len(ok) > 2 else float("nan")  # noqa: E731
-    gain = "rel_gain_fkl"  # the paper's gain: relative forward-KL drop
+    gain = "rel_gain_fkl"  # the paper's gain: relative forward-KL drop ...
+    if ok[gain].isna().all():  # ... not measured by --mode linear: its first-order prediction
+        gain = "gain_first_order"
     return [f"wrote {out / TOKENS} and {out / RUN}",
             f"positions: {len(df)} ({len(df) - len(ok)} non-finite, excluded)",
             f"median fkl: {ok['fkl'].median():.4f} nats (mean {ok['fkl'].mean():.4f})",
