@@ -39,9 +39,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from teachdiag.contexts import Context, load_contexts, select_positions  # noqa: E402
 from teachdiag.models import load_model, load_tokenizer  # noqa: E402
-from teachdiag.probe import global_norm, pad_left, select_params, step_direction  # noqa: E402
+from teachdiag.probe import global_norm, select_params, step_direction  # noqa: E402
 from teachdiag.signals import probe_loss, signals_from_logits  # noqa: E402
 from teachdiag.fastprobe import make_probe  # noqa: E402
+from teachdiag.batching import exact_group, linear_group, teacher_logits  # noqa: E402
+from teachdiag.runner import ProbeConfig  # noqa: E402
 
 
 def naive_position(student, teacher, ctx: Context, j: int, vocab: int, lr: float, optimizer: str,
@@ -73,7 +75,7 @@ def tiny_pair(root: Path) -> tuple[str, str, str]:
     from conftest import save_pair, write_contexts
 
     teacher, student = save_pair(root)
-    return teacher, student, str(write_contexts(root / "ctx.jsonl", n=6))
+    return teacher, student, str(write_contexts(root / "ctx.jsonl", n=60))  # 330 positions
 
 
 def qwen25_pair(root: Path, n_contexts: int = 16, response: int = 256) -> tuple[str, str, str]:
@@ -146,37 +148,20 @@ def bf16_matmul_flops(device: torch.device) -> float:
     return 20 * 2 * 8192**3 / c.s
 
 
-def teacher_logits(teacher, ctx: Context, positions: list[int], vocab: int, device) -> torch.Tensor:
-    t_in = torch.tensor(ctx.teacher_view + ctx.response_ids[:-1], device=device)[None]
-    keep = torch.tensor([len(ctx.teacher_view) + j - 1 for j in positions], device=device)
-    with torch.no_grad():
-        return teacher(input_ids=t_in, logits_to_keep=keep, use_cache=False).logits[0, :, :vocab].float()
-
-
 def run_teachdiag(mode: str, student, teacher, ctxs, by_ctx, vocab, lr, optimizer, device, batch: int):
-    """gain_rkl per position in pick order (exact modes) or gain_first_order (linear)."""
-    out = {}
+    """gain_rkl per (context, position) (exact modes) or gain_first_order (linear), computed by
+    the runner's own group functions."""
+    cfg = ProbeConfig(params="all" if mode in ("exact", "linear") else mode, loss="reverse_kl",
+                      optimizer=optimizer, batch=max(batch, 1))
+    group = list(by_ctx)
     if mode == "linear":
-        from teachdiag.linear import first_order_rows
-
-        items = [(c, j) for c in by_ctx for j in by_ctx[c]]
-        t_all = {c: teacher_logits(teacher, ctxs[c], by_ctx[c], vocab, device) for c in by_ctx}
-        for a in range(0, len(items), batch):
-            chunk = items[a : a + batch]
-            prefixes = [torch.tensor(ctxs[c].prompt_ids + ctxs[c].response_ids[:j], device=device) for c, j in chunk]
-            t = torch.stack([t_all[c][by_ctx[c].index(j)] for c, j in chunk])
-            ys = [ctxs[c].response_ids[j] for c, j in chunk]
-            rows = first_order_rows(student, "all", prefixes, t, ys, "reverse_kl", optimizer, lr, vocab)
-            out.update({key: r["gain_first_order"] for key, r in zip(chunk, rows)})
-        return out
-    params = "all" if mode == "exact" else mode
-    probe = make_probe(student, params, "reverse_kl", optimizer, lr, vocab)
-    for c, pos in by_ctx.items():
-        ctx = ctxs[c]
-        ids = torch.tensor(ctx.prompt_ids + ctx.response_ids, device=device)
-        rows = probe.run_context(ids, len(ctx.prompt_ids), teacher_logits(teacher, ctx, pos, vocab, device), pos)
-        out.update({(c, j): r["gain_rkl"] for j, r in zip(pos, rows)})
-    return out
+        results = linear_group(cfg, student, lr, teacher, ctxs, group, by_ctx, vocab, device)
+        key = "gain_first_order"
+    else:
+        probe = make_probe(student, cfg.params, cfg.loss, optimizer, lr, vocab)
+        results = exact_group(probe, teacher, ctxs, group, by_ctx, vocab, device)
+        key = "gain_rkl"
+    return {(c, j): r[key] for c, rows in zip(group, results) for j, r in zip(by_ctx[c], rows)}
 
 
 def two_forwards(student, teacher, ctxs, by_ctx, vocab, device) -> None:
@@ -223,6 +208,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     naive_picks = picks[: args.naive_positions or len(picks)]
     params = "all" if args.mode in ("exact", "linear") else args.mode
+    # warm-up: first calls pay for lazy initialisation, which belongs to neither side
+    c0 = next(iter(by_ctx))
+    naive_position(student, teacher, ctxs[c0], by_ctx[c0][0], vocab, args.lr, args.optimizer, params, device)
+    run_teachdiag(args.mode, student, teacher, ctxs, {c0: by_ctx[c0][:1]}, vocab, args.lr, args.optimizer,
+                  device, args.batch)
     with Clock(device) as t_naive:
         naive = [naive_position(student, teacher, ctxs[c], j, vocab, args.lr, args.optimizer, params, device)
                  for c, j in naive_picks]

@@ -29,8 +29,9 @@ from teachdiag.contexts import Context, parse_positions, select_positions
 from teachdiag.errors import InputError
 from teachdiag.models import resolve_device
 from teachdiag.probe import SingleStepProbe
-from teachdiag.runner import (DEFAULT_LR, ProbeConfig, _h, load_inputs, load_models, resolve_defaults,
-                              teacher_logits)
+from teachdiag.batching import teacher_logits
+from teachdiag.models import load_inputs, load_models
+from teachdiag.runner import DEFAULT_LR, ProbeConfig, _h, resolve_defaults
 
 BAND = (0.9, 1.1)  # accepted median of gain / first-order prediction
 MAX_NEGATIVE = 0.05  # accepted share of positions whose probe loss went up

@@ -29,7 +29,7 @@ import math
 import torch
 from torch import nn
 
-from teachdiag.probe import ADAM_EPS, PositionGrad, SingleStepProbe, decoder_blocks, select_params
+from teachdiag.probe import ADAM_EPS, SingleStepProbe, decoder_blocks, make_row, select_params
 from teachdiag.signals import probe_loss, signals_from_logits
 
 
@@ -70,6 +70,8 @@ class BatchedProbe(SingleStepProbe):
 
     def _chunk(self, student_ids: torch.Tensor, n_prompt: int, t: torch.Tensor,
                positions: list[int]) -> list[dict[str, float]]:
+        if len(positions) == 1:  # nothing to share; a vmapped backward of one costs more than a plain one
+            return super().run_context(student_ids, n_prompt, t, positions)
         ids = student_ids[: n_prompt + max(positions)]  # (T,) enough for the last position
         keep = torch.tensor([n_prompt + j - 1 for j in positions], device=ids.device)
         y = student_ids[[n_prompt + j for j in positions]]  # (P,)
@@ -121,36 +123,36 @@ class HeadProbe(SingleStepProbe):
         with torch.enable_grad():
             (delta,) = torch.autograd.grad(probe_loss(zv, t, y, self.loss), zv)  # (P, V): ∂ℓ_j/∂z_j
         delta = delta.float()
-        rows = []
-        for i in range(len(positions)):
-            pg, z_after = self._closed_form(z[i : i + 1, : self.vocab], h[i], delta[i], t[i : i + 1], y[i : i + 1], w)
-            rows.append(self.row(pg, z_after, self.lr))
-        return rows
+        dz, grad_norm, g_dot_d = self._closed_form(h, delta)  # (P, V), (P,), (P,)
+        z = z[:, : self.vocab]
+        # all positions at once: signals before, and after z1 = (W − lr·scale·D)·h = z − lr·dz
+        before = {k: v.tolist() for k, v in signals_from_logits(z, t, y, self.top_k).items()}
+        after = signals_from_logits(z - self.lr * dz, t, y, self.top_k)
+        fkl_after, rkl_after = after["fkl"].tolist(), after["rkl"].tolist()
+        ok = (torch.isfinite(z).all(1) & torch.isfinite(t).all(1) & torch.isfinite(dz).all(1)).tolist()
+        return [make_row({k: v[i] for k, v in before.items()}, fkl_after[i], rkl_after[i], grad_norm[i],
+                         self.lr * g_dot_d[i], ok[i] and math.isfinite(grad_norm[i]))
+                for i in range(len(positions))]
 
-    def _closed_form(self, z: torch.Tensor, h: torch.Tensor, delta: torch.Tensor, t: torch.Tensor,
-                     y: torch.Tensor, w: torch.Tensor) -> tuple[PositionGrad, torch.Tensor]:
-        """One position: z (1, V) logits, h (d,) head input, delta (V,) = ∂ℓ/∂z."""
-        before = {k: v.item() for k, v in signals_from_logits(z, t, y, self.top_k).items()}
-        dn, hn = float(torch.linalg.vector_norm(delta.double())), float(torch.linalg.vector_norm(h.double()))
-        grad_norm = dn * hn
+    def _closed_form(self, h: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, list[float], list[float]]:
+        """(dz (P, V) with z1 = z − lr·dz, ‖g‖, ⟨g, scale·d⟩) from h (P, d) and δ = ∂ℓ/∂z (P, V)."""
+        dn = torch.linalg.vector_norm(delta.double(), dim=1)  # (P,)
+        hn = torch.linalg.vector_norm(h.double(), dim=1)  # (P,)
+        grad_norm = dn * hn  # ‖δ·hᵀ‖ = ‖δ‖·‖h‖
         if self.optimizer == "sgd":
-            dz, g_dot_d = hn**2 * delta, grad_norm**2
+            dz, g_dot_d = (hn**2)[:, None].float() * delta, grad_norm**2
         elif self.optimizer == "normalized":
-            dz = (hn / dn if dn > 0 else 0.0) * delta
-            g_dot_d = grad_norm
+            coef = torch.where(dn > 0, hn / dn, torch.zeros_like(dn))
+            dz, g_dot_d = coef[:, None].float() * delta, grad_norm
         else:  # adam: d = g/(|g|+eps) elementwise, g = δ·hᵀ; chunks of rows keep memory at (C, d)
-            dz, g_dot_d = torch.empty_like(delta), 0.0
-            for a in range(0, delta.numel(), 4096):
-                g = delta[a : a + 4096, None] * h[None, :]  # (C, d) rows of the gradient
-                d = g / (g.abs() + ADAM_EPS)
-                dz[a : a + 4096] = d @ h
-                g_dot_d += float((g * d).sum(dtype=torch.float64))
-        # z1 = (W − lr·scale·D)·h = z − lr·dz; only the vocabulary rows matter
-        z_after = z - self.lr * dz[None]
-        finite = math.isfinite(grad_norm) and bool(torch.isfinite(z).all() and torch.isfinite(t).all())
-        pg = PositionGrad(prefix=None, teacher=t, token=y, before=before, directions=[], scale=1.0,
-                          grad_norm=grad_norm, g_dot_d=g_dot_d, finite=finite)
-        return pg, z_after
+            dz, g_dot_d = torch.empty_like(delta), torch.zeros_like(dn)
+            for i in range(len(h)):
+                for a in range(0, delta.shape[1], 4096):
+                    g = delta[i, a : a + 4096, None] * h[i][None, :]  # (C, d) rows of the gradient
+                    d = g / (g.abs() + ADAM_EPS)
+                    dz[i, a : a + 4096] = d @ h[i]
+                    g_dot_d[i] += (g * d).sum(dtype=torch.float64)
+        return dz, grad_norm.tolist(), g_dot_d.tolist()
 
 
 class TopBlocksProbe(SingleStepProbe):

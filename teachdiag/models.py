@@ -3,6 +3,8 @@
     from teachdiag.models import load_model, load_tokenizer, tokenizer_fingerprint
     tok = load_tokenizer("path/or/hf-id")
     model = load_model("path/or/hf-id", dtype="float32", device="cpu")
+    ctxs, tok, fingerprint = load_inputs(cfg)          # a run's contexts, checked tokenizers
+    teacher, student = load_models(cfg, device, ctxs, len(tok))
 
 Every failure to load becomes an InputError (one line, exit code 2 in the CLI).
 `trust_remote_code` stays off unless the caller asks for it: a model folder whose config
@@ -18,6 +20,7 @@ from pathlib import Path
 import torch
 
 from teachdiag import zoo
+from teachdiag.contexts import Context, check_token_ids, load_contexts, tokenize_text_records
 from teachdiag.errors import InputError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -146,3 +149,27 @@ def check_same_tokenizer(teacher_tok, student_tok, teacher: str, student: str) -
                          f"{student}: {fs[:12]}); teachdiag compares distributions over one "
                          "shared vocabulary", field="--teacher")
     return fs
+
+
+def load_inputs(cfg) -> tuple[list[Context], object, str]:
+    """(contexts as token ids, student tokenizer, tokenizer fingerprint); refuses a pair whose
+    tokenizers differ. `cfg`: a ProbeConfig or anything with the same model/contexts fields."""
+    ctxs = load_contexts(cfg.contexts, cfg.max_response_tokens or None)
+    s_tok = load_tokenizer(cfg.student, "student", cfg.trust_remote_code)
+    t_tok = load_tokenizer(cfg.teacher, "teacher", cfg.trust_remote_code)
+    fingerprint = check_same_tokenizer(t_tok, s_tok, cfg.teacher, cfg.student)
+    return tokenize_text_records(ctxs, s_tok, cfg.max_response_tokens or None), s_tok, fingerprint
+
+
+def load_models(cfg, device: torch.device, ctxs: list[Context], vocab: int):
+    """(teacher, student), the student in float32 on `device`; checks vocabularies and lengths."""
+    teacher = load_model(cfg.teacher, "teacher", cfg.dtype, device, cfg.trust_remote_code,
+                         device_map=getattr(cfg, "teacher_device_map", "") or None)
+    student = load_model(cfg.student, "student", "float32", device, cfg.trust_remote_code)
+    for who, model in (("teacher", teacher), ("student", student)):
+        if vocab > vocab_rows(model):
+            raise InputError(f"tokenizer has {vocab} tokens but the {who} has only {vocab_rows(model)} "
+                             "output rows", field=f"--{who}")
+    max_pos = min(getattr(m.config, "max_position_embeddings", None) or 10**9 for m in (teacher, student))
+    check_token_ids(ctxs, vocab, max_pos)
+    return teacher, student

@@ -157,6 +157,20 @@ class PositionGrad:
     finite: bool
 
 
+def make_row(before: dict[str, float], fkl_after: float, rkl_after: float, grad_norm: float,
+             gain_first_order: float, finite: bool) -> dict[str, float]:
+    """A tokens.csv row from the signals before the step and the two KLs after it (nats)."""
+    row = dict(before)
+    row["fkl_after"], row["rkl_after"] = fkl_after, rkl_after
+    row["gain_fkl"] = row["fkl"] - fkl_after
+    row["gain_rkl"] = row["rkl"] - rkl_after
+    row["rel_gain_fkl"] = row["gain_fkl"] / row["fkl"] if row["fkl"] != 0 else math.nan
+    row["rel_gain_rkl"] = row["gain_rkl"] / row["rkl"] if row["rkl"] != 0 else math.nan
+    row["grad_norm"], row["gain_first_order"] = grad_norm, gain_first_order
+    row["finite"] = int(bool(finite) and all(math.isfinite(v) for v in before.values()))
+    return row
+
+
 class SingleStepProbe:
     """Holds θ0 for the stepped parameters and probes positions one at a time."""
 
@@ -234,17 +248,8 @@ class SingleStepProbe:
     def row(self, pg: PositionGrad, s_after: torch.Tensor, lr: float) -> dict[str, float]:
         """The tokens.csv row of one position: signals before, KLs after the step of size lr, gains."""
         after = signals_from_logits(s_after, pg.teacher, pg.token, self.top_k)
-        finite = pg.finite and torch.isfinite(s_after).all().item()
-        row = dict(pg.before)
-        row["fkl_after"], row["rkl_after"] = after["fkl"].item(), after["rkl"].item()
-        row["gain_fkl"] = row["fkl"] - row["fkl_after"]
-        row["gain_rkl"] = row["rkl"] - row["rkl_after"]
-        row["rel_gain_fkl"] = row["gain_fkl"] / row["fkl"] if row["fkl"] != 0 else math.nan
-        row["rel_gain_rkl"] = row["gain_rkl"] / row["rkl"] if row["rkl"] != 0 else math.nan
-        row["grad_norm"] = pg.grad_norm
-        row["gain_first_order"] = lr * pg.g_dot_d
-        row["finite"] = int(bool(finite) and all(math.isfinite(v) for v in pg.before.values()))
-        return row
+        finite = pg.finite and bool(torch.isfinite(s_after).all())
+        return make_row(pg.before, after["fkl"].item(), after["rkl"].item(), pg.grad_norm, lr * pg.g_dot_d, finite)
 
     def run_context(self, student_ids: torch.Tensor, n_prompt: int, teacher_logits: torch.Tensor,
                     positions: list[int]) -> list[dict[str, float]]:

@@ -24,13 +24,11 @@ import torch
 from tqdm.auto import tqdm
 
 from teachdiag import __version__, distributed, zoo
-from teachdiag.contexts import (Context, check_token_ids, load_contexts, parse_positions, select_positions,
-                                tokenize_text_records)
+from teachdiag.batching import exact_group, groups, linear_group
+from teachdiag.contexts import Context, parse_positions, select_positions
 from teachdiag.errors import InputError
-from teachdiag.models import (check_same_tokenizer, config_sha256, load_model, load_tokenizer,
-                              resolve_device, vocab_rows)
 from teachdiag.fastprobe import make_probe
-from teachdiag.linear import first_order_rows
+from teachdiag.models import config_sha256, load_inputs, load_models, resolve_device, vocab_rows
 from teachdiag.probe import select_params
 from teachdiag.table import RUN, RunWriter
 
@@ -190,88 +188,6 @@ def _check_resume(writer: RunWriter, record: dict) -> None:
                          file=str(old_path))
 
 
-def load_inputs(cfg) -> tuple[list[Context], object, str]:
-    """(contexts as token ids, student tokenizer, tokenizer fingerprint); refuses a pair whose
-    tokenizers differ. `cfg`: a ProbeConfig or anything with the same model/contexts fields."""
-    ctxs = load_contexts(cfg.contexts, cfg.max_response_tokens or None)
-    s_tok = load_tokenizer(cfg.student, "student", cfg.trust_remote_code)
-    t_tok = load_tokenizer(cfg.teacher, "teacher", cfg.trust_remote_code)
-    fingerprint = check_same_tokenizer(t_tok, s_tok, cfg.teacher, cfg.student)
-    return tokenize_text_records(ctxs, s_tok, cfg.max_response_tokens or None), s_tok, fingerprint
-
-
-def load_models(cfg, device: torch.device, ctxs: list[Context], vocab: int):
-    """(teacher, student), the student in float32 on `device`; checks vocabularies and lengths."""
-    teacher = load_model(cfg.teacher, "teacher", cfg.dtype, device, cfg.trust_remote_code,
-                         device_map=getattr(cfg, "teacher_device_map", "") or None)
-    student = load_model(cfg.student, "student", "float32", device, cfg.trust_remote_code)
-    for who, model in (("teacher", teacher), ("student", student)):
-        if vocab > vocab_rows(model):
-            raise InputError(f"tokenizer has {vocab} tokens but the {who} has only {vocab_rows(model)} "
-                             "output rows", field=f"--{who}")
-    max_pos = min(getattr(m.config, "max_position_embeddings", None) or 10**9 for m in (teacher, student))
-    check_token_ids(ctxs, vocab, max_pos)
-    return teacher, student
-
-
-def teacher_logits(teacher, ctx: Context, positions: list[int], vocab: int, device: torch.device) -> torch.Tensor:
-    """(P, V) float32 teacher logits for response[positions], from ONE teacher forward of the context
-    (the LM head only at those positions), moved to the student's `device`."""
-    t_device = teacher.get_input_embeddings().weight.device  # the first GPU of a spread teacher
-    t_in = torch.tensor(ctx.teacher_view + ctx.response_ids[:-1], device=t_device)
-    keep = torch.tensor([len(ctx.teacher_view) + j - 1 for j in positions], device=t_device)
-    with torch.no_grad():
-        out = teacher(input_ids=t_in[None], logits_to_keep=keep, use_cache=False)
-    return out.logits[0, :, :vocab].float().to(device)
-
-
-def _groups(todo: list[int], by_ctx: dict[int, list[int]], size: int) -> list[list[int]]:
-    """Consecutive contexts, each group holding at least `size` positions (the last may hold fewer)."""
-    groups, cur, n = [], [], 0
-    for c in todo:
-        cur.append(c)
-        n += len(by_ctx[c])
-        if n >= size:
-            groups.append(cur)
-            cur, n = [], 0
-    return groups + ([cur] if cur else [])
-
-
-def _probe_group(probe, teacher, ctxs: list[Context], group: list[int], by_ctx: dict[int, list[int]],
-                 vocab: int, device: torch.device) -> list[list[dict]]:
-    """The exact probe: every context of the group on its own (one teacher forward each)."""
-    out = []
-    for c in group:
-        ctx = ctxs[c]
-        t_logits = teacher_logits(teacher, ctx, by_ctx[c], vocab, device)  # (P, V)
-        s_ids = torch.tensor(ctx.prompt_ids + ctx.response_ids, device=device)
-        out.append(probe.run_context(s_ids, len(ctx.prompt_ids), t_logits, by_ctx[c]))
-    return out
-
-
-def _linear_group(cfg: ProbeConfig, student, lr: float, teacher, ctxs: list[Context], group: list[int],
-                  by_ctx: dict[int, list[int]], vocab: int, device: torch.device) -> list[list[dict]]:
-    """--mode linear: the group's positions, across contexts, in batches of cfg.batch."""
-    items = [(c, i, j) for c in group for i, j in enumerate(by_ctx[c])]
-    t_all = {c: teacher_logits(teacher, ctxs[c], by_ctx[c], vocab, device) for c in group}  # (P_c, V) each
-    # batches of similar prefix lengths waste less on padding (~1.5x on the demo pair)
-    order = sorted(range(len(items)), key=lambda k: len(ctxs[items[k][0]].prompt_ids) + items[k][2])
-    rows: list[dict | None] = [None] * len(items)
-    for a in range(0, len(order), cfg.batch):
-        chunk = [items[k] for k in order[a : a + cfg.batch]]
-        prefixes = [torch.tensor(ctxs[c].prompt_ids + ctxs[c].response_ids[:j], device=device) for c, _, j in chunk]
-        t = torch.stack([t_all[c][i] for c, i, _ in chunk])  # (B, V)
-        ys = [ctxs[c].response_ids[j] for c, _, j in chunk]
-        got = first_order_rows(student, cfg.params, prefixes, t, ys, cfg.loss, cfg.optimizer, lr, vocab, cfg.top_k)
-        for k, row in zip(order[a : a + cfg.batch], got):
-            rows[k] = row
-    out, a = [], 0
-    for c in group:
-        out.append(rows[a : a + len(by_ctx[c])])
-        a += len(by_ctx[c])
-    return out
-
-
 def run_probe(cfg: ProbeConfig, argv: list[str] | None = None) -> Path:
     """Run the probe; returns the run folder. Raises InputError on bad input.
 
@@ -336,11 +252,10 @@ def run_probe(cfg: ProbeConfig, argv: list[str] | None = None) -> Path:
     bar = tqdm(total=n_todo, unit="pos", desc="probe" if world == 1 else f"probe (rank 0 of {world})",
                disable=cfg.quiet or rank != 0, file=sys.stderr)
     # exact: one context at a time; linear: consecutive contexts until a batch is full
-    groups = _groups(todo, by_ctx, cfg.batch if cfg.mode == "linear" else 1)
     try:
-        for group in groups:
-            results = (_probe_group(probe, teacher, ctxs, group, by_ctx, vocab, device) if probe else
-                       _linear_group(cfg, student, lr, teacher, ctxs, group, by_ctx, vocab, device))
+        for group in groups(todo, by_ctx, cfg.batch if cfg.mode == "linear" else 1):
+            results = (exact_group(probe, teacher, ctxs, group, by_ctx, vocab, device) if probe else
+                       linear_group(cfg, student, lr, teacher, ctxs, group, by_ctx, vocab, device))
             for c, rows in zip(group, results):
                 ctx = ctxs[c]
                 for j, row in zip(by_ctx[c], rows):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from teachdiag.calibrate import choose_lr, in_regime, parse_lrs, summarize, sweep
-from teachdiag.runner import teacher_logits
+from teachdiag.batching import teacher_logits
 from teachdiag.cli import main
 from teachdiag.contexts import load_contexts, select_positions
 from teachdiag.errors import InputError

@@ -144,17 +144,17 @@ def test_nonfinite_logits_are_flagged(pair, contexts):
 
 
 def test_teacher_runs_once_per_context(tmp_path, pair, contexts, monkeypatch):
-    import teachdiag.runner as runner
+    import teachdiag.models as models
 
     calls = {"teacher": 0, "student": 0}
-    real_load = runner.load_model
+    real_load = models.load_model
 
     def counting_load(name, what, *args, **kw):
         model = real_load(name, what, *args, **kw)
         model.register_forward_pre_hook(lambda *_: calls.__setitem__(what, calls[what] + 1))
         return model
 
-    monkeypatch.setattr(runner, "load_model", counting_load)
+    monkeypatch.setattr(models, "load_model", counting_load)
     df = run(tmp_path, pair, contexts, "r")
     assert calls["teacher"] == df["context_id"].nunique() == 4
     # one forward + vmapped backward per context (BatchedProbe), then one forward after each step

@@ -29,6 +29,17 @@ def cmd(pair, contexts, out, *extra):
             "--device", "cpu", "--quiet", *extra]
 
 
+def wait_for_contexts(proc, out, n: int):
+    """Wait (at most 2 min) until the running probe has recorded n finished contexts; the progress file."""
+    progress = out / "progress.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if progress.exists() and len(progress.read_text().splitlines()) >= n:
+            break
+        time.sleep(0.01)
+    return progress
+
+
 @pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path, pair):
     contexts = write_contexts(tmp_path / "many.jsonl", n=80)
@@ -37,12 +48,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, pair):
 
     out = tmp_path / "killed"
     proc = cli(cmd(pair, contexts, out), wait=False)
-    progress = out / "progress.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if progress.exists() and len(progress.read_text().splitlines()) >= 5:
-            break
-        time.sleep(0.01)
+    progress = wait_for_contexts(proc, out, 5)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     n_done = len(progress.read_text().splitlines())
@@ -92,12 +98,7 @@ def test_ctrl_c_stops_cleanly_and_keeps_finished_contexts(tmp_path, pair):
     out = tmp_path / "r"
     proc = subprocess.Popen([sys.executable, "-m", "teachdiag", *cmd(pair, contexts, out)], env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    progress = out / "progress.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if progress.exists() and len(progress.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.01)
+    progress = wait_for_contexts(proc, out, 3)
     proc.send_signal(signal.SIGINT)
     err = proc.communicate(timeout=60)[1]
     assert proc.returncode == 130
