@@ -106,8 +106,10 @@ def load_run(run: str | pathlib.Path, allow_partial: bool = False) -> dict:
     run = pathlib.Path(run)
     if run.is_dir():
         # an interrupted probe leaves only tokens.partial.csv (teachability not yet normalised)
-        csv = next((run / n for n in ("tokens.csv", "tokens.csv.gz", "tokens.partial.csv")
-                    if (run / n).exists()), run / "tokens.csv")
+        csv = next((run / n for n in ("tokens.csv", "tokens.csv.gz") if (run / n).exists()), None)
+        if csv is None:  # rank 0's part names the partial table even before rank 0 wrote a row
+            partial = any(p.exists() for p, _ in all_parts(run))
+            csv = run / (PARTIAL if partial else "tokens.csv")
         meta_path = run / "run.json"
     else:
         csv, meta_path = run, run.parent / "run.json"
@@ -125,6 +127,8 @@ def load_run(run: str | pathlib.Path, allow_partial: bool = False) -> dict:
                          "it anyway", file=str(csv))
     if csv.name == PARTIAL:  # an interrupted torchrun run: every rank's part, not just rank 0's
         loaded = [load_tokens(p) for p, _ in all_parts(csv.parent) if p.is_file() and p.stat().st_size > 0]
+        if not loaded:
+            raise InputError("no finished contexts yet", file=str(csv))
         table, excluded = pd.concat([t for t, _ in loaded], ignore_index=True), sum(e for _, e in loaded)
     else:
         table, excluded = load_tokens(csv)

@@ -20,8 +20,6 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-# the last barrier waits for the slowest rank to finish its shard: allow a long wait
-BARRIER_TIMEOUT = timedelta(hours=int(os.environ.get("TEACHDIAG_BARRIER_HOURS", "48")))
 
 
 def world() -> tuple[int, int, int]:
@@ -34,7 +32,9 @@ def init() -> tuple[int, int, int]:
     """Join the process group when launched by torchrun with more than one rank."""
     rank, size, local = world()
     if size > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
+        # the last barrier waits for the slowest rank to finish its shard: allow a long wait
+        hours = float(os.environ.get("TEACHDIAG_BARRIER_HOURS", "48"))
+        dist.init_process_group("gloo", timeout=timedelta(hours=hours))
     return rank, size, local
 
 

@@ -38,10 +38,11 @@ def _tied(model: nn.Module) -> bool:
 
 
 def make_probe(model: nn.Module, params: str, loss: str, optimizer: str, lr: float, vocab: int,
-               top_k: int = 16, grad_bytes: int = 2 << 30) -> SingleStepProbe:
+               top_k: int = 16, grad_bytes: int | None = None) -> SingleStepProbe:
     """The fastest exact probe for this parameter set (all give the same numbers as probe.py).
 
-    grad_bytes: memory for the per-position gradients of BatchedProbe (reduce if you OOM)."""
+    grad_bytes: memory for the per-position gradients of BatchedProbe; default a quarter of the
+    free GPU memory on CUDA (a 0.5B student batches ~10 positions on an 80 GB GPU), 2 GiB on CPU."""
     args = (model, params, loss, optimizer, lr, vocab, top_k)
     select_params(model, params)  # validates params (ValueError) before any choice
     head = model.get_output_embeddings()
@@ -49,6 +50,9 @@ def make_probe(model: nn.Module, params: str, loss: str, optimizer: str, lr: flo
         return HeadProbe(*args)
     if params.startswith("last:") and not _tied(model):
         return TopBlocksProbe(*args)
+    if grad_bytes is None:
+        device = head.weight.device
+        grad_bytes = torch.cuda.mem_get_info(device)[0] // 4 if device.type == "cuda" else 2 << 30
     return BatchedProbe(*args, grad_bytes=grad_bytes)
 
 
@@ -127,7 +131,7 @@ class HeadProbe(SingleStepProbe):
         z = z[:, : self.vocab]
         # all positions at once: signals before, and after z1 = (W − lr·scale·D)·h = z − lr·dz
         before = {k: v.tolist() for k, v in signals_from_logits(z, t, y, self.top_k).items()}
-        after = signals_from_logits(z - self.lr * dz, t, y, self.top_k)
+        after = signals_from_logits(z.double() - self.lr * dz.double(), t, y, self.top_k)  # exact step
         fkl_after, rkl_after = after["fkl"].tolist(), after["rkl"].tolist()
         ok = (torch.isfinite(z).all(1) & torch.isfinite(t).all(1) & torch.isfinite(dz).all(1)).tolist()
         return [make_row({k: v[i] for k, v in before.items()}, fkl_after[i], rkl_after[i], grad_norm[i],
@@ -162,10 +166,30 @@ class TopBlocksProbe(SingleStepProbe):
         super().__init__(model, params, *args, **kw)
         self.blocks = decoder_blocks(model)
         self.first = len(self.blocks) - int(params.split(":", 1)[1])  # the lowest stepped block
+        self.params_spec = params
         self.cache: torch.Tensor | None = None  # (1, T, d) input of block `first` over the context
+        self.checked = False  # the cached path is compared with a full forward once, on real input
 
     def run_context(self, student_ids: torch.Tensor, n_prompt: int, teacher_logits: torch.Tensor,
                     positions: list[int]) -> list[dict[str, float]]:
+        if self.first == 0:  # every block is stepped: nothing to cache
+            return super().run_context(student_ids, n_prompt, teacher_logits, positions)
+        self.cache = self._block_input(student_ids[: n_prompt + max(positions)])
+        try:
+            if not self.checked:  # a model whose blocks do not fit the skip (older layer loops, tuple outputs)
+                prefix = student_ids[: n_prompt + positions[0]]
+                with torch.no_grad():
+                    fast, full = self._last_logits(prefix), SingleStepProbe._last_logits(self, prefix)
+                if fast.shape != full.shape or not torch.allclose(fast, full, rtol=1e-4, atol=1e-4):
+                    raise ValueError(f"--params {self.params_spec}: skipping the lower blocks of "
+                                     f"{type(self.model).__name__} changes its logits; use --params all")
+                self.checked = True
+            return super().run_context(student_ids, n_prompt, teacher_logits, positions)
+        finally:
+            self.cache = None
+
+    def _block_input(self, ids: torch.Tensor) -> torch.Tensor:
+        """(1, T, d) hidden states entering block `first` for ids (T,), from a forward that stops there."""
         captured = {}
 
         def grab(module, args, kwargs):
@@ -175,19 +199,17 @@ class TopBlocksProbe(SingleStepProbe):
         hook = self.blocks[self.first].register_forward_pre_hook(grab, with_kwargs=True)
         try:
             with torch.no_grad():
-                self.model(input_ids=student_ids[: n_prompt + max(positions)][None], use_cache=False)
+                self.model(input_ids=ids[None], use_cache=False)
         except _Stop:
             pass
         finally:
             hook.remove()
-        self.cache = captured["h"]
-        try:
-            return super().run_context(student_ids, n_prompt, teacher_logits, positions)
-        finally:
-            self.cache = None
+        return captured["h"]
 
     def _last_logits(self, ids: torch.Tensor) -> torch.Tensor:
         """As the parent's, but blocks below `first` are skipped and their output read from the cache."""
+        if self.cache is None:
+            return super()._last_logits(ids)
         cached = self.cache[:, : len(ids)]
 
         def swap(module, args, kwargs):
@@ -197,7 +219,7 @@ class TopBlocksProbe(SingleStepProbe):
 
         lower = [self.blocks[i] for i in range(self.first)]
         for i in range(self.first):
-            self.blocks[i] = _Pass()
+            self.blocks[i] = _Pass(lower[i])
         hook = self.blocks[self.first].register_forward_pre_hook(swap, with_kwargs=True)
         try:
             return super()._last_logits(ids)
@@ -212,7 +234,14 @@ class _Stop(Exception):
 
 
 class _Pass(nn.Module):
-    """Stands in for a block whose output is cached: returns its input unchanged."""
+    """Stands in for a block whose output is cached: returns its input unchanged. Keeps the
+    attributes the decoder loop may read from a block (attention_type in transformers 4.5x)."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        for name in ("attention_type", "layer_idx"):
+            if hasattr(block, name):
+                setattr(self, name, getattr(block, name))
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return hidden_states

@@ -34,8 +34,13 @@ ADAM_EPS = 1e-8
 
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
-    """The transformer blocks: the longest ModuleList in the model (layers / h / blocks)."""
+    """The transformer blocks: the ModuleList with config.num_hidden_layers entries (layers / h /
+    blocks); the longest list only when the config does not say (MoE expert lists can be longer)."""
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    exact = [m for m in lists if len(m) == n]
+    if exact:
+        return exact[0]  # modules() is outer first: the decoder's own list
     if not lists:
         raise ValueError("cannot find the transformer blocks of this model")
     return max(lists, key=len)

@@ -30,7 +30,7 @@ from teachdiag.errors import InputError
 from teachdiag.fastprobe import make_probe
 from teachdiag.models import config_sha256, load_inputs, load_models, resolve_device, vocab_rows
 from teachdiag.probe import select_params
-from teachdiag.table import RUN, RunWriter
+from teachdiag.table import COLUMNS, RUN, RunWriter, all_parts
 
 PAPER = "arXiv:2605.26844, Not All Disagreement Is Learnable: Token Teachability in On-Policy Distillation"
 
@@ -96,6 +96,8 @@ def resolve_defaults(cfg: ProbeConfig) -> ProbeConfig:
     cfg.positions = cfg.positions or "all"
     parse_positions(cfg.positions)
     cfg.lr = parse_lr(cfg.lr, cfg.optimizer)
+    if cfg.auto_lr_positions < 1:
+        raise InputError(f"must be >= 1, got {cfg.auto_lr_positions}", field="--auto-lr-positions")
     if cfg.batch < 1:
         raise InputError(f"must be >= 1, got {cfg.batch}", field="--batch")
     if cfg.top_k < 1:
@@ -183,6 +185,12 @@ def _check_resume(writer: RunWriter, record: dict) -> None:
                              file=str(old_path))
     if old["contexts"]["sha256"] != record["contexts"]["sha256"]:
         raise InputError("the contexts file changed since the run began", field="--resume", file=str(old_path))
+    for partial, _ in all_parts(writer.out):  # a part written by another version of the table
+        if partial.is_file() and partial.stat().st_size > 0:
+            with open(partial, encoding="utf-8", errors="replace") as f:
+                if f.readline().rstrip("\n") != ",".join(COLUMNS):
+                    raise InputError("its columns differ from this version's; start a new run",
+                                     field="--resume", file=str(partial))
     if old.get("complete") is True:
         raise InputError("this run is already complete; nothing to resume", field="--resume",
                          file=str(old_path))
@@ -202,18 +210,18 @@ def run_probe(cfg: ProbeConfig, argv: list[str] | None = None) -> Path:
     writer = RunWriter(cfg.out, overwrite=cfg.overwrite, resume=cfg.resume, rank=rank)
     teacher, student = load_models(cfg, device, ctxs, len(s_tok))
     vocab = len(s_tok)
-    lr, lr_auto = (cfg.lr, None) if cfg.lr != "auto" else _auto_lr(cfg, writer, teacher, student, ctxs, vocab,
-                                                                    device, rank)
+    try:  # --params is checked before --lr auto sweeps with it
+        n_stepped = sum(p.numel() for _, p in select_params(student, cfg.params))
+        lr, lr_auto = (cfg.lr, None) if cfg.lr != "auto" else _auto_lr(cfg, writer, teacher, student, ctxs,
+                                                                        vocab, device, rank)
+        probe = (make_probe(student, cfg.params, cfg.loss, cfg.optimizer, lr, vocab, cfg.top_k)
+                 if cfg.mode == "exact" else None)
+    except ValueError as exc:
+        raise InputError(str(exc), field="--params") from None
     picks = select_positions(ctxs, parse_positions(cfg.positions), cfg.seed)
     by_ctx: dict[int, list[int]] = {}
     for c, j in picks:
         by_ctx.setdefault(c, []).append(j)
-    try:
-        probe = (make_probe(student, cfg.params, cfg.loss, cfg.optimizer, lr, vocab, cfg.top_k)
-                 if cfg.mode == "exact" else None)
-        n_stepped = sum(p.numel() for _, p in select_params(student, cfg.params))
-    except ValueError as exc:
-        raise InputError(str(exc), field="--params") from None
 
     record = {
         "teachdiag": __version__, "cite": PAPER,
@@ -263,6 +271,10 @@ def run_probe(cfg: ProbeConfig, argv: list[str] | None = None) -> Path:
                     row.update(context_id=ctx.id, position=j, token_id=tok, token=s_tok.decode([tok]))
                 writer.append_context(ctx.id, rows)
                 bar.update(len(rows))
+    except ValueError as exc:  # a model the fast probe cannot handle; finished contexts stay saved
+        bar.close()
+        raise InputError(f"{exc} (finished contexts are saved in the run folder)",
+                         field="--mode" if cfg.mode == "linear" else "--params") from None
     except KeyboardInterrupt:
         bar.close()
         writer.repair(own_only=True)

@@ -165,3 +165,12 @@ def test_probe_lr_auto_takes_the_calibrated_lr(tmp_path, pair, contexts):
     assert record["step"]["lr"] == chosen and record["options"]["lr"] == "auto"
     assert record["step"]["lr_auto"]["positions"] == 6 and len(record["step"]["lr_auto"]["summary"]) == 10
     assert (tmp_path / "run/calibration.png").is_file()
+
+
+@pytest.mark.parametrize("extra,field", [(["--params", "last:9"], "--params"),
+                                         (["--auto-lr-positions", "0"], "--auto-lr-positions")])
+def test_probe_lr_auto_bad_options_are_one_line(tmp_path, pair, contexts, capsys, extra, field):
+    assert main(["probe", "--teacher", pair[0], "--student", pair[1], "--contexts", str(contexts), "--device",
+                 "cpu", "--quiet", "--lr", "auto", "--out", str(tmp_path / "r"), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and field in err and "Traceback" not in err

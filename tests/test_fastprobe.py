@@ -59,7 +59,11 @@ def test_the_bottom_runs_once_per_context_and_weights_come_back(arch):
     assert isinstance(top, TopBlocksProbe)
     calls.update(block0=0, block3=0)
     rows_top = top.run_context(ids, 5, teacher, positions)
-    assert calls["block0"] == 1 and calls["block3"] == 2 * len(positions)  # cache once; fwd+bwd, fwd per position
+    # the cache, plus a full forward once per probe to check the skip; then fwd+bwd, fwd per position
+    assert calls["block0"] == 2 and calls["block3"] == 2 * len(positions) + 2
+    calls.update(block0=0, block3=0)
+    top.run_context(ids, 5, teacher, positions)
+    assert calls["block0"] == 1 and calls["block3"] == 2 * len(positions)  # later contexts: the cache only
     for k, v in model.state_dict().items():
         assert torch.equal(v, theta0[k]), k
     assert len(list(model.model.layers)) == 4 and all(type(b).__name__.endswith("DecoderLayer")
@@ -75,3 +79,14 @@ def test_tied_heads_use_the_batched_full_probe():
     model = make_model("llama", 128, 2, tied=True).eval()
     for params in ("lm_head", "last:1", "all"):
         assert type(make_probe(model, params, "reverse_kl", "sgd", 1e-3, VOCAB)) is BatchedProbe
+
+
+def test_a_model_the_block_skip_does_not_fit_is_refused(monkeypatch):
+    """If skipping the lower blocks changed the logits (an older decoder loop, blocks returning
+    tuples), the first context says so instead of probing a different function."""
+    model = make_model("qwen2", 128, 2, layers=3).eval().requires_grad_(False)
+    probe = make_probe(model, "last:1", "reverse_kl", "sgd", 1e-3, VOCAB)
+    real = probe._block_input  # a cache that is not what the block really sees
+    monkeypatch.setattr(probe, "_block_input", lambda ids: real(ids) * 1.5)
+    with pytest.raises(ValueError, match="changes its logits"):
+        probe.run_context(torch.randint(0, 60, (12,)), 4, torch.randn(2, VOCAB), [2, 5])

@@ -112,3 +112,15 @@ def test_ctrl_c_stops_cleanly_and_keeps_finished_contexts(tmp_path, pair):
     assert cli(cmd(pair, contexts, out, "--resume")) == 0
     assert len(read_tokens(out / "tokens.csv")) == sum(
         len(json.loads(line)["response_ids"]) for line in contexts.read_text().splitlines())
+
+
+def test_resume_refuses_parts_with_other_columns(tmp_path, pair, contexts, capsys):
+    """A folder begun by a version with other tokens.csv columns is not continued (rows would misalign)."""
+    out = tmp_path / "r"
+    assert main(cmd(pair, contexts, out)) == 0
+    record = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps(dict(record, complete=False)))
+    (out / "tokens.partial.csv").write_text("context_id,position,fkl\nc0,0,0.5\n")
+    (out / "progress.jsonl").write_text(json.dumps({"id": "c0", "bytes": 38}) + "\n")
+    assert main(cmd(pair, contexts, out, "--resume")) == 2
+    assert "columns differ" in capsys.readouterr().err
