@@ -48,20 +48,35 @@ def full_logits(model, ids: list[int], index: int, vocab: int) -> torch.Tensor:
     return out.logits[0, index, :vocab].float()
 
 
+def reference_params(model, params: str) -> list:
+    """The stepped parameters, spelled out for Qwen/Llama (model.model.layers, .norm, .lm_head)."""
+    if params == "all":
+        return list(model.parameters())
+    if params == "lm_head":
+        return [model.lm_head.weight]
+    n = int(params.split(":")[1])  # last:N
+    chosen = [p for layer in model.model.layers[-n:] for p in layer.parameters()]
+    chosen += list(model.model.norm.parameters()) + [model.lm_head.weight]
+    return list({id(p): p for p in chosen}.values())
+
+
+def reference_loss(s: torch.Tensor, t: torch.Tensor, y: int, loss: str) -> torch.Tensor:
+    """The probe loss from float64 logits (V,) through torch.distributions."""
+    ps, pt = Categorical(logits=s), Categorical(logits=t)
+    if loss == "reverse_kl":
+        return kl_divergence(ps, pt)
+    if loss == "forward_kl":
+        return kl_divergence(pt, ps)
+    lp_s = ps.log_prob(torch.tensor(y))
+    return -(pt.log_prob(torch.tensor(y)) - lp_s).detach() * lp_s
+
+
 def naive_probe(student, teacher, ctx: dict, j: int, vocab: int, loss: str, optimizer: str, lr: float,
                 params: str = "all") -> dict[str, float]:
     """Gains at position j of ctx by deep copy + torch.optim, for comparison with the tool."""
     model = copy.deepcopy(student)
     model.requires_grad_(False)
-    if params == "all":
-        chosen = list(model.parameters())
-    elif params == "lm_head":
-        chosen = [model.lm_head.weight]
-    else:  # last:N
-        n = int(params.split(":")[1])
-        chosen = [p for layer in model.model.layers[-n:] for p in layer.parameters()]
-        chosen += list(model.model.norm.parameters()) + [model.lm_head.weight]
-        chosen = list({id(p): p for p in chosen}.values())
+    chosen = reference_params(model, params)
     for p in chosen:
         p.requires_grad_(True)
     s_ids = ctx["prompt_ids"] + ctx["response_ids"]
@@ -71,15 +86,7 @@ def naive_probe(student, teacher, ctx: dict, j: int, vocab: int, loss: str, opti
     with torch.no_grad():
         t = full_logits(teacher, t_ids, len(t_view) + j - 1, vocab).double()
     s = full_logits(model, s_ids, len(ctx["prompt_ids"]) + j - 1, vocab).double()
-    ps, pt = Categorical(logits=s), Categorical(logits=t)
-    if loss == "reverse_kl":
-        value = kl_divergence(ps, pt)
-    elif loss == "forward_kl":
-        value = kl_divergence(pt, ps)
-    else:
-        lp_s = ps.log_prob(torch.tensor(y))
-        value = -(pt.log_prob(torch.tensor(y)) - lp_s).detach() * lp_s
-    value.backward()
+    reference_loss(s, t, y, loss).backward()
     grads = [p.grad.clone() for p in chosen]
     grad_norm = math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads))
     if optimizer == "sgd":

@@ -7,12 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch.distributions import Categorical, kl_divergence
 from transformers import AutoModelForCausalLM
 
 import teachdiag.linear as linear
 from conftest import make_model
-from reference import full_logits, naive_probe
+from reference import full_logits, naive_probe, reference_loss, reference_params
 from teachdiag.linear import MEASURED, first_order_rows
 from teachdiag.probe import ADAM_EPS, SingleStepProbe
 
@@ -40,22 +39,9 @@ def make_batch(lens, seed=0):
 
 def naive_grad_stats(model, params, prefix, teacher, token, loss):
     """(‖g‖, Σ g²/(|g|+eps)) from one unpadded full-sequence forward and autograd.grad, float64 sums."""
-    if params == "all":
-        chosen = list(model.parameters())
-    elif params == "lm_head":
-        chosen = [model.lm_head.weight]
-    else:  # last:1
-        chosen = [*model.model.layers[-1].parameters(), *model.model.norm.parameters(), model.lm_head.weight]
-        chosen = list({id(p): p for p in chosen}.values())
-    ps = Categorical(logits=model(input_ids=prefix[None]).logits[0, -1, :VOCAB].double())
-    pt = Categorical(logits=teacher.double())
-    if loss == "reverse_kl":
-        value = kl_divergence(ps, pt)
-    elif loss == "forward_kl":
-        value = kl_divergence(pt, ps)
-    else:
-        lp_s = ps.log_prob(torch.tensor(token))
-        value = -(pt.log_prob(torch.tensor(token)) - lp_s).detach() * lp_s
+    chosen = reference_params(model, params)
+    s = model(input_ids=prefix[None]).logits[0, -1, :VOCAB].double()
+    value = reference_loss(s, teacher.double(), token, loss)
     grads = [g.double() for g in torch.autograd.grad(value, chosen)]
     return math.sqrt(sum(float((g**2).sum()) for g in grads)), sum(float((g * g / (g.abs() + ADAM_EPS)).sum())
                                                                   for g in grads)
