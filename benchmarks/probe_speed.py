@@ -37,7 +37,7 @@ from scipy.stats import spearmanr
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from teachdiag.contexts import Context, load_contexts, select_positions  # noqa: E402
+from teachdiag.contexts import Context, by_context, load_contexts, select_positions  # noqa: E402
 from teachdiag.models import load_model, load_tokenizer  # noqa: E402
 from teachdiag.probe import global_norm, select_params, step_direction  # noqa: E402
 from teachdiag.signals import probe_loss, signals_from_logits  # noqa: E402
@@ -199,10 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
     student = load_model(args.student, "student", "float32", device)
     ctxs = load_contexts(args.contexts, max_response_tokens=256)
     picks = select_positions(ctxs, args.positions, seed=0)
-    by_ctx: dict[int, list[int]] = {}
-    for c, j in picks:
-        by_ctx.setdefault(c, []).append(j)
-    picks = [(c, j) for c in by_ctx for j in by_ctx[c]]
+    by_ctx = by_context(picks)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 

@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 
 from teachdiag import __version__
-from teachdiag.contexts import Context, parse_positions, select_positions
+from teachdiag.contexts import Context, by_context, parse_positions, select_positions
 from teachdiag.errors import InputError
 from teachdiag.models import resolve_device
 from teachdiag.probe import SingleStepProbe
@@ -94,9 +94,7 @@ def sweep(teacher, student, ctxs: list[Context], picks: list[tuple[int, int]], l
     from tqdm.auto import tqdm
 
     probe = SingleStepProbe(student, params, loss, optimizer, lrs[0], vocab)
-    by_ctx: dict[int, list[int]] = {}
-    for c, j in picks:
-        by_ctx.setdefault(c, []).append(j)
+    by_ctx = by_context(picks)
     rows = []
     bar = tqdm(total=len(picks) * len(lrs), unit="step", desc="calibrate", disable=quiet, file=sys.stderr)
     try:

@@ -216,6 +216,14 @@ def select_positions(ctxs: list[Context], positions: str | int, seed: int) -> li
     return [(int(c), int(f - starts[c])) for c, f in zip(ctx_idx, flat)]
 
 
+def by_context(picks: list[tuple[int, int]]) -> dict[int, list[int]]:
+    """select_positions' pairs grouped: context index -> its positions, both in file order."""
+    out: dict[int, list[int]] = {}
+    for c, j in picks:
+        out.setdefault(c, []).append(j)
+    return out
+
+
 def parse_positions(value: str) -> str | int:
     """CLI value of --positions: 'all' or a positive integer."""
     if value == "all":

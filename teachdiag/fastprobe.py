@@ -56,6 +56,15 @@ def make_probe(model: nn.Module, params: str, loss: str, optimizer: str, lr: flo
     return BatchedProbe(*args, grad_bytes=grad_bytes)
 
 
+def context_view(student_ids: torch.Tensor, n_prompt: int,
+                 positions: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What one forward for all `positions` needs: ids (T,) up to the last position's prefix,
+    the sequence indices whose logits predict each position (P,), and the sampled tokens (P,)."""
+    ids = student_ids[: n_prompt + max(positions)]
+    keep = torch.tensor([n_prompt + j - 1 for j in positions], device=ids.device)
+    return ids, keep, student_ids[[n_prompt + j for j in positions]]
+
+
 class BatchedProbe(SingleStepProbe):
     """Before-logits and per-position gradients of a context from one forward and one vmapped backward."""
 
@@ -76,22 +85,14 @@ class BatchedProbe(SingleStepProbe):
                positions: list[int]) -> list[dict[str, float]]:
         if len(positions) == 1:  # nothing to share; a vmapped backward of one costs more than a plain one
             return super().run_context(student_ids, n_prompt, t, positions)
-        ids = student_ids[: n_prompt + max(positions)]  # (T,) enough for the last position
-        keep = torch.tensor([n_prompt + j - 1 for j in positions], device=ids.device)
-        y = student_ids[[n_prompt + j for j in positions]]  # (P,)
-        for p in self.params:
-            p.requires_grad_(True)
-        try:
-            with torch.enable_grad():
-                z = self.model(input_ids=ids[None], logits_to_keep=keep, use_cache=False).logits[0]
-                z = z[:, : self.vocab].float()  # (P, V)
-                losses = probe_loss(z, t, y, self.loss, reduce=False)  # (P,)
-                eye = torch.eye(len(positions), dtype=losses.dtype, device=losses.device)
-                # row i of each result is ∂ℓ_i/∂θ: causality keeps later tokens out of it
-                grads = torch.autograd.grad(losses, self.params, grad_outputs=eye, is_grads_batched=True)
-        finally:
-            for p in self.params:
-                p.requires_grad_(False)
+        ids, keep, y = context_view(student_ids, n_prompt, positions)
+        with self.differentiable():
+            z = self.model(input_ids=ids[None], logits_to_keep=keep, use_cache=False).logits[0]
+            z = z[:, : self.vocab].float()  # (P, V)
+            losses = probe_loss(z, t, y, self.loss, reduce=False)  # (P,)
+            eye = torch.eye(len(positions), dtype=losses.dtype, device=losses.device)
+            # row i of each result is ∂ℓ_i/∂θ: causality keeps later tokens out of it
+            grads = torch.autograd.grad(losses, self.params, grad_outputs=eye, is_grads_batched=True)
         z = z.detach()
         rows = []
         for i, j in enumerate(positions):
@@ -104,25 +105,27 @@ class BatchedProbe(SingleStepProbe):
 class HeadProbe(SingleStepProbe):
     """--params lm_head with an untied, bias-free head: closed form from one forward per context."""
 
+    checked = False  # set on the first context, once the closed form is known to fit the model
+
     def run_context(self, student_ids: torch.Tensor, n_prompt: int, teacher_logits: torch.Tensor,
                     positions: list[int]) -> list[dict[str, float]]:
         head = self.model.get_output_embeddings()
         w = head.weight  # (V_rows, d)
         captured = {}
         hook = head.register_forward_hook(lambda m, args, out: captured.update(h=args[0]))
-        ids = student_ids[: n_prompt + max(positions)]  # enough context for the last position
-        keep = torch.tensor([n_prompt + j - 1 for j in positions], device=ids.device)
+        ids, keep, y = context_view(student_ids, n_prompt, positions)
         try:
             with torch.no_grad():
                 z = self.model(input_ids=ids[None], logits_to_keep=keep, use_cache=False).logits[0]  # (P, V_rows)
         finally:
             hook.remove()
         h = captured["h"][0].float()  # (P, d): the head's input at each probed position
-        if not torch.allclose(h @ w.T, z, rtol=1e-4, atol=1e-4):  # logits post-processed (softcap, scale)
+        # once per probe: the model's logits are lm_head(h), not post-processed (softcap, scale)
+        if not self.checked and not torch.allclose(h @ w.T, z, rtol=1e-4, atol=1e-4):
             raise ValueError("this model's logits are not lm_head(h); use --params last:1")
+        self.checked = True
         z = z.float()
         t = teacher_logits  # (P, V)
-        y = student_ids[[n_prompt + j for j in positions]]  # (P,)
         zv = z[:, : self.vocab].detach().requires_grad_(True)
         with torch.enable_grad():
             (delta,) = torch.autograd.grad(probe_loss(zv, t, y, self.loss), zv)  # (P, V): ∂ℓ_j/∂z_j

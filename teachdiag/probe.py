@@ -21,6 +21,7 @@ the runner keeps the student in float32 whatever --dtype says about the teacher.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -216,17 +217,22 @@ class SingleStepProbe:
         """
         t = teacher_logits[None]  # (1, V)
         y = torch.tensor([token_id], device=prefix.device)
+        with self.differentiable():
+            s_before = self._last_logits(prefix)  # (1, V)
+            grads = torch.autograd.grad(probe_loss(s_before, t, y, self.loss), self.params)
+        return self.gradient_at(prefix, s_before.detach(), t, y, list(grads))
+
+    @contextlib.contextmanager
+    def differentiable(self):
+        """Autograd on, for the stepped parameters only, and off again whatever happens."""
         for p in self.params:
             p.requires_grad_(True)
         try:
             with torch.enable_grad():
-                s_before = self._last_logits(prefix)  # (1, V)
-                loss = probe_loss(s_before, t, y, self.loss)
-                grads = torch.autograd.grad(loss, self.params)
+                yield
         finally:
             for p in self.params:
                 p.requires_grad_(False)
-        return self.gradient_at(prefix, s_before.detach(), t, y, list(grads))
 
     def gradient_at(self, prefix: torch.Tensor, s_before: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
                     grads: list[torch.Tensor]) -> PositionGrad:

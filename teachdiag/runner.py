@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from teachdiag import __version__, distributed, zoo
 from teachdiag.batching import exact_group, groups, linear_group
-from teachdiag.contexts import Context, parse_positions, select_positions
+from teachdiag.contexts import Context, by_context, parse_positions, select_positions
 from teachdiag.errors import InputError
 from teachdiag.fastprobe import make_probe
 from teachdiag.models import config_sha256, load_inputs, load_models, resolve_device, vocab_rows
@@ -219,9 +219,7 @@ def run_probe(cfg: ProbeConfig, argv: list[str] | None = None) -> Path:
     except ValueError as exc:
         raise InputError(str(exc), field="--params") from None
     picks = select_positions(ctxs, parse_positions(cfg.positions), cfg.seed)
-    by_ctx: dict[int, list[int]] = {}
-    for c, j in picks:
-        by_ctx.setdefault(c, []).append(j)
+    by_ctx = by_context(picks)
 
     record = {
         "teachdiag": __version__, "cite": PAPER,
@@ -285,7 +283,7 @@ def run_probe(cfg: ProbeConfig, argv: list[str] | None = None) -> Path:
     distributed.barrier()  # every rank's part is complete
     if rank == 0:
         wall, probe_s = time.time() - t_start, time.time() - t_probe
-        n_new = n_todo if world == 1 else sum(len(by_ctx[c]) for c in by_ctx if ctxs[c].id not in done)
+        n_new = sum(len(by_ctx[c]) for c in by_ctx if ctxs[c].id not in done)  # every rank's share
         record.update(finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                       wall_s=round(wall, 3), probe_s=round(probe_s, 3),
                       positions_per_s=round(n_new / max(probe_s, 1e-9), 4))
