@@ -39,10 +39,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from teachdiag.contexts import Context, by_context, load_contexts, select_positions  # noqa: E402
 from teachdiag.models import load_model, load_tokenizer  # noqa: E402
-from teachdiag.probe import global_norm, select_params, step_direction  # noqa: E402
-from teachdiag.signals import probe_loss, signals_from_logits  # noqa: E402
-from teachdiag.fastprobe import make_probe  # noqa: E402
-from teachdiag.batching import exact_group, linear_group, teacher_logits  # noqa: E402
+from teachdiag.probe.exact import global_norm, select_params, step_direction  # noqa: E402
+from teachdiag.probe.signals import probe_loss, signals_from_logits  # noqa: E402
+from teachdiag.probe.fast import make_probe  # noqa: E402
+from teachdiag.batching import exact_group, linear_group  # noqa: E402
+from teachdiag.probe.forward import teacher_logits  # noqa: E402
 from teachdiag.runner import ProbeConfig  # noqa: E402
 
 
@@ -111,7 +112,7 @@ def resolve_pair(name: str) -> tuple[str, str, str]:
     if name == "qwen2.5":
         return qwen25_pair(Path(tempfile.mkdtemp()))
     if name == "embedded":
-        return "smollm2-135m", "smollm2-135m-pruned", str(ROOT / "data/demo_rollouts.jsonl")
+        return "smollm2-135m", "smollm2-135m-pruned", str(DEMO_ROLLOUTS)
     raise SystemExit(f"unknown --pair {name!r} (tiny, embedded, qwen2.5)")
 
 

@@ -1,5 +1,5 @@
-"""How a run's positions are computed: teacher logits once per context, the exact probe context
-by context, --mode linear in batches across contexts.
+"""How a run's positions are grouped: the exact probe context by context, --mode linear in batches
+across contexts (the teacher's logits once per context, probe/forward.py).
 
     from teachdiag.batching import groups, exact_group, linear_group
     for group in groups(todo, by_ctx, size=1):           # size = --batch in linear mode
@@ -14,18 +14,8 @@ from __future__ import annotations
 import torch
 
 from teachdiag.contexts import Context
-from teachdiag.linear import first_order_rows
-
-
-def teacher_logits(teacher, ctx: Context, positions: list[int], vocab: int, device: torch.device) -> torch.Tensor:
-    """(P, V) float32 teacher logits for response[positions], from ONE teacher forward of the context
-    (the LM head only at those positions), moved to the student's `device`."""
-    t_device = teacher.get_input_embeddings().weight.device  # the first GPU of a spread teacher
-    t_in = torch.tensor(ctx.teacher_view + ctx.response_ids[:-1], device=t_device)
-    keep = torch.tensor([len(ctx.teacher_view) + j - 1 for j in positions], device=t_device)
-    with torch.no_grad():
-        out = teacher(input_ids=t_in[None], logits_to_keep=keep, use_cache=False)
-    return out.logits[0, :, :vocab].float().to(device)
+from teachdiag.probe.forward import teacher_logits
+from teachdiag.probe.linear import first_order_rows
 
 
 def groups(todo: list[int], by_ctx: dict[int, list[int]], size: int) -> list[list[int]]:

@@ -17,7 +17,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +27,13 @@ import torch
 from teachdiag import __version__
 from teachdiag.contexts import Context, by_context, parse_positions, select_positions
 from teachdiag.errors import InputError
-from teachdiag.models import resolve_device
-from teachdiag.probe import SingleStepProbe
-from teachdiag.batching import teacher_logits
-from teachdiag.models import load_inputs, load_models
-from teachdiag.runner import DEFAULT_LR, ProbeConfig, _h, resolve_defaults
+from teachdiag.config import (ContextOptions, DeviceOptions, PairOptions, StepOptions, check_positive,
+                              fill_embedded)
+from teachdiag.flags import opt
+from teachdiag.models import load_inputs, load_models, resolve_device
+from teachdiag.probe.exact import SingleStepProbe, parse_params
+from teachdiag.probe.forward import teacher_logits
+from teachdiag.probe.steps import RULES
 
 BAND = (0.9, 1.1)  # accepted median of gain / first-order prediction
 MAX_NEGATIVE = 0.05  # accepted share of positions whose probe loss went up
@@ -42,35 +44,21 @@ GAIN = {"reverse_kl": "gain_rkl: drop of KL(p_S || p_T)", "forward_kl": "gain_fk
 
 
 @dataclass
-class CalibrateConfig:
-    """Options of `teachdiag calibrate` (each field's help is its --help text)."""
+class CalibrateConfig(DeviceOptions, StepOptions, ContextOptions, PairOptions):  # listed last-shown first
+    """Options of `teachdiag calibrate` (each field's help is its --help text; --lr is not used)."""
 
-    teacher: str = field(default="", **_h("teacher model: local folder, HF id or short name (default: the embedded pair)"))
-    student: str = field(default="", **_h("student model: local folder, HF id or short name (default: the embedded pair)"))
-    contexts: str = field(default="", **_h("frozen rollouts, JSONL or Parquet (default: the demo rollouts)"))
-    out: str = field(default="calib", **_h("folder for calibration.csv, .json and .png (files are replaced)"))
-    positions: str = field(default="64", **_h("N for a seeded uniform sample of N positions, or 'all'; "
-                                              "cost: N backward + N × len(lrs) forwards"))
-    max_response_tokens: int = field(default=0, **_h("truncate each response to M tokens (0: keep all)"))
-    loss: str = field(default="reverse_kl", **_h("probe loss; gain is the measured drop of this loss",
-                                                 choices=["reverse_kl", "forward_kl", "sampled_token"]))
-    optimizer: str = field(default="normalized", **_h("step rule: θ1 = θ0 − lr·d with d = g, g/(|g|+1e-8), g/‖g‖",
-                                                       choices=["sgd", "adam", "normalized"]))
-    lrs: str = field(default="", **_h("comma-separated step sizes, e.g. 1e-5,1e-4,1e-3 (empty: 10 log-spaced "
-                                      "values from 1e-3x to 1e3x the step rule's default lr)"))
-    params: str = field(default="all", **_h("parameters the step touches: all, lm_head, last:N"))
-    seed: int = field(default=0, **_h("seed for position sampling"))
-    device: str = field(default="auto", **_h("auto, cpu or cuda"))
-    dtype: str = field(default="float32", **_h("teacher forward dtype; the student always steps in float32",
-                                               choices=["float32", "bfloat16"]))
-    trust_remote_code: bool = field(default=False, **_h("allow model folders that load their own code"))
-    quiet: bool = field(default=False, **_h("no progress bar"))
+    out: str = opt("folder for calibration.csv, .json and .png (files are replaced)", "calib")
+    lrs: str = opt("comma-separated step sizes, e.g. 1e-5,1e-4,1e-3 (empty: 10 log-spaced values from "
+                   "1e-3x to 1e3x the step rule's default lr)", "")
+
+
+CALIBRATE_POSITIONS = 64  # cost: N backward + N × len(lrs) forwards
 
 
 def parse_lrs(text: str, optimizer: str) -> list[float]:
     """--lrs as a sorted list of distinct positive floats; '' gives the default grid."""
     if not text.strip():
-        return [float(f"{DEFAULT_LR[optimizer] * s:.3g}") for s in np.logspace(-3, 3, 10)]
+        return [float(f"{RULES[optimizer].default_lr * s:.3g}") for s in np.logspace(-3, 3, 10)]
     try:
         lrs = [float(v) for v in text.replace(",", " ").split()]
     except ValueError:
@@ -87,13 +75,13 @@ def parse_lrs(text: str, optimizer: str) -> list[float]:
 
 def sweep(teacher, student, ctxs: list[Context], picks: list[tuple[int, int]], lrs: list[float], vocab: int,
           loss: str = "reverse_kl", optimizer: str = "normalized", params: str = "all", device="cpu",
-          quiet: bool = True) -> pd.DataFrame:
+          quiet: bool = True, top_k: int = 16) -> pd.DataFrame:
     """One row per position × lr: context_id, position, lr, gain, gain_first_order, ratio, gain_fkl,
     gain_rkl, grad_norm, finite. gain is the measured drop of the probe loss (nats, see GAIN);
     ratio = gain / gain_first_order. The student is at θ0, bit for bit, on return."""
     from tqdm.auto import tqdm
 
-    probe = SingleStepProbe(student, params, loss, optimizer, lrs[0], vocab)
+    probe = SingleStepProbe(student, params, loss, optimizer, lrs[0], vocab, top_k)
     by_ctx = by_context(picks)
     rows = []
     bar = tqdm(total=len(picks) * len(lrs), unit="step", desc="calibrate", disable=quiet, file=sys.stderr)
@@ -193,23 +181,21 @@ def run_calibrate(cfg: CalibrateConfig, argv: list[str] | None = None) -> tuple[
     input, and (after writing the files) when no lr of the grid is in the linear regime."""
     t0 = time.time()
     lrs = parse_lrs(cfg.lrs, cfg.optimizer)
-    p = resolve_defaults(ProbeConfig(teacher=cfg.teacher, student=cfg.student, contexts=cfg.contexts,
-                                     positions=cfg.positions, optimizer=cfg.optimizer, out=cfg.out))
-    cfg.teacher, cfg.student, cfg.contexts, cfg.positions = p.teacher, p.student, p.contexts, p.positions
+    fill_embedded(cfg)
+    cfg.positions = cfg.positions or str(CALIBRATE_POSITIONS)
+    check_positive(top_k=cfg.top_k)
+    parse_params(cfg.params)
     device = resolve_device(cfg.device)
     ctxs, s_tok, _ = load_inputs(cfg)
     vocab = len(s_tok)
     teacher, student = load_models(cfg, device, ctxs, vocab)
     picks = select_positions(ctxs, parse_positions(cfg.positions), cfg.seed)
-    try:
-        table = sweep(teacher, student, ctxs, picks, lrs, vocab, cfg.loss, cfg.optimizer, cfg.params, device,
-                      cfg.quiet)
-    except ValueError as exc:  # bad --params
-        raise InputError(str(exc), field="--params") from None
+    table = sweep(teacher, student, ctxs, picks, lrs, vocab, cfg.loss, cfg.optimizer, cfg.params, device,
+                  cfg.quiet, cfg.top_k)
     summary = summarize(table)
     lr = choose_lr(summary)
 
-    from teachdiag import plots
+    from teachdiag.analysis import plots
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

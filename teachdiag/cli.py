@@ -6,19 +6,20 @@
     teachdiag analyze runs/r1
     teachdiag calibrate --positions 24 --out calib   # pick an lr in the linear regime
 
-Each dataclass field is one flag and its metadata "help" is its --help text (written once).
+Each config dataclass field is one flag and its help is its --help text, written once (config.py).
 Bad input prints one line `teachdiag: error: ...` and exits 2, without a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
-import typing
 
+from teachdiag import __version__
+from teachdiag.config import DeviceOptions, apply_threads
+from teachdiag.flags import add_dataclass_args, join_negative_values
 from teachdiag.errors import InputError
 
 
@@ -32,7 +33,7 @@ def _probe(cfg, argv: list[str]) -> None:
     if "lr_auto" in step:  # --lr auto: the sweep that chose the lr, next to the table
         import pandas as pd
 
-        from teachdiag import plots
+        from teachdiag.analysis import plots
         from teachdiag.calibrate import BAND, MAX_NEGATIVE
 
         fig = plots.calibration(pd.DataFrame(step["lr_auto"]["summary"]), step["lr"],
@@ -54,7 +55,7 @@ def _calibrate(cfg, argv: list[str]) -> None:
 
 def _commands() -> dict:
     """name -> (config class, handler(cfg, argv), one-line description); imported lazily."""
-    from teachdiag.analyze import AnalyzeConfig, run_analyze
+    from teachdiag.analysis.command import AnalyzeConfig, run_analyze
     from teachdiag.calibrate import CalibrateConfig
     from teachdiag.rollout import RolloutConfig, run_rollout
     from teachdiag.runner import ProbeConfig
@@ -69,40 +70,21 @@ def _commands() -> dict:
     }
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One argument per field: `foo_bar` -> --foo-bar; bools are flags; help from metadata."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        meta, kind = dict(f.metadata), hints[f.name]
-        kw = {"help": meta.get("help", "")}
-        if "choices" in meta:
-            kw["choices"] = meta["choices"]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        if meta.get("positional"):
-            parser.add_argument(f.name, nargs=meta.get("nargs"), **kw)
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if kind is bool:
-            parser.add_argument(flag, action="store_true", **kw)
-        elif typing.get_origin(kind) is list:
-            parser.add_argument(flag, nargs="+", type=typing.get_args(kind)[0], default=default, **kw)
-        else:
-            base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
-            kw["help"] += f" [default: {default}]" if default not in ("", None) else ""
-            parser.add_argument(flag, type=base, default=default, **kw)
-
-
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = join_negative_values(sys.argv[1:] if argv is None else list(argv))
     commands = _commands()
     parser = argparse.ArgumentParser(prog="teachdiag", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"teachdiag {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (cls, _, desc) in commands.items():
         add_dataclass_args(sub.add_parser(name, help=desc, description=desc), cls)
     args = vars(parser.parse_args(argv))
     cls, run, _ = commands[args.pop("command")]
     try:
-        run(cls(**args), argv[1:])
+        cfg = cls(**args)
+        if isinstance(cfg, DeviceOptions):
+            apply_threads(cfg.threads)
+        run(cfg, argv[1:])
     except InputError as exc:
         where = f" [rank {_rank()}]" if "WORLD_SIZE" in os.environ else ""
         print(f"teachdiag{where}: error: {exc.one_line()}", file=sys.stderr)

@@ -18,6 +18,9 @@ class InputError(Exception):
         self.message, self.file, self.line, self.field = message, file, line, field
         super().__init__(self.one_line())
 
+    def __str__(self) -> str:  # one_line() at raise time would miss a message extended later
+        return self.one_line()
+
     def one_line(self) -> str:
         where = ""
         if self.file is not None:
@@ -25,3 +28,8 @@ class InputError(Exception):
         if self.field is not None:
             where += f"{self.field}: "
         return (where + self.message).replace("\n", " ")
+
+
+class UnsupportedModel(InputError):
+    """The model does not fit the chosen path (a fast probe, linear mode): a choice of flags the
+    user can change, e.g. `--params all` or `--mode exact`, so it is reported like bad input."""

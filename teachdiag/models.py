@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from teachdiag import zoo
+from teachdiag.demo import zoo
 from teachdiag.contexts import Context, check_token_ids, load_contexts, tokenize_text_records
 from teachdiag.errors import InputError
 

@@ -1,7 +1,7 @@
 """Sample student responses once and freeze them as contexts (`teachdiag rollout`).
 
-    teachdiag rollout --student smollm2-135m-pruned --prompts data/prompts.jsonl --out rollouts.jsonl
-    teachdiag rollout --prompts data/prompts.jsonl --out r.jsonl --teacher-prompts --max-new-tokens 192
+    teachdiag rollout --student smollm2-135m-pruned --prompts teachdiag/demo/data/prompts.jsonl --out rollouts.jsonl
+    teachdiag rollout --prompts teachdiag/demo/data/prompts.jsonl --out r.jsonl --teacher-prompts --max-new-tokens 192
 
     from teachdiag.rollout import RolloutConfig, run_rollout
     run_rollout(RolloutConfig(student="path/to/model", prompts="p.jsonl", out="r.jsonl"))
@@ -24,47 +24,39 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from teachdiag.contexts import read_jsonl
 from teachdiag.errors import InputError
+from teachdiag.flags import opt
 
 DEFAULT_STUDENT = "smollm2-135m-pruned"
-DEMO_PROMPTS = Path(__file__).resolve().parent.parent / "data" / "prompts.jsonl"
+from teachdiag.demo import DEMO_PROMPTS  # noqa: E402
 
 
 @dataclass
 class RolloutConfig:
     """Options of `teachdiag rollout` (field foo_bar is the flag --foo-bar)."""
 
-    student: str = field(default=DEFAULT_STUDENT, metadata={
-        "help": "student model: a short name (see teachdiag.zoo), a local folder or a hub id"})
-    prompts: str = field(default=str(DEMO_PROMPTS), metadata={
-        "help": "prompt records, JSONL: id, prompt or messages, optional teacher_prompt / "
-                "teacher_messages and answer"})
-    out: str = field(default="rollouts.jsonl", metadata={
-        "help": "output JSONL of frozen contexts (prompt_ids, response_ids, meta)"})
-    teacher_prompts: bool = field(default=False, metadata={
-        "help": "also write teacher_prompt_ids from each record's teacher_prompt / "
-                "teacher_messages (the teacher's privileged view); every record must have one"})
-    max_new_tokens: int = field(default=256, metadata={
-        "help": "longest response, in tokens; longer ones are cut (finish_reason 'length')"})
-    temperature: float = field(default=1.0, metadata={
-        "help": "sampling temperature; 1.0 samples the student's own distribution (on-policy), "
-                "0 is greedy"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass; 1.0 turns it off"})
-    samples: int = field(default=1, metadata={
-        "help": "responses per prompt; ids get a suffix -s0, -s1, ... when more than one"})
-    seed: int = field(default=0, metadata={"help": "random seed: same seed, same rollouts on the "
-                                                   "same machine and batch size"})
-    batch_size: int = field(default=16, metadata={
-        "help": "prompts generated together (left-padded); reduce if you run out of memory"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda[:N]"})
-    trust_remote_code: bool = field(default=False, metadata={
-        "help": "allow model folders whose config loads custom code (only if you trust it)"})
+    student: str = opt("student model: a short name (see teachdiag.demo.zoo), a local folder or a hub id", DEFAULT_STUDENT)
+    prompts: str = opt("prompt records, JSONL: id, prompt or messages, optional teacher_prompt / "
+                "teacher_messages and answer", str(DEMO_PROMPTS))
+    out: str = opt("output JSONL of frozen contexts (prompt_ids, response_ids, meta)", "rollouts.jsonl")
+    teacher_prompts: bool = opt("also write teacher_prompt_ids from each record's teacher_prompt / "
+                "teacher_messages (the teacher's privileged view); every record must have one", False)
+    max_new_tokens: int = opt("longest response, in tokens; longer ones are cut (finish_reason 'length')", 256)
+    temperature: float = opt("sampling temperature; 1.0 samples the student's own distribution (on-policy), "
+                "0 is greedy", 1.0)
+    top_p: float = opt("nucleus sampling mass; 1.0 turns it off", 1.0)
+    samples: int = opt("responses per prompt; ids get a suffix -s0, -s1, ... when more than one", 1)
+    seed: int = opt("random seed: same seed, same rollouts on the "
+                                                   "same machine and batch size", 0)
+    batch_size: int = opt("prompts generated together (left-padded); reduce if you run out of memory", 16)
+    device: str = opt("auto, cpu or cuda[:N]", "auto")
+    trust_remote_code: bool = opt("allow model folders whose config loads custom code (only if you trust it)", False)
 
 
 # ---------------------------------------------------------------------------------------------

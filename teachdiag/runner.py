@@ -12,111 +12,65 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from teachdiag import __version__, distributed, zoo
+from teachdiag import __version__, distributed
 from teachdiag.batching import exact_group, groups, linear_group
 from teachdiag.contexts import Context, by_context, parse_positions, select_positions
-from teachdiag.errors import InputError
-from teachdiag.fastprobe import make_probe
+from teachdiag.calibrate import RULE, auto_lr
+from teachdiag.errors import InputError, UnsupportedModel
+from teachdiag.probe.fast import make_probe
 from teachdiag.models import config_sha256, load_inputs, load_models, resolve_device, vocab_rows
-from teachdiag.probe import select_params
-from teachdiag.table import COLUMNS, RUN, RunWriter, all_parts
+from teachdiag.config import (DEMO_POSITIONS, ContextOptions, DeviceOptions, PairOptions, StepOptions,
+                              check_positive, fill_embedded, parse_lr)
+from teachdiag.flags import opt
+from teachdiag.demo import zoo
+from teachdiag.probe.exact import parse_params, select_params
+from teachdiag.runfolder import RunWriter
+from teachdiag.table import COLUMNS, RUN, all_parts
 
 PAPER = "arXiv:2605.26844, Not All Disagreement Is Learnable: Token Teachability in On-Policy Distillation"
 
 
-def _h(text: str, **kw) -> dict:
-    return {"metadata": {"help": text, **kw}}
-
-
 @dataclass
-class ProbeConfig:
-    teacher: str = field(default="", **_h("teacher model: local folder, HF id or short name (default: the embedded pair)"))
-    student: str = field(default="", **_h("student model: local folder, HF id or short name (default: the embedded pair)"))
-    contexts: str = field(default="", **_h("frozen rollouts, JSONL or Parquet (default: the demo rollouts)"))
-    out: str = field(default="", **_h("run folder for tokens.csv and run.json (default: runs/<time>)"))
-    positions: str = field(default="", **_h("'all', or N for a seeded uniform sample of N positions over the file"))
-    max_response_tokens: int = field(default=0, **_h("truncate each response to M tokens (0: keep all; the paper used 192)"))
-    top_k: int = field(default=16, **_h("K of the student's top-K for compat_mass, topk_entropy, union_fkl"))
-    loss: str = field(default="reverse_kl", **_h("probe loss", choices=["reverse_kl", "forward_kl", "sampled_token"]))
-    optimizer: str = field(default="normalized", **_h("step rule: θ1 = θ0 − lr·d with d = g, g/(|g|+1e-8), g/‖g‖",
-                                                       choices=["sgd", "adam", "normalized"]))
-    lr: str = field(default="", **_h("step size; empty: the step rule's default (README); 'auto': the largest lr "
-                                     "in the linear regime on a seeded sample (as `teachdiag calibrate`)"))
-    auto_lr_positions: int = field(default=64, **_h("positions swept by --lr auto (one backward + 10 forwards each)"))
-    params: str = field(default="all", **_h("parameters the step touches: all, lm_head, last:N"))
-    mode: str = field(default="exact", **_h("exact: take the step and measure; linear: first-order gains "
-                                            "lr·⟨g, d⟩ only (no step, *_after columns empty), batched",
-                                            choices=["exact", "linear"]))
-    batch: int = field(default=16, **_h("positions per forward/backward in --mode linear (reduce if you OOM)"))
-    seed: int = field(default=0, **_h("seed for position sampling"))
-    device: str = field(default="auto", **_h("auto, cpu or cuda"))
-    dtype: str = field(default="float32", **_h("teacher forward dtype; the student always steps in float32",
-                                               choices=["float32", "bfloat16"]))
-    teacher_device_map: str = field(default="", **_h("'auto': spread a teacher too big for one GPU over all "
-                                                     "visible GPUs (and CPU) with accelerate; '': all on --device",
-                                                     choices=["", "auto"]))
-    trust_remote_code: bool = field(default=False, **_h("allow model folders that load their own code"))
-    overwrite: bool = field(default=False, **_h("replace an existing non-empty --out"))
-    resume: bool = field(default=False, **_h("continue an interrupted run in --out (same options and models)"))
-    quiet: bool = field(default=False, **_h("no progress bar"))
+class ProbeConfig(DeviceOptions, StepOptions, ContextOptions, PairOptions):  # listed last-shown first
+    """Options of `teachdiag probe` (each field's help is its --help text)."""
+
+    out: str = opt("run folder for tokens.csv and run.json [default: runs/<date-time>]", "", show_default=False)
+    mode: str = opt("exact: take the step and measure; linear: first-order gains lr·⟨g, d⟩ only "
+                    "(no step, *_after columns empty), batched", "exact", choices=["exact", "linear"])
+    batch: int = opt("positions per forward/backward in --mode linear (reduce if you run out of memory)", 16)
+    auto_lr_positions: int = opt("positions swept by --lr auto (one backward + 10 forwards each)", 64)
+    teacher_device_map: str = opt("'auto': spread a teacher too big for one GPU over all visible GPUs "
+                                  "(and CPU) with accelerate; '': all on --device", "", choices=["", "auto"])
+    overwrite: bool = opt("replace an existing non-empty --out", False)
+    resume: bool = opt("continue an interrupted run in --out (same options and models)", False)
 
 
-# The embedded demo: what `teachdiag probe` runs with no models or contexts given.
-DATA = Path(__file__).resolve().parent.parent / "data"
-EMBEDDED = {"teacher": zoo.TEACHER, "student": zoo.STUDENT, "contexts": str(DATA / "demo_rollouts.jsonl"),
-            "positions": "200"}  # ~6 min on 2 CPU cores; --positions all for all 51,600
-
-# lr defaults per step rule; see README "Choosing the step" for how they were chosen
-DEFAULT_LR = {"sgd": 1e-5, "adam": 1e-7, "normalized": 1e-3}
 # options that must match for --resume to continue a folder
 RESUME_KEYS = ("teacher", "student", "contexts", "positions", "max_response_tokens", "top_k", "loss",
                "optimizer", "lr", "params", "mode", "seed", "dtype")
 
 
 def resolve_defaults(cfg: ProbeConfig) -> ProbeConfig:
-    """Fill the embedded pair, positions, lr and out the user left unset."""
-    embedded = not (cfg.teacher or cfg.student or cfg.contexts)
-    if embedded:
-        cfg.teacher, cfg.student, cfg.contexts = EMBEDDED["teacher"], EMBEDDED["student"], EMBEDDED["contexts"]
-        cfg.positions = cfg.positions or EMBEDDED["positions"]
-    elif not (cfg.teacher and cfg.student and cfg.contexts):
-        raise InputError("give --teacher, --student and --contexts together (or none, for the demo)",
-                         field="--teacher/--student/--contexts")
+    """Fill the embedded pair, positions, lr and out the user left unset; check the numbers."""
+    if fill_embedded(cfg):
+        cfg.positions = cfg.positions or DEMO_POSITIONS
     cfg.positions = cfg.positions or "all"
     parse_positions(cfg.positions)
     cfg.lr = parse_lr(cfg.lr, cfg.optimizer)
-    if cfg.auto_lr_positions < 1:
-        raise InputError(f"must be >= 1, got {cfg.auto_lr_positions}", field="--auto-lr-positions")
-    if cfg.batch < 1:
-        raise InputError(f"must be >= 1, got {cfg.batch}", field="--batch")
-    if cfg.top_k < 1:
-        raise InputError(f"must be >= 1, got {cfg.top_k}", field="--top-k")
+    check_positive(auto_lr_positions=cfg.auto_lr_positions, batch=cfg.batch, top_k=cfg.top_k)
+    parse_params(cfg.params)
     cfg.out = cfg.out or f"runs/{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     return cfg
-
-
-def parse_lr(value: str | float, optimizer: str) -> float | str:
-    """--lr as a positive float, 'auto', or the step rule's default when empty or 0."""
-    if isinstance(value, str) and value.strip().lower() == "auto":
-        return "auto"
-    try:
-        lr = float(value or 0) or DEFAULT_LR[optimizer]
-    except ValueError:
-        raise InputError(f"must be a number or 'auto', got {value!r}", field="--lr") from None
-    if not (math.isfinite(lr) and lr > 0):
-        raise InputError(f"must be positive, got {lr}", field="--lr")
-    return lr
 
 
 def _auto_lr(cfg: ProbeConfig, writer: RunWriter, teacher, student, ctxs: list[Context], vocab: int,
@@ -129,7 +83,6 @@ def _auto_lr(cfg: ProbeConfig, writer: RunWriter, teacher, student, ctxs: list[C
             return float(old["lr"]), old.get("lr_auto")
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):
             pass  # _check_resume reports the broken record
-    from teachdiag.calibrate import RULE, auto_lr  # calibrate builds on this module
 
     lr, summary = float("nan"), None
     if rank == 0:
@@ -210,14 +163,11 @@ def run_probe(cfg: ProbeConfig, argv: list[str] | None = None) -> Path:
     writer = RunWriter(cfg.out, overwrite=cfg.overwrite, resume=cfg.resume, rank=rank)
     teacher, student = load_models(cfg, device, ctxs, len(s_tok))
     vocab = len(s_tok)
-    try:  # --params is checked before --lr auto sweeps with it
-        n_stepped = sum(p.numel() for _, p in select_params(student, cfg.params))
-        lr, lr_auto = (cfg.lr, None) if cfg.lr != "auto" else _auto_lr(cfg, writer, teacher, student, ctxs,
-                                                                        vocab, device, rank)
-        probe = (make_probe(student, cfg.params, cfg.loss, cfg.optimizer, lr, vocab, cfg.top_k)
-                 if cfg.mode == "exact" else None)
-    except ValueError as exc:
-        raise InputError(str(exc), field="--params") from None
+    n_stepped = sum(p.numel() for _, p in select_params(student, cfg.params))  # before --lr auto sweeps
+    lr, lr_auto = (cfg.lr, None) if cfg.lr != "auto" else _auto_lr(cfg, writer, teacher, student, ctxs,
+                                                                    vocab, device, rank)
+    probe = (make_probe(student, cfg.params, cfg.loss, cfg.optimizer, lr, vocab, cfg.top_k)
+             if cfg.mode == "exact" else None)
     picks = select_positions(ctxs, parse_positions(cfg.positions), cfg.seed)
     by_ctx = by_context(picks)
 
@@ -269,10 +219,10 @@ def run_probe(cfg: ProbeConfig, argv: list[str] | None = None) -> Path:
                     row.update(context_id=ctx.id, position=j, token_id=tok, token=s_tok.decode([tok]))
                 writer.append_context(ctx.id, rows)
                 bar.update(len(rows))
-    except ValueError as exc:  # a model the fast probe cannot handle; finished contexts stay saved
+    except UnsupportedModel as exc:  # found on the first context; finished contexts stay saved
         bar.close()
-        raise InputError(f"{exc} (finished contexts are saved in the run folder)",
-                         field="--mode" if cfg.mode == "linear" else "--params") from None
+        exc.message += " (finished contexts are saved in the run folder)"
+        raise
     except KeyboardInterrupt:
         bar.close()
         writer.repair(own_only=True)

@@ -1,33 +1,23 @@
-"""The run folder: tokens.csv (one row per probed position) and run.json (the run record).
+"""The table: tokens.csv's columns, the run-level scores (teachability, incompat), exact CSV I/O.
 
-    from teachdiag.table import RunWriter, COLUMNS
-    w = RunWriter("runs/r1", overwrite=False)
-    w.start(record)                 # run.json with "complete": false
-    w.append_context("ctx-1", rows) # appended, flushed and fsynced: a killed run keeps it
-    df = w.finish(record, order)    # tokens.csv with teachability/incompat, "complete": true
+    from teachdiag.table import COLUMNS, read_tokens, quantile_normalize, teachability_scores
+    df = read_tokens("runs/r1/tokens.csv")          # float64 round-trip, tokens kept as text
+    teach, incompat = teachability_scores(df["union_fkl"], df["compat_mass"])
 
-Rows are first appended to tokens.partial.csv, one write per finished context, and the byte
-length after each context goes to progress.jsonl; a crash can only tear the last context, which
-resume cuts off. tokens.csv appears only when the run is complete, because teachability and
-incompat are normalised over all rows of the run (DESIGN §3) and would change with more rows.
-Under torchrun each rank appends to its own part (tokens.partial.rank<r>.csv, progress.rank<r>.jsonl)
-and rank 0 merges every part, in the single-process order, into tokens.csv.
-No torch here: the analysis reads tables through this module on a laptop.
+No torch here: the analysis reads tables through this module on a laptop. The run folder that
+writes them crash-safely is runfolder.py.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import json
-import os
 import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from teachdiag.errors import InputError
 
 COLUMNS = ["context_id", "position", "token_id", "token", "fkl", "rkl", "student_entropy",
            "teacher_entropy", "student_logprob", "teacher_logprob", "compat_mass", "topk_entropy",
@@ -68,19 +58,6 @@ def teachability_scores(union_fkl: np.ndarray, compat_mass: np.ndarray) -> tuple
     return d * c, d * (1.0 - c)
 
 
-def _fsync_write(path: Path, text: str, mode: str = "a") -> None:
-    with open(path, mode, encoding="utf-8", newline="") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    _fsync_write(tmp, text, mode="w")
-    os.replace(tmp, path)
-
-
 def rows_to_csv(rows: list[dict], header: bool) -> str:
     """CSV text; floats as repr (shortest text that round-trips float64), tokens CSV-escaped."""
     buf = io.StringIO()
@@ -99,107 +76,3 @@ def read_tokens(path: str | Path) -> pd.DataFrame:
                        float_precision="round_trip")
 
 
-class RunWriter:
-    """Owns one run folder (one rank's part of it); see the module docstring for the files."""
-
-    def __init__(self, out: str | Path, overwrite: bool = False, resume: bool = False, rank: int = 0) -> None:
-        self.out, self.rank = Path(out), rank
-        if self.out.exists() and not self.out.is_dir():
-            raise InputError("exists and is not a folder", field="--out", file=str(self.out))
-        # other ranks may be writing their test files right now: those do not make it non-empty
-        occupied = self.out.is_dir() and any(not p.name.startswith(".write-test") for p in self.out.iterdir())
-        if occupied and not (overwrite or resume):
-            raise InputError("folder is not empty; pass --overwrite to replace it or --resume to "
-                             "continue it", field="--out", file=str(self.out))
-        try:
-            self.out.mkdir(parents=True, exist_ok=True)
-            probe = self.out / f".write-test.{rank}"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as exc:
-            raise InputError(f"cannot write there ({exc.strerror})", field="--out", file=str(self.out)) from None
-        self.fresh = overwrite and not resume  # old files go in start(), once the models have loaded
-        self.partial, self.progress = part_files(self.out, rank)
-
-    def repair(self, own_only: bool = False) -> None:
-        """Cut a torn last write off every part (rank 0, before any rank reads done_contexts),
-        or off this rank's own part (after Ctrl-C, which can land between its two writes)."""
-        for partial, progress in [(self.partial, self.progress)] if own_only else all_parts(self.out):
-            # no progress file: killed before its first context was recorded, so nothing counts
-            entries = _progress_entries(progress) if progress.exists() else []
-            if partial.exists():
-                with open(partial, "r+b") as f:
-                    f.truncate(entries[-1]["bytes"] if entries else 0)
-            _atomic_write(progress, "".join(json.dumps(e) + "\n" for e in entries))
-
-    def done_contexts(self) -> set[str]:
-        """Contexts finished by an earlier, interrupted run, on any rank (after repair())."""
-        return {e["id"] for _, progress in all_parts(self.out) if progress.exists()
-                for e in _progress_entries(progress)}
-
-    def start(self, record: dict) -> None:
-        """Rank 0: clear an --overwrite folder and write run.json with "complete": false."""
-        if self.fresh:
-            for partial, progress in all_parts(self.out):
-                partial.unlink(missing_ok=True)
-                progress.unlink(missing_ok=True)
-            (self.out / TOKENS).unlink(missing_ok=True)
-            (self.out / RUN).unlink(missing_ok=True)
-        self.write_record(dict(record, complete=False))
-
-    def write_record(self, record: dict) -> None:
-        _atomic_write(self.out / RUN, json.dumps(record, indent=2, default=str) + "\n")
-
-    def append_context(self, context_id: str, rows: list[dict]) -> None:
-        header = not self.partial.exists() or self.partial.stat().st_size == 0
-        _fsync_write(self.partial, rows_to_csv(rows, header=header))
-        _fsync_write(self.progress, json.dumps({"id": context_id, "bytes": self.partial.stat().st_size}) + "\n")
-
-    def merged_rows(self, order: list[str]) -> pd.DataFrame:
-        """Every part's rows, contexts in `order` (the single-process order), each exactly once."""
-        parts = [read_tokens(p) for p, _ in all_parts(self.out) if p.exists() and p.stat().st_size > 0]
-        df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=COLUMNS)
-        rank = {cid: i for i, cid in enumerate(order)}
-        found = df.groupby("context_id", sort=False).size().index
-        missing, extra = set(order) - set(found), set(found) - set(order)
-        if missing or extra:  # never write a table that looks finished but is not this run's
-            raise RuntimeError(f"run parts do not match the run: {len(missing)} contexts missing, "
-                               f"{len(extra)} unexpected, in {self.out}")
-        if df.duplicated(["context_id", "position"]).any():
-            raise RuntimeError(f"a position appears twice in the run parts in {self.out}")
-        # stable sort: within a context the rows keep their probe order (positions ascending)
-        return df.sort_values("context_id", key=lambda c: c.map(rank), kind="stable").reset_index(drop=True)
-
-    def finish(self, record: dict, order: list[str]) -> pd.DataFrame:
-        """Merge the parts, normalise teachability/incompat over all rows, write tokens.csv, mark complete.
-
-        `order`: every context id of the run in single-process order.
-        """
-        df = self.merged_rows(order)
-        finite = df["finite"].to_numpy() == 1
-        teach, incompat = np.full(len(df), np.nan), np.full(len(df), np.nan)
-        teach[finite], incompat[finite] = teachability_scores(
-            df.loc[finite, "union_fkl"].to_numpy(), df.loc[finite, "compat_mass"].to_numpy())
-        df["teachability"], df["incompat"] = teach, incompat
-        rows = df.to_dict("records")
-        for r in rows:  # pandas gives numpy scalars; CSV writing wants plain floats and ints
-            for c in COLUMNS:
-                v = r[c]
-                r[c] = float(v) if isinstance(v, (float, np.floating)) else v
-        _atomic_write(self.out / TOKENS, rows_to_csv(rows, header=True))
-        self.write_record(dict(record, complete=True))
-        for partial, progress in all_parts(self.out):
-            partial.unlink(missing_ok=True)
-            progress.unlink(missing_ok=True)
-        return df
-
-
-def _progress_entries(progress: Path) -> list[dict]:
-    """The finished-context entries of one progress file, up to a torn line."""
-    entries = []
-    for line in progress.read_text().splitlines():
-        try:
-            entries.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # a torn progress line: the context it describes is redone
-    return entries

@@ -3,7 +3,7 @@
     from synthetic import make_tokens            # inside tests/ (pytest puts tests/ on sys.path)
     make_tokens(n_ctx=40, n_pos=50, effect="teachability").to_csv("/tmp/demo_tokens.csv.gz", index=False)
 
-Columns follow the probe's tokens.csv contract (teachdiag.analyze.COLUMNS) plus `finite`.
+Columns follow the probe's tokens.csv contract (teachdiag.analysis.command.COLUMNS) plus `finite`.
 The relative fkl gain is planted as slope · (planted score) + context effect + noise; the other
 gains follow from it (gain_fkl = rel_gain_fkl · fkl, ...).
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from teachdiag.analysis import quantile_normalize
+from teachdiag.analysis.stats import quantile_normalize
 
 
 def make_tokens(n_ctx: int = 40, n_pos: int = 50, effect: str = "teachability", slope: float = 0.5,

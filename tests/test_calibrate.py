@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from teachdiag.calibrate import choose_lr, in_regime, parse_lrs, summarize, sweep
-from teachdiag.batching import teacher_logits
+from teachdiag.probe.forward import teacher_logits
 from teachdiag.cli import main
 from teachdiag.contexts import load_contexts, select_positions
 from teachdiag.errors import InputError
 from teachdiag.models import load_model
-from teachdiag.probe import SingleStepProbe
+from teachdiag.probe.exact import SingleStepProbe
 
 VOCAB = 68  # the test tokenizer's length (conftest)
 GRID = [1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0]  # normalized: well linear ... far past it on the tiny pair

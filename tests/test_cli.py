@@ -7,7 +7,7 @@ import sys
 import pandas as pd
 import pytest
 
-from conftest import make_tokenizer, write_contexts
+from conftest import make_tokenizer
 from teachdiag.cli import main
 from teachdiag.table import COLUMNS, read_tokens
 

@@ -1,6 +1,6 @@
 """Cluster bootstrap over contexts, as integer row weights, and a first-order Kendall tau.
 
-    from teachdiag.bootstrap import bootstrap_weights, kendall_influence
+    from teachdiag.analysis.bootstrap import bootstrap_weights, kendall_influence
     for W in bootstrap_weights(codes, n_boot=1000, seed=0):   # W: (chunk, rows) resample counts
         ...
 

@@ -8,10 +8,11 @@ from transformers import AutoModelForCausalLM
 
 from conftest import make_model
 from reference import naive_probe
-from teachdiag.probe import SingleStepProbe
+from teachdiag.probe.exact import SingleStepProbe
 from teachdiag.runner import ProbeConfig, run_probe
 from teachdiag.table import read_tokens
-from teachdiag.fastprobe import BatchedProbe, HeadProbe, TopBlocksProbe, make_probe
+from teachdiag.probe.fast import BatchedProbe, HeadProbe, TopBlocksProbe, make_probe
+from teachdiag.errors import UnsupportedModel
 
 VOCAB = 68
 LR = {"sgd": 1e-3, "adam": 1e-4, "normalized": 1e-2}
@@ -88,5 +89,5 @@ def test_a_model_the_block_skip_does_not_fit_is_refused(monkeypatch):
     probe = make_probe(model, "last:1", "reverse_kl", "sgd", 1e-3, VOCAB)
     real = probe._block_input  # a cache that is not what the block really sees
     monkeypatch.setattr(probe, "_block_input", lambda ids: real(ids) * 1.5)
-    with pytest.raises(ValueError, match="changes its logits"):
+    with pytest.raises(UnsupportedModel, match="changes its logits"):
         probe.run_context(torch.randint(0, 60, (12,)), 4, torch.randn(2, VOCAB), [2, 5])

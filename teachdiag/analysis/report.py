@@ -1,7 +1,7 @@
 """summary.md and summary.tex: one paper-ready table and the finding in three sentences, with a
 verdict that says plainly when the data do NOT support the paper's claim.
 
-    from teachdiag.report import paper_table, finding, write_summary
+    from teachdiag.analysis.report import paper_table, finding, write_summary
     write_summary("runs/r1/analysis", runs, corr, reg, q3, sel, gain="rel_gain_fkl")
 
 The claim tested (arXiv 2605.26844): learnable disagreement (teachability = D̃·C̃) predicts the gain
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from teachdiag.plots import gain_label
+from teachdiag.analysis.plots import gain_label
 
 # (label, correlation signal, selector): the rows of the paper table
 ROWS = [

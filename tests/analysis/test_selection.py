@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from synthetic import make_tokens
-from teachdiag.analysis import add_scores
-from teachdiag.selection import BUDGETS, budget_size, select_top, selection_table, table_order
+from teachdiag.analysis.stats import add_scores
+from teachdiag.analysis.selection import BUDGETS, budget_size, select_top, selection_table, table_order
 
 
 @pytest.mark.parametrize("n, rho, k", [(100, 0.03, 3), (100, 0.01, 1), (1000, 0.05, 50),

@@ -1,6 +1,6 @@
 """Seeded arithmetic word problems with worked solutions (the demo prompt set).
 
-    python -m teachdiag.prompts --n 300 --seed 0 --out data/prompts.jsonl
+    python -m teachdiag.demo.prompts --n 300 --seed 0 --out teachdiag/demo/data/prompts.jsonl
 
 Each JSONL record is a prompt record for `teachdiag rollout`:
 
@@ -18,13 +18,14 @@ equation `a op b = c` with op in + − × ÷, so a checker can recompute the who
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+from teachdiag.flags import opt, parse_config
 
 INSTRUCTION = 'Solve it step by step, then finish with "The answer is N." where N is a number.'
 SOLUTION_HEADER = "A worked solution, for reference:"
@@ -272,14 +273,20 @@ def write_jsonl(records: list[dict], path: str | Path) -> Path:
     return path
 
 
+@dataclass
+class PromptsConfig:
+    """Options of `python -m teachdiag.demo.prompts` (field foo_bar is the flag --foo-bar)."""
+
+    n: int = opt("number of problems", 300)
+    seed: int = opt("random seed (same seed, same file)", 0)
+    out: str = opt("output JSONL path", "teachdiag/demo/data/prompts.jsonl")
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m teachdiag.prompts", description=__doc__.split("\n")[0])
-    ap.add_argument("--n", type=int, default=300, help="number of problems")
-    ap.add_argument("--seed", type=int, default=0, help="random seed (same seed, same file)")
-    ap.add_argument("--out", default="data/prompts.jsonl", help="output JSONL path")
-    args = ap.parse_args(argv)
-    path = write_jsonl(generate(args.n, args.seed), args.out)
-    print(f"wrote {args.n} problems to {path}")
+    cfg = parse_config(PromptsConfig, argv, prog="python -m teachdiag.demo.prompts",
+                       description=__doc__.split("\n")[0])
+    path = write_jsonl(generate(cfg.n, cfg.seed), cfg.out)
+    print(f"wrote {cfg.n} problems to {path}")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Statistics of teachdiag.analysis on synthetic tables with a planted answer.
+"""Statistics of teachdiag.analysis.stats on synthetic tables with a planted answer.
 
     python -m pytest -q tests/test_analysis.py
 """
@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from scipy import stats
 
 from synthetic import make_tokens
-from teachdiag import analysis as A
+from teachdiag.analysis import stats as A
 
 
 @pytest.fixture(scope="module")

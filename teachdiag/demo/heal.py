@@ -1,18 +1,18 @@
 """Make the embedded student: depth-prune SmolLM2-135M-Instruct, heal it by distillation.
 
-    python -m teachdiag.heal                       # writes data/smollm2-135m-pruned.lora.safetensors
-    python -m teachdiag.heal --steps 20 --out /tmp/d.safetensors   # a quick smoke run
+    python -m teachdiag.demo.heal                       # writes teachdiag/demo/data/smollm2-135m-pruned.lora.safetensors
+    python -m teachdiag.demo.heal --steps 20 --out /tmp/d.safetensors   # a quick smoke run
 
 Why this student: no registry carries a second model with SmolLM2's tokenizer, and the source
 paper's setting is a bigger teacher and a smaller student. Keeping 15 of the teacher's 30
 blocks (every other one, and the last) gives a student with a real capacity gap; unhealed it is
 useless (confidently wrong: ~11 nats of KL to the teacher), so a short distillation from the
 teacher heals it. Only small deltas are trained and shipped: LoRA adapters on every linear layer of the
-kept blocks plus the RMSNorm weights (a few MB); teachdiag.zoo merges them into an ordinary
+kept blocks plus the RMSNorm weights (a few MB); teachdiag.demo.zoo merges them into an ordinary
 model folder.
 
 Training text (offline, licence-clean): the teacher's own sampled answers (temperature 1) to
-prompts this package generates — arithmetic word problems from teachdiag.prompts under a
+prompts this package generates — arithmetic word problems from teachdiag.demo.prompts under a
 different seed from the demo set (any question also in the demo set is skipped), and a fixed
 list of general instructions written for this file. The loss is the forward KL from the
 teacher's next-token distribution, restricted to its top-K tokens plus one bucket for the rest
@@ -24,20 +24,20 @@ Seeded throughout; torch uses one thread by default so reruns on one machine rep
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from teachdiag import prompts as prompt_gen
-from teachdiag import zoo
+from teachdiag.flags import opt, parse_config
+from teachdiag.demo import prompts as prompt_gen
+from teachdiag.demo import zoo
 
 GENERAL_INSTRUCTIONS = [
     "Explain why the sky is blue in a few sentences.",
@@ -85,25 +85,23 @@ GENERAL_INSTRUCTIONS = [
 
 @dataclass
 class HealConfig:
-    """Options of `python -m teachdiag.heal` (field foo_bar is the flag --foo-bar)."""
+    """Options of `python -m teachdiag.demo.heal` (field foo_bar is the flag --foo-bar)."""
 
-    out: str = field(default=str(zoo.STUDENT_DELTAS), metadata={"help": "deltas file to write"})
-    keep: str = field(default="0,2,4,6,8,10,12,14,16,18,20,22,24,26,29", metadata={
-        "help": "teacher blocks kept in the student, comma-separated"})
-    rank: int = field(default=16, metadata={"help": "LoRA rank"})
-    alpha: float = field(default=32.0, metadata={"help": "LoRA scale numerator (scale = alpha / rank)"})
-    steps: int = field(default=120, metadata={"help": "optimizer steps"})
-    batch: int = field(default=4, metadata={"help": "sequences per step"})
-    lr: float = field(default=2e-3, metadata={"help": "peak AdamW learning rate (cosine decay)"})
-    n_problems: int = field(default=160, metadata={"help": "word problems in the training text"})
-    problem_seed: int = field(default=1, metadata={"help": "prompt-generator seed (the demo uses 0)"})
-    gen_tokens: int = field(default=128, metadata={"help": "longest teacher answer, in tokens"})
-    topk: int = field(default=64, metadata={"help": "teacher tokens kept per position for the loss"})
-    heldout: int = field(default=16, metadata={"help": "sequences held out to report the fit"})
-    seed: int = field(default=0, metadata={"help": "seed for sampling, initialisation and order"})
-    threads: int = field(default=1, metadata={"help": "torch CPU threads (the CPU may be shared)"})
-    cache: str = field(default="", metadata={
-        "help": "optional .pt file caching the teacher's text and top-K (reused when present)"})
+    out: str = opt("deltas file to write", str(zoo.STUDENT_DELTAS))
+    keep: str = opt("teacher blocks kept in the student, comma-separated", "0,2,4,6,8,10,12,14,16,18,20,22,24,26,29")
+    rank: int = opt("LoRA rank", 16)
+    alpha: float = opt("LoRA scale numerator (scale = alpha / rank)", 32.0)
+    steps: int = opt("optimizer steps", 120)
+    batch: int = opt("sequences per step", 4)
+    lr: float = opt("peak AdamW learning rate (cosine decay)", 2e-3)
+    n_problems: int = opt("word problems in the training text", 160)
+    problem_seed: int = opt("prompt-generator seed (the demo uses 0)", 1)
+    gen_tokens: int = opt("longest teacher answer, in tokens", 128)
+    topk: int = opt("teacher tokens kept per position for the loss", 64)
+    heldout: int = opt("sequences held out to report the fit", 16)
+    seed: int = opt("seed for sampling, initialisation and order", 0)
+    threads: int = opt("torch CPU threads (the CPU may be shared)", 1)
+    cache: str = opt("optional .pt file caching the teacher's text and top-K (reused when present)", "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,12 +344,8 @@ def heal(cfg: HealConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m teachdiag.heal",
-                                 description="Heal the pruned SmolLM2 student; write its deltas.")
-    for f in HealConfig.__dataclass_fields__.values():
-        ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                        help=f.metadata["help"])
-    cfg = HealConfig(**vars(ap.parse_args(argv)))
+    cfg = parse_config(HealConfig, argv, prog="python -m teachdiag.demo.heal",
+                       description="Heal the pruned SmolLM2 student; write its deltas.")
     path = heal(cfg)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0

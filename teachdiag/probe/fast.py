@@ -1,6 +1,6 @@
 """Exact probes that share work between the positions of a context; same numbers as probe.py.
 
-    from teachdiag.fastprobe import make_probe
+    from teachdiag.probe.fast import make_probe
     probe = make_probe(student, params="all", loss="reverse_kl", optimizer="normalized",
                        lr=1e-3, vocab=V)          # a BatchedProbe, HeadProbe or TopBlocksProbe
     rows = probe.run_context(student_ids, n_prompt, teacher_logits, positions)
@@ -24,13 +24,13 @@ A tied head is also the input embedding, so stepping it moves every layer's inpu
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from teachdiag.probe import ADAM_EPS, SingleStepProbe, decoder_blocks, make_row, select_params
-from teachdiag.signals import probe_loss, signals_from_logits
+from teachdiag.errors import UnsupportedModel
+from teachdiag.probe.exact import SingleStepProbe, decoder_blocks, select_params
+from teachdiag.probe.rows import make_row
+from teachdiag.probe.signals import probe_loss, signals_from_logits
 
 
 def _tied(model: nn.Module) -> bool:
@@ -122,7 +122,7 @@ class HeadProbe(SingleStepProbe):
         h = captured["h"][0].float()  # (P, d): the head's input at each probed position
         # once per probe: the model's logits are lm_head(h), not post-processed (softcap, scale)
         if not self.checked and not torch.allclose(h @ w.T, z, rtol=1e-4, atol=1e-4):
-            raise ValueError("this model's logits are not lm_head(h); use --params last:1")
+            raise UnsupportedModel("this model's logits are not lm_head(h); use --params last:1", field="--params")
         self.checked = True
         z = z.float()
         t = teacher_logits  # (P, V)
@@ -138,28 +138,30 @@ class HeadProbe(SingleStepProbe):
         fkl_after, rkl_after = after["fkl"].tolist(), after["rkl"].tolist()
         ok = (torch.isfinite(z).all(1) & torch.isfinite(t).all(1) & torch.isfinite(dz).all(1)).tolist()
         return [make_row({k: v[i] for k, v in before.items()}, fkl_after[i], rkl_after[i], grad_norm[i],
-                         self.lr * g_dot_d[i], ok[i] and math.isfinite(grad_norm[i]))
+                         self.lr * g_dot_d[i], ok[i])
                 for i in range(len(positions))]
 
     def _closed_form(self, h: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, list[float], list[float]]:
-        """(dz (P, V) with z1 = z − lr·dz, ‖g‖, ⟨g, scale·d⟩) from h (P, d) and δ = ∂ℓ/∂z (P, V)."""
+        """(dz (P, V) with z1 = z − lr·dz, ‖g‖, ⟨g, scale·d⟩) from h (P, d) and δ = ∂ℓ/∂z (P, V).
+
+        g = δ·hᵀ and z1 − z = −lr·scale·d(g)·h. Rules with d = g: d·h = ‖h‖²·δ, so no (V, d)
+        gradient is ever formed. Elementwise rules (adam) need d(g), built a block of rows at a
+        time so memory stays at (4096, d)."""
         dn = torch.linalg.vector_norm(delta.double(), dim=1)  # (P,)
         hn = torch.linalg.vector_norm(h.double(), dim=1)  # (P,)
         grad_norm = dn * hn  # ‖δ·hᵀ‖ = ‖δ‖·‖h‖
-        if self.optimizer == "sgd":
-            dz, g_dot_d = (hn**2)[:, None].float() * delta, grad_norm**2
-        elif self.optimizer == "normalized":
-            coef = torch.where(dn > 0, hn / dn, torch.zeros_like(dn))
-            dz, g_dot_d = coef[:, None].float() * delta, grad_norm
-        else:  # adam: d = g/(|g|+eps) elementwise, g = δ·hᵀ; chunks of rows keep memory at (C, d)
-            dz, g_dot_d = torch.empty_like(delta), torch.zeros_like(dn)
-            for i in range(len(h)):
-                for a in range(0, delta.shape[1], 4096):
-                    g = delta[i, a : a + 4096, None] * h[i][None, :]  # (C, d) rows of the gradient
-                    d = g / (g.abs() + ADAM_EPS)
-                    dz[i, a : a + 4096] = d @ h[i]
-                    g_dot_d[i] += (g * d).sum(dtype=torch.float64)
-        return dz, grad_norm.tolist(), g_dot_d.tolist()
+        r = self.rule
+        if r.elementwise is None:
+            scale = torch.tensor([r.scale(float(n)) for n in grad_norm], dtype=torch.float64)
+            dz = ((hn**2) * scale)[:, None].float() * delta
+            return dz, grad_norm.tolist(), r.first_order_from(grad_norm).tolist()
+        dz, inner = torch.empty_like(delta), torch.zeros_like(dn)
+        for i in range(len(h)):
+            for a in range(0, delta.shape[1], 4096):
+                g = delta[i, a : a + 4096, None] * h[i][None, :]  # (C, d) rows of the gradient
+                inner[i] += r.inner(g)
+                dz[i, a : a + 4096] = r.elementwise(g) @ h[i]
+        return dz, grad_norm.tolist(), r.first_order_from(grad_norm, inner).tolist()
 
 
 class TopBlocksProbe(SingleStepProbe):
@@ -184,7 +186,7 @@ class TopBlocksProbe(SingleStepProbe):
                 with torch.no_grad():
                     fast, full = self._last_logits(prefix), SingleStepProbe._last_logits(self, prefix)
                 if fast.shape != full.shape or not torch.allclose(fast, full, rtol=1e-4, atol=1e-4):
-                    raise ValueError(f"--params {self.params_spec}: skipping the lower blocks of "
+                    raise UnsupportedModel(f"{self.params_spec}: skipping the lower blocks of "
                                      f"{type(self.model).__name__} changes its logits; use --params all")
                 self.checked = True
             return super().run_context(student_ids, n_prompt, teacher_logits, positions)

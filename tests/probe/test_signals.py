@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from reference import ref_signals
-from teachdiag.signals import SIGNALS, entropy, kl, probe_loss, signals_from_logits
+from teachdiag.probe.signals import SIGNALS, entropy, kl, probe_loss, signals_from_logits
 from teachdiag.table import quantile_normalize, teachability_scores
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import make_model, make_tokenizer
-from teachdiag import heal, zoo
+from teachdiag.demo import heal, zoo
 from teachdiag.errors import InputError
 
 

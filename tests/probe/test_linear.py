@@ -9,11 +9,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import teachdiag.linear as linear
+import teachdiag.probe.linear as linear
 from conftest import make_model
 from reference import full_logits, naive_probe, reference_loss, reference_params
-from teachdiag.linear import MEASURED, first_order_rows
-from teachdiag.probe import ADAM_EPS, SingleStepProbe
+from teachdiag.probe.linear import first_order_rows
+from teachdiag.probe.rows import MEASURED
+from teachdiag.probe.exact import SingleStepProbe
+from teachdiag.probe.steps import ADAM_EPS
+from teachdiag.errors import UnsupportedModel
 
 VOCAB = 68  # the test tokenizer's length (conftest); the models have 128 (padded) rows
 LR = 1e-3
@@ -156,12 +159,12 @@ def test_refusals(models):
     with pytest.raises(ValueError, match="float32"):
         first_order_rows(copy.deepcopy(models["qwen2"]).to(torch.bfloat16), "all", prefixes, teacher, tokens,
                          "reverse_kl", "sgd", LR, VOCAB)
-    with pytest.raises(ValueError, match="unknown optimizer"):
+    with pytest.raises(ValueError, match="unknown step rule"):
         first_order_rows(models["qwen2"], "all", prefixes, teacher, tokens, "reverse_kl", "lion", LR, VOCAB)
     model = copy.deepcopy(models["qwen2"])
     model.model.embed_tokens.max_norm = 1.0  # would renormalize the weight in place during the forward
     before = model.model.embed_tokens.weight.clone()
-    with pytest.raises(ValueError, match="max_norm"):
+    with pytest.raises(UnsupportedModel, match="max_norm"):
         first_order_rows(model, "all", prefixes, teacher, tokens, "reverse_kl", "sgd", LR, VOCAB)
     assert torch.equal(model.model.embed_tokens.weight, before)
 
@@ -191,7 +194,7 @@ def test_uncalled_owners(models):
     outside = copy.deepcopy(models["qwen2"])
     outside.model.holder = outside.lm_head  # owns the head weight, but the forward uses it via F.linear
     outside.lm_head = OutsideHead(outside.model.holder)
-    with pytest.raises(ValueError, match="used outside"):
+    with pytest.raises(UnsupportedModel, match="used outside"):
         first_order_rows(outside, "all", prefixes, teacher, tokens, "reverse_kl", "sgd", LR, VOCAB)
     assert all(n == 0 for _, n in hook_state(outside))
 

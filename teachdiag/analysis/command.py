@@ -2,7 +2,7 @@
 
     teachdiag analyze runs/r1 [--gain rel_gain_fkl] [--out runs/r1/analysis] [--bootstrap 1000] [--seed 0]
     teachdiag analyze runs/sgd runs/adam --out runs/compare        # several runs, side by side
-    python -c "from teachdiag.analyze import *; run_analyze(AnalyzeConfig(runs=['runs/r1']))"
+    python -c "from teachdiag.analysis.command import *; run_analyze(AnalyzeConfig(runs=['runs/r1']))"
 
 Writes to --out: correlations.csv, regressions.csv, q3.csv, selection.csv, deciles.csv,
 summary.md, summary.tex, and figures/*.png + *.pdf. Every table has a `run` column.
@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from teachdiag import analysis, plots, report, selection
+from teachdiag.analysis import plots, report, selection, stats as analysis
 from teachdiag.errors import InputError
+from teachdiag.flags import opt
 from teachdiag.table import COLUMNS, PARTIAL, all_parts, read_tokens, teachability_scores
 
 NUMERIC = [c for c in COLUMNS if c not in ("context_id", "token")]  # includes the finite flag
@@ -41,19 +42,15 @@ class AnalyzeConfig:
         "positional": True, "nargs": "+",
         "help": "run folders (tokens.csv + run.json) or tokens CSV files; several are compared "
                 "side by side"})
-    gain: str = field(default="rel_gain_fkl", metadata={
-        "help": "gain column for regressions, Q3, selection and figures: gain_fkl, gain_rkl, "
+    gain: str = opt("gain column for regressions, Q3, selection and figures: gain_fkl, gain_rkl, "
                 "rel_gain_fkl, rel_gain_rkl or gain_first_order (the only one of a --mode linear run); "
-                "correlations cover every gain the run has"})
-    out: str = field(default="", metadata={
-        "help": "output folder (default: <first run>/analysis)"})
-    figures: str = field(default="", metadata={"help": "figure folder (default: <out>/figures)"})
-    bootstrap: int = field(default=1000, metadata={
-        "help": "cluster-bootstrap resamples over contexts for every CI; 0 skips the CIs "
-                "(reduce for a quick look)"})
-    seed: int = field(default=0, metadata={"help": "seed of the bootstrap and the random selector"})
-    allow_partial: bool = field(default=False, metadata={
-        "help": "analyze a run whose run.json says complete: false (an interrupted probe)"})
+                "correlations cover every gain the run has", "rel_gain_fkl")
+    out: str = opt("output folder (default: <first run>/analysis)", "")
+    figures: str = opt("figure folder (default: <out>/figures)", "")
+    bootstrap: int = opt("cluster-bootstrap resamples over contexts for every CI; 0 skips the CIs "
+                "(reduce for a quick look)", 1000)
+    seed: int = opt("seed of the bootstrap and the random selector", 0)
+    allow_partial: bool = opt("analyze a run whose run.json says complete: false (an interrupted probe)", False)
 
 
 # ---------------------------------------------------------------- loading

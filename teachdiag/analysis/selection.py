@@ -1,6 +1,6 @@
 """Budgeted selection (DESIGN §6): what each selector keeps at a fixed share of positions.
 
-    from teachdiag.selection import selection_table, select_top, budget_size
+    from teachdiag.analysis.selection import selection_table, select_top, budget_size
     selection_table(add_scores(df), "rel_gain_fkl")   # budgets 1/3/5/10 %, every selector
     select_top(scores, budget_size(len(scores), 0.05))  # boolean mask (n,)
 

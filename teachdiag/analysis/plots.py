@@ -1,7 +1,7 @@
 """Figures of the analysis: each function takes tidy tables (with a `run` column) and returns a
 matplotlib Figure; save() writes it as PNG (README) and PDF (papers).
 
-    from teachdiag import plots
+    from teachdiag.analysis import plots
     fig = plots.gain_by_decile(bins, "rel_gain_fkl"); plots.save(fig, "runs/r1/analysis/figures", "gain_by_decile")
 
 Figures are built as matplotlib.figure.Figure objects on the Agg canvas, never through pyplot's

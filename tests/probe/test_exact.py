@@ -9,9 +9,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from reference import naive_probe
-from teachdiag.probe import SingleStepProbe, select_params
+from teachdiag.probe.exact import SingleStepProbe, select_params
 from teachdiag.runner import ProbeConfig, run_probe
 from teachdiag.table import read_tokens
+from teachdiag.errors import InputError
 
 VOCAB = 68  # the test tokenizer's length (conftest)
 LR = {"sgd": 1e-3, "adam": 1e-4, "normalized": 1e-2}
@@ -73,7 +74,7 @@ def test_select_params_sets(llama_pair):
     last1 = [n for n, _ in select_params(model, "last:1")]
     assert all(n.startswith(("model.layers.2.", "model.norm", "model.embed_tokens")) for n in last1)
     for bad in ("last:0", "last:4", "last:x", "first"):
-        with pytest.raises(ValueError):
+        with pytest.raises(InputError, match="--params"):
             select_params(model, bad)
 
 
@@ -184,7 +185,7 @@ def test_weights_restored_when_the_after_forward_fails(pair, contexts):
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3", "llama"])
 def test_left_padded_batch_equals_unpadded_forwards(arch):
     from conftest import make_model
-    from teachdiag.probe import pad_left
+    from teachdiag.probe.forward import pad_left
 
     model = make_model(arch, 128, 0).eval()
     prefixes = [torch.randint(0, 60, (n,), generator=torch.Generator().manual_seed(n)) for n in (3, 9, 5, 1)]

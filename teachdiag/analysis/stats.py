@@ -1,7 +1,7 @@
 """Statistics of DESIGN §6 on a probe table (tokens.csv), from the CSV alone (no torch).
 
-    from teachdiag.analysis import add_scores, correlations, regressions, q3_gap, gain_by_bin
-    from teachdiag.analyze import load_tokens          # checks columns, drops finite == 0 rows
+    from teachdiag.analysis.stats import add_scores, correlations, regressions, q3_gap, gain_by_bin
+    from teachdiag.analysis.command import load_tokens          # checks columns, drops finite == 0 rows
     df = add_scores(load_tokens("runs/r1/tokens.csv")[0], seed=0)
     correlations(df, gains=["rel_gain_fkl"], signals=["fkl", "teachability"], n_boot=1000)
     regressions(df, "rel_gain_fkl"); q3_gap(df, "rel_gain_fkl"); gain_by_bin(df, "fkl", "rel_gain_fkl")
@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from teachdiag.bootstrap import (CELLS, bootstrap_weights, count_chunks, kendall_influence, percentile_ci,
+from teachdiag.analysis.bootstrap import (CELLS, bootstrap_weights, count_chunks, kendall_influence, percentile_ci,
                                  rank_groups, weighted_ranks)
 from teachdiag.table import quantile_normalize
 

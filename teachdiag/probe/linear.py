@@ -1,6 +1,6 @@
 """First-order ("linear") probe mode: lr·⟨g, d⟩ for a batch of positions, no step, no per-position backward.
 
-    from teachdiag.linear import first_order_rows
+    from teachdiag.probe.linear import first_order_rows
     rows = first_order_rows(student, "all", prefixes, teacher_logits, token_ids,
                             loss="reverse_kl", optimizer="normalized", lr=1e-3, vocab=V)
     rows[b]["gain_first_order"], rows[b]["grad_norm"]   # the *_after columns are NaN
@@ -27,7 +27,7 @@ A stepped parameter must be used only inside the forward of the module that owns
 for Llama/Qwen, whose tied lm_head is still called as a module); an owner that the forward
 never calls is accepted only if its parameters get no gradient at all.
 
-Adam's ⟨g, g/(|g|+eps)⟩ is no Gram product, so with optimizer="adam" every parameter's
+An elementwise step rule's Σ g·d(g) (adam's Σ g²/(|g|+eps)) is no Gram product, so then every parameter's
 per-sample gradients are materialized, a chunk of samples at a time (MATERIALIZE_CAP).
 Grams are float32 matmuls whose elementwise product is summed in float64. On the 135M student
 float64 Grams changed nothing (both within 1e-5 of a float64 model) and cost 1.4x the time:
@@ -41,10 +41,13 @@ import math
 import torch
 from torch import nn
 
-from teachdiag.probe import ADAM_EPS, OPTIMIZERS, pad_left, select_params
-from teachdiag.signals import probe_loss, signals_from_logits
+from teachdiag.errors import UnsupportedModel
+from teachdiag.probe.exact import select_params
+from teachdiag.probe.forward import pad_left
+from teachdiag.probe.rows import make_row
+from teachdiag.probe.signals import probe_loss, signals_from_logits
+from teachdiag.probe.steps import StepRule, rule
 
-MEASURED = ("fkl_after", "rkl_after", "gain_fkl", "gain_rkl", "rel_gain_fkl", "rel_gain_rkl")
 MATERIALIZE_CAP = 1 << 26  # elements of per-sample gradient held at once (256 MiB in float32)
 
 
@@ -62,24 +65,24 @@ class _Uses:
     def add_full(self, g: torch.Tensor) -> None:
         self.full = g if self.full is None else self.full + g
 
-    def stats(self, b: int, adam: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(‖g_b‖², Σ g_b²/(|g_b|+eps) or None): float64 (B,)."""
+    def stats(self, b: int, elem: StepRule | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(‖g_b‖², Σ g_b·d(g_b) or None): float64 (B,); elem: the step rule when it is elementwise."""
         if not (self.dense or self.rows or self.full is not None):  # owner never called: unused
             zero = torch.zeros(b, dtype=torch.float64, device=self.device)
-            return zero, (zero if adam else None)
+            return zero, (zero if elem else None)
         # uses of one kind concatenate along T: Σ_u L_uᵀR_u = [L_1; L_2]ᵀ[R_1; R_2]
         dense = [torch.cat(f, 1) for f in zip(*self.dense)] if self.dense else None
         rows = [torch.cat(f, 1) for f in zip(*self.rows)] if self.rows else None
         if rows is not None and dense is None and self.full is None:
-            return _rows_stats(*rows, adam)
-        if adam or self.full is not None or (dense is not None and _materialize_is_cheaper(*dense)):
-            return _materialized_stats(self.shape, dense, rows, self.full, adam)
+            return _rows_stats(*rows, elem)
+        if elem or self.full is not None or (dense is not None and _materialize_is_cheaper(*dense)):
+            return _materialized_stats(self.shape, dense, rows, self.full, elem)
         out, inn = dense  # (B, T, out), (B, T, in)
         sq = ((out @ out.mT).double() * (inn @ inn.mT).double()).sum((1, 2))  # ghost norm
         if rows is not None:
             idx, r = rows  # (B, S), (B, S, in): the head's dlogits at the embedded tokens
             at_tokens = out.gather(2, idx[:, None, :].expand(-1, out.shape[1], -1))  # (B, T, S)
-            sq = sq + 2 * (at_tokens.double() * (inn @ r.mT).double()).sum((1, 2)) + _rows_stats(idx, r, False)[0]
+            sq = sq + 2 * (at_tokens.double() * (inn @ r.mT).double()).sum((1, 2)) + _rows_stats(idx, r, None)[0]
         return sq, None
 
 
@@ -88,7 +91,7 @@ def _materialize_is_cheaper(out: torch.Tensor, inn: torch.Tensor) -> bool:
     return out.shape[1] * (out.shape[2] + inn.shape[2]) >= out.shape[2] * inn.shape[2]
 
 
-def _rows_stats(idx: torch.Tensor, r: torch.Tensor, adam: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _rows_stats(idx: torch.Tensor, r: torch.Tensor, elem: StepRule | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """An embedding's per-sample gradient has one nonzero row per distinct (sample, token)."""
     b, _, width = r.shape
     n = int(idx.max()) + 1
@@ -98,18 +101,13 @@ def _rows_stats(idx: torch.Tensor, r: torch.Tensor, adam: bool) -> tuple[torch.T
     owner = uniq // n  # (U,) the sample each row belongs to
     sq = torch.zeros(b, dtype=torch.float64, device=r.device)
     sq.index_add_(0, owner, summed.double().square().sum(1))
-    if not adam:
+    if not elem:
         return sq, None
-    ad = torch.zeros_like(sq).index_add_(0, owner, _adam_sum(summed))  # zero rows add 0/(0+eps) = 0
+    ad = torch.zeros_like(sq).index_add_(0, owner, elem.inner(summed, batch_dims=1))  # zero rows add 0
     return sq, ad
 
 
-def _adam_sum(g: torch.Tensor) -> torch.Tensor:
-    """Σ g²/(|g|+eps) over all but the first dim, float64 (g: (B, ...))."""
-    return (g * g / (g.abs() + ADAM_EPS)).flatten(1).sum(1, dtype=torch.float64)
-
-
-def _materialized_stats(shape, dense, rows, full, adam: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _materialized_stats(shape, dense, rows, full, elem: StepRule | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-sample gradients built a chunk of samples at a time, so memory stays ≈ MATERIALIZE_CAP."""
     b = (dense or rows or [full])[0].shape[0]
     chunk = max(1, MATERIALIZE_CAP // math.prod(shape))
@@ -127,9 +125,9 @@ def _materialized_stats(shape, dense, rows, full, adam: bool) -> tuple[torch.Ten
         # norms of rows, then float64: one float32 vector_norm over 28M entries is ~1e-3 off on CPU
         rows_of = g.reshape(len(g), -1, math.prod(shape[-1:]))  # (c, rows, last dim)
         sq.append(torch.linalg.vector_norm(rows_of, dim=2).double().square().sum(1))
-        if adam:
-            ad.append(_adam_sum(g))
-    return torch.cat(sq), (torch.cat(ad) if adam else None)
+        if elem:
+            ad.append(elem.inner(g, batch_dims=1))
+    return torch.cat(sq), (torch.cat(ad) if elem else None)
 
 
 class _Recorder:
@@ -140,12 +138,12 @@ class _Recorder:
         self.owners = [m for m in model.modules() if any(id(p) in stepped for p in m._parameters.values())]
         for m in self.owners:  # checked before the forward: max_norm renormalizes the weight in place
             if isinstance(m, nn.Embedding) and (m.max_norm is not None or m.scale_grad_by_freq or m.sparse):
-                raise ValueError("linear mode supports plain nn.Embedding "
-                                 "(no max_norm, scale_grad_by_freq or sparse)")
+                raise UnsupportedModel("linear mode supports plain nn.Embedding "
+                                 "(no max_norm, scale_grad_by_freq or sparse)", field="--mode")
         found = {id(p) for m in self.owners for p in m._parameters.values()}
         missing = [n for n, p in named if id(p) not in found]
         if missing:
-            raise ValueError(f"no module owns the stepped parameters {missing}")
+            raise UnsupportedModel(f"no module owns the stepped parameters {missing}", field="--mode")
         self.stepped, self.calls, self.recording = stepped, [], True
         self.handles = [m.register_forward_hook(self._hook, with_kwargs=True) for m in self.owners]
 
@@ -155,8 +153,8 @@ class _Recorder:
         tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
         if len(tensors) != 1 or not isinstance(output, torch.Tensor):
             names = [self.stepped[id(p)] for p in module._parameters.values() if id(p) in self.stepped]
-            raise ValueError(f"no per-sample gradient rule for {names} in {type(module).__name__}: "
-                             "linear mode needs modules with one tensor input and one tensor output")
+            raise UnsupportedModel(f"no per-sample gradient rule for {names} in {type(module).__name__}: "
+                             "linear mode needs modules with one tensor input and one tensor output", field="--mode")
         self.calls.append((module, tensors[0].detach(), output))
 
     def remove(self) -> None:
@@ -183,10 +181,10 @@ def first_order_rows(model: nn.Module, params: str, prefixes: list[torch.Tensor]
 
     prefixes: B tensors (L_b,) of student input ids; teacher_logits: (B, V) float32, row b the
     teacher's distribution for the token after prefixes[b]; token_ids: the B sampled tokens.
-    The measured-after columns (MEASURED) are NaN. The model's weights are not written.
+    The measured-after columns (rows.MEASURED) are NaN. The model's weights are not written.
     """
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {optimizer!r}; one of {OPTIMIZERS}")
+    step = rule(optimizer)
+    elem = step if step.elementwise is not None else None
     named = select_params(model, params)
     for name, p in named:
         if p.dtype not in (torch.float32, torch.float64):
@@ -212,7 +210,7 @@ def first_order_rows(model: nn.Module, params: str, prefixes: list[torch.Tensor]
             outs = [o for _, _, o in recorder.calls]
             grads = torch.autograd.grad(probe_loss(s, t, y, loss), outs + idle, allow_unused=True)
             if any(g is not None for g in grads[len(outs):]):
-                raise ValueError(f"{[recorder.stepped[id(p)] for p in idle]} are used outside the forward "
+                raise UnsupportedModel(f"{[recorder.stepped[id(p)] for p in idle]} are used outside the forward "
                                  "of the modules that own them; linear mode cannot attribute their gradient")
         for (module, x, o), g_out in zip(recorder.calls, grads[: len(outs)]):
             g_out = torch.zeros_like(o) if g_out is None else g_out
@@ -233,29 +231,18 @@ def first_order_rows(model: nn.Module, params: str, prefixes: list[torch.Tensor]
             else:
                 for n, g in _full_rule(module, mine, x, g_out).items():
                     uses[id(module._parameters[n])].add_full(g)
-        parts = [u.stats(len(prefixes), optimizer == "adam") for u in uses.values()]
+        parts = [u.stats(len(prefixes), elem) for u in uses.values()]
     finally:
         recorder.remove()
         for (_, p), w in zip(named, was):
             p.requires_grad_(w)
     sq = torch.stack([q for q, _ in parts]).sum(0)  # (B,) float64
     norm = sq.sqrt()
-    if optimizer == "sgd":
-        gain = lr * sq
-    elif optimizer == "normalized":
-        gain = lr * norm
-    else:
-        gain = lr * torch.stack([a for _, a in parts]).sum(0)
+    inner = torch.stack([a for _, a in parts]).sum(0) if elem else None
+    gain = lr * step.first_order_from(norm, inner)  # (B,)
 
     s = s.detach()
     before = {k: v.tolist() for k, v in signals_from_logits(s, t, y, top_k).items()}
     ok = (torch.isfinite(s).all(1) & torch.isfinite(t).all(1)).tolist()
-    rows = []
-    for i in range(len(prefixes)):
-        row = {k: v[i] for k, v in before.items()}
-        row.update(dict.fromkeys(MEASURED, math.nan))
-        row["grad_norm"], row["gain_first_order"] = float(norm[i]), float(gain[i])
-        finite = ok[i] and math.isfinite(row["grad_norm"]) and all(math.isfinite(row[k]) for k in before)
-        row["finite"] = int(finite)
-        rows.append(row)
-    return rows
+    return [make_row({k: v[i] for k, v in before.items()}, math.nan, math.nan, float(norm[i]), float(gain[i]), ok[i])
+            for i in range(len(prefixes))]

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from synthetic import make_tokens
-from teachdiag.analyze import COLUMNS, AnalyzeConfig, load_run, load_tokens, run_analyze
+from teachdiag.analysis.command import COLUMNS, AnalyzeConfig, load_run, load_tokens, run_analyze
 from teachdiag.errors import InputError
 
 TABLES = ["correlations.csv", "regressions.csv", "q3.csv", "selection.csv", "summary.md",
@@ -151,7 +151,7 @@ def test_config_follows_the_cli_convention():
 
 
 def test_analysis_path_never_imports_torch():
-    code = ("import sys, teachdiag.analyze, teachdiag.analysis, teachdiag.plots, "
-            "teachdiag.report, teachdiag.selection; assert 'torch' not in sys.modules")
+    code = ("import sys, teachdiag.analysis.command, teachdiag.analysis.stats, teachdiag.analysis.plots, "
+            "teachdiag.analysis.report, teachdiag.analysis.selection; assert 'torch' not in sys.modules")
     root = pathlib.Path(__file__).resolve().parents[1]
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root)

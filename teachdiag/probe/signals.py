@@ -1,6 +1,6 @@
 """Per-position signals (DESIGN §3) as pure functions over logits, in nats.
 
-    from teachdiag.signals import signals_from_logits, probe_loss
+    from teachdiag.probe.signals import signals_from_logits, probe_loss
     s = signals_from_logits(student_logits, teacher_logits, token_ids, k=16)   # dict of (P,)
     s["fkl"], s["compat_mass"], s["union_fkl"], ...
 

@@ -1,6 +1,6 @@
 """The exact single-step probe (DESIGN §4): one step toward the teacher per position, then restore.
 
-    from teachdiag.probe import SingleStepProbe
+    from teachdiag.probe.exact import SingleStepProbe
     probe = SingleStepProbe(student, params="all", loss="reverse_kl", optimizer="normalized",
                             lr=1e-3, vocab=V)
     rows = probe.run_context(student_ids, n_prompt, teacher_logits, positions)
@@ -22,16 +22,16 @@ the runner keeps the student in float32 whatever --dtype says about the teacher.
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from teachdiag.signals import probe_loss, signals_from_logits
+from teachdiag.errors import InputError, UnsupportedModel
+from teachdiag.probe.rows import make_row
+from teachdiag.probe.signals import probe_loss, signals_from_logits
+from teachdiag.probe.steps import apply_step, global_norm, rule
 
-OPTIMIZERS = ("sgd", "adam", "normalized")
-ADAM_EPS = 1e-8
 
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
@@ -43,7 +43,7 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     if exact:
         return exact[0]  # modules() is outer first: the decoder's own list
     if not lists:
-        raise ValueError("cannot find the transformer blocks of this model")
+        raise UnsupportedModel("cannot find the transformer blocks of this model", field="--params")
     return max(lists, key=len)
 
 
@@ -54,6 +54,20 @@ def final_norm(model: nn.Module) -> nn.Module | None:
         if isinstance(getattr(base, name, None), nn.Module):
             return getattr(base, name)
     return None
+
+
+def parse_params(params: str) -> int | None:
+    """Check --params' syntax: 'all' and 'lm_head' give None, 'last:N' gives N (>= 1)."""
+    if params in ("all", "lm_head"):
+        return None
+    if params.startswith("last:"):
+        try:
+            n = int(params.split(":", 1)[1])
+        except ValueError:
+            raise InputError(f"last:N needs an integer N, got {params!r}", field="--params") from None
+        if n >= 1:
+            return n
+    raise InputError(f"unknown value {params!r} (all, lm_head, last:N with N >= 1)", field="--params")
 
 
 def select_params(model: nn.Module, params: str) -> list[tuple[str, nn.Parameter]]:
@@ -71,81 +85,22 @@ def select_params(model: nn.Module, params: str) -> list[tuple[str, nn.Parameter
     elif params == "lm_head":
         chosen = [head]
     elif params.startswith("last:"):
-        try:
-            n = int(params.split(":", 1)[1])
-        except ValueError:
-            raise ValueError(f"--params last:N needs an integer N, got {params!r}") from None
+        n = parse_params(params)
         blocks = decoder_blocks(model)
         if not 1 <= n <= len(blocks):
-            raise ValueError(f"--params last:N needs 1 <= N <= {len(blocks)} blocks, got {n}")
+            raise InputError(f"last:N needs 1 <= N <= {len(blocks)} blocks, got {n}", field="--params")
         chosen = [p for b in blocks[-n:] for p in b.parameters()]
         norm = final_norm(model)
         chosen += list(norm.parameters()) if norm is not None else []
         chosen.append(head)
     else:
-        raise ValueError(f"unknown --params {params!r} (all, lm_head, last:N)")
+        parse_params(params)  # raises for anything else
     seen, out = set(), []
     for p in chosen:
         if id(p) not in seen:
             seen.add(id(p))
             out.append((by_id[id(p)], p))
     return out
-
-
-def global_norm(grads: list[torch.Tensor]) -> float:
-    """‖g‖ over all tensors: norms of rows in the tensors' dtype, combined in float64.
-
-    Why rows: a float32 norm over one 28M-entry matrix is off by ~1e-3 relative on CPU (the
-    sum of squares accumulates rounding); rows of a few thousand entries stay at ~1e-7."""
-    rows = [torch.linalg.vector_norm(g.reshape(-1, g.shape[-1]) if g.dim() > 1 else g.reshape(1, -1), dim=1)
-            for g in grads]
-    return float(torch.linalg.vector_norm(torch.cat(rows).double()))  # one device sync, not one per tensor
-
-
-def step_direction(grads: list[torch.Tensor], optimizer: str, grad_norm: float) -> tuple[list[torch.Tensor], float]:
-    """(d, scale) with d·scale the direction of θ1 = θ0 − lr·d·scale.
-
-    sgd: g; adam's first bias-corrected step: g/(|g|+eps); normalized: g/‖g‖, returned as
-    (g, 1/‖g‖) so no second copy of every gradient is made.
-    """
-    if optimizer == "sgd":
-        return grads, 1.0
-    if optimizer == "adam":
-        return [g.div_(g.abs().add_(ADAM_EPS)) for g in grads], 1.0  # in place: grads are ours
-    if optimizer == "normalized":
-        return grads, (1.0 / grad_norm if grad_norm > 0 else 0.0)
-    raise ValueError(f"unknown optimizer {optimizer!r}; one of {OPTIMIZERS}")
-
-
-def first_order_gain(grads: list[torch.Tensor], optimizer: str, grad_norm: float, lr: float) -> float:
-    """lr·⟨g, d⟩: the first-order drop of the probe loss under θ1 = θ0 − lr·d (DESIGN §4).
-
-    sgd: lr·‖g‖²; normalized: lr·‖g‖; adam: lr·Σ g²/(|g|+eps) ≈ lr·‖g‖₁. Call before
-    step_direction, which overwrites the gradients for adam.
-    """
-    if optimizer == "sgd":
-        return lr * grad_norm**2
-    if optimizer == "normalized":
-        return lr * grad_norm
-    if optimizer == "adam":
-        parts = torch.stack([(g * g / (g.abs() + ADAM_EPS)).sum(dtype=torch.float64) for g in grads])
-        return lr * float(parts.sum())
-    raise ValueError(f"unknown optimizer {optimizer!r}; one of {OPTIMIZERS}")
-
-
-def pad_left(prefixes: list[torch.Tensor], pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """A batch of prefixes, left-padded so every last token sits at index −1.
-
-    Returns model kwargs: input_ids, attention_mask (B, L) and position_ids counting from 0 at
-    each prefix's first real token, so RoPE sees the same positions as an unpadded forward.
-    """
-    n = max(len(p) for p in prefixes)
-    ids = prefixes[0].new_full((len(prefixes), n), pad_id)
-    mask = torch.zeros_like(ids)
-    for b, p in enumerate(prefixes):
-        ids[b, n - len(p):] = p
-        mask[b, n - len(p):] = 1
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp(min=0)}
 
 
 @dataclass
@@ -163,26 +118,13 @@ class PositionGrad:
     finite: bool
 
 
-def make_row(before: dict[str, float], fkl_after: float, rkl_after: float, grad_norm: float,
-             gain_first_order: float, finite: bool) -> dict[str, float]:
-    """A tokens.csv row from the signals before the step and the two KLs after it (nats)."""
-    row = dict(before)
-    row["fkl_after"], row["rkl_after"] = fkl_after, rkl_after
-    row["gain_fkl"] = row["fkl"] - fkl_after
-    row["gain_rkl"] = row["rkl"] - rkl_after
-    row["rel_gain_fkl"] = row["gain_fkl"] / row["fkl"] if row["fkl"] != 0 else math.nan
-    row["rel_gain_rkl"] = row["gain_rkl"] / row["rkl"] if row["rkl"] != 0 else math.nan
-    row["grad_norm"], row["gain_first_order"] = grad_norm, gain_first_order
-    row["finite"] = int(bool(finite) and all(math.isfinite(v) for v in before.values()))
-    return row
-
-
 class SingleStepProbe:
     """Holds θ0 for the stepped parameters and probes positions one at a time."""
 
     def __init__(self, model: nn.Module, params: str, loss: str, optimizer: str, lr: float,
                  vocab: int, top_k: int = 16) -> None:
         self.model, self.loss, self.optimizer, self.lr = model, loss, optimizer, float(lr)
+        self.rule = rule(optimizer)
         self.vocab, self.top_k = vocab, top_k
         self.named = select_params(model, params)
         self.params = [p for _, p in self.named]
@@ -192,8 +134,6 @@ class SingleStepProbe:
                                  "to nothing, keep the student in float32")
         self.theta0 = [p.detach().clone() for p in self.params]
         self.n_stepped = sum(p.numel() for p in self.params)
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {optimizer!r}; one of {OPTIMIZERS}")
 
     def _last_logits(self, ids: torch.Tensor) -> torch.Tensor:
         """(1, V) logits predicting the token after `ids` (L,), padded vocab rows dropped."""
@@ -240,18 +180,16 @@ class SingleStepProbe:
         parameter, ours to overwrite: adam's direction is computed in place)."""
         before = {k: v.item() for k, v in signals_from_logits(s_before, t, y, self.top_k).items()}
         grad_norm = global_norm(grads)
-        g_dot_d = first_order_gain(grads, self.optimizer, grad_norm, 1.0)  # before adam overwrites g
-        finite = math.isfinite(grad_norm) and bool(torch.isfinite(s_before).all() and torch.isfinite(t).all())
-        with torch.no_grad():
-            directions, scale = step_direction(grads, self.optimizer, grad_norm)
+        g_dot_d = self.rule.first_order(grads, grad_norm)  # before adam's direction overwrites g
+        finite = bool(torch.isfinite(s_before).all() and torch.isfinite(t).all())
+        directions, scale = self.rule.direction(grads, grad_norm)
         return PositionGrad(prefix, t, y, before, directions, scale, grad_norm, g_dot_d, finite)
 
     def stepped_logits(self, pg: PositionGrad, lr: float) -> torch.Tensor:
         """(1, V) logits of pg's prefix at θ1 = θ0 − lr·scale·d; θ0 is back afterwards, bit for bit."""
         try:
+            apply_step(self.params, pg.directions, lr, pg.scale)
             with torch.no_grad():
-                for p, d in zip(self.params, pg.directions):
-                    p.add_(d, alpha=-lr * pg.scale)
                 return self._last_logits(pg.prefix)
         finally:  # also on OOM or Ctrl-C: the caller's model is never left at θ1
             self.restore()

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from teachdiag import prompts
-from teachdiag.prompts import check_solution, generate
+from teachdiag.demo import prompts
+from teachdiag.demo.prompts import check_solution, generate
 
-DATA = Path(__file__).resolve().parent.parent / "data" / "prompts.jsonl"
+from teachdiag.demo import DEMO_PROMPTS as DATA
 
 
 def numbers(text: str) -> list[int]:
@@ -87,5 +87,5 @@ def test_cli_writes_jsonl(tmp_path):
 
 def test_committed_demo_prompts_are_reproducible():
     if not DATA.is_file():
-        pytest.skip("data/prompts.jsonl not present")
+        pytest.skip("teachdiag/demo/data/prompts.jsonl not present")
     assert [json.loads(line) for line in DATA.read_text().splitlines()] == generate(300, seed=0)

@@ -1,0 +1,41 @@
+"""Model forwards over a context that every instrument shares: the teacher's logits, padded batches.
+
+    from teachdiag.probe.forward import teacher_logits, pad_left
+    t = teacher_logits(teacher, ctx, positions=[0, 5, 9], vocab=V, device="cpu")   # (3, V) float32
+    batch = pad_left([ids_a, ids_b])        # input_ids, attention_mask, position_ids (B, L)
+
+The teacher runs once per context and computes its LM head only at the probed positions, so a
+~150k vocabulary costs (P, V) floats per context, not (T, V).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from teachdiag.contexts import Context
+
+
+def teacher_logits(teacher, ctx: Context, positions: list[int], vocab: int, device: torch.device | str) -> torch.Tensor:
+    """(P, V) float32 teacher logits for response[positions], from ONE teacher forward of the context
+    (the LM head only at those positions), moved to the student's `device`."""
+    t_device = teacher.get_input_embeddings().weight.device  # the first GPU of a spread teacher
+    t_in = torch.tensor(ctx.teacher_view + ctx.response_ids[:-1], device=t_device)
+    keep = torch.tensor([len(ctx.teacher_view) + j - 1 for j in positions], device=t_device)
+    with torch.no_grad():
+        out = teacher(input_ids=t_in[None], logits_to_keep=keep, use_cache=False)
+    return out.logits[0, :, :vocab].float().to(device)
+
+
+def pad_left(prefixes: list[torch.Tensor], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """A batch of prefixes, left-padded so every last token sits at index −1.
+
+    Returns model kwargs: input_ids, attention_mask (B, L) and position_ids counting from 0 at
+    each prefix's first real token, so RoPE sees the same positions as an unpadded forward.
+    """
+    n = max(len(p) for p in prefixes)
+    ids = prefixes[0].new_full((len(prefixes), n), pad_id)
+    mask = torch.zeros_like(ids)
+    for b, p in enumerate(prefixes):
+        ids[b, n - len(p):] = p
+        mask[b, n - len(p):] = 1
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp(min=0)}
