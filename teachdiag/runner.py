@@ -27,8 +27,10 @@ from teachdiag.batching import exact_group, groups, linear_group
 from teachdiag.contexts import Context, by_context, parse_positions, select_positions
 from teachdiag.calibrate import RULE, auto_lr
 from teachdiag.errors import InputError, UnsupportedModel
+from teachdiag.probe.checkpoint import CheckpointScore
 from teachdiag.probe.fast import make_probe
-from teachdiag.models import config_sha256, load_inputs, load_models, resolve_device, vocab_rows
+from teachdiag.probe.shared import SharedStep
+from teachdiag.models import config_sha256, load_inputs, load_model, load_models, resolve_device, vocab_rows
 from teachdiag.config import (DEMO_POSITIONS, ContextOptions, DeviceOptions, PairOptions, StepOptions,
                               check_positive, fill_embedded, parse_lr)
 from teachdiag.flags import opt
@@ -45,6 +47,15 @@ class ProbeConfig(DeviceOptions, StepOptions, ContextOptions, PairOptions):  # l
     """Options of `teachdiag probe` (each field's help is its --help text)."""
 
     out: str = opt("run folder for tokens.csv and run.json [default: runs/<date-time>]", "", show_default=False)
+    gain: str = opt("instrument (DESIGN.md): per_position: one step on each position's own loss, a fresh θ1 "
+                    "per position; shared: ONE step on the mean loss of all probed positions (or of each "
+                    "--shared-batch of contexts), every position re-scored (the paper's Proposition 1)",
+                    "per_position", choices=["per_position", "shared"])
+    shared_batch: int = opt("--gain shared: contexts per shared step (0: one step for all probed positions)", 0)
+    skip_first_order: bool = opt("--gain shared: skip gain_first_order (a forward-mode pass per context, "
+                                 "~1/3 of the time)", False)
+    student_after: str = opt("checkpoint gain: a second student (θτ, e.g. after `teachdiag train` or your own "
+                             "OPD run) scored on the same contexts; gains are θ0 → θτ, no step taken", "")
     mode: str = opt("exact: take the step and measure; linear: first-order gains lr·⟨g, d⟩ only "
                     "(no step, *_after columns empty), batched", "exact", choices=["exact", "linear"])
     batch: int = opt("positions per forward/backward in --mode linear (reduce if you run out of memory)", 16)
@@ -57,7 +68,7 @@ class ProbeConfig(DeviceOptions, StepOptions, ContextOptions, PairOptions):  # l
 
 # options that must match for --resume to continue a folder
 RESUME_KEYS = ("teacher", "student", "contexts", "positions", "max_response_tokens", "top_k", "loss",
-               "optimizer", "lr", "params", "mode", "seed", "dtype")
+               "optimizer", "lr", "params", "mode", "seed", "dtype", "gain", "shared_batch", "student_after")
 
 
 def resolve_defaults(cfg: ProbeConfig) -> ProbeConfig:
@@ -69,6 +80,15 @@ def resolve_defaults(cfg: ProbeConfig) -> ProbeConfig:
     cfg.lr = parse_lr(cfg.lr, cfg.optimizer)
     check_positive(auto_lr_positions=cfg.auto_lr_positions, batch=cfg.batch, top_k=cfg.top_k)
     parse_params(cfg.params)
+    if cfg.shared_batch < 0:
+        raise InputError(f"must be >= 0, got {cfg.shared_batch}", field="--shared-batch")
+    other = "--student-after" if cfg.student_after else "--gain shared" if cfg.gain == "shared" else ""
+    if other and cfg.mode != "exact":
+        raise InputError(f"--mode linear is a per-position instrument; not with {other}", field="--mode")
+    if other and cfg.lr == "auto":
+        raise InputError(f"--lr auto calibrates the per-position step; give a number with {other}", field="--lr")
+    if cfg.student_after and cfg.gain == "shared":
+        raise InputError("choose one instrument: --gain shared or --student-after", field="--student-after")
     cfg.out = cfg.out or f"runs/{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     return cfg
 
@@ -149,6 +169,59 @@ def _check_resume(writer: RunWriter, record: dict) -> None:
                          file=str(old_path))
 
 
+def _instrument(cfg: ProbeConfig, student, lr: float, vocab: int, device, world: int):
+    """(instrument name, the object that computes rows): the per-position probe (exact or linear),
+    the shared step, or the checkpoint scorer with the --student-after model loaded."""
+    if cfg.student_after:
+        after = load_model(cfg.student_after, "student-after", "float32", device, cfg.trust_remote_code)
+        if config_sha256(after) != config_sha256(student) or vocab_rows(after) != vocab_rows(student):
+            raise InputError("its architecture differs from --student's (config or vocabulary rows); a "
+                             "checkpoint gain compares two states of one model", field="--student-after")
+        return "checkpoint", CheckpointScore(student, after, vocab, cfg.top_k)
+    if cfg.gain == "shared":
+        if world > 1:
+            raise InputError("the shared step needs every position's gradient in one process; run it "
+                             "without torchrun", field="--gain")
+        return "shared", SharedStep(student, cfg.params, cfg.loss, cfg.optimizer, lr, vocab, cfg.top_k,
+                                    first_order=not cfg.skip_first_order)
+    if cfg.mode == "linear":
+        return "per_position", None
+    return "per_position", make_probe(student, cfg.params, cfg.loss, cfg.optimizer, lr, vocab, cfg.top_k)
+
+
+def _instrument_record(cfg: ProbeConfig, instrument: str, probe) -> dict:
+    """What run.json says about how θ1 was reached (DESIGN.md, the three instruments)."""
+    if instrument == "checkpoint":
+        return {"after": cfg.student_after, "theta1": "the --student-after checkpoint; no step taken"}
+    if instrument == "shared":
+        batch = f"each group of {cfg.shared_batch} contexts" if cfg.shared_batch else "all probed positions"
+        return {"theta1": f"one step on the mean probe loss over {batch}", "shared_batch": cfg.shared_batch,
+                "first_order": "lr·<grad l_t(θ0), scale·d> by forward-mode JVP" if not cfg.skip_first_order
+                else "skipped"}
+    return {"theta1": "one step on each position's own loss (fresh θ1 per position)"}
+
+
+def _results(cfg: ProbeConfig, instrument: str, probe, student, lr: float, teacher, ctxs, by_ctx, todo, vocab,
+             device, bar):
+    """Yield (group of context indices, rows of each) for the work left, in file order."""
+    if instrument == "shared":
+        order = list(by_ctx)
+        size = cfg.shared_batch or len(order)
+        left = set(todo)
+        progress = lambda n, phase: (bar.set_postfix_str(phase, refresh=False), bar.update(n))  # noqa: E731
+        for a in range(0, len(order), size):
+            group = order[a : a + size]  # the step uses every context of the group, done or not
+            if left.intersection(group):
+                rows = probe.run(teacher, ctxs, by_ctx, group, device, progress)
+                keep = [c for c in group if c in left]
+                yield keep, [rows[c] for c in keep]
+        return
+    # exact: one context at a time; linear: consecutive contexts until a batch is full
+    for group in groups(todo, by_ctx, cfg.batch if cfg.mode == "linear" else 1):
+        yield group, (exact_group(probe, teacher, ctxs, group, by_ctx, vocab, device) if probe else
+                      linear_group(cfg, student, lr, teacher, ctxs, group, by_ctx, vocab, device))
+
+
 def run_probe(cfg: ProbeConfig, argv: list[str] | None = None) -> Path:
     """Run the probe; returns the run folder. Raises InputError on bad input.
 
@@ -166,8 +239,7 @@ def run_probe(cfg: ProbeConfig, argv: list[str] | None = None) -> Path:
     n_stepped = sum(p.numel() for _, p in select_params(student, cfg.params))  # before --lr auto sweeps
     lr, lr_auto = (cfg.lr, None) if cfg.lr != "auto" else _auto_lr(cfg, writer, teacher, student, ctxs,
                                                                     vocab, device, rank)
-    probe = (make_probe(student, cfg.params, cfg.loss, cfg.optimizer, lr, vocab, cfg.top_k)
-             if cfg.mode == "exact" else None)
+    instrument, probe = _instrument(cfg, student, lr, vocab, device, world)
     picks = select_positions(ctxs, parse_positions(cfg.positions), cfg.seed)
     by_ctx = by_context(picks)
 
@@ -185,7 +257,8 @@ def run_probe(cfg: ProbeConfig, argv: list[str] | None = None) -> Path:
         "positions": {"requested": cfg.positions, "probed": len(picks)},
         "step": {"loss": cfg.loss, "optimizer": cfg.optimizer, "lr": lr, "params": cfg.params,
                  "n_stepped_params": n_stepped, "student_compute_dtype": "float32", "mode": cfg.mode,
-                 "probe": type(probe).__name__ if probe else "first_order_rows", **({"lr_auto": lr_auto} if lr_auto else {})},
+                 "probe": type(probe).__name__ if probe else "first_order_rows", "instrument": instrument,
+                 **_instrument_record(cfg, instrument, probe), **({"lr_auto": lr_auto} if lr_auto else {})},
         "top_k": cfg.top_k, "seed": cfg.seed, "versions": _versions(),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -203,22 +276,23 @@ def run_probe(cfg: ProbeConfig, argv: list[str] | None = None) -> Path:
 
     # the work left, in file order, and this rank's share of it
     todo = distributed.shard([c for c in by_ctx if ctxs[c].id not in done], rank, world)
-    n_todo = sum(len(by_ctx[c]) for c in todo)
+    n_todo = sum(len(by_ctx[c]) for c in todo) * (2 if instrument == "shared" else 1)  # shared: two passes
     t_probe = time.time()
     bar = tqdm(total=n_todo, unit="pos", desc="probe" if world == 1 else f"probe (rank 0 of {world})",
                disable=cfg.quiet or rank != 0, file=sys.stderr)
     # exact: one context at a time; linear: consecutive contexts until a batch is full
     try:
-        for group in groups(todo, by_ctx, cfg.batch if cfg.mode == "linear" else 1):
-            results = (exact_group(probe, teacher, ctxs, group, by_ctx, vocab, device) if probe else
-                       linear_group(cfg, student, lr, teacher, ctxs, group, by_ctx, vocab, device))
+        for group, results in _results(cfg, instrument, probe, student, lr, teacher, ctxs, by_ctx, todo, vocab,
+                                       device, bar):
             for c, rows in zip(group, results):
                 ctx = ctxs[c]
                 for j, row in zip(by_ctx[c], rows):
                     tok = ctx.response_ids[j]
-                    row.update(context_id=ctx.id, position=j, token_id=tok, token=s_tok.decode([tok]))
+                    row.update(context_id=ctx.id, position=j, token_id=tok, token=s_tok.decode([tok]),
+                               response_length=len(ctx.response_ids), instrument=instrument)
                 writer.append_context(ctx.id, rows)
-                bar.update(len(rows))
+                if instrument != "shared":  # the shared step counts its own two passes
+                    bar.update(len(rows))
     except UnsupportedModel as exc:  # found on the first context; finished contexts stay saved
         bar.close()
         exc.message += " (finished contexts are saved in the run folder)"

@@ -22,7 +22,9 @@ import pandas as pd
 COLUMNS = ["context_id", "position", "token_id", "token", "fkl", "rkl", "student_entropy",
            "teacher_entropy", "student_logprob", "teacher_logprob", "compat_mass", "topk_entropy",
            "union_fkl", "teachability", "incompat", "fkl_after", "rkl_after", "gain_fkl", "gain_rkl",
-           "rel_gain_fkl", "rel_gain_rkl", "grad_norm", "gain_first_order", "finite"]
+           "rel_gain_fkl", "rel_gain_rkl", "grad_norm", "gain_first_order", "finite", "response_length",
+           "instrument"]
+TEXT_COLUMNS = ("context_id", "token", "instrument")
 PARTIAL, PROGRESS, TOKENS, RUN = "tokens.partial.csv", "progress.jsonl", "tokens.csv", "run.json"
 
 
@@ -71,8 +73,8 @@ def rows_to_csv(rows: list[dict], header: bool) -> str:
 
 def read_tokens(path: str | Path) -> pd.DataFrame:
     """Read a tokens CSV back exactly (float64 round-trip, tokens kept as strings)."""
-    return pd.read_csv(path, dtype={"context_id": str, "token": str}, keep_default_na=False,
-                       na_values={c: ["nan", "NaN", ""] for c in COLUMNS if c not in ("context_id", "token")},
+    return pd.read_csv(path, dtype={c: str for c in TEXT_COLUMNS}, keep_default_na=False,
+                       na_values={c: ["nan", "NaN", ""] for c in COLUMNS if c not in TEXT_COLUMNS},
                        float_precision="round_trip")
 
 

@@ -1,0 +1,169 @@
+"""The shared step (DESIGN §5, instrument 2): one step on the loss of ALL positions, every position re-scored.
+
+    from teachdiag.probe.shared import SharedStep
+    step = SharedStep(student, params="all", loss="reverse_kl", optimizer="normalized", lr=1e-2, vocab=V)
+    rows = step.run(teacher, ctxs, by_ctx, group)      # {context index: rows}, θ0 restored bit for bit
+
+The per-position probe asks how much a position can teach itself (θ1 = θ0 − lr·d(∇ℓ_j)). The
+paper's gain asks how much position t improves when the student is trained on everything: its
+Proposition 1, G_t ≈ η·⟨∇L, ∇ℓ_t⟩ with L the mean loss over the batch. Here:
+
+1. θ0: for each context of the group, one teacher forward and one student forward + backward;
+   the gradient of L = mean over the group's positions of ℓ_t accumulates in float32. The
+   signals before the step come from the same forward.
+2. one step θ1 = θ0 − lr·scale·d(g) with the step rule of probe/steps.py (g = ∇L).
+3. θ0 again, forward-mode: ⟨∇ℓ_t, scale·d⟩ for every position t at once (one torch.func.jvp per
+   context, attention switched to eager for it: sdpa has no forward-mode derivative), so
+   gain_first_order = lr·⟨∇ℓ_t, scale·d⟩; then θ1: every position re-scored (teacher forward
+   again: caching (positions × vocabulary) teacher logits would cost 10 GB on the demo).
+4. θ0 copied back from a saved copy (bit for bit).
+
+Cost per context: teacher 2 forwards, student forward + backward, one JVP (≈ 2–3 forwards),
+one forward. grad_norm is ‖∇L‖, the same for every row of a group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from torch import nn
+from torch.func import functional_call, jvp
+
+from teachdiag.contexts import Context
+from teachdiag.probe.exact import select_params
+from teachdiag.probe.forward import teacher_logits
+from teachdiag.probe.rows import make_row
+from teachdiag.probe.signals import probe_loss, signals_from_logits
+from teachdiag.probe.steps import apply_step, global_norm, rule
+
+
+@contextlib.contextmanager
+def eager_attention(model: nn.Module):
+    """Attention as plain matmuls while inside: forward-mode AD is not implemented for sdpa kernels."""
+    old = model.config._attn_implementation
+    if old == "eager":
+        yield
+        return
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(old)
+
+
+class SharedStep:
+    """Holds θ0 of the stepped parameters; `run` takes one shared step for a group of contexts."""
+
+    def __init__(self, model: nn.Module, params: str, loss: str, optimizer: str, lr: float, vocab: int,
+                 top_k: int = 16, first_order: bool = True) -> None:
+        self.model, self.loss, self.lr, self.vocab, self.top_k = model, loss, float(lr), vocab, top_k
+        self.rule = rule(optimizer)
+        self.named = select_params(model, params)
+        self.params = [p for _, p in self.named]
+        for name, p in self.named:
+            if p.dtype not in (torch.float32, torch.float64):
+                raise ValueError(f"stepped parameter {name} is {p.dtype}; keep the student in float32")
+        self.theta0 = [p.detach().clone() for p in self.params]
+        self.first_order = first_order
+        self.grad_norm = math.nan  # ‖∇L‖ of the last group
+
+    def _logits(self, ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """(P, V) float32 student logits at sequence indices `keep` of ids (T,)."""
+        return self.model(input_ids=ids[None], logits_to_keep=keep, use_cache=False).logits[0, :, : self.vocab].float()
+
+    @staticmethod
+    def _view(ctx: Context, positions: list[int], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Student ids up to the last position's prefix (T,), the indices predicting each position (P,),
+        the sampled tokens (P,)."""
+        n = len(ctx.prompt_ids)
+        ids = torch.tensor(ctx.prompt_ids + ctx.response_ids[: max(positions)], device=device)
+        keep = torch.tensor([n + j - 1 for j in positions], device=device)
+        y = torch.tensor([ctx.response_ids[j] for j in positions], device=device)
+        return ids, keep, y
+
+    def run(self, teacher, ctxs: list[Context], by_ctx: dict[int, list[int]], group: list[int],
+            device, progress=None) -> dict[int, list[dict]]:
+        """Rows of every position of the group's contexts, after ONE step on their mean loss.
+
+        progress: an optional callable(n_positions, phase) for a progress bar."""
+        n_total = sum(len(by_ctx[c]) for c in group)
+        before: dict[int, tuple[dict, list[bool]]] = {}
+        for p in self.params:
+            p.grad = None
+        try:
+            # 1. θ0: the gradient of the mean loss, and the signals before the step
+            for p in self.params:
+                p.requires_grad_(True)
+            for c in group:
+                ctx, positions = ctxs[c], by_ctx[c]
+                t = teacher_logits(teacher, ctx, positions, self.vocab, device)  # (P, V)
+                ids, keep, y = self._view(ctx, positions, device)
+                with torch.enable_grad():
+                    z = self._logits(ids, keep)  # (P, V)
+                    (probe_loss(z, t, y, self.loss) / n_total).backward()  # grads accumulate over contexts
+                z = z.detach()
+                sig = {k: v.tolist() for k, v in signals_from_logits(z, t, y, self.top_k).items()}
+                ok = (torch.isfinite(z).all(1) & torch.isfinite(t).all(1)).tolist()
+                before[c] = (sig, ok)
+                if progress:
+                    progress(len(positions), "gradient")
+            for p in self.params:
+                p.requires_grad_(False)
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+            for p in self.params:
+                p.grad = None
+            self.grad_norm = global_norm(grads)
+            directions, scale = self.rule.direction(grads, self.grad_norm)
+
+            rows: dict[int, list[dict]] = {}
+            for c in group:
+                ctx, positions = ctxs[c], by_ctx[c]
+                t = teacher_logits(teacher, ctx, positions, self.vocab, device)
+                ids, keep, y = self._view(ctx, positions, device)
+                # 3. first order at θ0: ⟨∇ℓ_t, scale·d⟩ for all t in one forward-mode pass
+                g_dot_d = (self._directional(ids, keep, t, y, directions, scale) if self.first_order
+                           else [math.nan] * len(positions))
+                # 2. θ1, re-score, back to θ0
+                try:
+                    apply_step(self.params, directions, self.lr, scale)
+                    with torch.no_grad():
+                        z1 = self._logits(ids, keep)
+                finally:
+                    self.restore()
+                after = signals_from_logits(z1, t, y, self.top_k)
+                sig, ok = before[c]
+                ok1 = torch.isfinite(z1).all(1).tolist()
+                fkl1, rkl1 = after["fkl"].tolist(), after["rkl"].tolist()
+                rows[c] = [make_row({k: v[i] for k, v in sig.items()}, fkl1[i], rkl1[i], self.grad_norm,
+                                    self.lr * g_dot_d[i], ok[i] and ok1[i]) for i in range(len(positions))]
+                if progress:
+                    progress(len(positions), "re-score")
+            return rows
+        finally:
+            for p in self.params:
+                p.requires_grad_(False)
+                p.grad = None
+            self.restore()
+
+    def _directional(self, ids, keep, t, y, directions, scale) -> list[float]:
+        """⟨∇ℓ_t(θ0), scale·d⟩ for each position of one context, float64 list (nats per unit lr)."""
+        names = [n for n, _ in self.named]
+        primals = {n: p.detach() for n, p in self.named}
+        tangents = {n: d * scale for n, d in zip(names, directions)}
+
+        def losses(stepped: dict) -> torch.Tensor:
+            z = functional_call(self.model, stepped, (), {"input_ids": ids[None], "logits_to_keep": keep,
+                                                          "use_cache": False}, strict=False)
+            return probe_loss(z.logits[0, :, : self.vocab].float(), t, y, self.loss, reduce=False)
+
+        with eager_attention(self.model), torch.no_grad():
+            _, dl = jvp(losses, (primals,), (tangents,))
+        return dl.double().tolist()
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Copy θ0 back into the stepped parameters (exact, bit for bit)."""
+        for p, p0 in zip(self.params, self.theta0):
+            p.copy_(p0)
