@@ -5,6 +5,9 @@
     teachdiag rollout --student S --prompts prompts.jsonl --out rollouts.jsonl
     teachdiag analyze runs/r1
     teachdiag calibrate --positions 24 --out calib   # pick an lr in the linear regime
+    teachdiag probe --gain shared --lr 1e-2          # one step on all positions' loss (the paper's gain)
+    teachdiag train --steps 20 --out ckpt            # short OPD training -> θτ
+    teachdiag probe --student-after ckpt/model --positions all   # checkpoint gain θ0 -> θτ
 
 Each config dataclass field is one flag and its help is its --help text, written once (config.py).
 Bad input prints one line `teachdiag: error: ...` and exits 2, without a traceback.
@@ -59,6 +62,7 @@ def _commands() -> dict:
     from teachdiag.calibrate import CalibrateConfig
     from teachdiag.rollout import RolloutConfig, run_rollout
     from teachdiag.runner import ProbeConfig
+    from teachdiag.train import TrainConfig, run_train
 
     return {
         "probe": (ProbeConfig, _probe, "single-step probe on frozen contexts -> tokens.csv"),
@@ -67,6 +71,7 @@ def _commands() -> dict:
         "analyze": (AnalyzeConfig, lambda cfg, argv: run_analyze(cfg),
                     "statistics, tables and figures from tokens.csv"),
         "calibrate": (CalibrateConfig, _calibrate, "sweep the step size, pick an lr in the linear regime"),
+        "train": (TrainConfig, run_train, "a small OPD trainer (selective masks) that makes θτ for the checkpoint gain"),
     }
 
 

@@ -169,7 +169,7 @@ def _check_resume(writer: RunWriter, record: dict) -> None:
                          file=str(old_path))
 
 
-def _instrument(cfg: ProbeConfig, student, lr: float, vocab: int, device, world: int):
+def _instrument(cfg: ProbeConfig, student, lr: float, vocab: int, device, world: int, out: Path):
     """(instrument name, the object that computes rows): the per-position probe (exact or linear),
     the shared step, or the checkpoint scorer with the --student-after model loaded."""
     if cfg.student_after:
@@ -183,7 +183,7 @@ def _instrument(cfg: ProbeConfig, student, lr: float, vocab: int, device, world:
             raise InputError("the shared step needs every position's gradient in one process; run it "
                              "without torchrun", field="--gain")
         return "shared", SharedStep(student, cfg.params, cfg.loss, cfg.optimizer, lr, vocab, cfg.top_k,
-                                    first_order=not cfg.skip_first_order)
+                                    first_order=not cfg.skip_first_order, cache_dir=str(out))
     if cfg.mode == "linear":
         return "per_position", None
     return "per_position", make_probe(student, cfg.params, cfg.loss, cfg.optimizer, lr, vocab, cfg.top_k)
@@ -239,7 +239,7 @@ def run_probe(cfg: ProbeConfig, argv: list[str] | None = None) -> Path:
     n_stepped = sum(p.numel() for _, p in select_params(student, cfg.params))  # before --lr auto sweeps
     lr, lr_auto = (cfg.lr, None) if cfg.lr != "auto" else _auto_lr(cfg, writer, teacher, student, ctxs,
                                                                     vocab, device, rank)
-    instrument, probe = _instrument(cfg, student, lr, vocab, device, world)
+    instrument, probe = _instrument(cfg, student, lr, vocab, device, world, writer.out)
     picks = select_positions(ctxs, parse_positions(cfg.positions), cfg.seed)
     by_ctx = by_context(picks)
 

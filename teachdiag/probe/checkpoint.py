@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from teachdiag.probe.rows import make_row
-from teachdiag.probe.signals import signals_from_logits
+from teachdiag.probe.signals import kls_from_logits, signals_from_logits
 
 
 class CheckpointScore:
@@ -48,7 +48,7 @@ class CheckpointScore:
         t = teacher_logits
         z0, z1 = self._logits(self.model, ids, keep), self._logits(self.after, ids, keep)
         before = {k: v.tolist() for k, v in signals_from_logits(z0, t, y, self.top_k).items()}
-        after = signals_from_logits(z1, t, y, self.top_k)
+        after = kls_from_logits(z1, t)
         fkl1, rkl1 = after["fkl"].tolist(), after["rkl"].tolist()
         ok = (torch.isfinite(z0).all(1) & torch.isfinite(z1).all(1) & torch.isfinite(t).all(1)).tolist()
         # no gradient: grad_norm is NaN, and make_row must not read that as a non-finite row

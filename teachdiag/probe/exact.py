@@ -29,7 +29,7 @@ from torch import nn
 
 from teachdiag.errors import InputError, UnsupportedModel
 from teachdiag.probe.rows import make_row
-from teachdiag.probe.signals import probe_loss, signals_from_logits
+from teachdiag.probe.signals import kls_from_logits, probe_loss, signals_from_logits
 from teachdiag.probe.steps import apply_step, global_norm, rule
 
 
@@ -196,7 +196,7 @@ class SingleStepProbe:
 
     def row(self, pg: PositionGrad, s_after: torch.Tensor, lr: float) -> dict[str, float]:
         """The tokens.csv row of one position: signals before, KLs after the step of size lr, gains."""
-        after = signals_from_logits(s_after, pg.teacher, pg.token, self.top_k)
+        after = kls_from_logits(s_after, pg.teacher)
         finite = pg.finite and bool(torch.isfinite(s_after).all())
         return make_row(pg.before, after["fkl"].item(), after["rkl"].item(), pg.grad_norm, lr * pg.g_dot_d, finite)
 

@@ -30,7 +30,7 @@ from torch import nn
 from teachdiag.errors import UnsupportedModel
 from teachdiag.probe.exact import SingleStepProbe, decoder_blocks, select_params
 from teachdiag.probe.rows import make_row
-from teachdiag.probe.signals import probe_loss, signals_from_logits
+from teachdiag.probe.signals import kls_from_logits, probe_loss, signals_from_logits
 
 
 def _tied(model: nn.Module) -> bool:
@@ -134,7 +134,7 @@ class HeadProbe(SingleStepProbe):
         z = z[:, : self.vocab]
         # all positions at once: signals before, and after z1 = (W − lr·scale·D)·h = z − lr·dz
         before = {k: v.tolist() for k, v in signals_from_logits(z, t, y, self.top_k).items()}
-        after = signals_from_logits(z.double() - self.lr * dz.double(), t, y, self.top_k)  # exact step
+        after = kls_from_logits(z.double() - self.lr * dz.double(), t)  # exact step
         fkl_after, rkl_after = after["fkl"].tolist(), after["rkl"].tolist()
         ok = (torch.isfinite(z).all(1) & torch.isfinite(t).all(1) & torch.isfinite(dz).all(1)).tolist()
         return [make_row({k: v[i] for k, v in before.items()}, fkl_after[i], rkl_after[i], grad_norm[i],

@@ -14,11 +14,12 @@ Proposition 1, G_t ≈ η·⟨∇L, ∇ℓ_t⟩ with L the mean loss over the ba
 2. one step θ1 = θ0 − lr·scale·d(g) with the step rule of probe/steps.py (g = ∇L).
 3. θ0 again, forward-mode: ⟨∇ℓ_t, scale·d⟩ for every position t at once (one torch.func.jvp per
    context, attention switched to eager for it: sdpa has no forward-mode derivative), so
-   gain_first_order = lr·⟨∇ℓ_t, scale·d⟩; then θ1: every position re-scored (teacher forward
-   again: caching (positions × vocabulary) teacher logits would cost 10 GB on the demo).
+   gain_first_order = lr·⟨∇ℓ_t, scale·d⟩; then θ1: every position re-scored against the teacher
+   logits of pass 1, kept in a temporary file (positions × vocabulary float32: 10 GB for the
+   51,600 demo positions, deleted at once; the same floats a second teacher forward would give).
 4. θ0 copied back from a saved copy (bit for bit).
 
-Cost per context: teacher 2 forwards, student forward + backward, one JVP (≈ 2–3 forwards),
+Cost per context: one teacher forward, student forward + backward, one JVP (≈ 1–2 forwards),
 one forward. grad_norm is ‖∇L‖, the same for every row of a group.
 """
 
@@ -26,6 +27,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import tempfile
+
+import numpy as np
 
 import torch
 from torch import nn
@@ -35,7 +39,7 @@ from teachdiag.contexts import Context
 from teachdiag.probe.exact import select_params
 from teachdiag.probe.forward import teacher_logits
 from teachdiag.probe.rows import make_row
-from teachdiag.probe.signals import probe_loss, signals_from_logits
+from teachdiag.probe.signals import kls_from_logits, probe_loss, signals_from_logits
 from teachdiag.probe.steps import apply_step, global_norm, rule
 
 
@@ -53,11 +57,34 @@ def eager_attention(model: nn.Module):
         model.set_attn_implementation(old)
 
 
+class TeacherCache:
+    """(P, V) float32 teacher logits per context in one temporary file (deleted when closed)."""
+
+    def __init__(self, folder: str | None = None) -> None:
+        self.file = tempfile.TemporaryFile(dir=folder, prefix=".teacher-logits-")
+        self.where: dict[int, tuple[int, tuple[int, int]]] = {}
+
+    def put(self, c: int, t: torch.Tensor) -> None:
+        a = t.detach().to("cpu", torch.float32).numpy()
+        self.file.seek(0, 2)
+        self.where[c] = (self.file.tell(), a.shape)
+        a.tofile(self.file)
+
+    def get(self, c: int, device) -> torch.Tensor:
+        offset, shape = self.where[c]
+        self.file.seek(offset)
+        a = np.fromfile(self.file, dtype=np.float32, count=shape[0] * shape[1]).reshape(shape)
+        return torch.from_numpy(a).to(device)
+
+    def close(self) -> None:
+        self.file.close()
+
+
 class SharedStep:
     """Holds θ0 of the stepped parameters; `run` takes one shared step for a group of contexts."""
 
     def __init__(self, model: nn.Module, params: str, loss: str, optimizer: str, lr: float, vocab: int,
-                 top_k: int = 16, first_order: bool = True) -> None:
+                 top_k: int = 16, first_order: bool = True, cache_dir: str | None = None) -> None:
         self.model, self.loss, self.lr, self.vocab, self.top_k = model, loss, float(lr), vocab, top_k
         self.rule = rule(optimizer)
         self.named = select_params(model, params)
@@ -67,6 +94,7 @@ class SharedStep:
                 raise ValueError(f"stepped parameter {name} is {p.dtype}; keep the student in float32")
         self.theta0 = [p.detach().clone() for p in self.params]
         self.first_order = first_order
+        self.cache_dir = cache_dir  # where pass 1's teacher logits wait for pass 2 (None: the temp folder)
         self.grad_norm = math.nan  # ‖∇L‖ of the last group
 
     def _logits(self, ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -92,6 +120,7 @@ class SharedStep:
         before: dict[int, tuple[dict, list[bool]]] = {}
         for p in self.params:
             p.grad = None
+        cache = TeacherCache(self.cache_dir)
         try:
             # 1. θ0: the gradient of the mean loss, and the signals before the step
             for p in self.params:
@@ -99,6 +128,7 @@ class SharedStep:
             for c in group:
                 ctx, positions = ctxs[c], by_ctx[c]
                 t = teacher_logits(teacher, ctx, positions, self.vocab, device)  # (P, V)
+                cache.put(c, t)
                 ids, keep, y = self._view(ctx, positions, device)
                 with torch.enable_grad():
                     z = self._logits(ids, keep)  # (P, V)
@@ -120,7 +150,7 @@ class SharedStep:
             rows: dict[int, list[dict]] = {}
             for c in group:
                 ctx, positions = ctxs[c], by_ctx[c]
-                t = teacher_logits(teacher, ctx, positions, self.vocab, device)
+                t = cache.get(c, device)
                 ids, keep, y = self._view(ctx, positions, device)
                 # 3. first order at θ0: ⟨∇ℓ_t, scale·d⟩ for all t in one forward-mode pass
                 g_dot_d = (self._directional(ids, keep, t, y, directions, scale) if self.first_order
@@ -132,7 +162,7 @@ class SharedStep:
                         z1 = self._logits(ids, keep)
                 finally:
                     self.restore()
-                after = signals_from_logits(z1, t, y, self.top_k)
+                after = kls_from_logits(z1, t)
                 sig, ok = before[c]
                 ok1 = torch.isfinite(z1).all(1).tolist()
                 fkl1, rkl1 = after["fkl"].tolist(), after["rkl"].tolist()
@@ -142,6 +172,7 @@ class SharedStep:
                     progress(len(positions), "re-score")
             return rows
         finally:
+            cache.close()
             for p in self.params:
                 p.requires_grad_(False)
                 p.grad = None

@@ -23,15 +23,16 @@ SIGNALS = ("fkl", "rkl", "student_entropy", "teacher_entropy", "student_logprob"
 LOSSES = ("reverse_kl", "forward_kl", "sampled_token")
 
 
-def kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """KL(p ‖ q) along the last dim from log-probabilities; 0·log 0 counts as 0, NaN stays NaN."""
-    p = log_p.exp()
+def kl(log_p: torch.Tensor, log_q: torch.Tensor, p: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(p ‖ q) along the last dim from log-probabilities; 0·log 0 counts as 0, NaN stays NaN.
+    p: log_p.exp() when the caller has it already (a (P, V) float64 exp is not free)."""
+    p = log_p.exp() if p is None else p
     return torch.where(p == 0, torch.zeros_like(p), p * (log_p - log_q)).sum(-1)
 
 
-def entropy(log_p: torch.Tensor) -> torch.Tensor:
+def entropy(log_p: torch.Tensor, p: torch.Tensor | None = None) -> torch.Tensor:
     """Shannon entropy along the last dim, nats."""
-    p = log_p.exp()
+    p = log_p.exp() if p is None else p
     return -torch.where(p == 0, torch.zeros_like(p), p * log_p).sum(-1)
 
 
@@ -61,17 +62,26 @@ def signals_from_logits(student_logits: torch.Tensor, teacher_logits: torch.Tens
     log_tu = F.log_softmax(torch.where(union, log_t, neg_inf), -1)
     union_fkl = kl(log_tu, log_su)  # outside U both are -inf: p = 0 there, which kl counts as 0
 
+    p_s, p_t = log_s.exp(), log_t.exp()
     return {
-        "fkl": kl(log_t, log_s),
-        "rkl": kl(log_s, log_t),
-        "student_entropy": entropy(log_s),
-        "teacher_entropy": entropy(log_t),
+        "fkl": kl(log_t, log_s, p_t),
+        "rkl": kl(log_s, log_t, p_s),
+        "student_entropy": entropy(log_s, p_s),
+        "teacher_entropy": entropy(log_t, p_t),
         "student_logprob": log_s.gather(-1, y).squeeze(-1),
         "teacher_logprob": log_t.gather(-1, y).squeeze(-1),
-        "compat_mass": log_t.exp().gather(-1, top_s).sum(-1),  # C: teacher mass on student top-K
+        "compat_mass": p_t.gather(-1, top_s).sum(-1),  # C: teacher mass on student top-K
         "topk_entropy": topk_entropy,
         "union_fkl": union_fkl,
     }
+
+
+def kls_from_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Only fkl and rkl, (P,) float64, by the same arithmetic as signals_from_logits: what a
+    re-scored student needs after a step (the rest of the signals come from θ0)."""
+    log_s = F.log_softmax(student_logits.double(), -1)
+    log_t = F.log_softmax(teacher_logits.double(), -1)
+    return {"fkl": kl(log_t, log_s), "rkl": kl(log_s, log_t)}
 
 
 def probe_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,

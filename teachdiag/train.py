@@ -1,0 +1,206 @@
+"""`teachdiag train`: a small, honest OPD trainer that makes θτ for the checkpoint gain and tests selectors.
+
+    teachdiag train --steps 20 --out ckpt/ --select teachability --budget 0.05        # embedded demo pair
+    teachdiag train --teacher T --student S --contexts train.jsonl --out ckpt/ --steps 200 --lr 1e-6
+    teachdiag probe --student S --student-after ckpt/model --teacher T --contexts heldout.jsonl --out runs/g
+
+Each step takes `--batch` contexts (a seeded shuffle, cycled), scores every response position with
+the teacher and the student, keeps the positions the selector picks over the whole batch
+(selectors.py: round(budget·N), at least one per sample), and takes one AdamW step on the OPD loss
+of the kept positions, normalised by their number (DESIGN §7). Unselected tokens stay in the context.
+Defaults are the paper's training recipe (DESIGN §5): sampled-token loss, lr 1e-6 constant, betas
+(0.9, 0.98), weight decay 0.1. Contexts are frozen (the rollouts do not change as the student does;
+cheap on a CPU, and the θ0 → θτ comparison then runs on exactly the tokens trained on or held out).
+
+Writes to --out: model/ (a loadable float32 folder with the tokenizer), train_log.csv (one row a
+step: loss, kept and total positions, mean fkl of the batch before the step, seconds),
+train.json (options, versions, progress) and optimizer.safetensors (AdamW state, for --resume).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from teachdiag import __version__
+from teachdiag.config import ContextOptions, DeviceOptions, PairOptions, check_positive, fill_embedded
+from teachdiag.errors import InputError
+from teachdiag.flags import opt
+from teachdiag.models import load_inputs, load_models, resolve_device
+from teachdiag.probe.forward import teacher_logits
+from teachdiag.probe.signals import probe_loss, signals_from_logits
+from teachdiag.selectors import SELECTORS, budget_mask, selector_scores
+
+LOG_COLUMNS = ["step", "loss", "kept", "positions", "mean_fkl", "seconds"]
+
+
+@dataclass
+class TrainConfig(DeviceOptions, ContextOptions, PairOptions):  # --help lists pair, contexts, device first
+    """Options of `teachdiag train` (each field's help is its --help text)."""
+
+    out: str = opt("folder for model/, train_log.csv, train.json", "")
+    steps: int = opt("optimizer steps", 20)
+    batch: int = opt("contexts per step (the selector's budget is taken over all their positions)", 8)
+    lr: float = opt("AdamW learning rate, constant (the paper: 1e-6)", 1e-6)
+    loss: str = opt("OPD loss: sampled_token (policy-gradient form, the paper's) or reverse_kl (full vocabulary)",
+                    "sampled_token", choices=["sampled_token", "reverse_kl"])
+    select: str = opt("which positions to train on: all, or a selector over the batch (selectors.py)", "all",
+                      choices=list(SELECTORS))
+    budget: float = opt("share of the batch's positions kept by --select (at least one per sample)", 0.05)
+    top_k: int = opt("K of the selector's top-K scores", 16)
+    beta1: float = opt("AdamW beta1", 0.9)
+    beta2: float = opt("AdamW beta2", 0.98)
+    weight_decay: float = opt("AdamW decoupled weight decay", 0.1)
+    resume: bool = opt("continue the run in --out from its last saved step", False)
+    overwrite: bool = opt("replace an existing non-empty --out", False)
+
+
+def batches(n_contexts: int, batch: int, steps: int, seed: int) -> list[list[int]]:
+    """Context indices of each step: a seeded permutation, cycled (and re-drawn each epoch)."""
+    rng = np.random.default_rng(seed)
+    order: list[int] = []
+    while len(order) < steps * batch:
+        order += rng.permutation(n_contexts).tolist()
+    return [order[i * batch : (i + 1) * batch] for i in range(steps)]
+
+
+def train_step(student, teacher, ctxs, batch: list[int], vocab: int, *, loss: str, select: str, budget: float,
+               top_k: int, optimizer: torch.optim.Optimizer, device, seed: int = 0) -> dict:
+    """One OPD step on `batch` (context indices); returns the log row (without step and seconds)."""
+    views = []  # per context: ids (T,), keep (R,), y (R,), teacher logits (R, V)
+    for c in batch:
+        ctx = ctxs[c]
+        positions = list(range(len(ctx.response_ids)))
+        n = len(ctx.prompt_ids)
+        ids = torch.tensor(ctx.prompt_ids + ctx.response_ids[:-1], device=device)
+        keep = torch.arange(n - 1, n - 1 + len(positions), device=device)
+        y = torch.tensor(ctx.response_ids, device=device)
+        views.append((ids, keep, y, teacher_logits(teacher, ctx, positions, vocab, device)))
+
+    def logits(ids, keep):
+        return student(input_ids=ids[None], logits_to_keep=keep, use_cache=False).logits[0, :, :vocab].float()
+
+    # the selector's scores at θ (no gradient), over the whole batch
+    sig = {k: [] for k in ("topk_entropy", "union_fkl", "compat_mass", "fkl")}
+    with torch.no_grad():
+        for ids, keep, y, t in views:
+            s = signals_from_logits(logits(ids, keep), t, y, top_k)
+            for k in sig:
+                sig[k].append(s[k].cpu().numpy())
+    sample = np.concatenate([np.full(len(v[2]), i) for i, v in enumerate(views)])
+    flat = {k: np.concatenate(v) for k, v in sig.items()}
+    kept = budget_mask(selector_scores(flat, select, seed), sample, budget) if select != "all" else np.ones(len(sample), bool)
+    n_kept = int(kept.sum())
+
+    optimizer.zero_grad(set_to_none=True)
+    total, a = 0.0, 0
+    for ids, keep, y, t in views:
+        mask = torch.from_numpy(kept[a : a + len(y)]).to(device)
+        a += len(y)
+        if not mask.any():
+            continue
+        with torch.enable_grad():
+            per = probe_loss(logits(ids, keep)[mask], t[mask], y[mask], loss, reduce=False)  # (kept,)
+            part = per.sum() / n_kept  # normalised by the kept positions of the whole batch
+            part.backward()
+        total += float(part)
+    optimizer.step()
+    return {"loss": total, "kept": n_kept, "positions": len(sample), "mean_fkl": float(flat["fkl"].mean())}
+
+
+def make_optimizer(student, cfg: TrainConfig) -> torch.optim.AdamW:
+    student.requires_grad_(True)
+    return torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             weight_decay=cfg.weight_decay, eps=1e-8)
+
+
+def _optimizer_tensors(student, optimizer) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, p in student.named_parameters():
+        state = optimizer.state.get(p, {})
+        for k in ("exp_avg", "exp_avg_sq", "step"):
+            if k in state:
+                out[f"{name}.{k}"] = torch.as_tensor(state[k]).detach().cpu().contiguous()
+    return out
+
+
+def _load_optimizer(student, optimizer, path: Path) -> None:
+    tensors = load_file(str(path))
+    for name, p in student.named_parameters():
+        if f"{name}.exp_avg" in tensors:
+            optimizer.state[p] = {k: tensors[f"{name}.{k}"].to(p.device) for k in ("exp_avg", "exp_avg_sq")}
+            optimizer.state[p]["step"] = tensors[f"{name}.step"]
+
+
+def _save(out: Path, student, tok, optimizer, record: dict) -> None:
+    student.save_pretrained(out / "model")
+    tok.save_pretrained(out / "model")
+    save_file(_optimizer_tensors(student, optimizer), str(out / "optimizer.safetensors"))
+    (out / "train.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+
+
+def run_train(cfg: TrainConfig, argv: list[str] | None = None) -> Path:
+    """Train and save; returns the output folder. Raises InputError on bad input."""
+    fill_embedded(cfg)
+    check_positive(steps=cfg.steps, batch=cfg.batch, top_k=cfg.top_k)
+    if not 0 < cfg.budget <= 1:
+        raise InputError(f"must be in (0, 1], got {cfg.budget}", field="--budget")
+    if not cfg.out:
+        raise InputError("give an output folder", field="--out")
+    if cfg.positions:
+        raise InputError("train uses every response position; choose with --select and --budget", field="--positions")
+    out = Path(cfg.out)
+    if out.is_dir() and any(out.iterdir()) and not (cfg.overwrite or cfg.resume):
+        raise InputError("folder is not empty; pass --overwrite or --resume", field="--out", file=str(out))
+    device = resolve_device(cfg.device)
+    ctxs, tok, _ = load_inputs(cfg)
+    vocab = len(tok)
+    teacher, student = load_models(cfg, device, ctxs, vocab)
+    student.train(False)  # no dropout: the step is the OPD gradient, nothing random
+    optimizer = make_optimizer(student, cfg)
+    plan = batches(len(ctxs), min(cfg.batch, len(ctxs)), cfg.steps, cfg.seed)
+    start = 0
+    log_path = out / "train_log.csv"
+    if cfg.resume and (out / "train.json").is_file():
+        done = json.loads((out / "train.json").read_text())
+        if done.get("options", {}) | {"resume": True, "overwrite": False, "steps": cfg.steps} != asdict(cfg) | {
+                "resume": True, "overwrite": False}:
+            raise InputError("options differ from the run being resumed", field="--resume", file=str(out))
+        start = int(done["steps_done"])
+        from transformers import AutoModelForCausalLM
+
+        saved = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32)
+        student.load_state_dict(saved.state_dict())
+        _load_optimizer(student, optimizer, out / "optimizer.safetensors")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "w", newline="") as f:
+            csv.writer(f).writerow(LOG_COLUMNS)
+    record = {"teachdiag": __version__, "command": " ".join(["teachdiag", "train", *(argv or [])]),
+              "options": asdict(cfg), "n_contexts": len(ctxs), "device": str(device),
+              "torch": torch.__version__, "steps_done": start}
+    bar = tqdm(total=cfg.steps, initial=start, unit="step", desc="train", disable=cfg.quiet, file=sys.stderr)
+    for step in range(start, cfg.steps):
+        t0 = time.time()
+        row = train_step(student, teacher, ctxs, plan[step], vocab, loss=cfg.loss, select=cfg.select,
+                         budget=cfg.budget, top_k=cfg.top_k, optimizer=optimizer, device=device, seed=cfg.seed + step)
+        row = {"step": step + 1, **row, "seconds": round(time.time() - t0, 3)}
+        with open(log_path, "a", newline="") as f:
+            csv.writer(f).writerow([row[c] for c in LOG_COLUMNS])
+        bar.update()
+        bar.set_postfix(loss=f"{row['loss']:.4f}", fkl=f"{row['mean_fkl']:.3f}")
+        if step + 1 == cfg.steps or (step + 1) % 10 == 0:  # a killed run resumes from the last save
+            _save(out, student, tok, optimizer, dict(record, steps_done=step + 1))
+    bar.close()
+    student.requires_grad_(False)
+    print(f"wrote {out / 'model'} after {cfg.steps} steps, {log_path}", file=sys.stderr)
+    return out
