@@ -1,0 +1,64 @@
+"""The Python API: what a notebook calls, each a thin layer over the command of the same name.
+
+    import teachdiag
+    run = teachdiag.run_probe(teacher="T", student="S", contexts="r.jsonl", out="runs/r1", positions="200")
+    run.table          # tokens.csv as a DataFrame, one row per position (README: columns)
+    run.record         # run.json as a dict
+    run = teachdiag.load_run("runs/r1")                     # an earlier run, no torch needed
+    teachdiag.analyze("runs/r1", "runs/r2", protocol="paper")   # tables, figures, summary -> folder
+    teachdiag.train(out="ckpt", steps=20, select="teachability")  # θτ for --student-after
+
+Keyword arguments are the command's flags with underscores (--max-response-tokens ->
+max_response_tokens); every default is the command's. Errors are the library's exceptions
+(teachdiag.errors.InputError for bad input), not exit codes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from teachdiag.table import RUN, TOKENS, read_tokens
+
+
+@dataclass
+class Run:
+    """A finished run folder: its table and its record."""
+
+    path: Path
+    table: pd.DataFrame
+    record: dict
+
+
+def load_run(path: str | Path) -> Run:
+    """tokens.csv (or .csv.gz) and run.json of a run folder, read back exactly."""
+    path = Path(path)
+    csv = next((path / n for n in (TOKENS, TOKENS + ".gz") if (path / n).is_file()), path / TOKENS)
+    record = json.loads((path / RUN).read_text()) if (path / RUN).is_file() else {}
+    return Run(path, read_tokens(csv), record)
+
+
+def run_probe(**options) -> Run:
+    """`teachdiag probe` with these options; every instrument (gain="shared", student_after=...)."""
+    from teachdiag.runner import ProbeConfig, run_probe as _run
+
+    options.setdefault("quiet", True)
+    return load_run(_run(ProbeConfig(**options), []))
+
+
+def analyze(*runs: str | Path, **options) -> Path:
+    """`teachdiag analyze RUN...`; returns the folder with the tables, figures and summary."""
+    from teachdiag.analysis.command import AnalyzeConfig, run_analyze
+
+    return run_analyze(AnalyzeConfig(runs=[str(r) for r in runs], **options))
+
+
+def train(**options) -> Path:
+    """`teachdiag train`; returns the output folder (the model is in <out>/model)."""
+    from teachdiag.train import TrainConfig, run_train
+
+    options.setdefault("quiet", True)
+    return run_train(TrainConfig(**options), [])
