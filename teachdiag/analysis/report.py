@@ -126,12 +126,14 @@ def finding(run: str, corr: pd.DataFrame, reg: pd.DataFrame, q3: pd.DataFrame, s
 
 def _tex(s: str) -> str:
     for a, b in [("\\", r"\textbackslash{}"), ("_", r"\_"), ("%", r"\%"), ("&", r"\&"),
-                 ("#", r"\#"), ("²", r"$^2$"), ("‖", r"$\|$"), ("≈", r"$\approx$")]:
+                 ("#", r"\#"), ("²", r"$^2$"), ("‖", r"$\|$"), ("≈", r"$\approx$"),
+                 ("β\\_L", r"$\beta_L$"), ("β\\_I", r"$\beta_I$"), ("Δ", r"$\Delta$"), ("−", "$-$"),
+                 ("→", r"$\to$"), ("≥", r"$\geq$"), ("–", "--")]:
         s = s.replace(a, b)
     return s
 
 
-def to_latex(table: pd.DataFrame, caption: str) -> str:
+def to_latex(table: pd.DataFrame, caption: str, label: str = "tab:teachdiag") -> str:
     """booktabs table: runs as \\midrule-separated groups when there are several."""
     cols = [c for c in table.columns if c != "run"]
     lines = [r"\begin{table}[t]", r"\centering", r"\small",
@@ -146,8 +148,21 @@ def to_latex(table: pd.DataFrame, caption: str) -> str:
         for _, r in table[table["run"] == run].iterrows():
             lines.append(" & ".join(_tex(str(r[c])) for c in cols) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}", rf"\caption{{{_tex(caption)}}}",
-              r"\label{tab:teachdiag}", r"\end{table}"]
+              rf"\label{{{label}}}", r"\end{table}"]
     return "\n".join(lines) + "\n"
+
+
+def run_line(r: dict) -> str:
+    """The summary.md bullet describing one run (dict from command.load_run)."""
+    t = r.get("table")
+    inst = (f", instrument = {', '.join(sorted(set(t['instrument'])))}"
+            if t is not None and "instrument" in t.columns else "")
+    lengths = (f", response_length from {r['response_length_from']} (len(response_ids), no truncation)"
+               if r.get("response_length_from") else "")
+    return (f"- **{r['name']}** ({r['path']}): {r['n_rows']} rows, {r['n_excluded']} excluded "
+            f"as non-finite, {r['n_contexts']} contexts, K = {r.get('top_k')}, "
+            f"complete = {r.get('complete')}{inst}{lengths}; options: "
+            + (", ".join(f"{k}={v}" for k, v in (r.get("options") or {}).items()) or "none"))
 
 
 def write_summary(out: str | pathlib.Path, runs: Sequence[dict], corr: pd.DataFrame,
@@ -162,11 +177,7 @@ def write_summary(out: str | pathlib.Path, runs: Sequence[dict], corr: pd.DataFr
                f"bootstrap CI over contexts ({n_boot} resamples); mean gain kept and overlap with "
                f"the oracle set when each score keeps the top ceil(rho N) positions.")
     md = [f"# teachdiag analysis: {gain}", "", "## Data", ""]
-    for r in runs:
-        md.append(f"- **{r['name']}** ({r['path']}): {r['n_rows']} rows, {r['n_excluded']} excluded "
-                  f"as non-finite, {r['n_contexts']} contexts, K = {r.get('top_k')}, "
-                  f"complete = {r.get('complete')}; options: "
-                  + (", ".join(f"{k}={v}" for k, v in (r.get("options") or {}).items()) or "none"))
+    md += [run_line(r) for r in runs]
     md += ["", "## Table", "", _markdown(table if len(runs) > 1 else table.drop(columns="run")),
            "", caption, "", "## Finding", ""]
     tex_text = [to_latex(table, caption)]
