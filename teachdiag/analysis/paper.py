@@ -205,7 +205,8 @@ def paper_selection(t: pd.DataFrame, gain: str, budgets: Sequence[float] = PAPER
     for rho in budgets:
         k = paper_budget_size(len(s), rho)
         masks = {name: select_top(s[col].to_numpy(float), k) for name, col in cols.items()}
-        note = too_few(k, 1, f"keeping round({rho:g} · N) >= 1 positions") or ci_note(n_ctx, n_boot)
+        note = (f"too few positions (n = {len(s)}; round({rho:g} · n) = 0 kept)" if k == 0
+                else ci_note(n_ctx, n_boot))
         for p in winsor:
             y = winsorize(g, p) if len(g) else g
             M = np.stack(list(masks.values())) if k else np.zeros((len(cols), len(s)), bool)
