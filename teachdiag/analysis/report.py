@@ -34,6 +34,19 @@ ROWS = [
     ("oracle (measured gain)", None, "oracle"),
 ]
 TABLE_BUDGETS = (0.05, 0.10)
+FIGURE_CAPTIONS = {  # one line under each figure in summary.md
+    "gain_vs_fkl": "the gain of every position against its fkl before the step (nats, log scale), "
+                   "coloured by compat_mass C.",
+    "gain_by_decile": "mean gain per decile of each score, one panel per score, with 95% "
+                      "cluster-bootstrap CIs over contexts.",
+    "gain_vs_fkl_by_compat": "mean gain per fkl decile, positions with compat_mass above vs at or "
+                             "below its median, 95% cluster-bootstrap CIs: at equal fkl, does C matter?",
+    "selection_by_budget": "mean gain kept by each selector when it keeps the top ceil(rho N) "
+                           "positions; dashed: mean over all positions.",
+    "std_coefficients": "standardized OLS coefficients of the three models, gain raw and winsorized "
+                        "at 1% and 5%, with 95% cluster-bootstrap CIs.",
+    "correlation_heatmap": "Spearman correlation of each gain (columns) with each signal (rows).",
+}
 
 
 def _f(x: float, spec: str = ".3f") -> str:
@@ -41,6 +54,13 @@ def _f(x: float, spec: str = ".3f") -> str:
 
 
 def fmt_ci(row: pd.Series, spec: str = ".3f") -> str:
+    """'0.123 [0.100, 0.150]'; without an estimate, the row's note (why); without a CI, why not."""
+    note = row.get("note", "")
+    note = note if isinstance(note, str) else ""
+    if not np.isfinite(row["estimate"]):
+        return f"n/a ({note})" if note else "n/a"
+    if not np.isfinite(row["ci_low"]):
+        return f"{_f(row['estimate'], spec)} ({note})" if note else _f(row["estimate"], spec)
     return f"{_f(row['estimate'], spec)} [{_f(row['ci_low'], spec)}, {_f(row['ci_high'], spec)}]"
 
 
@@ -105,23 +125,36 @@ def finding(run: str, corr: pd.DataFrame, reg: pd.DataFrame, q3: pd.DataFrame, s
         f"the oracle; in Q3 (low H, high D) the high-C tercile gains {fmt_ci(q_t, '.3g')} more than "
         f"the low-C tercile ({fmt_ci(q_m, '.3g')} between within-context matched positions).",
     ]
-    tests = {"Spearman teachability > fkl": _sign(dtf),
-             "Spearman teachability > incompat": _sign(dti),
-             "coefficient teachability > incompat": _sign(bd)}
-    if all(np.isnan(r["ci_low"]) for r in (dtf, dti, bd)):
-        verdict = "none without confidence intervals (run with --bootstrap > 0)."
-    elif all(v == 1 for v in tests.values()):
-        verdict = "these data support the claim that learnable disagreement predicts the gain " \
-                  "better than raw fkl and than incompatible disagreement (all three 95% CIs exclude 0)."
+    tests = {"Spearman(teachability) − Spearman(fkl) > 0": dtf,
+             "Spearman(teachability) − Spearman(incompat) > 0": dti,
+             "β(teachability) − β(incompat) > 0": bd}
+    word = {1: "holds", -1: "does not hold (the opposite: CI excludes 0 against it)",
+            0: "inconclusive (CI includes 0)"}
+    lines = [f"- {name}: {fmt_ci(r)} — " + (word[_sign(r)] if np.isfinite(r["ci_low"]) else
+                                          "no verdict (" + (_note(r) or "no CI") + ")")
+             for name, r in tests.items()]
+    signs = [_sign(r) for r in tests.values() if np.isfinite(r["ci_low"])]
+    rule = ("Rule: the claim that learnable disagreement predicts the gain better than raw fkl and "
+            "than incompatible disagreement is supported only when all three contrasts hold.")
+    if len(signs) < len(tests):
+        verdict = "no overall verdict: not every contrast has a confidence interval (see above)."
+    elif all(v == 1 for v in signs):
+        verdict = "these data support the claim (all three 95% CIs exclude 0 in its favour)."
+    elif any(v == -1 for v in signs):
+        verdict = (f"these data do NOT support the claim: {signs.count(-1)} of 3 contrasts go against "
+                   f"it, {signs.count(1)} hold{'s' if signs.count(1) == 1 else ''}, "
+                   f"{signs.count(0)} inconclusive.")
     else:
-        against = [k for k, v in tests.items() if v == -1]
-        unclear = [k for k, v in tests.items() if v == 0]
-        verdict = "these data do NOT support the claim that learnable disagreement predicts the " \
-                  "gain better than raw fkl and incompatible disagreement"
-        verdict += "".join([f"; the opposite holds for: {', '.join(against)}" if against else "",
-                            f"; inconclusive (CI includes 0): {', '.join(unclear)}" if unclear else ""])
-        verdict += "."
-    return sentences + ["Verdict: " + verdict]
+        verdict = (f"not established: {signs.count(1)} of 3 contrasts hold and {signs.count(0)} "
+                   f"{'is' if signs.count(0) == 1 else 'are'} inconclusive; none goes against it.")
+    return sentences + ["Contrasts:", *lines, rule, "Verdict: " + verdict]
+
+
+def _note(r: pd.Series) -> str:
+    n = r.get("note", "")
+    return n if isinstance(n, str) else ""
+
+
 
 
 def _tex(s: str) -> str:
@@ -185,7 +218,9 @@ def write_summary(out: str | pathlib.Path, runs: Sequence[dict], corr: pd.DataFr
         keep = {k: v[v["run"] == r["name"]] for k, v in
                 dict(corr=corr, reg=reg, q3=q3, sel=sel).items()}
         lines = finding(r["name"], keep["corr"], keep["reg"], keep["q3"], keep["sel"], gain)
-        md += [" ".join(lines), ""]
+        k = lines.index("Contrasts:")
+        md += [" ".join(lines[:k]), "", "Contrasts (95% cluster-bootstrap CIs):", "", *lines[k + 1:-2],
+               "", lines[-2], "", lines[-1], ""]
         tex_text.append("\n" + _tex(" ".join(lines)) + "\n")
     ties = sel[sel["tied_at_cutoff"] > sel["k"] / 2]
     if len(ties):
@@ -194,7 +229,10 @@ def write_summary(out: str | pathlib.Path, runs: Sequence[dict], corr: pd.DataFr
                    f"{r.run} {r.selector} at {r.budget:.0%}: {r.tied_at_cutoff} of {r.k}"
                    for r in ties.itertuples()) + ".", ""]
     if figures:
-        md += ["## Figures", ""] + [f"![{pathlib.Path(f).stem}]({f})" for f in figures] + [""]
+        md += ["## Figures", ""]
+        for f in figures:
+            stem = pathlib.Path(f).stem
+            md += [f"![{stem}]({f})", "", f"*{stem}*: {FIGURE_CAPTIONS.get(stem, '')}", ""]
     (out / "summary.md").write_text("\n".join(md))
     (out / "summary.tex").write_text("".join(tex_text))
     return out / "summary.md", out / "summary.tex"
