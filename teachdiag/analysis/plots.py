@@ -253,7 +253,8 @@ def beta_gap(t9: pd.DataFrame, titles: dict[str, str] | None = None) -> Figure:
         ax.set_xticks(x, names, fontsize=7)
         ax.set_xlim(-0.6, len(runs) - 0.4)
         ax.set_ylabel("standardized coefficient (SD of gain per SD)")
-        ax.legend(fontsize=7)
+        ax.margins(y=0.15)
+        ax.legend(fontsize=7, loc="best")
     fig.suptitle("decomposition model [Hn, D^L, D^I, pos_norm, Htn], raw gain", fontsize=10)
     return fig
 
