@@ -3,7 +3,8 @@
     from synthetic import make_tokens            # inside tests/ (pytest puts tests/ on sys.path)
     make_tokens(n_ctx=40, n_pos=50, effect="teachability").to_csv("/tmp/demo_tokens.csv.gz", index=False)
 
-Columns follow the probe's tokens.csv contract (teachdiag.analysis.command.COLUMNS) plus `finite`.
+Columns follow the probe's tokens.csv contract (teachdiag.analysis.command.COLUMNS, with
+`finite`) plus the optional `response_length` that --protocol paper needs.
 The relative fkl gain is planted as slope · (planted score) + context effect + noise; the other
 gains follow from it (gain_fkl = rel_gain_fkl · fkl, ...).
 """
@@ -31,6 +32,7 @@ def make_tokens(n_ctx: int = 40, n_pos: int = 50, effect: str = "teachability", 
     dn, cn = quantile_normalize(d), quantile_normalize(c)
     t = pd.DataFrame({
         "context_id": [f"c{i:03d}" for i in ctx], "position": pos,
+        "response_length": n_pos,  # every context: positions 0 .. n_pos - 1 of a whole response
         "token_id": rng.integers(0, 512, n), "token": [f"t{i}" for i in rng.integers(0, 512, n)],
         "fkl": fkl, "rkl": fkl * rng.uniform(0.6, 1.2, n),
         "student_entropy": h * np.log(16) + rng.exponential(0.2, n),

@@ -29,6 +29,10 @@ from teachdiag.table import COLUMNS, PARTIAL, all_parts, read_tokens, teachabili
 
 NUMERIC = [c for c in COLUMNS if c not in ("context_id", "token")]  # includes the finite flag
 OPTIONAL = ("gain_first_order",)  # added in 0.2; tables written before it still load (as NaN)
+# written by newer probes; optional when loading. response_length (int, the context's full response
+# length after truncation) is required by --protocol paper only (pos_norm); instrument is text:
+# per_position, shared or checkpoint (DESIGN §5), shown in the run description.
+EXTRA = ("response_length", "instrument")
 DECILE_SCORES = ["fkl", "union_fkl", "topk_entropy", "tip", "teach_entropy", "incompat",
                  "teachability"]
 CONTRASTS = [("teachability", "fkl"), ("teachability", "incompat"), ("teach_entropy", "tip")]
@@ -51,6 +55,13 @@ class AnalyzeConfig:
                 "(reduce for a quick look)", 1000)
     seed: int = opt("seed of the bootstrap and the random selector", 0)
     allow_partial: bool = opt("analyze a run whose run.json says complete: false (an interrupted probe)", False)
+    protocol: str = opt("teachdiag: this project's analysis (top-K entropy, union_fkl, every gain); "
+                        "paper: the paper's own protocol exactly (DESIGN §5-6: full-vocabulary H and "
+                        "fkl, G_KLf, Tables 1, 2/10 and 9 beside the paper's numbers); needs the "
+                        "response_length column", "teachdiag", choices=("teachdiag", "paper"))
+    response_lengths: str = opt("contexts JSONL (id, response_ids) giving response_length = "
+                                "len(response_ids) to tables written before the probe recorded it; "
+                                "only right when the probe truncated nothing (max_response_tokens 0)", "")
 
 
 # ---------------------------------------------------------------- loading
@@ -75,7 +86,12 @@ def load_tokens(path: str | pathlib.Path) -> tuple[pd.DataFrame, int]:
             raise InputError("missing column", file=str(path), field=col)
     if df.empty:
         raise InputError("no rows", file=str(path))
-    for col in NUMERIC:
+    numeric = NUMERIC + (["response_length"] if "response_length" in df.columns else [])
+    if "instrument" in df.columns:
+        df["instrument"] = df["instrument"].astype(str)
+    if "response_length" in df.columns and df["response_length"].dtype == object:
+        df["response_length"] = df["response_length"].replace({"": np.nan})  # read as text: no na_values
+    for col in numeric:
         if df[col].dtype == bool:
             df[col] = df[col].astype(int)
         if not pd.api.types.is_numeric_dtype(df[col]):
@@ -140,6 +156,41 @@ def load_run(run: str | pathlib.Path, allow_partial: bool = False) -> dict:
             "top_k": meta.get("top_k"), "options": meta.get("options", {})}
 
 
+def add_response_lengths(run: dict, contexts: str | pathlib.Path) -> dict:
+    """For a table written before the probe recorded response_length: set it to len(response_ids)
+    of each context in the contexts JSONL. Right only when the probe truncated nothing; the run's
+    description says where the lengths came from. A table that has the column is left as it is."""
+    if "response_length" in run["table"].columns:
+        return run
+    path = pathlib.Path(contexts)
+    if not path.is_file():
+        raise InputError("no such file", file=str(path), field="response_lengths")
+    lengths = {}
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rec = json.loads(line)
+                lengths[str(rec["id"])] = len(rec["response_ids"])
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise InputError(f"not a context record ({e})", file=str(path), line=i) from None
+    ids = run["table"]["context_id"]
+    missing = sorted(set(ids) - set(lengths))
+    if missing:
+        raise InputError(f"{len(missing)} context(s) of {run['path']} not in this file, e.g. "
+                         f"{missing[0]!r}", file=str(path), field="id")
+    table = run["table"].assign(response_length=ids.map(lengths).astype(float))
+    return {**run, "table": table, "response_length_from": str(path)}
+
+
+def describe(run: dict) -> str:
+    """One line for a figure title: instrument, gain step rule and loss from run.json's options."""
+    o, t = run.get("options") or {}, run["table"]
+    inst = ", ".join(sorted(set(t["instrument"]))) if "instrument" in t.columns else "per_position"
+    step = f"{o['optimizer']} step, lr {o['lr']:g}" if "optimizer" in o and "lr" in o else "step rule unknown"
+    loss = f", {o['loss']} loss" if "loss" in o else ""
+    return f"{inst.replace('_', '-')} gain: {step}{loss}"
+
+
 # ---------------------------------------------------------------- the command
 
 def _log(msg: str) -> None:
@@ -147,24 +198,34 @@ def _log(msg: str) -> None:
 
 
 def run_analyze(cfg: AnalyzeConfig) -> pathlib.Path:
-    """Run every statistic on every run of cfg.runs and write the tables, summary and figures.
-    Returns the output folder."""
+    """Run every statistic of cfg.protocol on every run of cfg.runs and write the tables, summary
+    and figures. Returns the output folder."""
     if not cfg.runs:
         raise InputError("give at least one run folder", field="runs")
     known = (*analysis.GAINS, "gain_first_order")
-    if cfg.gain not in known:
+    if cfg.protocol not in ("teachdiag", "paper"):
+        raise InputError(f"unknown protocol {cfg.protocol!r}; choose teachdiag or paper", field="protocol")
+    if cfg.protocol == "teachdiag" and cfg.gain not in known:
         raise InputError(f"unknown gain {cfg.gain!r}; choose one of {', '.join(known)}", field="gain")
     if cfg.bootstrap < 0:
         raise InputError("must be >= 0", field="bootstrap")
     runs = [load_run(r, cfg.allow_partial) for r in cfg.runs]
+    if cfg.response_lengths:
+        runs = [add_response_lengths(r, cfg.response_lengths) for r in runs]
     names = [r["name"] for r in runs]
     if len(set(names)) < len(names):  # same folder names: fall back to the paths given
         for r in runs:
             r["name"] = r["path"]
+    for r in runs:
+        r["title"] = describe(r)
     first = pathlib.Path(cfg.runs[0])
     out = pathlib.Path(cfg.out) if cfg.out else (first if first.is_dir() else first.parent) / "analysis"
     fig_dir = pathlib.Path(cfg.figures) if cfg.figures else out / "figures"
     out.mkdir(parents=True, exist_ok=True)
+    if cfg.protocol == "paper":
+        from teachdiag.analysis.paper_command import analyze_paper  # the paper's tables
+        analyze_paper(runs, out, fig_dir, cfg.bootstrap, cfg.seed, _log)
+        return out
     tables: dict[str, list[pd.DataFrame]] = {k: [] for k in
                                              ("corr", "reg", "q3", "sel", "dec", "split")}
     scored = {}
@@ -185,8 +246,10 @@ def run_analyze(cfg: AnalyzeConfig) -> pathlib.Path:
             "reg": analysis.regressions(t, cfg.gain, n_boot=cfg.bootstrap, seed=cfg.seed),
             "q3": analysis.q3_gap(t, cfg.gain, n_boot=cfg.bootstrap, seed=cfg.seed),
             "sel": selection.selection_table(t, cfg.gain),
-            "dec": pd.concat([analysis.gain_by_bin(t, s, cfg.gain) for s in DECILE_SCORES]),
-            "split": analysis.gain_by_bin(t, "fkl", cfg.gain, split="compat_mass"),
+            "dec": pd.concat([analysis.gain_by_bin(t, s, cfg.gain, n_boot=cfg.bootstrap, seed=cfg.seed)
+                              for s in DECILE_SCORES]),
+            "split": analysis.gain_by_bin(t, "fkl", cfg.gain, split="compat_mass",
+                                          n_boot=cfg.bootstrap, seed=cfg.seed),
         }
         for k, v in parts.items():
             tables[k].append(v.assign(run=r["name"])[["run", *v.columns]])
@@ -196,13 +259,14 @@ def run_analyze(cfg: AnalyzeConfig) -> pathlib.Path:
     for name, df in [("correlations", corr), ("regressions", reg), ("q3", q3),
                      ("selection", sel), ("deciles", dec)]:
         df.to_csv(out / f"{name}.csv", index=False)
+    titles = {r["name"]: r["title"] for r in runs}
     figs = {
-        "gain_vs_fkl": plots.gain_vs_fkl(scored, cfg.gain, seed=cfg.seed),
-        "gain_by_decile": plots.gain_by_decile(dec, cfg.gain),
-        "gain_vs_fkl_by_compat": plots.gain_vs_fkl_by_compat(split, cfg.gain),
-        "selection_by_budget": plots.selection_bars(sel, cfg.gain),
-        "std_coefficients": plots.coefficients(reg),
-        "correlation_heatmap": plots.correlation_heatmap(corr),
+        "gain_vs_fkl": plots.gain_vs_fkl(scored, cfg.gain, seed=cfg.seed, titles=titles),
+        "gain_by_decile": plots.gain_by_decile(dec, cfg.gain, titles=titles),
+        "gain_vs_fkl_by_compat": plots.gain_vs_fkl_by_compat(split, cfg.gain, titles=titles),
+        "selection_by_budget": plots.selection_bars(sel, cfg.gain, titles=titles),
+        "std_coefficients": plots.coefficients(reg, titles=titles),
+        "correlation_heatmap": plots.correlation_heatmap(corr, titles=titles),
     }
     written = []
     for name, fig in figs.items():

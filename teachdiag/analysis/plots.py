@@ -17,7 +17,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import NullFormatter
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 GAIN_LABELS = {
     "gain_fkl": "fkl drop after one step (nats)",
@@ -50,106 +50,212 @@ def save(fig: Figure, folder: str | pathlib.Path, name: str) -> list[pathlib.Pat
     return paths
 
 
+def _title(ax, run: str, titles: dict[str, str] | None) -> None:
+    """Title = what was measured (instrument, step rule), subtitle = the run's name."""
+    desc = (titles or {}).get(run)
+    ax.set_title(f"{desc}\n{run}" if desc else run, fontsize=9)
+
+
+def _nothing(ax, msg: str) -> None:
+    """A panel with nothing to show says why, instead of an empty frame."""
+    ax.text(0.5, 0.5, msg, ha="center", va="center", wrap=True, fontsize=9, transform=ax.transAxes)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _ci_bars(ax, x, lo, hi, **kw) -> None:
+    """CI as vertical segments; drawn from the bounds themselves, so a point estimate outside its
+    percentile interval (possible on skewed resamples) cannot make a negative error bar."""
+    ok = np.isfinite(np.asarray(lo, float)) & np.isfinite(np.asarray(hi, float))
+    if ok.any():
+        ax.vlines(np.asarray(x, float)[ok], np.asarray(lo, float)[ok], np.asarray(hi, float)[ok], **kw)
+
+
+def _log_ticks(axis) -> None:
+    """Labelled ticks at 1, 2, 5 × 10^k: a log axis spanning one decade still shows several labels."""
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
 def gain_vs_fkl(tables: dict[str, pd.DataFrame], gain: str, max_points: int = 20_000,
-                seed: int = 0) -> Figure:
+                seed: int = 0, titles: dict[str, str] | None = None) -> Figure:
     """Scatter of gain against fkl, coloured by compat_mass; one panel per run (subsampled)."""
     fig, axes = _panels(len(tables))
+    pts = None
     for ax, (run, df) in zip(axes[0], tables.items()):
+        _title(ax, run, titles)
         d = df[np.isfinite(df[[gain, "fkl", "compat_mass"]].to_numpy(float)).all(1)]
+        if d.empty:
+            _nothing(ax, f"no positions with a finite {gain}")
+            continue
         if len(d) > max_points:
             d = d.sample(max_points, random_state=seed)
         pts = ax.scatter(d["fkl"], d[gain], c=d["compat_mass"], s=4, alpha=0.5, cmap="viridis",
                          vmin=0, vmax=1, rasterized=True)
-        if len(d) and (d["fkl"] > 0).all():
+        if (d["fkl"] > 0).all() and d["fkl"].max() > 10 * d["fkl"].min():
             ax.set_xscale("log")  # fkl spans orders of magnitude
+            _log_ticks(ax.xaxis)
         ax.axhline(0, color="grey", lw=0.5)
-        ax.set(xlabel=FKL_LABEL, ylabel=gain_label(gain), title=run)
-    fig.colorbar(pts, ax=axes[0, -1], label="compat_mass C (teacher mass on student top-K)")
+        ax.set(xlabel=FKL_LABEL, ylabel=gain_label(gain))
+    if pts is not None:
+        fig.colorbar(pts, ax=axes[0, -1], label="compat_mass C (teacher mass on student top-K)")
     return fig
 
 
-def gain_by_decile(bins: pd.DataFrame, gain: str) -> Figure:
-    """Mean gain (± 1.96 s.e.) per decile of each score; `bins` from gain_by_bin plus `run`."""
-    runs = list(dict.fromkeys(bins["run"]))
-    fig, axes = _panels(len(runs), width=6)
-    for ax, run in zip(axes[0], runs):
-        d = bins[bins["run"] == run]
-        for score, s in d.groupby("score", sort=False):
-            ax.plot(s["bin"], s["gain_mean"], marker="o", ms=3, label=score)
-            ax.fill_between(s["bin"], s["gain_mean"] - 1.96 * s["gain_sem"],
-                            s["gain_mean"] + 1.96 * s["gain_sem"], alpha=0.15)
-        ax.set(xlabel="decile of score (1 = lowest)", ylabel=f"mean {gain_label(gain)}", title=run)
-    axes[0, -1].legend(fontsize=7, title="score")
+def gain_by_decile(bins: pd.DataFrame, gain: str, titles: dict[str, str] | None = None) -> Figure:
+    """Small multiples: mean gain per decile of each score (one panel per score, one row per run),
+    with 95% cluster-bootstrap CIs; `bins` from stats.gain_by_bin plus `run`."""
+    runs, scores = list(dict.fromkeys(bins["run"])), list(dict.fromkeys(bins["score"]))
+    fig, axes = _panels(max(1, len(scores)), width=2.6, height=2.8, rows=max(1, len(runs)))
+    if bins.empty:
+        _nothing(axes[0, 0], "too few positions for deciles")
+    for r, run in enumerate(runs):
+        for c, score in enumerate(scores):
+            ax, s = axes[r, c], bins[(bins["run"] == run) & (bins["score"] == score)]
+            ax.set_title(f"{run}\nby {score}" if c == 0 and len(runs) > 1 else f"by {score}", fontsize=9)
+            if s.empty or not np.isfinite(s["gain_mean"]).any():
+                _nothing(ax, "too few positions")
+                continue
+            ax.plot(s["bin"], s["gain_mean"], marker="o", ms=3, color="tab:blue")
+            _ci_bars(ax, s["bin"], s["ci_low"], s["ci_high"], color="tab:blue", lw=1)
+            ax.axhline(0, color="grey", lw=0.5)
+            ax.set_xticks(range(1, 11, 3))
+            ax.set_xlabel("decile (1 = lowest)", fontsize=8)
+            if c == 0:
+                ax.set_ylabel(f"mean {gain_label(gain)}", fontsize=8)
+    if len(runs) == 1:
+        fig.suptitle(f"{(titles or {}).get(runs[0], '')}\n{runs[0]}: mean gain per decile of each "
+                     "score, 95% cluster-bootstrap CI", fontsize=10)
+    else:
+        fig.suptitle("mean gain per decile of each score, 95% cluster-bootstrap CI", fontsize=10)
     return fig
 
 
-def gain_vs_fkl_by_compat(bins: pd.DataFrame, gain: str) -> Figure:
-    """Mean gain per fkl bin, high vs low compat_mass (split at the median)."""
-    runs = list(dict.fromkeys(bins["run"]))
+def gain_vs_fkl_by_compat(bins: pd.DataFrame, gain: str, titles: dict[str, str] | None = None) -> Figure:
+    """Mean gain per fkl bin, high vs low compat_mass (split at the median), 95% cluster CIs."""
+    runs = list(dict.fromkeys(bins["run"])) or ["(no run)"]
     fig, axes = _panels(len(runs))
     for ax, run in zip(axes[0], runs):
+        _title(ax, run, titles)
         d = bins[bins["run"] == run]
-        for half, s in d.groupby("half"):
-            ax.errorbar(s["score_median"], s["gain_mean"], yerr=1.96 * s["gain_sem"], marker="o",
-                        ms=3, capsize=2, label=f"{half} compat_mass")
-        if len(d) and (d["score_median"] > 0).all():
+        if d.empty or not np.isfinite(d["gain_mean"]).any():
+            _nothing(ax, "too few positions to bin")
+            continue
+        for (half, s), color in zip(d.groupby("half"), ("tab:orange", "tab:blue")):
+            ax.plot(s["score_median"], s["gain_mean"], marker="o", ms=3, color=color,
+                    label=f"{half} compat_mass")
+            _ci_bars(ax, s["score_median"], s["ci_low"], s["ci_high"], color=color, lw=1)
+        if (d["score_median"] > 0).all():
             ax.set_xscale("log")
-            ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap within one decade
-        ax.set(xlabel=f"{FKL_LABEL}, bin median", ylabel=f"mean {gain_label(gain)}", title=run)
+            _log_ticks(ax.xaxis)
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set(xlabel=f"{FKL_LABEL}, bin median", ylabel=f"mean {gain_label(gain)}")
         ax.legend(fontsize=8)
     return fig
 
 
-def selection_bars(sel: pd.DataFrame, gain: str) -> Figure:
+def selection_bars(sel: pd.DataFrame, gain: str, titles: dict[str, str] | None = None) -> Figure:
     """Mean gain kept by each selector at each budget; one panel per run."""
-    runs = list(dict.fromkeys(sel["run"]))
+    runs = list(dict.fromkeys(sel["run"])) or ["(no run)"]
     fig, axes = _panels(len(runs), width=7)
     for ax, run in zip(axes[0], runs):
-        d = sel[sel["run"] == run].assign(budget_pct=lambda t: t["budget"].map("{:.0%}".format))
+        _title(ax, run, titles)
+        d = sel[(sel["run"] == run) & np.isfinite(sel["mean_gain"])]
+        if d.empty:
+            _nothing(ax, "no positions to select")
+            continue
+        d = d.assign(budget_pct=d["budget"].map("{:.0%}".format))
         sns.barplot(d, x="budget_pct", y="mean_gain", hue="selector", ax=ax, palette="tab10")
         ax.axhline(d["mean_gain_all"].iloc[0], color="k", ls="--", lw=0.8, label="all positions")
-        ax.set(xlabel="budget (% of positions kept)", ylabel=f"mean {gain_label(gain)} kept",
-               title=run)
+        ax.set(xlabel="budget (% of positions kept)", ylabel=f"mean {gain_label(gain)} kept")
         ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.14))
     return fig
 
 
-def coefficients(reg: pd.DataFrame) -> Figure:
+def coefficients(reg: pd.DataFrame, titles: dict[str, str] | None = None) -> Figure:
     """Standardized OLS coefficients with 95% cluster-bootstrap CIs: rows = runs, cols = models,
-    one colour per winsorization level."""
+    one colour per winsorization level. A model below its minimum sample says so."""
     c = reg[reg["stat"] == "std_coef"]
-    runs, models = list(dict.fromkeys(c["run"])), list(dict.fromkeys(c["model"]))
+    runs, models = list(dict.fromkeys(c["run"])) or ["(no run)"], list(dict.fromkeys(c["model"])) or [""]
     fig, axes = _panels(len(models), width=4.5, height=3.2, rows=len(runs))
     levels = sorted(c["winsor"].unique())
     for r, run in enumerate(runs):
         for m, model in enumerate(models):
             ax, d = axes[r, m], c[(c["run"] == run) & (c["model"] == model)]
+            desc = (titles or {}).get(run)
+            ax.set_title(f"{desc}\n{run}: {model}" if desc and m == 0 else f"{run}: {model}", fontsize=9)
+            if d.empty or not np.isfinite(d["estimate"]).any():
+                note = d["note"].iloc[0] if len(d) and "note" in d and d["note"].iloc[0] else "no coefficients"
+                _nothing(ax, note.replace("; ", ";\n"))
+                continue
             terms = list(dict.fromkeys(d["term"]))
             for i, w in enumerate(levels):
-                e = d[d["winsor"] == w].set_index("term").loc[terms]
+                e = d[d["winsor"] == w].set_index("term").reindex(terms)
                 y = np.arange(len(terms)) + (i - (len(levels) - 1) / 2) * 0.2
-                ax.errorbar(e["estimate"], y, xerr=[e["estimate"] - e["ci_low"],
-                                                    e["ci_high"] - e["estimate"]],
-                            fmt="o", ms=3, capsize=2, label=f"winsor {w:.0%}")
+                pts = ax.plot(e["estimate"], y, "o", ms=3, label=f"winsor {w:.0%}")
+                ok = np.isfinite(e["ci_low"].to_numpy(float))
+                ax.hlines(y[ok], e["ci_low"][ok], e["ci_high"][ok], color=pts[0].get_color(), lw=1)
             ax.set_yticks(np.arange(len(terms)), terms, fontsize=8)
             ax.axvline(0, color="grey", lw=0.5)
-            ax.set(xlabel="standardized coefficient (SD of gain per SD)", title=f"{run}: {model}")
-    axes[0, -1].legend(fontsize=7)
+            ax.set_xlabel("standardized coefficient (SD of gain per SD)", fontsize=8)
+            if r == 0 and m == len(models) - 1:
+                ax.legend(fontsize=7)
     return fig
 
 
-def correlation_heatmap(corr: pd.DataFrame, method: str = "spearman") -> Figure:
+def correlation_heatmap(corr: pd.DataFrame, method: str = "spearman",
+                        titles: dict[str, str] | None = None) -> Figure:
     """Heatmap of one correlation method, signals x gains; one panel per run."""
     d = corr[(corr["method"] == method) & ~corr["signal"].str.contains(" - ")]
-    runs = list(dict.fromkeys(d["run"]))
+    runs = list(dict.fromkeys(d["run"])) or ["(no run)"]
     fig, axes = _panels(len(runs), width=5.5, height=6)
     for ax, run in zip(axes[0], runs):
-        m = d[d["run"] == run].pivot(index="signal", columns="gain", values="estimate")
-        m = m.loc[list(dict.fromkeys(d["signal"]))]
+        _title(ax, run, titles)
+        dr = d[d["run"] == run]
+        if dr.empty or not np.isfinite(dr["estimate"]).any():
+            note = dr["note"].iloc[0] if len(dr) and "note" in dr and dr["note"].iloc[0] else "no correlations"
+            _nothing(ax, note.replace("; ", ";\n"))
+            continue
+        m = dr.pivot(index="signal", columns="gain", values="estimate")
+        m = m.loc[list(dict.fromkeys(dr["signal"]))]
         sns.heatmap(m, ax=ax, annot=True, fmt=".2f", cmap="vlag", center=0, vmin=-1, vmax=1,
                     annot_kws={"fontsize": 7}, cbar_kws={"label": f"{method} correlation"})
-        ax.set(xlabel="gain", ylabel="signal", title=run)
+        ax.set(xlabel="gain", ylabel="signal")
         ax.tick_params(axis="x", labelrotation=30)
+    return fig
+
+
+def beta_gap(t9: pd.DataFrame, titles: dict[str, str] | None = None) -> Figure:
+    """β_L vs β_I (decomposition model, raw gain) with 95% cluster-bootstrap CIs, runs side by side,
+    one panel per gain; the paper's Table 9 values as open markers. t9: paper_report.table9."""
+    d = t9[t9["winsor"] == 0] if len(t9) else t9
+    gains = list(dict.fromkeys(d["gain"])) or ["G_KLf"]
+    runs = list(dict.fromkeys(d["run"])) if len(d) else []
+    fig, axes = _panels(len(gains), width=max(4.5, 1.8 * len(runs) + 2), height=4.2)
+    for ax, g in zip(axes[0], gains):
+        s = d[d["gain"] == g].set_index("run").reindex(runs) if runs else d
+        ax.set_title("relative fkl drop G_KLf" if g == "G_KLf" else "absolute fkl drop (nats)", fontsize=9)
+        if not runs or not np.isfinite(s[["beta_L", "beta_I"]].to_numpy(float)).any():
+            notes = [n for n in (s["note"] if len(s) else []) if isinstance(n, str) and n]
+            _nothing(ax, (notes[0] if notes else "no coefficients").replace("; ", ";\n"))
+            continue
+        x = np.arange(len(runs), dtype=float)
+        for off, (col, label, color) in zip((-0.12, 0.12), (("beta_L", "β_L (learnable D·C)", "tab:green"),
+                                                            ("beta_I", "β_I (incompatible D·(1−C))", "tab:red"))):
+            ax.plot(x + off, s[col], "o", color=color, label=label)
+            _ci_bars(ax, x + off, s[f"{col}_ci_low"], s[f"{col}_ci_high"], color=color, lw=1.5)
+            ref = s[f"paper_{col}"].to_numpy(float)
+            if np.isfinite(ref).any():
+                ax.plot(x + off + 0.08, ref, "o", mfc="none", color=color, label=f"paper {label.split()[0]}")
+        ax.axhline(0, color="grey", lw=0.5)
+        names = [f"{r}\n{(titles or {}).get(r, '')}".replace(", ", ",\n", 1) for r in runs]
+        ax.set_xticks(x, names, fontsize=7)
+        ax.set_xlim(-0.6, len(runs) - 0.4)
+        ax.set_ylabel("standardized coefficient (SD of gain per SD)")
+        ax.margins(y=0.15)
+        ax.legend(fontsize=7, loc="best")
+    fig.suptitle("decomposition model [Hn, D^L, D^I, pos_norm, Htn], raw gain", fontsize=10)
     return fig
 
 

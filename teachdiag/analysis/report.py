@@ -34,6 +34,19 @@ ROWS = [
     ("oracle (measured gain)", None, "oracle"),
 ]
 TABLE_BUDGETS = (0.05, 0.10)
+FIGURE_CAPTIONS = {  # one line under each figure in summary.md
+    "gain_vs_fkl": "the gain of every position against its fkl before the step (nats, log scale), "
+                   "coloured by compat_mass C.",
+    "gain_by_decile": "mean gain per decile of each score, one panel per score, with 95% "
+                      "cluster-bootstrap CIs over contexts.",
+    "gain_vs_fkl_by_compat": "mean gain per fkl decile, positions with compat_mass above vs at or "
+                             "below its median, 95% cluster-bootstrap CIs: at equal fkl, does C matter?",
+    "selection_by_budget": "mean gain kept by each selector when it keeps the top ceil(rho N) "
+                           "positions; dashed: mean over all positions.",
+    "std_coefficients": "standardized OLS coefficients of the three models, gain raw and winsorized "
+                        "at 1% and 5%, with 95% cluster-bootstrap CIs.",
+    "correlation_heatmap": "Spearman correlation of each gain (columns) with each signal (rows).",
+}
 
 
 def _f(x: float, spec: str = ".3f") -> str:
@@ -41,6 +54,13 @@ def _f(x: float, spec: str = ".3f") -> str:
 
 
 def fmt_ci(row: pd.Series, spec: str = ".3f") -> str:
+    """'0.123 [0.100, 0.150]'; without an estimate, the row's note (why); without a CI, why not."""
+    note = row.get("note", "")
+    note = note if isinstance(note, str) else ""
+    if not np.isfinite(row["estimate"]):
+        return f"n/a ({note})" if note else "n/a"
+    if not np.isfinite(row["ci_low"]):
+        return f"{_f(row['estimate'], spec)} ({note})" if note else _f(row["estimate"], spec)
     return f"{_f(row['estimate'], spec)} [{_f(row['ci_low'], spec)}, {_f(row['ci_high'], spec)}]"
 
 
@@ -105,33 +125,48 @@ def finding(run: str, corr: pd.DataFrame, reg: pd.DataFrame, q3: pd.DataFrame, s
         f"the oracle; in Q3 (low H, high D) the high-C tercile gains {fmt_ci(q_t, '.3g')} more than "
         f"the low-C tercile ({fmt_ci(q_m, '.3g')} between within-context matched positions).",
     ]
-    tests = {"Spearman teachability > fkl": _sign(dtf),
-             "Spearman teachability > incompat": _sign(dti),
-             "coefficient teachability > incompat": _sign(bd)}
-    if all(np.isnan(r["ci_low"]) for r in (dtf, dti, bd)):
-        verdict = "none without confidence intervals (run with --bootstrap > 0)."
-    elif all(v == 1 for v in tests.values()):
-        verdict = "these data support the claim that learnable disagreement predicts the gain " \
-                  "better than raw fkl and than incompatible disagreement (all three 95% CIs exclude 0)."
+    tests = {"Spearman(teachability) − Spearman(fkl) > 0": dtf,
+             "Spearman(teachability) − Spearman(incompat) > 0": dti,
+             "β(teachability) − β(incompat) > 0": bd}
+    word = {1: "holds", -1: "does not hold (the opposite: CI excludes 0 against it)",
+            0: "inconclusive (CI includes 0)"}
+    lines = [f"- {name}: {fmt_ci(r)} — " + (word[_sign(r)] if np.isfinite(r["ci_low"]) else
+                                          "no verdict (" + (_note(r) or "no CI") + ")")
+             for name, r in tests.items()]
+    signs = [_sign(r) for r in tests.values() if np.isfinite(r["ci_low"])]
+    rule = ("Rule: the claim that learnable disagreement predicts the gain better than raw fkl and "
+            "than incompatible disagreement is supported only when all three contrasts hold.")
+    if len(signs) < len(tests):
+        verdict = "no overall verdict: not every contrast has a confidence interval (see above)."
+    elif all(v == 1 for v in signs):
+        verdict = "these data support the claim (all three 95% CIs exclude 0 in its favour)."
+    elif any(v == -1 for v in signs):
+        verdict = (f"these data do NOT support the claim: {signs.count(-1)} of 3 contrasts go against "
+                   f"it, {signs.count(1)} hold{'s' if signs.count(1) == 1 else ''}, "
+                   f"{signs.count(0)} inconclusive.")
     else:
-        against = [k for k, v in tests.items() if v == -1]
-        unclear = [k for k, v in tests.items() if v == 0]
-        verdict = "these data do NOT support the claim that learnable disagreement predicts the " \
-                  "gain better than raw fkl and incompatible disagreement"
-        verdict += "".join([f"; the opposite holds for: {', '.join(against)}" if against else "",
-                            f"; inconclusive (CI includes 0): {', '.join(unclear)}" if unclear else ""])
-        verdict += "."
-    return sentences + ["Verdict: " + verdict]
+        verdict = (f"not established: {signs.count(1)} of 3 contrasts hold and {signs.count(0)} "
+                   f"{'is' if signs.count(0) == 1 else 'are'} inconclusive; none goes against it.")
+    return sentences + ["Contrasts:", *lines, rule, "Verdict: " + verdict]
+
+
+def _note(r: pd.Series) -> str:
+    n = r.get("note", "")
+    return n if isinstance(n, str) else ""
+
+
 
 
 def _tex(s: str) -> str:
     for a, b in [("\\", r"\textbackslash{}"), ("_", r"\_"), ("%", r"\%"), ("&", r"\&"),
-                 ("#", r"\#"), ("²", r"$^2$"), ("‖", r"$\|$"), ("≈", r"$\approx$")]:
+                 ("#", r"\#"), ("²", r"$^2$"), ("‖", r"$\|$"), ("≈", r"$\approx$"),
+                 ("β\\_L", r"$\beta_L$"), ("β\\_I", r"$\beta_I$"), ("Δ", r"$\Delta$"), ("−", "$-$"),
+                 ("→", r"$\to$"), ("≥", r"$\geq$"), ("–", "--")]:
         s = s.replace(a, b)
     return s
 
 
-def to_latex(table: pd.DataFrame, caption: str) -> str:
+def to_latex(table: pd.DataFrame, caption: str, label: str = "tab:teachdiag") -> str:
     """booktabs table: runs as \\midrule-separated groups when there are several."""
     cols = [c for c in table.columns if c != "run"]
     lines = [r"\begin{table}[t]", r"\centering", r"\small",
@@ -146,8 +181,21 @@ def to_latex(table: pd.DataFrame, caption: str) -> str:
         for _, r in table[table["run"] == run].iterrows():
             lines.append(" & ".join(_tex(str(r[c])) for c in cols) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}", rf"\caption{{{_tex(caption)}}}",
-              r"\label{tab:teachdiag}", r"\end{table}"]
+              rf"\label{{{label}}}", r"\end{table}"]
     return "\n".join(lines) + "\n"
+
+
+def run_line(r: dict) -> str:
+    """The summary.md bullet describing one run (dict from command.load_run)."""
+    t = r.get("table")
+    inst = (f", instrument = {', '.join(sorted(set(t['instrument'])))}"
+            if t is not None and "instrument" in t.columns else "")
+    lengths = (f", response_length from {r['response_length_from']} (len(response_ids), no truncation)"
+               if r.get("response_length_from") else "")
+    return (f"- **{r['name']}** ({r['path']}): {r['n_rows']} rows, {r['n_excluded']} excluded "
+            f"as non-finite, {r['n_contexts']} contexts, K = {r.get('top_k')}, "
+            f"complete = {r.get('complete')}{inst}{lengths}; options: "
+            + (", ".join(f"{k}={v}" for k, v in (r.get("options") or {}).items()) or "none"))
 
 
 def write_summary(out: str | pathlib.Path, runs: Sequence[dict], corr: pd.DataFrame,
@@ -162,11 +210,7 @@ def write_summary(out: str | pathlib.Path, runs: Sequence[dict], corr: pd.DataFr
                f"bootstrap CI over contexts ({n_boot} resamples); mean gain kept and overlap with "
                f"the oracle set when each score keeps the top ceil(rho N) positions.")
     md = [f"# teachdiag analysis: {gain}", "", "## Data", ""]
-    for r in runs:
-        md.append(f"- **{r['name']}** ({r['path']}): {r['n_rows']} rows, {r['n_excluded']} excluded "
-                  f"as non-finite, {r['n_contexts']} contexts, K = {r.get('top_k')}, "
-                  f"complete = {r.get('complete')}; options: "
-                  + (", ".join(f"{k}={v}" for k, v in (r.get("options") or {}).items()) or "none"))
+    md += [run_line(r) for r in runs]
     md += ["", "## Table", "", _markdown(table if len(runs) > 1 else table.drop(columns="run")),
            "", caption, "", "## Finding", ""]
     tex_text = [to_latex(table, caption)]
@@ -174,7 +218,9 @@ def write_summary(out: str | pathlib.Path, runs: Sequence[dict], corr: pd.DataFr
         keep = {k: v[v["run"] == r["name"]] for k, v in
                 dict(corr=corr, reg=reg, q3=q3, sel=sel).items()}
         lines = finding(r["name"], keep["corr"], keep["reg"], keep["q3"], keep["sel"], gain)
-        md += [" ".join(lines), ""]
+        k = lines.index("Contrasts:")
+        md += [" ".join(lines[:k]), "", "Contrasts (95% cluster-bootstrap CIs):", "", *lines[k + 1:-2],
+               "", lines[-2], "", lines[-1], ""]
         tex_text.append("\n" + _tex(" ".join(lines)) + "\n")
     ties = sel[sel["tied_at_cutoff"] > sel["k"] / 2]
     if len(ties):
@@ -183,7 +229,10 @@ def write_summary(out: str | pathlib.Path, runs: Sequence[dict], corr: pd.DataFr
                    f"{r.run} {r.selector} at {r.budget:.0%}: {r.tied_at_cutoff} of {r.k}"
                    for r in ties.itertuples()) + ".", ""]
     if figures:
-        md += ["## Figures", ""] + [f"![{pathlib.Path(f).stem}]({f})" for f in figures] + [""]
+        md += ["## Figures", ""]
+        for f in figures:
+            stem = pathlib.Path(f).stem
+            md += [f"![{stem}]({f})", "", f"*{stem}*: {FIGURE_CAPTIONS.get(stem, '')}", ""]
     (out / "summary.md").write_text("\n".join(md))
     (out / "summary.tex").write_text("".join(tex_text))
     return out / "summary.md", out / "summary.tex"

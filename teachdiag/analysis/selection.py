@@ -4,11 +4,12 @@
     selection_table(add_scores(df), "rel_gain_fkl")   # budgets 1/3/5/10 %, every selector
     select_top(scores, budget_size(len(scores), 0.05))  # boolean mask (n,)
 
-Rule: a selector keeps exactly k = ceil(rho · N) positions of the whole table (global over the
+Rule (default protocol): a selector keeps exactly k = ceil(rho · N) positions of the whole table (global over the
 batch, not per context), highest score first. Ties go to the *earlier* position, where earlier
 means table order: contexts in order of first appearance in the table, then ascending `position`
 (selection_table sorts the table that way first). NaN scores rank below every number.
-The oracle is the same rule applied to the measured gain itself.
+The oracle is the same rule applied to the measured gain itself. The paper protocol (paper.py)
+keeps k = round(rho · N) instead (paper_budget_size), as the paper states.
 """
 
 from __future__ import annotations
@@ -37,6 +38,15 @@ def budget_size(n: int, rho: float) -> int:
     return min(n, math.ceil(round(rho * n, 9)))
 
 
+def paper_budget_size(n: int, rho: float) -> int:
+    """k = round(rho · n), the paper's rule (DESIGN §6), halves to even as Python's round; 0 when
+    rho · n < 0.5 (the caller reports "too few positions"). Rounded to 9 decimals first, like
+    budget_size, so float noise cannot move k across a half."""
+    if not 0 < rho <= 1:
+        raise ValueError(f"budget must be in (0, 1], got {rho}")
+    return min(n, int(round(round(rho * n, 9))))
+
+
 def select_top(scores: np.ndarray, k: int) -> np.ndarray:
     """Boolean mask (n,) of the k highest scores; ties to the lower index; NaN ranks last."""
     s = np.asarray(scores, dtype=float)
@@ -55,7 +65,7 @@ def table_order(df: pd.DataFrame) -> pd.DataFrame:
     return df.iloc[idx].reset_index(drop=True)
 
 
-def _tied_at_cutoff(scores: np.ndarray, mask: np.ndarray) -> int:
+def tied_at_cutoff(scores: np.ndarray, mask: np.ndarray) -> int:
     """Kept positions that won their place by the tie-break only (score equal to a dropped one)."""
     if mask.all() or not mask.any():
         return 0
@@ -91,7 +101,7 @@ def selection_table(df: pd.DataFrame, gain: str, budgets: Sequence[float] = BUDG
                          kept.mean() if k else np.nan, np.median(kept) if k else np.nan,
                          kept.sum() / total if total != 0 else np.nan,
                          (mask & oracle).sum() / k if k else np.nan,
-                         g.mean() if len(g) else np.nan, _tied_at_cutoff(s, mask)))
+                         g.mean() if len(g) else np.nan, tied_at_cutoff(s, mask)))
     return pd.DataFrame(rows, columns=["gain", "budget", "selector", "n", "k", "mean_gain",
                                        "median_gain", "share_of_gain", "overlap_oracle",
                                        "mean_gain_all", "tied_at_cutoff"])

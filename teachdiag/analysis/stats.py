@@ -24,8 +24,9 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from teachdiag.analysis.bootstrap import (CELLS, bootstrap_weights, count_chunks, kendall_influence, percentile_ci,
-                                 rank_groups, weighted_ranks)
+from teachdiag.analysis.bootstrap import (CELLS, bootstrap_weights, count_chunks, group_mean_draws,
+                                         kendall_influence, percentile_ci, rank_groups, weighted_ranks)
+from teachdiag.analysis.minimum import MIN_CORR, MIN_GROUP, ci_note, ols_floor, too_few
 from teachdiag.table import quantile_normalize
 
 GAINS = ("gain_fkl", "gain_rkl", "rel_gain_fkl", "rel_gain_rkl")
@@ -43,7 +44,7 @@ MODELS = {
     "teachability": ["topk_entropy", "teachability", "incompat", "position", "teacher_entropy"],
 }
 REG_COLUMNS = ["gain", "winsor", "model", "stat", "term", "estimate", "ci_low", "ci_high", "n",
-               "n_contexts"]
+               "n_contexts", "note"]
 
 
 def add_scores(df: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
@@ -66,7 +67,7 @@ METHODS = ("spearman", "pearson", "kendall")
 
 
 def _point(x: np.ndarray, g: np.ndarray) -> tuple[dict, np.ndarray | None]:
-    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(g) == 0:
+    if len(x) < MIN_CORR or np.ptp(x) == 0 or np.ptp(g) == 0:
         return {m: np.nan for m in METHODS}, None
     tau, psi = kendall_influence(x, g)
     return {"spearman": stats.spearmanr(x, g)[0], "pearson": stats.pearsonr(x, g)[0],
@@ -121,7 +122,8 @@ def correlations(df: pd.DataFrame, gains: Sequence[str] = GAINS, signals: Sequen
 
     Rows used per gain: gain and every signal finite (so n is shared and contrasts are paired).
     contrasts (a, b) add rows signal="a - b": the difference of the two correlations, same resamples.
-    Returns tidy rows: gain, signal, method, estimate, ci_low, ci_high, n, n_contexts, n_boot.
+    Below minimum.MIN_CORR rows: NaN and a `note`; fewer than 2 contexts: no CI, and a note.
+    Returns tidy rows: gain, signal, method, estimate, ci_low, ci_high, n, n_contexts, n_boot, note.
     """
     signals, rows = list(signals), []
     ok = {g: np.isfinite(df[[g, *signals]].to_numpy(float)).all(axis=1) for g in gains}
@@ -137,24 +139,29 @@ def correlations(df: pd.DataFrame, gains: Sequence[str] = GAINS, signals: Sequen
             for i in range(len(signals)):
                 est[j, i], psi[i, j] = _point(X[:, i], G[:, j])
         draws = {}
-        if len(sub) and n_boot:
+        n_ctx = int(codes.max()) + 1 if len(sub) else 0
+        note = too_few(len(sub), MIN_CORR, "a correlation") or ci_note(n_ctx, n_boot)
+        if not note:
             draws = _boot_block(X, G, codes, est, psi, n_boot, seed,
                                 f"bootstrap {','.join(block)}" if progress else None)
-        n_ctx = int(codes.max()) + 1 if len(sub) else 0
         empty = np.array([])
+
+        def why(*ests):  # a NaN estimate on enough rows: a constant signal or gain
+            return note or ("constant over these rows" if any(np.isnan(e) for e in ests) else "")
+
         for j, gain in enumerate(block):
             for i, s in enumerate(signals):
                 for m in METHODS:
                     rows.append((gain, s, m, est[j, i][m], *percentile_ci(draws.get((j, i, m), empty)),
-                                 len(sub), n_ctx, n_boot))
+                                 len(sub), n_ctx, n_boot, why(est[j, i][m])))
             for a, b in contrasts:
                 ia, ib = signals.index(a), signals.index(b)
                 for m in METHODS:
                     d = draws.get((j, ia, m), empty) - draws.get((j, ib, m), empty)
                     rows.append((gain, f"{a} - {b}", m, est[j, ia][m] - est[j, ib][m], *percentile_ci(d),
-                                 len(sub), n_ctx, n_boot))
+                                 len(sub), n_ctx, n_boot, why(est[j, ia][m], est[j, ib][m])))
     return pd.DataFrame(rows, columns=["gain", "signal", "method", "estimate", "ci_low", "ci_high",
-                                       "n", "n_contexts", "n_boot"])
+                                       "n", "n_contexts", "n_boot", "note"])
 
 
 # ---------------------------------------------------------------- OLS
@@ -167,8 +174,9 @@ def winsorize(y: np.ndarray, p: float) -> np.ndarray:
     return np.clip(y, lo, hi)
 
 
-def _ols_std(mean: np.ndarray, second: np.ndarray, idx: list[int], iy: int):
-    """Standardized coefficients (b, p) and R² (b,) from weighted moments (b, q), (b, q, q)."""
+def ols_std(mean: np.ndarray, second: np.ndarray, idx: list[int], iy: int):
+    """Standardized coefficients (b, p) and R² (b,) from weighted moments (b, q), (b, q, q).
+    Equal to OLS with an intercept on z-scored y and regressors (z-scored within each resample)."""
     cov = second - mean[:, :, None] * mean[:, None, :]
     sxx = cov[:, idx][:, :, idx]
     sxy, syy = cov[:, idx, iy], cov[:, iy, iy]
@@ -178,70 +186,123 @@ def _ols_std(mean: np.ndarray, second: np.ndarray, idx: list[int], iy: int):
         return beta * sdx / np.sqrt(syy)[:, None], (beta * sxy).sum(1) / syy
 
 
-def regressions(df: pd.DataFrame, gain: str, winsor: Sequence[float] = (0.0, 0.01, 0.05),
-                n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
-    """The three OLS models of DESIGN §6 (MODELS) on `gain`, raw and winsorized.
+_ols_std = ols_std  # the name notebooks written before 0.3 may use
 
-    stat "std_coef": z-scored coefficient per term; "r2"; "delta_r2": R² minus base's R²;
-    "coef_diff": teachability - incompat coefficients. CIs: cluster bootstrap, same resamples for
-    all (so differences are paired). Returns tidy rows: gain, winsor, model, stat, term,
-    estimate, ci_low, ci_high, n, n_contexts.
+
+def _term(df: pd.DataFrame, term: str) -> np.ndarray:
+    """A column, or the product of columns for an interaction written "a:b"."""
+    return np.prod([df[c].to_numpy(float) for c in term.split(":")], axis=0)
+
+
+def ols_models(df: pd.DataFrame, gain: str, models: dict[str, list[str]],
+               winsor: Sequence[float] = (0.0, 0.01, 0.05), n_boot: int = 1000, seed: int = 0,
+               diff: tuple[str, str, str] | None = None) -> pd.DataFrame:
+    """OLS of `gain` on each model's terms ("a:b" = product of columns a and b), raw and winsorized.
+
+    y and every regressor z-scored, intercept: coefficients are standardized. stat "std_coef" per
+    term; "r2"; "delta_r2" = R² minus the first model's; diff = (model, a, b) adds "coef_diff" =
+    coefficient of a − that of b. CIs: cluster bootstrap over contexts, the same resamples for every
+    model and stat (so differences are paired). Rows with any non-finite term or gain are left out.
+    Below minimum.ols_floor(terms) rows a model's rows carry NaN and a `note`; with fewer than 2
+    contexts, estimates but no CI. Returns tidy rows: REG_COLUMNS.
     """
-    cols = ["topk_entropy", "union_fkl", "position", "teacher_entropy", "compat_mass",
-            "teachability", "incompat"]
-    sub = df[np.isfinite(df[[gain, *cols]].to_numpy(float)).all(axis=1)]
-    rows = []
-    if len(sub) < 2:
-        return pd.DataFrame(rows, columns=REG_COLUMNS)
-    Z = sub[cols].to_numpy(float)
-    Z = np.column_stack([Z, Z[:, 0] * Z[:, 1]])
-    names = cols + [HD]
+    names = list(dict.fromkeys(t for terms in models.values() for t in terms))
+    cols = list(dict.fromkeys([gain, *(c for t in names for c in t.split(":"))]))
+    sub = df[np.isfinite(df[cols].to_numpy(float)).all(axis=1)]
     codes = pd.factorize(sub["context_id"])[0]
-    constant = {t for t, sd in zip(names, Z.std(0)) if sd == 0}
+    n, n_ctx = len(sub), int(codes.max()) + 1 if len(sub) else 0
+    notes = {m: too_few(n, ols_floor(len(terms)), f"OLS with {len(terms)} terms")
+             for m, terms in models.items()}
+    first = next(iter(models))
+    notes = {m: v or (notes[first] if m != first else "") for m, v in notes.items()}  # ΔR² needs it
+    cinote = ci_note(n_ctx, n_boot)
+    Z = np.column_stack([_term(sub, t) for t in names]) if n else np.zeros((0, len(names)))
+    constant = {t for t, sd in zip(names, Z.std(0) if n else [0] * len(names)) if sd == 0}
+    fitted = [m for m in models if not notes[m]]
+    rows = []
     for p in winsor:
-        y = winsorize(sub[gain].to_numpy(float), p)
-        V = np.column_stack([Z, y])
-        V = (V - V.mean(0)) / np.where(V.std(0) > 0, V.std(0), 1.0)  # conditioning only
-        q = V.shape[1]
-        prods = (V[:, :, None] * V[:, None, :]).reshape(len(V), q * q)
+        y = winsorize(sub[gain].to_numpy(float), p) if n else np.zeros(0)
+        point, boot = {}, []
+        if fitted:
+            V = np.column_stack([Z, y])
+            V = (V - V.mean(0)) / np.where(V.std(0) > 0, V.std(0), 1.0)  # conditioning only
+            q = V.shape[1]
+            prods = (V[:, :, None] * V[:, None, :]).reshape(len(V), q * q)
 
-        def fit(W):  # W (b, n) -> {model: (coefs (b, p), r2 (b,))}
-            sw = W.sum(1)[:, None]
-            mean, second = (W @ V) / sw, ((W @ prods) / sw).reshape(len(W), q, q)
-            return {m: _ols_std(mean, second, [names.index(t) for t in terms], q - 1)
-                    for m, terms in MODELS.items()}
+            def fit(W):  # W (b, n) -> {model: (coefs (b, p), r2 (b,))}
+                sw = W.sum(1)[:, None]
+                mean, second = (W @ V) / sw, ((W @ prods) / sw).reshape(len(W), q, q)
+                return {m: ols_std(mean, second, [names.index(t) for t in models[m]], q - 1)
+                        for m in fitted}
 
-        point = fit(np.ones((1, len(V))))
-        boot = [fit(W) for W in bootstrap_weights(codes, n_boot, seed)] if n_boot else []
+            point = fit(np.ones((1, n)))
+            if not cinote:
+                boot = [fit(W) for W in bootstrap_weights(codes, n_boot, seed)]
 
         def draws(m, k, j=None):
             return np.concatenate([b[m][k][:, j] if j is not None else b[m][k] for b in boot]) \
                 if boot else np.array([])
 
-        def add(m, stat, term, est, d):
-            if term in constant:  # no variation: no coefficient (pinv would report 0)
-                est, d = np.nan, np.array([])
-            rows.append((gain, p, m, stat, term, float(est), *percentile_ci(d), len(sub), codes.max() + 1))
+        def add(m, stat, term, est, d, note=""):
+            if term in constant and not note:  # no variation: no coefficient (pinv would report 0)
+                est, d, note = np.nan, np.array([]), f"{term} is constant over these rows"
+            note = note or notes[m] or cinote
+            rows.append((gain, p, m, stat, term, float(est), *percentile_ci(d), n, n_ctx, note))
 
-        for m, terms in MODELS.items():
+        for m, terms in models.items():
+            ok = m in point
             for j, t in enumerate(terms):
-                add(m, "std_coef", t, point[m][0][0, j], draws(m, 0, j))
-            add(m, "r2", "", point[m][1][0], draws(m, 1))
-            if m != "base":
-                add(m, "delta_r2", "", point[m][1][0] - point["base"][1][0],
-                    draws(m, 1) - draws("base", 1))
-        it, ii = MODELS["teachability"].index("teachability"), MODELS["teachability"].index("incompat")
-        add("teachability", "coef_diff", "teachability - incompat",
-            point["teachability"][0][0, it] - point["teachability"][0][0, ii],
-            draws("teachability", 0, it) - draws("teachability", 0, ii))
+                add(m, "std_coef", t, point[m][0][0, j] if ok else np.nan,
+                    draws(m, 0, j) if ok else np.array([]))
+            add(m, "r2", "", point[m][1][0] if ok else np.nan, draws(m, 1) if ok else np.array([]))
+            if m != first:
+                add(m, "delta_r2", "", point[m][1][0] - point[first][1][0] if ok else np.nan,
+                    draws(m, 1) - draws(first, 1) if ok else np.array([]))
+        if diff:
+            m, a, b = diff
+            ok, ia, ib = m in point, models[m].index(a), models[m].index(b)
+            bad = a in constant or b in constant
+            add(m, "coef_diff", f"{a} - {b}",
+                point[m][0][0, ia] - point[m][0][0, ib] if ok and not bad else np.nan,
+                draws(m, 0, ia) - draws(m, 0, ib) if ok and not bad else np.array([]),
+                "a term is constant over these rows" if ok and bad else "")
     return pd.DataFrame(rows, columns=REG_COLUMNS)
+
+
+def regressions(df: pd.DataFrame, gain: str, winsor: Sequence[float] = (0.0, 0.01, 0.05),
+                n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """The three OLS models of DESIGN §6 in teachdiag's variables (MODELS) on `gain`, raw and
+    winsorized (ols_models). stat "std_coef" per term; "r2"; "delta_r2": R² minus base's R²;
+    "coef_diff": teachability - incompat coefficients. Returns tidy rows: REG_COLUMNS."""
+    return ols_models(df, gain, MODELS, winsor, n_boot, seed,
+                      diff=("teachability", "teachability", "incompat"))
 
 
 # ---------------------------------------------------------------- Q3 and binned gain
 
-def _wmean(W: np.ndarray, v: np.ndarray) -> np.ndarray:
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return (W @ v) / W.sum(1)
+def matched_pairs(feats: np.ndarray, codes: np.ndarray, high: np.ndarray,
+                  low: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
+    """Within-context nearest neighbours: each `high` row (bool (n,)) paired, with replacement, with
+    the `low` row of its context nearest on feats (n, f), squared Euclidean; ties to the earlier
+    low row (table order). Returns (high indices, low indices, why-empty ('' when pairs exist))."""
+    hi_idx, lo_idx = [], []
+    for c in np.unique(codes[high]):
+        hi = np.flatnonzero(high & (codes == c))
+        lo = np.flatnonzero(low & (codes == c))
+        if lo.size:
+            dist = ((feats[hi, None, :] - feats[None, lo, :]) ** 2).sum(-1)  # (hi, lo)
+            hi_idx.append(hi)
+            lo_idx.append(lo[dist.argmin(1)])  # argmin: ties go to the earlier low position
+    if hi_idx:
+        return np.concatenate(hi_idx), np.concatenate(lo_idx), ""
+    per_ctx = np.bincount(codes) if len(codes) else np.zeros(0, int)
+    if len(codes) == 0:
+        why = "0 pairs: no positions in Q3"
+    elif per_ctx.max() < 2:
+        why = "0 pairs: every context has < 2 Q3 positions"
+    else:
+        why = "0 pairs: no context has Q3 positions on both sides (high and low) of the split"
+    return np.zeros(0, int), np.zeros(0, int), why
 
 
 def q3_gap(df: pd.DataFrame, gain: str, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
@@ -251,8 +312,9 @@ def q3_gap(df: pd.DataFrame, gain: str, n_boot: int = 1000, seed: int = 0) -> pd
     so tied C values stay together). "matched": each high-C Q3 position is paired, with replacement,
     with the nearest low-C Q3 position of the same context on (H̃, D̃, position normalized like x̃);
     mean of the paired gain differences. CIs: cluster bootstrap over contexts. `df` from add_scores.
+    Each tercile needs minimum.MIN_GROUP rows, else NaN and a `note` says why (so does 0 pairs).
     Returns rows: gain, comparison, estimate, ci_low, ci_high, mean_high, mean_low, n_high, n_low,
-    n_pairs, n_contexts.
+    n_pairs, n_contexts, note.
     """
     pos = quantile_normalize(df["position"])  # over the run's rows, like H̃ and D̃
     keep = np.isfinite(df[[gain, "topk_entropy", "union_fkl", "compat_mass"]].to_numpy(float)).all(1)
@@ -264,61 +326,81 @@ def q3_gap(df: pd.DataFrame, gain: str, n_boot: int = 1000, seed: int = 0) -> pd
     r = stats.rankdata(q["compat_mass"]) if len(q) else np.zeros(0)
     low, high = r <= len(q) / 3, r > 2 * len(q) / 3
     rows = []
-    est = g[high].mean() - g[low].mean() if high.any() and low.any() else np.nan
-    ci = (np.nan, np.nan)
-    if np.isfinite(est) and n_boot:
-        d_ = np.concatenate([_wmean(W[:, high], g[high]) - _wmean(W[:, low], g[low])
-                             for W in bootstrap_weights(codes, n_boot, seed)])
-        ci = percentile_ci(d_)
+    note = too_few(int(min(high.sum(), low.sum())), MIN_GROUP,
+                   f"each Q3 tercile (Q3 has {len(q)} of {len(sub)} positions)")
+    n_ctx = len(set(codes[high | low]))
+    est, ci = np.nan, (np.nan, np.nan)
+    if not note:
+        est = g[high].mean() - g[low].mean()
+        note = ci_note(n_ctx, n_boot)
+        if not note:
+            dr = group_mean_draws(g, np.stack([high, low]), codes, n_boot, seed)
+            ci = percentile_ci(dr[:, 0] - dr[:, 1])
     rows.append((gain, "tercile", est, *ci, g[high].mean() if high.any() else np.nan,
                  g[low].mean() if low.any() else np.nan, int(high.sum()), int(low.sum()),
-                 0, len(set(codes[high | low]))))
+                 0, n_ctx, note))
     # within-context nearest neighbour on (H̃, D̃, position~)
     feats = np.column_stack([q["entropy"], q["divergence"], pos[in_q3]]) if len(q) else np.zeros((0, 3))
-    hi_idx, lo_idx = [], []
-    for c in np.unique(codes[high]):
-        hi = np.flatnonzero(high & (codes == c))
-        lo = np.flatnonzero(low & (codes == c))
-        if lo.size:
-            dist = ((feats[hi, None, :] - feats[None, lo, :]) ** 2).sum(-1)  # (hi, lo)
-            hi_idx.append(hi)
-            lo_idx.append(lo[dist.argmin(1)])  # argmin: ties go to the earlier low position
-    hi_idx = np.concatenate(hi_idx) if hi_idx else np.zeros(0, int)
-    lo_idx = np.concatenate(lo_idx) if lo_idx else np.zeros(0, int)
+    hi_idx, lo_idx, why = matched_pairs(feats, codes, high, low)
     diff = g[hi_idx] - g[lo_idx]
     est, ci = (diff.mean() if diff.size else np.nan), (np.nan, np.nan)
-    if diff.size and n_boot:
-        pc = pd.factorize(codes[hi_idx])[0]
-        ci = percentile_ci(np.concatenate([_wmean(W, diff) for W in bootstrap_weights(pc, n_boot, seed)]))
+    pc = pd.factorize(codes[hi_idx])[0]
+    note = why or ci_note(len(np.unique(pc)), n_boot)
+    if diff.size and not note:
+        ci = percentile_ci(group_mean_draws(diff, np.ones((1, diff.size), bool), pc, n_boot, seed)[:, 0])
     rows.append((gain, "matched", est, *ci,
                  g[hi_idx].mean() if diff.size else np.nan, g[lo_idx].mean() if diff.size else np.nan,
                  len(np.unique(hi_idx)), len(np.unique(lo_idx)), int(diff.size),
-                 len(np.unique(codes[hi_idx]))))
+                 len(np.unique(codes[hi_idx])), note))
     return pd.DataFrame(rows, columns=["gain", "comparison", "estimate", "ci_low", "ci_high",
                                        "mean_high", "mean_low", "n_high", "n_low", "n_pairs",
-                                       "n_contexts"])
+                                       "n_contexts", "note"])
 
 
-def gain_by_bin(df: pd.DataFrame, score: str, gain: str, n_bins: int = 10,
-                split: str | None = None) -> pd.DataFrame:
-    """Gain per equal-count bin of `score` (bin 1 = lowest; tied scores are split in table order
-    so bins have equal size). `split`: a column cut at its median into half "high" (> median) and
-    "low"; the score bins stay common to both halves, so halves compare at equal score.
-    Returns rows: score, gain, [half], bin, n, score_min, score_median, score_max, gain_mean,
-    gain_median, gain_sem.
-    """
-    cols = [score, gain] + ([split] if split else [])
-    sub = df[np.isfinite(df[cols].to_numpy(float)).all(axis=1)]
-    rank = stats.rankdata(sub[score], method="ordinal")
-    keys = {"bin": (rank - 1) * n_bins // max(1, len(sub)) + 1}
-    if split:
-        s = sub[split].to_numpy(float)
-        keys = {"half": np.where(s > np.median(s), "high", "low"), **keys}
-    t = pd.DataFrame({**keys, "s": sub[score].to_numpy(float), "g": sub[gain].to_numpy(float)})
+def equal_count_bins(x: np.ndarray, n_bins: int) -> np.ndarray:
+    """Bin 1..n_bins of each value of x (n,) by rank, equal counts; ties split in table order."""
+    rank = stats.rankdata(x, method="ordinal") if len(x) else np.zeros(0, int)
+    return (rank - 1) * n_bins // max(1, len(x)) + 1
+
+
+def bin_table(keys: dict[str, np.ndarray], s: np.ndarray, g: np.ndarray, codes: np.ndarray,
+              n_boot: int, seed: int) -> pd.DataFrame:
+    """Per group of `keys` (columns of equal length): n, score min/median/max, gain mean/median/sem
+    and a cluster-bootstrap CI of the mean gain (ci_low, ci_high) with its `note`."""
+    t = pd.DataFrame({**keys, "s": s, "g": g})
     out = t.groupby(list(keys), sort=True).agg(
         n=("g", "size"), score_min=("s", "min"), score_median=("s", "median"),
         score_max=("s", "max"), gain_mean=("g", "mean"), gain_median=("g", "median"),
         gain_sem=("g", "sem")).reset_index()
+    member = np.stack([np.all([t[k].to_numpy() == v for k, v in zip(keys, r)], axis=0)
+                       for r in out[list(keys)].itertuples(index=False)]) if len(out) else np.zeros((0, len(t)))
+    n_ctx = int(codes.max()) + 1 if len(codes) else 0
+    cinote = ci_note(n_ctx, n_boot)
+    dr = group_mean_draws(g, member, codes, n_boot, seed) if not cinote and len(out) else None
+    cis = [percentile_ci(dr[:, i]) if dr is not None else (np.nan, np.nan) for i in range(len(out))]
+    out["ci_low"], out["ci_high"] = [c[0] for c in cis], [c[1] for c in cis]
+    out["note"] = [too_few(int(k), MIN_GROUP, "a bin's mean") or cinote for k in out["n"]]
+    return out
+
+
+def gain_by_bin(df: pd.DataFrame, score: str, gain: str, n_bins: int = 10,
+                split: str | None = None, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Gain per equal-count bin of `score` (bin 1 = lowest; tied scores are split in table order
+    so bins have equal size). `split`: a column cut at its median into half "high" (> median) and
+    "low"; the score bins stay common to both halves, so halves compare at equal score.
+    ci_low/ci_high: 95% cluster-bootstrap CI of the bin's mean gain (contexts resampled, bin
+    membership fixed); a bin of fewer than minimum.MIN_GROUP rows carries a note.
+    Returns rows: score, gain, [half], bin, n, score_min, score_median, score_max, gain_mean,
+    gain_median, gain_sem, ci_low, ci_high, note.
+    """
+    cols = [score, gain] + ([split] if split else [])
+    sub = df[np.isfinite(df[cols].to_numpy(float)).all(axis=1)]
+    keys = {"bin": equal_count_bins(sub[score].to_numpy(float), n_bins)}
+    if split:
+        s = sub[split].to_numpy(float)
+        keys = {"half": np.where(s > np.median(s), "high", "low"), **keys}
+    out = bin_table(keys, sub[score].to_numpy(float), sub[gain].to_numpy(float),
+                    pd.factorize(sub["context_id"])[0], n_boot, seed)
     out.insert(0, "gain", gain)
     out.insert(0, "score", score)
     return out

@@ -142,16 +142,19 @@ def test_gz_file_with_bool_finite_and_table_order(tmp_path):
 
 def test_config_follows_the_cli_convention():
     fields = {f.name: f for f in dataclasses.fields(AnalyzeConfig)}
-    assert list(fields) == ["runs", "gain", "out", "figures", "bootstrap", "seed", "allow_partial"]
+    assert list(fields) == ["runs", "gain", "out", "figures", "bootstrap", "seed", "allow_partial",
+                            "protocol", "response_lengths"]
     assert fields["runs"].metadata["positional"] and fields["runs"].metadata["nargs"] == "+"
     assert all(f.metadata.get("help") for f in fields.values())
     cfg = AnalyzeConfig()
     assert (cfg.gain, cfg.bootstrap, cfg.seed, cfg.allow_partial) == ("rel_gain_fkl", 1000, 0, False)
+    assert cfg.protocol == "teachdiag" and fields["protocol"].metadata["choices"] == ("teachdiag", "paper")
     assert COLUMNS[0] == "context_id" and COLUMNS[21] == "grad_norm" and COLUMNS[-1] == "finite"
 
 
 def test_analysis_path_never_imports_torch():
     code = ("import sys, teachdiag.analysis.command, teachdiag.analysis.stats, teachdiag.analysis.plots, "
-            "teachdiag.analysis.report, teachdiag.analysis.selection; assert 'torch' not in sys.modules")
+            "teachdiag.analysis.report, teachdiag.analysis.selection, teachdiag.analysis.paper, "
+            "teachdiag.analysis.paper_report, teachdiag.analysis.paper_command; assert 'torch' not in sys.modules")
     root = pathlib.Path(__file__).resolve().parents[1]
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
