@@ -25,10 +25,12 @@ import pandas as pd
 from teachdiag.analysis import plots, report, selection, stats as analysis
 from teachdiag.errors import InputError
 from teachdiag.flags import opt
-from teachdiag.table import COLUMNS, PARTIAL, all_parts, read_tokens, teachability_scores
+from teachdiag.table import COLUMNS, TEXT_COLUMNS, PARTIAL, all_parts, read_tokens, teachability_scores
 
-NUMERIC = [c for c in COLUMNS if c not in ("context_id", "token")]  # includes the finite flag
+# numeric columns every table has (response_length is checked on its own: older tables lack it)
+NUMERIC = [c for c in COLUMNS if c not in TEXT_COLUMNS and c != "response_length"]
 OPTIONAL = ("gain_first_order",)  # added in 0.2; tables written before it still load (as NaN)
+MAY_LACK = ("response_length", "instrument")  # added in 0.2; absent from older tables, left absent
 # written by newer probes; optional when loading. response_length (int, the context's full response
 # length after truncation) is required by --protocol paper only (pos_norm); instrument is text:
 # per_position, shared or checkpoint (DESIGN §5), shown in the run description.
@@ -82,7 +84,7 @@ def load_tokens(path: str | pathlib.Path) -> tuple[pd.DataFrame, int]:
     for col in COLUMNS:
         if col not in df.columns and col in OPTIONAL:
             df[col] = np.nan
-        elif col not in df.columns:
+        elif col not in df.columns and col not in MAY_LACK:
             raise InputError("missing column", file=str(path), field=col)
     if df.empty:
         raise InputError("no rows", file=str(path))
