@@ -42,10 +42,10 @@ def ref_signals(s_logits, t_logits, y: int, k: int) -> dict[str, float]:
     }
 
 
-def full_logits(model, ids: list[int], index: int, vocab: int) -> torch.Tensor:
+def full_logits(model, ids: list[int], index: int, vocab: int, dtype=torch.float32) -> torch.Tensor:
     """Logits at sequence index `index` from a forward over the whole sequence."""
     out = model(input_ids=torch.tensor([ids]))
-    return out.logits[0, index, :vocab].float()
+    return out.logits[0, index, :vocab].to(dtype)
 
 
 def reference_params(model, params: str) -> list:
@@ -72,9 +72,14 @@ def reference_loss(s: torch.Tensor, t: torch.Tensor, y: int, loss: str) -> torch
 
 
 def naive_probe(student, teacher, ctx: dict, j: int, vocab: int, loss: str, optimizer: str, lr: float,
-                params: str = "all") -> dict[str, float]:
-    """Gains at position j of ctx by deep copy + torch.optim, for comparison with the tool."""
-    model = copy.deepcopy(student)
+                params: str = "all", dtype=torch.float32) -> dict[str, float]:
+    """Gains at position j of ctx by deep copy + torch.optim, for comparison with the tool.
+
+    dtype=torch.float64 runs the copies of both models (and the step) in float64: a reference with
+    no float32 rounding at all, for comparing float32 runs on other devices."""
+    model = copy.deepcopy(student).to(dtype)
+    if dtype != torch.float32:
+        teacher = copy.deepcopy(teacher).to(dtype)
     model.requires_grad_(False)
     chosen = reference_params(model, params)
     for p in chosen:
@@ -84,8 +89,8 @@ def naive_probe(student, teacher, ctx: dict, j: int, vocab: int, loss: str, opti
     t_ids = t_view + ctx["response_ids"]
     y = ctx["response_ids"][j]
     with torch.no_grad():
-        t = full_logits(teacher, t_ids, len(t_view) + j - 1, vocab).double()
-    s = full_logits(model, s_ids, len(ctx["prompt_ids"]) + j - 1, vocab).double()
+        t = full_logits(teacher, t_ids, len(t_view) + j - 1, vocab, dtype).double()
+    s = full_logits(model, s_ids, len(ctx["prompt_ids"]) + j - 1, vocab, dtype).double()
     reference_loss(s, t, y, loss).backward()
     grads = [p.grad.clone() for p in chosen]
     grad_norm = math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads))
@@ -99,7 +104,7 @@ def naive_probe(student, teacher, ctx: dict, j: int, vocab: int, loss: str, opti
             for p, g in zip(chosen, grads):
                 p -= lr * g / grad_norm
     with torch.no_grad():
-        after = full_logits(model, s_ids, len(ctx["prompt_ids"]) + j - 1, vocab)
+        after = full_logits(model, s_ids, len(ctx["prompt_ids"]) + j - 1, vocab, dtype)
     b = ref_signals(s.detach().numpy(), t.numpy(), y, 16)
     a = ref_signals(after.numpy(), t.numpy(), y, 16)
     return {"fkl": b["fkl"], "rkl": b["rkl"], "fkl_after": a["fkl"], "rkl_after": a["rkl"],
