@@ -7,12 +7,13 @@
     python benchmarks/probe_speed.py --pair qwen2.5 --device cuda --dtype bfloat16 --positions 64
                                          # random-init Qwen2.5-0.5B student / 1.5B teacher, 256-token responses
 
-The naive reference does what the definition says: for every position, deep-copy the student,
-run the teacher on that position's prefix, forward + backward the copy on the full prefix, step,
-forward again. teachdiag runs the teacher once per context and, by mode:
+The naive reference does what the definition says, from torch alone (no teachdiag step, loss or
+parameter code): for every position, deep-copy the student, run the teacher on that position's
+prefix, forward + backward the copy on the full prefix, step with torch.optim (or by hand for the
+normalized rule), forward again. teachdiag runs the teacher once per context and, by mode:
   exact    (--params all)  steps and restores in place, one position at a time;
-  lm_head / last:N         runs the bottom of the student once per context (fastprobe.py);
-  linear                   no step at all: batched first-order gains lr·⟨g, d⟩ (linear.py),
+  lm_head / last:N         runs the bottom of the student once per context (probe/fast.py);
+  linear                   no step at all: batched first-order gains lr·⟨g, d⟩ (probe/linear.py),
                            compared with the exact probe (Spearman) as well as timed.
 Prints positions/s of both, the ratio, the largest |gain difference| (the fast path must compute
 the same numbers), peak memory and, on CUDA, model-FLOP utilisation: the floor of one forward +
@@ -37,37 +38,68 @@ from scipy.stats import spearmanr
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from teachdiag.contexts import Context, by_context, load_contexts, select_positions  # noqa: E402
-from teachdiag.models import load_model, load_tokenizer  # noqa: E402
-from teachdiag.probe.exact import global_norm, select_params, step_direction  # noqa: E402
-from teachdiag.probe.signals import probe_loss, signals_from_logits  # noqa: E402
-from teachdiag.probe.fast import make_probe  # noqa: E402
 from teachdiag.batching import exact_group, linear_group  # noqa: E402
+from teachdiag.contexts import Context, by_context, load_contexts, select_positions  # noqa: E402
+from teachdiag.demo import DEMO_ROLLOUTS  # noqa: E402
+from teachdiag.models import load_model, load_tokenizer  # noqa: E402
+from teachdiag.probe.fast import make_probe  # noqa: E402
 from teachdiag.probe.forward import teacher_logits  # noqa: E402
 from teachdiag.runner import ProbeConfig  # noqa: E402
 
 
+# ---------------------------------------------------------------- the naive reference
+# Written from torch alone, on purpose: none of teachdiag's parameter selection, step rules or
+# losses, so a wrong step in teachdiag shows up as a gain difference instead of cancelling out.
+
+def naive_params(model, params: str) -> list[torch.nn.Parameter]:
+    """The stepped parameters, spelled out for Llama/Qwen layouts (model.model.layers, .norm)."""
+    head = model.get_output_embeddings().weight
+    if params == "all":
+        return list(model.parameters())  # shared (tied) parameters are listed once
+    if params == "lm_head":
+        return [head]
+    n = int(params.split(":")[1])  # last:N
+    chosen = [p for layer in model.model.layers[-n:] for p in layer.parameters()]
+    chosen += list(model.model.norm.parameters()) + [head]
+    return list({id(p): p for p in chosen}.values())
+
+
+def naive_rkl(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """KL(p_S ‖ p_T) of two (V,) logit vectors, in float64, by explicit log_softmax."""
+    ls, lt = torch.log_softmax(s.double(), -1), torch.log_softmax(t.double(), -1)
+    return (ls.exp() * (ls - lt)).sum()
+
+
 def naive_position(student, teacher, ctx: Context, j: int, vocab: int, lr: float, optimizer: str,
                    params: str, device: torch.device) -> float:
-    """gain_rkl at position j: deep copy, per-position teacher forward, full-prefix recompute."""
+    """gain_rkl at position j: deep copy, per-position teacher forward, full-prefix forwards,
+    torch.optim.SGD / torch.optim.Adam (its first step is bias-corrected: lr·g/(|g|+eps)) or a
+    hand-written normalized step θ − lr·g/‖g‖."""
     model = copy.deepcopy(student)
-    chosen = [p for _, p in select_params(model, params)]
+    chosen = naive_params(model, params)
     s_ids = torch.tensor(ctx.prompt_ids + ctx.response_ids[:j], device=device)[None]
     t_ids = torch.tensor(ctx.teacher_view + ctx.response_ids[:j], device=device)[None]
-    y = torch.tensor([ctx.response_ids[j]], device=device)
     with torch.no_grad():
-        t = teacher(input_ids=t_ids).logits[0, -1:, :vocab].float()
+        t = teacher(input_ids=t_ids).logits[0, -1, :vocab].float()
     for p in chosen:
         p.requires_grad_(True)
-    s = model(input_ids=s_ids).logits[0, -1:, :vocab].float()
-    grads = torch.autograd.grad(probe_loss(s, t, y, "reverse_kl"), chosen)
+    s = model(input_ids=s_ids).logits[0, -1, :vocab].float()
+    loss = naive_rkl(s, t)
+    loss.backward()
+    if optimizer == "sgd":
+        torch.optim.SGD(chosen, lr=lr).step()
+    elif optimizer == "adam":
+        torch.optim.Adam(chosen, lr=lr, betas=(0.9, 0.999), eps=1e-8).step()
+    elif optimizer == "normalized":
+        norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in chosen))
+        with torch.no_grad():
+            for p in chosen:
+                p -= (lr / norm) * p.grad
+    else:
+        raise SystemExit(f"unknown --optimizer {optimizer!r}")
     with torch.no_grad():
-        directions, scale = step_direction(list(grads), optimizer, global_norm(grads))
-        for p, d in zip(chosen, directions):
-            p.add_(d, alpha=-lr * scale)
-        after = model(input_ids=s_ids).logits[0, -1:, :vocab].float()
-    before = signals_from_logits(s.detach(), t, y)["rkl"].item()
-    return before - signals_from_logits(after, t, y)["rkl"].item()
+        after = model(input_ids=s_ids).logits[0, -1, :vocab].float()
+        return float(loss.detach() - naive_rkl(after, t))
 
 
 # ---------------------------------------------------------------- pairs

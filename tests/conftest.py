@@ -13,6 +13,9 @@ import pytest
 import torch
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+# skip helper for tests that need a GPU: `@requires_cuda` or `pytestmark = [pytest.mark.gpu, requires_cuda]`
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch.cuda.is_available())")
 N_WORDS = 26 + 10 + 5 + 26  # regular tokens (ids 0..N_WORDS-1); <|endoftext|> comes after
 
 

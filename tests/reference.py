@@ -42,10 +42,10 @@ def ref_signals(s_logits, t_logits, y: int, k: int) -> dict[str, float]:
     }
 
 
-def full_logits(model, ids: list[int], index: int, vocab: int) -> torch.Tensor:
+def full_logits(model, ids: list[int], index: int, vocab: int, dtype=torch.float32) -> torch.Tensor:
     """Logits at sequence index `index` from a forward over the whole sequence."""
     out = model(input_ids=torch.tensor([ids]))
-    return out.logits[0, index, :vocab].float()
+    return out.logits[0, index, :vocab].to(dtype)
 
 
 def reference_params(model, params: str) -> list:
@@ -72,9 +72,14 @@ def reference_loss(s: torch.Tensor, t: torch.Tensor, y: int, loss: str) -> torch
 
 
 def naive_probe(student, teacher, ctx: dict, j: int, vocab: int, loss: str, optimizer: str, lr: float,
-                params: str = "all") -> dict[str, float]:
-    """Gains at position j of ctx by deep copy + torch.optim, for comparison with the tool."""
-    model = copy.deepcopy(student)
+                params: str = "all", dtype=torch.float32) -> dict[str, float]:
+    """Gains at position j of ctx by deep copy + torch.optim, for comparison with the tool.
+
+    dtype=torch.float64 runs the copies of both models (and the step) in float64: a reference with
+    no float32 rounding at all, for comparing float32 runs on other devices."""
+    model = copy.deepcopy(student).to(dtype)
+    if dtype != torch.float32:
+        teacher = copy.deepcopy(teacher).to(dtype)
     model.requires_grad_(False)
     chosen = reference_params(model, params)
     for p in chosen:
@@ -84,11 +89,12 @@ def naive_probe(student, teacher, ctx: dict, j: int, vocab: int, loss: str, opti
     t_ids = t_view + ctx["response_ids"]
     y = ctx["response_ids"][j]
     with torch.no_grad():
-        t = full_logits(teacher, t_ids, len(t_view) + j - 1, vocab).double()
-    s = full_logits(model, s_ids, len(ctx["prompt_ids"]) + j - 1, vocab).double()
+        t = full_logits(teacher, t_ids, len(t_view) + j - 1, vocab, dtype).double()
+    s = full_logits(model, s_ids, len(ctx["prompt_ids"]) + j - 1, vocab, dtype).double()
     reference_loss(s, t, y, loss).backward()
     grads = [p.grad.clone() for p in chosen]
     grad_norm = math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads))
+    g_adam = reference_first_order([g.double() for g in grads], "adam")
     if optimizer == "sgd":
         torch.optim.SGD(chosen, lr=lr).step()
     elif optimizer == "adam":
@@ -98,9 +104,41 @@ def naive_probe(student, teacher, ctx: dict, j: int, vocab: int, loss: str, opti
             for p, g in zip(chosen, grads):
                 p -= lr * g / grad_norm
     with torch.no_grad():
-        after = full_logits(model, s_ids, len(ctx["prompt_ids"]) + j - 1, vocab)
+        after = full_logits(model, s_ids, len(ctx["prompt_ids"]) + j - 1, vocab, dtype)
     b = ref_signals(s.detach().numpy(), t.numpy(), y, 16)
     a = ref_signals(after.numpy(), t.numpy(), y, 16)
     return {"fkl": b["fkl"], "rkl": b["rkl"], "fkl_after": a["fkl"], "rkl_after": a["rkl"],
             "gain_fkl": b["fkl"] - a["fkl"], "gain_rkl": b["rkl"] - a["rkl"], "grad_norm": grad_norm,
-            "g_l1": sum(float(g.abs().double().sum()) for g in grads)}
+            "g_l1": sum(float(g.abs().double().sum()) for g in grads), "g_adam": g_adam,
+            "student_logprob": b["student_logprob"], "student_logprob_after": a["student_logprob"],
+            "teacher_logprob": b["teacher_logprob"]}
+
+
+def reference_gradient(student, teacher, ctx: dict, j: int, vocab: int, loss: str,
+                       params: str = "all") -> list[torch.Tensor]:
+    """∂ℓ_j/∂θ at θ0 in float64: deep copies of both models cast to float64, full-sequence
+    forwards, the loss through torch.distributions, plain autograd."""
+    model, t_model = copy.deepcopy(student).double(), copy.deepcopy(teacher).double()
+    model.requires_grad_(False)
+    chosen = reference_params(model, params)
+    for p in chosen:
+        p.requires_grad_(True)
+    t_view = ctx.get("teacher_prompt_ids") or ctx["prompt_ids"]
+    s_ids = ctx["prompt_ids"] + ctx["response_ids"]
+    with torch.no_grad():
+        t = t_model(input_ids=torch.tensor([t_view + ctx["response_ids"]])).logits[0, len(t_view) + j - 1, :vocab]
+    s = model(input_ids=torch.tensor([s_ids])).logits[0, len(ctx["prompt_ids"]) + j - 1, :vocab]
+    return list(torch.autograd.grad(reference_loss(s, t, ctx["response_ids"][j], loss), chosen))
+
+
+def reference_first_order(grads: list[torch.Tensor], optimizer: str) -> float:
+    """⟨g, scale·d⟩ per unit lr, written out from DESIGN §4 for each step rule:
+    sgd ‖g‖², normalized ‖g‖, adam (first bias-corrected step, d = g/(|g|+1e-8)) Σ g²/(|g|+1e-8)."""
+    sq = sum(float((g.double() ** 2).sum()) for g in grads)
+    if optimizer == "sgd":
+        return sq
+    if optimizer == "normalized":
+        return math.sqrt(sq)
+    if optimizer == "adam":
+        return sum(float((g.double() ** 2 / (g.double().abs() + 1e-8)).sum()) for g in grads)
+    raise ValueError(optimizer)

@@ -85,11 +85,80 @@ def test_quantile_normalize_definition():
     assert np.isnan(with_nan[1]) and np.isfinite(with_nan[[0, 2, 3]]).all()
 
 
-def test_teachability_is_d_times_c():
-    rng = np.random.default_rng(0)
-    d, c = rng.exponential(size=200), rng.uniform(size=200)
+def linear_quantile(values, p: float) -> float:
+    """numpy's default ('linear') quantile, by hand: sort, then interpolate at h = (n − 1)·p."""
+    s = sorted(values)
+    h = (len(s) - 1) * p
+    lo = int(h)
+    return s[lo] + (h - lo) * (s[min(lo + 1, len(s) - 1)] - s[lo])
+
+
+# D sorted is 0, 10, ..., 100 (n = 11): h = 10·0.05 = 0.5 → q05 = 5, h = 9.5 → q95 = 95, so D̃ = (D − 5)/90.
+# C sorted is 0, 0.1, ..., 1: q05 = 0.05, q95 = 0.95, so C̃ = (C − 0.05)/0.9. Rows in a shuffled order.
+D = np.array([50, 0, 100, 10, 90, 20, 80, 30, 70, 40, 60], dtype=float)
+C = np.array([0.5, 1.0, 0.0, 0.3, 0.7, 0.1, 0.9, 0.2, 0.6, 0.4, 0.8])
+
+
+def test_hand_quantile_agrees_with_the_planted_values():
+    assert linear_quantile(D, 0.05) == 5.0 and linear_quantile(D, 0.95) == 95.0
+    assert linear_quantile(C, 0.05) == pytest.approx(0.05, abs=1e-15)
+    assert linear_quantile(C, 0.95) == pytest.approx(0.95, abs=1e-15)
+
+
+def test_quantile_normalize_planted():
+    got = quantile_normalize(D)
+    # by hand: 50 → 45/90, 0 and 100 clip to 0 and 1, 10 → 5/90, 90 → 85/90 ...
+    want = [0.5, 0.0, 1.0, 5 / 90, 85 / 90, 15 / 90, 75 / 90, 25 / 90, 65 / 90, 35 / 90, 55 / 90]
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(quantile_normalize(C), [0.5, 1.0, 0.0, 0.25 / 0.9, 0.65 / 0.9, 0.05 / 0.9,
+                                                       0.85 / 0.9, 0.15 / 0.9, 0.55 / 0.9, 0.35 / 0.9, 0.75 / 0.9],
+                               rtol=1e-12, atol=1e-15)
+
+
+def test_teachability_and_incompat_planted():
+    teach, incompat = teachability_scores(D, C)
+    # row 0: D̃ = 0.5, C̃ = 0.5 → 0.25 and 0.25
+    # row 1: D̃ = 0 (clipped) → 0 and 0 whatever C is
+    # row 2: D̃ = 1 (clipped), C̃ = 0 (clipped) → 0 and 1
+    # row 4: D̃ = 85/90, C̃ = 0.65/0.9 → 85·0.65/81 and 85·0.25/81
+    # row 6: D̃ = 75/90, C̃ = 0.85/0.9 → 75·0.85/81 and 75·0.05/81
+    for i, t, inc in ((0, 0.25, 0.25), (1, 0.0, 0.0), (2, 0.0, 1.0), (4, 85 * 0.65 / 81, 85 * 0.25 / 81),
+                      (6, 75 * 0.85 / 81, 75 * 0.05 / 81)):
+        assert teach[i] == pytest.approx(t, rel=1e-12, abs=1e-15), i
+        assert incompat[i] == pytest.approx(inc, rel=1e-12, abs=1e-15), i
+    assert ((teach >= 0) & (teach <= 1) & (incompat >= 0) & (incompat <= 1)).all()
+
+
+def test_quantile_normalize_against_the_hand_quantile():
+    x = np.random.default_rng(0).exponential(size=203)  # n − 1 = 202: h is never an integer
+    q05, q95 = linear_quantile(x, 0.05), linear_quantile(x, 0.95)
+    want = [min(max((v - q05) / (q95 - q05), 0.0), 1.0) for v in x]
+    np.testing.assert_allclose(quantile_normalize(x), want, rtol=1e-12, atol=1e-15)
+    assert (quantile_normalize(x) == 0).sum() == 11 and (quantile_normalize(x) == 1).sum() == 11  # clipped tails
+
+
+def test_equal_quantiles_give_zero():
+    # 19 sevens between −100 and 100 (n = 21): h = 1 and h = 19 both land on a 7, so q05 = q95 = 7
+    x = np.array([7.0] * 10 + [-100.0, 100.0] + [7.0] * 9)
+    assert linear_quantile(x, 0.05) == linear_quantile(x, 0.95) == 7.0
+    assert (quantile_normalize(x) == 0).all()  # the outliers too: no range to normalise by
+    teach, incompat = teachability_scores(x, C.tolist() + C[:10].tolist())
+    assert (teach == 0).all() and (incompat == 0).all()
+    _, incompat = teachability_scores(D, np.full(11, 0.3))  # C̃ = 0 everywhere: incompat = D̃
+    np.testing.assert_allclose(incompat, quantile_normalize(D))
+
+
+def test_nan_rows_stay_nan_and_do_not_move_the_quantiles():
+    d = np.insert(D, [3, 7], np.nan)  # two NaN rows among the eleven planted ones
+    c = np.insert(C, [3, 7], np.nan)
+    got = quantile_normalize(d)
+    assert np.isnan(got[[3, 8]]).all()
+    np.testing.assert_allclose(np.delete(got, [3, 8]), quantile_normalize(D), rtol=0, atol=0)  # q over finite
     teach, incompat = teachability_scores(d, c)
-    dn, cn = quantile_normalize(d), quantile_normalize(c)
-    np.testing.assert_allclose(teach, dn * cn)
-    np.testing.assert_allclose(incompat, dn * (1 - cn))
-    np.testing.assert_allclose(teach + incompat, dn)
+    assert np.isnan(teach[[3, 8]]).all() and np.isnan(incompat[[3, 8]]).all()
+    assert teach[0] == pytest.approx(0.25) and incompat[0] == pytest.approx(0.25)  # planted rows unchanged
+    assert teach[2] == 0.0 and incompat[2] == 1.0
+    # a NaN compat_mass makes that row's scores NaN, not 0
+    teach, incompat = teachability_scores(D, np.where(np.arange(11) == 4, np.nan, C))
+    assert np.isnan(teach[4]) and np.isnan(incompat[4]) and np.isfinite(np.delete(teach, 4)).all()
+    assert np.isnan(quantile_normalize(np.full(4, np.nan))).all()
