@@ -7,7 +7,7 @@ import sys
 import pandas as pd
 import pytest
 
-from conftest import make_tokenizer
+from conftest import make_tokenizer, write_contexts
 from teachdiag.cli import main
 from teachdiag.table import COLUMNS, read_tokens
 
@@ -178,3 +178,55 @@ def test_non_utf8_contexts(tmp_path, pair, capsys):
     path.write_bytes(b'{"id": "a", "prompt_ids": [1], "response_ids": [2]}\n{"id": "\xe9"}\n')
     assert probe(pair, path, tmp_path / "out") == 2
     assert_clean_error(capsys, tmp_path / "out", "latin1.jsonl:2: not UTF-8")
+
+
+# ---------------------------------------------------------------- habits of the command line
+
+def test_version_and_real_defaults_in_help(capsys):
+    from teachdiag import __version__
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"teachdiag {__version__}"
+    with pytest.raises(SystemExit):
+        main(["probe", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "sgd 1e-05, normalized 0.001, adam 1e-07" in text  # each rule's default lr, from probe/steps.py
+    assert "200 on the demo" in text and "[default: reverse_kl]" in text
+
+
+def test_negative_lr_parses_and_is_refused_in_one_line(tmp_path, pair, capsys):
+    contexts = write_contexts(tmp_path / "c.jsonl")
+    rc = main(["probe", "--teacher", pair[0], "--student", pair[1], "--contexts", str(contexts),
+               "--out", str(tmp_path / "r"), "--lr", "-1e-3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == ["teachdiag: error: --lr: must be positive, got -0.001"]
+
+
+def test_an_internal_bug_keeps_its_traceback(tmp_path, pair, monkeypatch):
+    """A ValueError raised inside the probe is a bug, not a user's --params mistake: it propagates."""
+    import teachdiag.probe.exact as exact
+
+    def broken(*args, **kwargs):
+        raise ValueError("internal bug")
+
+    monkeypatch.setattr(exact, "kls_from_logits", broken)
+    contexts = write_contexts(tmp_path / "c.jsonl")
+    with pytest.raises(ValueError, match="internal bug"):
+        main(["probe", "--teacher", pair[0], "--student", pair[1], "--contexts", str(contexts),
+              "--out", str(tmp_path / "r"), "--device", "cpu", "--quiet", "--positions", "2", "--params", "last:1"])
+
+
+def test_threads_option_sets_torch_threads(tmp_path, pair):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        contexts = write_contexts(tmp_path / "c.jsonl")
+        assert main(["probe", "--teacher", pair[0], "--student", pair[1], "--contexts", str(contexts),
+                     "--out", str(tmp_path / "r"), "--device", "cpu", "--quiet", "--positions", "1",
+                     "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+        assert main(["probe", "--threads", "-1", "--out", str(tmp_path / "x")]) == 2
+    finally:
+        torch.set_num_threads(before)
