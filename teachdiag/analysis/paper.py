@@ -22,9 +22,9 @@ import numpy as np
 import pandas as pd
 
 from teachdiag.analysis.bootstrap import group_mean_draws, percentile_ci
-from teachdiag.analysis.minimum import MIN_GROUP, ci_note, too_few
+from teachdiag.analysis.minimum import ci_note, too_few
 from teachdiag.analysis.selection import paper_budget_size, select_top, table_order, tied_at_cutoff
-from teachdiag.analysis.stats import bin_table, equal_count_bins, matched_pairs, ols_models, winsorize
+from teachdiag.analysis.stats import bin_table, equal_count_bins, matched_pairs, ols_models, tercile_gap, winsorize
 from teachdiag.errors import InputError
 
 EPS = 1e-12  # the paper's threshold of Norm and the guard of G_KLf's denominator
@@ -121,16 +121,8 @@ def paper_q3(t: pd.DataFrame, gain: str, n_boot: int = 1000, seed: int = 0) -> p
     cq = paper_norm(q["compat_mass"])
     cut_lo, cut_hi = np.quantile(cq, [1 / 3, 2 / 3]) if len(q) else (np.nan, np.nan)
     low, high = cq <= cut_lo, cq >= cut_hi
-    n_ctx = len(np.unique(codes[low | high]))
-    note = too_few(int(min(low.sum(), high.sum())), MIN_GROUP,
-                   f"each Q3 tercile (Q3 has {len(q)} of {len(s)} positions)")
-    est, ci = np.nan, (np.nan, np.nan)
-    if not note:
-        est = g[high].mean() - g[low].mean()
-        note = ci_note(n_ctx, n_boot)
-        if not note:
-            dr = group_mean_draws(g, np.stack([high, low]), codes, n_boot, seed)
-            ci = percentile_ci(dr[:, 0] - dr[:, 1])
+    est, ci, note, n_ctx = tercile_gap(g, high, low, codes, n_boot, seed,
+                                       f"each Q3 tercile (Q3 has {len(q)} of {len(s)} positions)")
     rows = [(gain, "tercile", est, *ci, np.nan, len(q), int(high.sum()), int(low.sum()), 0, n_ctx,
              cut_lo, cut_hi, note)]
     # matching: split at each context's own median proxy

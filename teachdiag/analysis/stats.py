@@ -305,6 +305,23 @@ def matched_pairs(feats: np.ndarray, codes: np.ndarray, high: np.ndarray,
     return np.zeros(0, int), np.zeros(0, int), why
 
 
+def tercile_gap(g: np.ndarray, high: np.ndarray, low: np.ndarray, codes: np.ndarray, n_boot: int, seed: int,
+                what: str) -> tuple[float, tuple[float, float], str, int]:
+    """(mean(g[high]) − mean(g[low]), its cluster-bootstrap CI, note, contexts involved); the note says
+    why there is no number or no CI ("too few positions ..."), '' when both are there. Both Q3 rules
+    (this module's and the paper's) use it."""
+    note = too_few(int(min(high.sum(), low.sum())), MIN_GROUP, what)
+    n_ctx = len(np.unique(codes[high | low]))
+    est, ci = np.nan, (np.nan, np.nan)
+    if not note:
+        est = g[high].mean() - g[low].mean()
+        note = ci_note(n_ctx, n_boot)
+        if not note:
+            dr = group_mean_draws(g, np.stack([high, low]), codes, n_boot, seed)
+            ci = percentile_ci(dr[:, 0] - dr[:, 1])
+    return est, ci, note, n_ctx
+
+
 def q3_gap(df: pd.DataFrame, gain: str, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
     """Q3 (H below its median, D above its median): does compat_mass C matter at fixed H, D?
 
@@ -326,16 +343,8 @@ def q3_gap(df: pd.DataFrame, gain: str, n_boot: int = 1000, seed: int = 0) -> pd
     r = stats.rankdata(q["compat_mass"]) if len(q) else np.zeros(0)
     low, high = r <= len(q) / 3, r > 2 * len(q) / 3
     rows = []
-    note = too_few(int(min(high.sum(), low.sum())), MIN_GROUP,
-                   f"each Q3 tercile (Q3 has {len(q)} of {len(sub)} positions)")
-    n_ctx = len(set(codes[high | low]))
-    est, ci = np.nan, (np.nan, np.nan)
-    if not note:
-        est = g[high].mean() - g[low].mean()
-        note = ci_note(n_ctx, n_boot)
-        if not note:
-            dr = group_mean_draws(g, np.stack([high, low]), codes, n_boot, seed)
-            ci = percentile_ci(dr[:, 0] - dr[:, 1])
+    est, ci, note, n_ctx = tercile_gap(g, high, low, codes, n_boot, seed,
+                                       f"each Q3 tercile (Q3 has {len(q)} of {len(sub)} positions)")
     rows.append((gain, "tercile", est, *ci, g[high].mean() if high.any() else np.nan,
                  g[low].mean() if low.any() else np.nan, int(high.sum()), int(low.sum()),
                  0, n_ctx, note))

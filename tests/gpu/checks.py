@@ -1,4 +1,4 @@
-"""Device-generic checks of the probe, run on CUDA by test_cuda.py and on CPU by test_cpu_twin.py.
+"""Device-generic checks of the probe, run on CPU and (where torch sees a GPU) CUDA by test_devices.py.
 
 Each takes a torch device name; the same code runs on both, so the CUDA tests are not untested
 code on a machine without a GPU.
@@ -6,7 +6,6 @@ code on a machine without a GPU.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess

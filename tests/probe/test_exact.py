@@ -134,7 +134,7 @@ def test_first_order_limit_of_the_tool(pair, contexts, optimizer, kind, params):
 
 
 def test_student_weights_bit_identical_after_probe(pair, contexts):
-    teacher, student = load(pair[0]), load(pair[1])
+    student = load(pair[1])
     before = copy.deepcopy(student.state_dict())
     ctx = read_contexts(contexts)[3]
     ids = torch.tensor(ctx["prompt_ids"] + ctx["response_ids"])
