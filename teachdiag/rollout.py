@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from teachdiag.contexts import read_jsonl
+from teachdiag.contexts import check_messages, encode_prompt, read_jsonl  # noqa: F401 (encode_prompt: re-exported)
 from teachdiag.errors import InputError
 from teachdiag.flags import opt
 
@@ -77,14 +77,7 @@ def _check_text_or_messages(rec: dict, text_key: str, msgs_key: str, file: str, 
         if not isinstance(value, str) or not value:
             raise InputError("must be a non-empty string", file, line, text_key)
         return value
-    msgs = rec[msgs_key]
-    if not isinstance(msgs, list) or not msgs:
-        raise InputError("must be a non-empty list of {role, content} objects", file, line, msgs_key)
-    for m in msgs:
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str)
-                and isinstance(m.get("content"), str)):
-            raise InputError("every message needs string role and content", file, line, msgs_key)
-    return msgs
+    return check_messages(rec[msgs_key], msgs_key, {"file": file, "line": line})
 
 
 def read_prompts(path: str | Path, need_teacher: bool = False) -> list[dict]:
@@ -114,29 +107,6 @@ def read_prompts(path: str | Path, need_teacher: bool = False) -> list[dict]:
     if not out:
         raise InputError("no prompt records", file, field="--prompts")
     return out
-
-
-def encode_prompt(tok, prompt, file: str = "", line: int | None = None,
-                  field_name: str = "prompt") -> list[int]:
-    """Token ids of a prompt as the model will see it.
-
-    With a chat template, a string becomes one user message and the generation prompt (the
-    assistant header) is appended; without one, a string is tokenized as plain text and message
-    lists are refused.
-    """
-    if getattr(tok, "chat_template", None):
-        msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        # the template already wrote the special tokens it wants (BOS included, if any)
-        ids = tok(text, add_special_tokens=False)["input_ids"]
-    else:
-        if not isinstance(prompt, str):
-            raise InputError("messages need a tokenizer with a chat template", file, line,
-                             field_name)
-        ids = tok(prompt)["input_ids"]
-    if not ids:
-        raise InputError("encodes to no tokens", file, line, field_name)
-    return list(map(int, ids))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,7 +181,8 @@ def run_rollout(cfg: RolloutConfig) -> Path:
     """
     from tqdm.auto import tqdm
 
-    from teachdiag.models import load_model, load_tokenizer, resolve_device, tokenizer_fingerprint
+    from teachdiag.models import load_model, load_tokenizer, resolve_device
+    from teachdiag.tokenizers import tokenizer_fingerprint
 
     _validate(cfg)
     records = read_prompts(cfg.prompts, need_teacher=cfg.teacher_prompts)
