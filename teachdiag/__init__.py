@@ -5,7 +5,7 @@
     import teachdiag
     run = teachdiag.run_probe(teacher="T", student="S", contexts="r.jsonl", out="runs/r1")
     run.table, run.record                        # tokens.csv as a DataFrame, run.json as a dict
-    teachdiag.load_run("runs/r1"); teachdiag.analyze("runs/r1"); teachdiag.train(out="ckpt")
+    teachdiag.load_run("runs/r1"); teachdiag.analyze("runs/r1"); teachdiag.run_train(out="ckpt")
     teachdiag.ta_opd_mask(student_logits, teacher_logits, response_mask, budget=0.05)
 
 The API lives in teachdiag/api.py and selectors.py; it is imported on first use, so
@@ -15,7 +15,7 @@ The API lives in teachdiag/api.py and selectors.py; it is imported on first use,
 __version__ = "0.2.0"
 
 _API = {"run_probe": "teachdiag.api", "load_run": "teachdiag.api", "analyze": "teachdiag.api",
-        "train": "teachdiag.api", "Run": "teachdiag.api", "ta_opd_mask": "teachdiag.selectors"}
+        "run_train": "teachdiag.api", "Run": "teachdiag.api", "ta_opd_mask": "teachdiag.selectors"}
 __all__ = ["__version__", *_API]
 
 

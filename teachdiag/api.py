@@ -6,7 +6,7 @@
     run.record         # run.json as a dict
     run = teachdiag.load_run("runs/r1")                     # an earlier run, no torch needed
     teachdiag.analyze("runs/r1", "runs/r2", protocol="paper")   # tables, figures, summary -> folder
-    teachdiag.train(out="ckpt", steps=20, select="teachability")  # θτ for --student-after
+    teachdiag.run_train(out="ckpt", steps=20, select="teachability")  # θτ for --student-after
 
 Keyword arguments are the command's flags with underscores (--max-response-tokens ->
 max_response_tokens); every default is the command's. Errors are the library's exceptions
@@ -56,9 +56,9 @@ def analyze(*runs: str | Path, **options) -> Path:
     return run_analyze(AnalyzeConfig(runs=[str(r) for r in runs], **options))
 
 
-def train(**options) -> Path:
+def run_train(**options) -> Path:
     """`teachdiag train`; returns the output folder (the model is in <out>/model)."""
-    from teachdiag.train import TrainConfig, run_train
+    from teachdiag.train import TrainConfig, run_train as _run
 
     options.setdefault("quiet", True)
-    return run_train(TrainConfig(**options), [])
+    return _run(TrainConfig(**options), [])

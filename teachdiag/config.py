@@ -40,6 +40,12 @@ class PairOptions:
     dtype: str = opt("teacher forward dtype; the student always runs and steps in float32", "float32",
                      choices=["float32", "bfloat16"])
     trust_remote_code: bool = opt("allow model folders that load their own code (only if you trust it)", False)
+    strict_tokenizer: bool = opt("refuse a pair whose tokenizers differ in added/special tokens (by default "
+                                 "such pairs run over the ids both agree on, and run.json lists the others)", False)
+    student_base: str = opt("base model of a PEFT adapter given as --student (default: the adapter's "
+                            "base_model_name_or_path)", "")
+    teacher_base: str = opt("base model of a PEFT adapter given as --teacher (default: the adapter's "
+                            "base_model_name_or_path)", "")
 
 
 @dataclass
@@ -51,6 +57,8 @@ class ContextOptions:
                          f"[default: all; {DEMO_POSITIONS} on the demo; calibrate: 64]", "", show_default=False)
     max_response_tokens: int = opt("truncate each response to M tokens (0: keep all; the paper used 192)", 0)
     seed: int = opt("seed for position sampling", 0)
+    raw_text: bool = opt("tokenize text records' prompt strings as plain text, not through the chat "
+                         "template (the default encodes them as `teachdiag rollout` does)", False)
 
 
 _LR_DEFAULTS = ", ".join(f"{r.name} {r.default_lr:g}" for r in RULES.values())

@@ -3,13 +3,20 @@
     from teachdiag.contexts import load_contexts, select_positions
     ctxs = load_contexts("rollouts.jsonl")                   # JSONL or .parquet
     ctxs = tokenize_text_records(ctxs, student_tokenizer)    # only if records carry text
+    encoding_summary(ctxs)    # {"student_view": "chat_template", "teacher_view": "token_ids"}
     check_token_ids(ctxs, vocab=49152, max_positions=8192)
     picks = select_positions(ctxs, "all" | 2000, seed=0)     # [(context index, position)]
 
 A record: {"id": str, "prompt_ids": [int], "response_ids": [int] (non-empty),
 "teacher_prompt_ids": [int] (optional), "meta": {} (optional)}, or the text form
-{"id", "prompt", "response", "teacher_prompt"?}. Position j predicts response_ids[j]:
-the student sees prompt_ids + response_ids[:j], the teacher teacher_prompt_ids + response_ids[:j].
+{"id", "prompt" or "messages", "response", "teacher_prompt" or "teacher_messages" (optional)}.
+Position j predicts response_ids[j]: the student sees prompt_ids + response_ids[:j], the teacher
+teacher_prompt_ids + response_ids[:j].
+
+Text prompts are encoded exactly as `teachdiag rollout` encodes them (encode_prompt): through the
+chat template when the tokenizer has one, so a prompt probed from text is the prompt the student
+answered on-policy. raw=True (--raw-text) tokenizes prompt strings as plain text instead. The
+response text is tokenized as is, without special tokens.
 Every problem is an InputError naming file, line and field; nothing is unpickled.
 """
 
@@ -25,7 +32,7 @@ import numpy as np
 from teachdiag.errors import InputError
 
 ID_FIELDS = ("prompt_ids", "response_ids", "teacher_prompt_ids")
-TEXT_FIELDS = ("prompt", "response", "teacher_prompt")
+MESSAGE_FIELDS = ("messages", "teacher_messages")
 
 
 @dataclass
@@ -38,6 +45,8 @@ class Context:
     text: dict | None = None  # text-form record, until tokenized
     file: str = ""
     line: int = 0  # 1-based line (JSONL) or row (Parquet) in `file`
+    # how each view became ids: "token_ids" (given), "chat_template" or "raw" (encode_prompt)
+    encoding: dict = field(default_factory=lambda: {"student_view": "token_ids", "teacher_view": "token_ids"})
 
     @property
     def teacher_view(self) -> list[int]:
@@ -113,15 +122,7 @@ def _parse(rec, path: Path, lineno: int) -> Context:
     if not isinstance(meta, dict):
         raise InputError("must be an object", field="meta", **where)
     if "response_ids" not in rec and isinstance(rec.get("response"), str):
-        for name in TEXT_FIELDS:
-            if rec.get(name) is not None and not isinstance(rec[name], str):
-                raise InputError("must be a string", field=name, **where)
-        if not rec["response"]:
-            raise InputError("is empty", field="response", **where)
-        if not isinstance(rec.get("prompt"), str):
-            raise InputError("missing (text records need prompt and response)", field="prompt", **where)
-        text = {k: rec[k] for k in TEXT_FIELDS if rec.get(k) is not None}
-        return Context(rid, [], [], None, meta, text, str(path), lineno)
+        return Context(rid, [], [], None, meta, _text_fields(rec, where), str(path), lineno)
     for name in ("prompt_ids", "response_ids"):
         if rec.get(name) is None:
             raise InputError("missing", field=name, **where)
@@ -131,6 +132,37 @@ def _parse(rec, path: Path, lineno: int) -> Context:
     if rec.get("teacher_prompt_ids") is not None:
         tprompt = _token_list(rec["teacher_prompt_ids"], where, "teacher_prompt_ids", allow_empty=False)
     return Context(rid, prompt, response, tprompt, meta, None, str(path), lineno)
+
+
+def _text_fields(rec: dict, where: dict) -> dict:
+    """The text form of a record: response, prompt or messages, teacher_prompt or teacher_messages."""
+    if not rec["response"]:
+        raise InputError("is empty", field="response", **where)
+    text = {"response": rec["response"]}
+    for text_key, msgs_key, required in (("prompt", "messages", True), ("teacher_prompt", "teacher_messages", False)):
+        has_text, has_msgs = rec.get(text_key) is not None, rec.get(msgs_key) is not None
+        if has_text and has_msgs:
+            raise InputError(f"give either {text_key} or {msgs_key}, not both", field=msgs_key, **where)
+        if has_text:
+            if not isinstance(rec[text_key], str) or not rec[text_key]:
+                raise InputError("must be a non-empty string", field=text_key, **where)
+            text[text_key] = rec[text_key]
+        elif has_msgs:
+            text[text_key] = check_messages(rec[msgs_key], msgs_key, where)
+        elif required:
+            raise InputError("missing (text records need prompt or messages, and response)",
+                             field=text_key, **where)
+    return text
+
+
+def check_messages(msgs, name: str, where: dict) -> list[dict]:
+    """A chat: a non-empty list of {"role": str, "content": str}."""
+    if not isinstance(msgs, list) or not msgs:
+        raise InputError("must be a non-empty list of {role, content} objects", field=name, **where)
+    for m in msgs:
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise InputError("every message needs string role and content", field=name, **where)
+    return msgs
 
 
 def load_contexts(path: str | Path, max_response_tokens: int | None = None) -> list[Context]:
@@ -158,23 +190,71 @@ def load_contexts(path: str | Path, max_response_tokens: int | None = None) -> l
     return out
 
 
-def tokenize_text_records(ctxs: list[Context], tokenizer, max_response_tokens: int | None = None) -> list[Context]:
-    """Tokenize text-form records once with the student's tokenizer (ids are then recorded)."""
+def prompt_encoding(tokenizer, prompt, raw: bool = False) -> str:
+    """How encode_prompt turns `prompt` into ids: "chat_template" or "raw"."""
+    return "chat_template" if getattr(tokenizer, "chat_template", None) and not (raw and isinstance(prompt, str)) \
+        else "raw"
+
+
+def encode_prompt(tokenizer, prompt, file: str = "", line: int | None = None, field_name: str = "prompt",
+                  raw: bool = False) -> list[int]:
+    """Token ids of a prompt as the model sees it: the one encoding rollouts and text contexts share.
+
+    With a chat template, a string becomes one user message and the generation prompt (the
+    assistant header) is appended; a message list goes through the template as is. Without one
+    (or with raw=True), a string is tokenized as plain text with the tokenizer's special tokens
+    (BOS, if any); message lists then need a template.
+    """
+    if prompt_encoding(tokenizer, prompt, raw) == "chat_template":
+        msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        # the template already wrote the special tokens it wants (BOS included, if any)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    else:
+        if not isinstance(prompt, str):
+            raise InputError("messages need a tokenizer with a chat template", file, line, field_name)
+        ids = tokenizer(prompt)["input_ids"]
+    if not ids:
+        raise InputError("encodes to no tokens", file, line, field_name)
+    return list(map(int, ids))
+
+
+def tokenize_text_records(ctxs: list[Context], tokenizer, max_response_tokens: int | None = None,
+                          raw: bool = False) -> list[Context]:
+    """Tokenize text-form records once with the student's tokenizer (ids are then recorded).
+
+    Prompts go through encode_prompt (the chat template, as rollouts; raw=True: plain text);
+    the response is tokenized as plain text without special tokens."""
     for ctx in ctxs:
         if ctx.text is None:
             continue
-        enc = lambda s, special: tokenizer(s, add_special_tokens=special)["input_ids"]  # noqa: E731
-        ctx.prompt_ids = enc(ctx.text["prompt"], True)
-        ctx.response_ids = enc(ctx.text["response"], False)[:max_response_tokens]
-        if "teacher_prompt" in ctx.text:
-            ctx.teacher_prompt_ids = enc(ctx.text["teacher_prompt"], True)
         where = {"file": ctx.file, "line": ctx.line}
-        if not ctx.prompt_ids:
-            raise InputError("tokenizes to nothing", field="prompt", **where)
+        t = ctx.text
+        s_field = "prompt" if isinstance(t["prompt"], str) else "messages"
+        ctx.prompt_ids = encode_prompt(tokenizer, t["prompt"], ctx.file, ctx.line, s_field, raw)
+        view = prompt_encoding(tokenizer, t["prompt"], raw)
+        ctx.encoding = {"student_view": view, "teacher_view": view}
+        ctx.response_ids = tokenizer(t["response"], add_special_tokens=False)["input_ids"][:max_response_tokens]
+        if "teacher_prompt" in t:
+            t_field = "teacher_prompt" if isinstance(t["teacher_prompt"], str) else "teacher_messages"
+            ctx.teacher_prompt_ids = encode_prompt(tokenizer, t["teacher_prompt"], ctx.file, ctx.line, t_field, raw)
+            ctx.encoding["teacher_view"] = prompt_encoding(tokenizer, t["teacher_prompt"], raw)
         if not ctx.response_ids:
             raise InputError("tokenizes to nothing", field="response", **where)
         ctx.text = None
     return ctxs
+
+
+def encoding_summary(ctxs: list[Context]) -> dict:
+    """For run.json: how each view was encoded, e.g. {"student_view": "chat_template",
+    "teacher_view": "chat_template"}; a mixed file gives counts, {"token_ids": 3, "raw": 1}."""
+    out = {}
+    for view in ("student_view", "teacher_view"):
+        counts: dict[str, int] = {}
+        for c in ctxs:
+            counts[c.encoding[view]] = counts.get(c.encoding[view], 0) + 1
+        out[view] = next(iter(counts)) if len(counts) == 1 else counts
+    return out
 
 
 def check_token_ids(ctxs: list[Context], vocab: int, max_positions: int | None = None) -> None:

@@ -1,14 +1,17 @@
 """Load teacher and student through the same `from_pretrained` path users use.
 
-    from teachdiag.models import load_model, load_tokenizer, tokenizer_fingerprint
+    from teachdiag.models import load_model, load_tokenizer, load_inputs, load_models, model_record
     tok = load_tokenizer("path/or/hf-id")
-    model = load_model("path/or/hf-id", dtype="float32", device="cpu")
-    ctxs, tok, fingerprint = load_inputs(cfg)          # a run's contexts, checked tokenizers
-    teacher, student = load_models(cfg, device, ctxs, len(tok))
+    model = load_model("path/or/hf-id", dtype="float32", device="cpu")   # or a PEFT adapter folder
+    ctxs, tok, match = load_inputs(cfg)       # contexts as ids, student tokenizer, TokenizerMatch
+    teacher, student = load_models(cfg, device, ctxs, match.vocab)
+    model_record("path/or/hf-id", model, "float32")                      # run.json's model entry
 
-Every failure to load becomes an InputError (one line, exit code 2 in the CLI).
-`trust_remote_code` stays off unless the caller asks for it: a model folder whose config
-points at custom code is refused rather than executed.
+Every failure to load becomes an InputError (one line, exit code 2 in the CLI); a hub id that
+cannot be reached fails in seconds. `trust_remote_code` stays off unless the caller asks for it:
+a model folder whose config points at custom code is refused rather than executed. Weights load
+from safetensors only (a .bin would be unpickled). Tokenizers: tokenizers.py; adapters: adapters.py;
+what the run record says about a model: provenance.py.
 """
 
 from __future__ import annotations
@@ -19,9 +22,12 @@ from pathlib import Path
 
 import torch
 
-from teachdiag.demo import zoo
+from teachdiag.adapters import adapter_base, adapter_weights, is_adapter, merge_adapter
 from teachdiag.contexts import Context, check_token_ids, load_contexts, tokenize_text_records
+from teachdiag.demo import zoo
 from teachdiag.errors import InputError
+from teachdiag.provenance import model_record  # noqa: F401  (the run record's model entries)
+from teachdiag.tokenizers import TokenizerMatch, compare_tokenizers, tokenizer_fingerprint  # noqa: F401
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -38,11 +44,70 @@ def resolve_device(device: str) -> torch.device:
 
 
 def _check_exists(name_or_path: str, what: str) -> str:
+    """The local folder or hub id a name stands for; a missing folder or an unreachable hub id is
+    an InputError, found in seconds rather than after transformers' minute of retries."""
     path = zoo.resolve(name_or_path)
     looks_local = path.startswith((".", "/", "~")) or Path(path).exists() or path.count("/") > 1
     if looks_local and not Path(path).expanduser().is_dir():
         raise InputError(f"{what} model folder not found: {path}", field=f"--{what}")
+    if not looks_local:
+        _check_hub(path, what)
     return str(Path(path).expanduser()) if looks_local else path
+
+
+def _offline() -> bool:
+    import os
+
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _in_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # a malformed id: let from_pretrained word it
+        return False
+
+
+def _hub_reachable(repo_id: str, timeout: float = 5.0) -> bool:
+    """One quick request to the hub (honours proxies and HF_ENDPOINT). A reply of any kind,
+    even 404 or 401, counts as reachable; only a network failure or silence does not."""
+    import threading
+
+    result: list[bool] = []
+
+    def ask() -> None:
+        from huggingface_hub import HfApi
+        from huggingface_hub.errors import HfHubHTTPError
+
+        try:
+            HfApi().model_info(repo_id, timeout=timeout)
+            result.append(True)
+        except HfHubHTTPError:  # the hub answered (not found, gated, ...): from_pretrained explains
+            result.append(True)
+        except Exception:
+            result.append(False)
+
+    # a thread, because name resolution can hang longer than any socket timeout
+    t = threading.Thread(target=ask, daemon=True)
+    t.start()
+    t.join(timeout + 1)
+    return bool(result and result[0])
+
+
+def _check_hub(repo_id: str, what: str) -> None:
+    """A hub id must be in the local cache or on a reachable hub."""
+    if _in_cache(repo_id):
+        return
+    if _offline():
+        raise InputError(f"{repo_id!r} is not in the local Hugging Face cache and the hub is off "
+                         "(HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE); pass a local folder", field=f"--{what}")
+    if not _hub_reachable(repo_id):
+        raise InputError(f"{repo_id!r} could not be reached: the Hugging Face hub does not answer "
+                         "from this machine; pass a local folder (or a short name: see teachdiag.demo.zoo)",
+                         field=f"--{what}")
 
 
 REMOTE_CODE = "asks to load custom code (auto_map); pass --trust-remote-code if you trust it"
@@ -67,41 +132,106 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:300]
 
 
-def load_tokenizer(name_or_path: str, what: str = "student", trust_remote_code: bool = False):
-    """The model's tokenizer (fast when available)."""
+def _reload_from_file(tok, path: str):
+    """The tokenizer its tokenizer.json describes, when transformers re-built it as another kind.
+
+    transformers 5.x picks the class from the model's config: a word-level tokenizer.json next
+    to a Qwen2 config comes back as a BPE `Qwen2Tokenizer` that splits text differently (and gains
+    an <|endoftext|> token); next to a Qwen3 config the same files load as written. The files win.
+    """
+    file = Path(path) / "tokenizer.json"
+    backend = getattr(tok, "backend_tokenizer", None)
+    if not file.is_file() or backend is None:
+        return tok
+    try:
+        want = json.loads(file.read_text()).get("model", {}).get("type")
+        got = json.loads(backend.to_str()).get("model", {}).get("type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return tok
+    if not want or want == got:
+        return tok
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(path)
+
+
+def load_tokenizer(name_or_path: str, what: str = "student", trust_remote_code: bool = False,
+                   base: str = ""):
+    """The model's tokenizer (fast when available), as its tokenizer files define it.
+
+    An adapter folder without tokenizer files uses its base model's tokenizer."""
     from transformers import AutoTokenizer
 
     path = _check_exists(name_or_path, what)
+    if is_adapter(path) and not (Path(path) / "tokenizer_config.json").is_file():
+        path = _check_exists(adapter_base(path, base, what), f"{what}-base")
     _refuse_remote_code(path, what, trust_remote_code)
     try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return _reload_from_file(tok, path)
     except Exception as exc:  # transformers raises many types; the user needs one line
         raise InputError(f"cannot load tokenizer of {path!r}: {_first_line(exc)}",
                          field=f"--{what}") from None
 
 
+def _hub_folder(repo_id: str) -> str | None:
+    """The cached snapshot a hub id was loaded from (for the weights hash), if any."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(repo_id, local_files_only=True)
+    except Exception:
+        return None
+
+
 def load_model(name_or_path: str, what: str = "student", dtype: str = "float32",
                device: str | torch.device = "cpu", trust_remote_code: bool = False,
-               device_map: str | None = None):
+               device_map: str | None = None, base: str = ""):
     """A causal LM in eval mode on `device`, weights in `dtype`.
 
     device_map="auto" lets accelerate spread the model over the visible GPUs (then CPU), for a
     teacher too big for one GPU; `device` is ignored then. Only the teacher: the student is
     stepped in float32 and must sit on one device with its gradient and a copy of θ0.
+    A PEFT adapter folder loads its base (`base`, else adapter_config.json's) and merges the
+    adapter in. `model.teachdiag_source` records where the weights came from (provenance.py).
     """
+    path = _check_exists(name_or_path, what)
+    if is_adapter(path):
+        weights = adapter_weights(path, what)
+        base_name = adapter_base(path, base, what)
+        base_model = load_model(base_name, f"{what}-base", dtype, "cpu" if device_map else device,
+                                trust_remote_code, device_map)
+        model = merge_adapter(base_model, path, what)
+        base_source = getattr(base_model, "teachdiag_source", {})
+        model.teachdiag_source = {"path": path, "weights_dir": None,
+                                  "adapter": {"path": path, "weights": str(weights), "base": base_name,
+                                              "base_dir": base_source.get("weights_dir")}}
+        model.eval()
+        model.requires_grad_(False)
+        return model
+    model = _from_pretrained(path, what, dtype, trust_remote_code, device_map)
+    model.teachdiag_source = {"path": path, "weights_dir": path if Path(path).is_dir() else _hub_folder(path)}
+    if not device_map:
+        model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _from_pretrained(path: str, what: str, dtype: str, trust_remote_code: bool, device_map: str | None):
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own bar is the one that matters
-    path = _check_exists(name_or_path, what)
     _refuse_remote_code(path, what, trust_remote_code)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         if getattr(config, "auto_map", None) and not trust_remote_code:  # hub ids: same rule as folders
             raise InputError(f"its config {REMOTE_CODE}", field=f"--{what}")
-        model = AutoModelForCausalLM.from_pretrained(
+        # safetensors only: a pytorch_model.bin would be unpickled
+        return AutoModelForCausalLM.from_pretrained(
             path, config=config, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
-            **({"device_map": device_map} if device_map else {}))
+            use_safetensors=True, **({"device_map": device_map} if device_map else {}))
     except InputError:
         raise
     except Exception as exc:
@@ -109,11 +239,6 @@ def load_model(name_or_path: str, what: str = "student", dtype: str = "float32",
         if "trust_remote_code" in str(exc):
             msg = f"its config {REMOTE_CODE}"
         raise InputError(f"cannot load model {path!r}: {msg}", field=f"--{what}") from None
-    if not device_map:
-        model.to(device)
-    model.eval()
-    model.requires_grad_(False)
-    return model
 
 
 def vocab_rows(model) -> int:
@@ -129,43 +254,26 @@ def config_sha256(model) -> str:
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()
 
 
-def tokenizer_fingerprint(tok) -> str:
-    """sha256 over the vocabulary, merges and special tokens: equal iff the tokenizers agree."""
-    payload: dict = {"vocab": sorted(tok.get_vocab().items(), key=lambda kv: kv[1]),
-                     "special": sorted(map(str, tok.all_special_tokens))}
-    backend = getattr(tok, "backend_tokenizer", None)
-    if backend is not None:
-        model = json.loads(backend.to_str()).get("model", {})
-        payload["merges"] = model.get("merges")
-        payload["type"] = model.get("type")
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+def load_inputs(cfg) -> tuple[list[Context], object, TokenizerMatch]:
+    """(contexts as token ids, student tokenizer, how the teacher's tokenizer matches it).
 
-
-def check_same_tokenizer(teacher_tok, student_tok, teacher: str, student: str) -> str:
-    """Refuse a pair whose tokenizers differ; return the shared fingerprint."""
-    ft, fs = tokenizer_fingerprint(teacher_tok), tokenizer_fingerprint(student_tok)
-    if ft != fs:
-        raise InputError(f"teacher and student tokenizers differ ({teacher}: {ft[:12]}, "
-                         f"{student}: {fs[:12]}); teachdiag compares distributions over one "
-                         "shared vocabulary", field="--teacher")
-    return fs
-
-
-def load_inputs(cfg) -> tuple[list[Context], object, str]:
-    """(contexts as token ids, student tokenizer, tokenizer fingerprint); refuses a pair whose
-    tokenizers differ. `cfg`: a ProbeConfig or anything with the same model/contexts fields."""
+    Refuses a pair whose regular vocabularies differ; a pair that differs only in added/special
+    tokens runs over the ids both agree on unless cfg.strict_tokenizer (tokenizers.py).
+    `cfg`: a ProbeConfig or anything with the same model/contexts fields."""
     ctxs = load_contexts(cfg.contexts, cfg.max_response_tokens or None)
-    s_tok = load_tokenizer(cfg.student, "student", cfg.trust_remote_code)
-    t_tok = load_tokenizer(cfg.teacher, "teacher", cfg.trust_remote_code)
-    fingerprint = check_same_tokenizer(t_tok, s_tok, cfg.teacher, cfg.student)
-    return tokenize_text_records(ctxs, s_tok, cfg.max_response_tokens or None), s_tok, fingerprint
+    s_tok = load_tokenizer(cfg.student, "student", cfg.trust_remote_code, cfg.student_base)
+    t_tok = load_tokenizer(cfg.teacher, "teacher", cfg.trust_remote_code, cfg.teacher_base)
+    match = compare_tokenizers(t_tok, s_tok, cfg.teacher, cfg.student, strict=cfg.strict_tokenizer)
+    ctxs = tokenize_text_records(ctxs, s_tok, cfg.max_response_tokens or None, raw=cfg.raw_text)
+    return ctxs, s_tok, match
 
 
 def load_models(cfg, device: torch.device, ctxs: list[Context], vocab: int):
     """(teacher, student), the student in float32 on `device`; checks vocabularies and lengths."""
     teacher = load_model(cfg.teacher, "teacher", cfg.dtype, device, cfg.trust_remote_code,
-                         device_map=getattr(cfg, "teacher_device_map", "") or None)
-    student = load_model(cfg.student, "student", "float32", device, cfg.trust_remote_code)
+                         device_map=getattr(cfg, "teacher_device_map", "") or None, base=cfg.teacher_base)
+    student = load_model(cfg.student, "student", "float32", device, cfg.trust_remote_code,
+                         base=cfg.student_base)
     for who, model in (("teacher", teacher), ("student", student)):
         if vocab > vocab_rows(model):
             raise InputError(f"tokenizer has {vocab} tokens but the {who} has only {vocab_rows(model)} "

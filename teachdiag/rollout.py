@@ -15,21 +15,34 @@ Output records are the frozen-contexts format:
 end-of-sequence token when the model emitted one (the student did predict it, so it is a position
 like any other) and `meta.finish_reason` says "eos" or "length" (cut at --max-new-tokens).
 
+`meta.response_text` is the decoded response (special tokens kept), for reading a file by eye.
+
 Why the seed is set per batch, inside a forked RNG: the same seed then gives the same rollouts on
 the same machine whatever ran before in the process, and a library caller's global RNG is left
-untouched. Different batch sizes give different (equally valid) samples.
+untouched. Different batch sizes give different (equally valid) samples. Batches are fixed by
+the prompt lengths before sampling starts, so a `--resume`d run samples what the uninterrupted
+run would have.
+
+Crash safety, as `teachdiag probe`: each finished batch is appended to --out, flushed and fsynced;
+an existing non-empty --out is refused unless --overwrite (start again) or --resume (skip the ids
+already written, after cutting a torn last line). When every batch is done the file is rewritten,
+atomically, in input order. Progress: a bar on a terminal; off one (SLURM, nohup), a plain line
+every 30 s on stderr. The last line says how many records were written where.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from teachdiag.contexts import read_jsonl
+from teachdiag.contexts import check_messages, encode_prompt, read_jsonl  # noqa: F401 (encode_prompt: re-exported)
+from teachdiag.config import DeviceOptions
 from teachdiag.errors import InputError
 from teachdiag.flags import opt
 
@@ -38,7 +51,7 @@ from teachdiag.demo import DEMO_PROMPTS  # noqa: E402
 
 
 @dataclass
-class RolloutConfig:
+class RolloutConfig(DeviceOptions):
     """Options of `teachdiag rollout` (field foo_bar is the flag --foo-bar)."""
 
     student: str = opt("student model: a short name (see teachdiag.demo.zoo), a local folder or a hub id", DEFAULT_STUDENT)
@@ -55,7 +68,9 @@ class RolloutConfig:
     seed: int = opt("random seed: same seed, same rollouts on the "
                                                    "same machine and batch size", 0)
     batch_size: int = opt("prompts generated together (left-padded); reduce if you run out of memory", 16)
-    device: str = opt("auto, cpu or cuda[:N]", "auto")
+    overwrite: bool = opt("replace an existing non-empty --out", False)
+    resume: bool = opt("continue an interrupted rollout in --out: keep its records, sample the rest "
+                       "(same options)", False)
     trust_remote_code: bool = opt("allow model folders whose config loads custom code (only if you trust it)", False)
 
 
@@ -77,14 +92,7 @@ def _check_text_or_messages(rec: dict, text_key: str, msgs_key: str, file: str, 
         if not isinstance(value, str) or not value:
             raise InputError("must be a non-empty string", file, line, text_key)
         return value
-    msgs = rec[msgs_key]
-    if not isinstance(msgs, list) or not msgs:
-        raise InputError("must be a non-empty list of {role, content} objects", file, line, msgs_key)
-    for m in msgs:
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str)
-                and isinstance(m.get("content"), str)):
-            raise InputError("every message needs string role and content", file, line, msgs_key)
-    return msgs
+    return check_messages(rec[msgs_key], msgs_key, {"file": file, "line": line})
 
 
 def read_prompts(path: str | Path, need_teacher: bool = False) -> list[dict]:
@@ -114,29 +122,6 @@ def read_prompts(path: str | Path, need_teacher: bool = False) -> list[dict]:
     if not out:
         raise InputError("no prompt records", file, field="--prompts")
     return out
-
-
-def encode_prompt(tok, prompt, file: str = "", line: int | None = None,
-                  field_name: str = "prompt") -> list[int]:
-    """Token ids of a prompt as the model will see it.
-
-    With a chat template, a string becomes one user message and the generation prompt (the
-    assistant header) is appended; without one, a string is tokenized as plain text and message
-    lists are refused.
-    """
-    if getattr(tok, "chat_template", None):
-        msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        # the template already wrote the special tokens it wants (BOS included, if any)
-        ids = tok(text, add_special_tokens=False)["input_ids"]
-    else:
-        if not isinstance(prompt, str):
-            raise InputError("messages need a tokenizer with a chat template", file, line,
-                             field_name)
-        ids = tok(prompt)["input_ids"]
-    if not ids:
-        raise InputError("encodes to no tokens", file, line, field_name)
-    return list(map(int, ids))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,75 +187,159 @@ def _validate(cfg: RolloutConfig) -> None:
             raise InputError(msg, field=flag)
 
 
+# options that must match for --resume to continue a file (as written in each record's meta)
+RESUME_META = ("model", "temperature", "top_p", "max_new_tokens", "samples", "batch_size", "seed",
+               "tokenizer_fingerprint")
+
+
+def _existing(cfg: RolloutConfig, meta: dict) -> set[str]:
+    """Ids already in --out (resume), after cutting a torn last line; refuse what probe refuses."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_file():
+        raise InputError("exists and is not a file", file=str(out), field="--out")
+    occupied = out.is_file() and out.stat().st_size > 0
+    if not cfg.resume:
+        if occupied and not cfg.overwrite:
+            raise InputError("exists and is not empty; pass --overwrite to replace it or --resume to "
+                             "continue it", file=str(out), field="--out")
+        return set()
+    if not out.is_file():
+        raise InputError("nothing to resume (no such file)", file=str(out), field="--resume")
+    data = out.read_bytes()
+    keep, ids = 0, set()
+    for line in data.splitlines(keepends=True):
+        try:
+            rec = json.loads(line)
+            if not line.endswith(b"\n"):
+                break  # a torn last line can still parse (a number cut short): redo it
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            break
+        for key in RESUME_META:
+            if rec.get("meta", {}).get(key) != meta[key]:
+                raise InputError(f"option {key} differs from the rollout being resumed "
+                                 f"({rec.get('meta', {}).get(key)!r} vs {meta[key]!r})",
+                                 file=str(out), field="--resume")
+        ids.add(rec["id"])
+        keep += len(line)
+    if keep < len(data):
+        with open(out, "r+b") as f:
+            f.truncate(keep)
+    return ids
+
+
+class _Progress:
+    """A tqdm bar on a terminal; elsewhere a plain line every `every` seconds (and at the end)."""
+
+    def __init__(self, total: int, quiet: bool, every: float = 30.0) -> None:
+        from tqdm.auto import tqdm
+
+        self.total, self.done, self.tokens, self.every = total, 0, 0, every
+        self.tty = sys.stderr.isatty()
+        self.quiet = quiet
+        self.t0 = self.last = time.time()
+        self.bar = tqdm(total=total, desc="rollout", unit="resp", file=sys.stderr) if self.tty and not quiet else None
+
+    def update(self, n: int, tokens: int) -> None:
+        self.done, self.tokens = self.done + n, self.tokens + tokens
+        if self.bar is not None:
+            self.bar.update(n)
+        elif not self.quiet and (time.time() - self.last >= self.every or self.done == self.total):
+            self.last = time.time()
+            rate = self.tokens / max(self.last - self.t0, 1e-9)
+            print(f"rollout: {self.done}/{self.total} responses, {rate:.1f} tok/s", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _append(path: Path, lines: list[str]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("".join(lines))
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def run_rollout(cfg: RolloutConfig) -> Path:
     """Sample `cfg.samples` responses per prompt record and write frozen contexts to `cfg.out`.
 
-    Records come out in input order (sample 0, 1, ... of each prompt); prompts are batched by
-    length to save padding. The file is written to a temporary name and renamed at the end, so
-    an interrupted run leaves no partial output under `cfg.out`.
+    Prompts are batched by length to save padding; each finished batch is appended to
+    `cfg.out` (see the module docstring for --overwrite / --resume) and the finished file is
+    rewritten in input order (sample 0, 1, ... of each prompt).
     """
-    from tqdm.auto import tqdm
-
-    from teachdiag.models import load_model, load_tokenizer, resolve_device, tokenizer_fingerprint
+    from teachdiag.models import load_model, load_tokenizer, resolve_device
+    from teachdiag.tokenizers import tokenizer_fingerprint
 
     _validate(cfg)
     records = read_prompts(cfg.prompts, need_teacher=cfg.teacher_prompts)
     device = resolve_device(cfg.device)
     tok = load_tokenizer(cfg.student, "student", trust_remote_code=cfg.trust_remote_code)
-    model = load_model(cfg.student, "student", dtype="float32", device=device,
-                       trust_remote_code=cfg.trust_remote_code)
-    eos_ids = _eos_ids(model, tok)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
-    fingerprint = tokenizer_fingerprint(tok)
-
+    sampling = {"model": cfg.student, "temperature": cfg.temperature, "top_p": cfg.top_p,
+                "max_new_tokens": cfg.max_new_tokens, "samples": cfg.samples,
+                "batch_size": cfg.batch_size, "seed": cfg.seed,
+                "tokenizer_fingerprint": tokenizer_fingerprint(tok)}
     prompt_ids = [encode_prompt(tok, r["student"], cfg.prompts, r["line"],
                                 "prompt" if isinstance(r["student"], str) else "messages")
                   for r in records]
-    teacher_ids = [encode_prompt(tok, r["teacher"], cfg.prompts, r["line"], "teacher_prompt")
+    teacher_ids = [encode_prompt(tok, r["teacher"], cfg.prompts, r["line"],
+                                 "teacher_prompt" if isinstance(r["teacher"], str) else "teacher_messages")
                    if cfg.teacher_prompts else None for r in records]
 
-    # work items (record index, sample index), longest prompts first so batches pad little
+    # work items (record index, sample index) and their ids, checked before any sampling
     items = [(i, s) for i in range(len(records)) for s in range(cfg.samples)]
+    rid = {(i, s): records[i]["id"] if cfg.samples == 1 else f"{records[i]['id']}-s{s}" for i, s in items}
+    seen: dict[str, int] = {}
+    for it in items:
+        if rid[it] in seen:
+            raise InputError(f"id {rid[it]!r} occurs twice once sample suffixes are added",
+                             cfg.prompts, records[it[0]]["line"], "id")
+        seen[rid[it]] = it[0]
+    done = _existing(cfg, sampling)
+    out_path = Path(cfg.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    model = load_model(cfg.student, "student", dtype="float32", device=device,
+                       trust_remote_code=cfg.trust_remote_code)
+    if not cfg.resume:
+        out_path.write_text("")  # --overwrite, or a new file: only once the model has loaded
+    eos_ids = _eos_ids(model, tok)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+    chat = bool(getattr(tok, "chat_template", None))
+
+    # longest prompts first so batches pad little; batch b keeps its seed whatever is resumed
     order = sorted(items, key=lambda it: (-len(prompt_ids[it[0]]), it))
-    responses: dict[tuple[int, int], tuple[list[int], str]] = {}
-    bar = tqdm(total=len(items), desc="rollout", unit="resp", disable=None)
-    for b, start in enumerate(range(0, len(order), cfg.batch_size)):
-        batch = order[start:start + cfg.batch_size]
+    batches = [order[k:k + cfg.batch_size] for k in range(0, len(order), cfg.batch_size)]
+    progress = _Progress(sum(rid[it] not in done for it in items), cfg.quiet)
+    for b, batch in enumerate(batches):
+        if all(rid[it] in done for it in batch):
+            continue
         outs = generate_batch(model, [prompt_ids[i] for i, _ in batch],
                               max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                               top_p=cfg.top_p, eos_ids=eos_ids, pad_id=pad_id,
                               seed=cfg.seed * 1_000_003 + b)
-        responses.update(zip(batch, outs))
-        bar.update(len(batch))
-    bar.close()
-
-    sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p,
-                "max_new_tokens": cfg.max_new_tokens, "samples": cfg.samples,
-                "batch_size": cfg.batch_size}
-    out_path = Path(cfg.out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + f".tmp{os.getpid()}")
-    ids_written: set[str] = set()
-    with tmp.open("w", encoding="utf-8") as f:
-        for i, s in items:
+        lines = []
+        for (i, s), (resp, finish) in zip(batch, outs):
+            if rid[(i, s)] in done:  # written before a crash tore the rest of this batch
+                continue
             rec = records[i]
-            resp, finish = responses[(i, s)]
-            rid = rec["id"] if cfg.samples == 1 else f"{rec['id']}-s{s}"
-            if rid in ids_written:
-                tmp.unlink()
-                raise InputError(f"id {rid!r} occurs twice once sample suffixes are added",
-                                 cfg.prompts, rec["line"], "id")
-            ids_written.add(rid)
-            meta = {"model": cfg.student, **sampling, "seed": cfg.seed, "sample": s,
-                    "tokenizer_fingerprint": fingerprint,
-                    "chat_template": bool(getattr(tok, "chat_template", None)),
-                    "finish_reason": finish, "n_response_tokens": len(resp)}
+            meta = {**sampling, "sample": s, "chat_template": chat, "finish_reason": finish,
+                    "n_response_tokens": len(resp), "response_text": tok.decode(resp)}
             if rec["answer"] is not None:
                 meta["answer"] = rec["answer"]
-            out = {"id": rid, "prompt_ids": prompt_ids[i], "response_ids": resp}
+            out = {"id": rid[(i, s)], "prompt_ids": prompt_ids[i], "response_ids": resp}
             if cfg.teacher_prompts:
                 out["teacher_prompt_ids"] = teacher_ids[i]
             out["meta"] = meta
-            f.write(json.dumps(out) + "\n")
+            lines.append(json.dumps(out) + "\n")
+        _append(out_path, lines)
+        progress.update(len(lines), sum(len(r) for r, _ in outs))
+    progress.close()
+
+    # input order, written whole and renamed into place
+    rank = {rid[it]: k for k, it in enumerate(items)}
+    lines = [line for line in out_path.read_text(encoding="utf-8").splitlines(keepends=True) if line.strip()]
+    lines.sort(key=lambda line: rank[json.loads(line)["id"]])
+    tmp = out_path.with_name(out_path.name + f".tmp{os.getpid()}")
+    tmp.write_text("".join(lines), encoding="utf-8")
     os.replace(tmp, out_path)
+    print(f"wrote {len(lines)} records to {out_path}")
     return out_path

@@ -24,17 +24,17 @@ from tqdm.auto import tqdm
 
 from teachdiag import __version__, distributed
 from teachdiag.batching import exact_group, groups, linear_group
-from teachdiag.contexts import Context, by_context, parse_positions, select_positions
+from teachdiag.contexts import Context, by_context, encoding_summary, parse_positions, select_positions
 from teachdiag.calibrate import RULE, auto_lr
 from teachdiag.errors import InputError, UnsupportedModel
 from teachdiag.probe.checkpoint import CheckpointScore
 from teachdiag.probe.fast import make_probe
 from teachdiag.probe.shared import SharedStep
-from teachdiag.models import config_sha256, load_inputs, load_model, load_models, resolve_device, vocab_rows
+from teachdiag.models import (config_sha256, load_inputs, load_model, load_models, model_record, resolve_device,
+                              vocab_rows)
 from teachdiag.config import (DEMO_POSITIONS, ContextOptions, DeviceOptions, PairOptions, StepOptions,
                               check_positive, fill_embedded, parse_lr)
 from teachdiag.flags import opt
-from teachdiag.demo import zoo
 from teachdiag.probe.exact import parse_params, select_params
 from teachdiag.runfolder import RunWriter
 from teachdiag.table import COLUMNS, RUN, all_parts
@@ -131,13 +131,6 @@ def _versions() -> dict:
             "pandas": pandas.__version__, "scipy": scipy.__version__, "platform": platform.platform()}
 
 
-def _model_record(name: str, model, dtype: str) -> dict:
-    return {"name": name, "path": zoo.resolve(name), "class": type(model).__name__,
-            "config_sha256": config_sha256(model), "vocab_rows": vocab_rows(model), "dtype": dtype,
-            "n_params": sum(p.numel() for p in model.parameters()),
-            "tied_embeddings": model.get_output_embeddings().weight is model.get_input_embeddings().weight}
-
-
 def _check_resume(writer: RunWriter, record: dict) -> None:
     old_path = writer.out / RUN
     if not old_path.exists():
@@ -153,7 +146,7 @@ def _check_resume(writer: RunWriter, record: dict) -> None:
                              f"({old['options'].get(key)!r} vs {record['options'].get(key)!r})",
                              field="--resume", file=str(old_path))
     for who in ("teacher", "student"):
-        if old[who]["config_sha256"] != record[who]["config_sha256"]:
+        if any(old[who].get(k) != record[who].get(k) for k in ("config_sha256", "weights_sha256")):
             raise InputError(f"the {who} model differs from the run being resumed", field="--resume",
                              file=str(old_path))
     if old["contexts"]["sha256"] != record["contexts"]["sha256"]:
@@ -192,7 +185,8 @@ def _instrument(cfg: ProbeConfig, student, lr: float, vocab: int, device, world:
 def _instrument_record(cfg: ProbeConfig, instrument: str, probe) -> dict:
     """What run.json says about how θ1 was reached (DESIGN.md, the three instruments)."""
     if instrument == "checkpoint":
-        return {"after": cfg.student_after, "theta1": "the --student-after checkpoint; no step taken"}
+        return {"after": model_record(cfg.student_after, probe.after, "float32"),
+                "theta1": "the --student-after checkpoint; no step taken"}
     if instrument == "shared":
         batch = f"each group of {cfg.shared_batch} contexts" if cfg.shared_batch else "all probed positions"
         return {"theta1": f"one step on the mean probe loss over {batch}", "shared_batch": cfg.shared_batch,
@@ -232,7 +226,7 @@ def run_probe(cfg: ProbeConfig, argv: list[str] | None = None) -> Path:
     rank, world, local_rank = distributed.init()
     cfg = resolve_defaults(cfg)
     device = distributed.rank_device(resolve_device(cfg.device), local_rank, world)
-    ctxs, s_tok, fingerprint = load_inputs(cfg)
+    ctxs, s_tok, match = load_inputs(cfg)
     writer = RunWriter(cfg.out, overwrite=cfg.overwrite, resume=cfg.resume, rank=rank)
     teacher, student = load_models(cfg, device, ctxs, len(s_tok))
     vocab = len(s_tok)
@@ -249,10 +243,11 @@ def run_probe(cfg: ProbeConfig, argv: list[str] | None = None) -> Path:
         "options": asdict(cfg), "device": str(device), "world_size": world,
         "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
                         else f"CPU, {torch.get_num_threads()} torch threads"),
-        "teacher": _model_record(cfg.teacher, teacher, cfg.dtype),
-        "student": _model_record(cfg.student, student, "float32"),
-        "tokenizer": {"fingerprint": fingerprint, "vocab": vocab},
+        "teacher": model_record(cfg.teacher, teacher, cfg.dtype),
+        "student": model_record(cfg.student, student, "float32"),
+        "tokenizer": match.record(),
         "contexts": {"path": str(cfg.contexts), "sha256": _file_sha256(cfg.contexts), "n_contexts": len(ctxs),
+                     "encoding": encoding_summary(ctxs),
                      "n_positions_available": sum(len(c.response_ids) for c in ctxs)},
         "positions": {"requested": cfg.positions, "probed": len(picks)},
         "step": {"loss": cfg.loss, "optimizer": cfg.optimizer, "lr": lr, "params": cfg.params,

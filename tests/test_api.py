@@ -1,4 +1,4 @@
-"""The Python API a notebook uses: run_probe -> Run(table, record), load_run, analyze, train."""
+"""The Python API a notebook uses: run_probe -> Run(table, record), load_run, analyze, run_train."""
 
 import subprocess
 import sys
@@ -16,7 +16,7 @@ def test_api_round_trip(tmp_path, pair):
     assert again.table.equals(run.table) and again.record == run.record
     shared = teachdiag.run_probe(out=str(tmp_path / "s"), gain="shared", **common)
     assert set(shared.table["instrument"]) == {"shared"}
-    ckpt = teachdiag.train(out=str(tmp_path / "t"), steps=1, lr=1e-3, **common)
+    ckpt = teachdiag.run_train(out=str(tmp_path / "t"), steps=1, lr=1e-3, **common)
     after = teachdiag.run_probe(out=str(tmp_path / "c"), student_after=str(ckpt / "model"), **common)
     assert (after.table["gain_fkl"] != 0).any() and set(after.table["instrument"]) == {"checkpoint"}
 

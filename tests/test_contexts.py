@@ -70,3 +70,44 @@ def test_parquet_wrong_types(tmp_path):
     pd.DataFrame({"id": ["a"], "prompt_ids": ["1 2 3"], "response_ids": [[1, 2]]}).to_parquet(tmp_path / "c.parquet")
     with pytest.raises(InputError, match=r"c.parquet:1: prompt_ids: must be a list"):
         load_contexts(tmp_path / "c.parquet")
+
+
+def test_text_records_are_encoded_like_rollouts(tmp_path):
+    """A text prompt gets the chat template, as `teachdiag rollout` gives it; --raw-text opts out."""
+    from conftest import make_tokenizer
+    from teachdiag.contexts import encoding_summary, tokenize_text_records
+
+    tok = make_tokenizer()
+    tok.chat_template = ("{% for m in messages %}{{ m.role }} {{ m.content }} {% endfor %}"
+                         "{% if add_generation_prompt %}assistant{% endif %}")
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    p = write(tmp_path / "t.jsonl", [{"id": "a", "prompt": "what is two", "response": "four"},
+                                     {"id": "b", "messages": msgs, "teacher_prompt": "hint two", "response": "x"},
+                                     {"id": "c", "prompt_ids": [1], "response_ids": [2]}])
+
+    def chat(m):  # independent of encode_prompt: the template's text, tokenized without extra specials
+        return tok(tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True),
+                   add_special_tokens=False)["input_ids"]
+
+    a, b, c = tokenize_text_records(load_contexts(p), tok)
+    assert a.prompt_ids == chat([{"role": "user", "content": "what is two"}])
+    assert a.response_ids == tok("four", add_special_tokens=False)["input_ids"]
+    assert b.prompt_ids == chat(msgs) and b.teacher_prompt_ids == chat([{"role": "user", "content": "hint two"}])
+    assert encoding_summary([a, b]) == {"student_view": "chat_template", "teacher_view": "chat_template"}
+    assert encoding_summary([a, c])["student_view"] == {"chat_template": 1, "token_ids": 1}
+
+    raw = tokenize_text_records(load_contexts(p), tok, raw=True)
+    assert raw[0].prompt_ids == tok("what is two")["input_ids"] and raw[0].encoding["student_view"] == "raw"
+    assert raw[1].prompt_ids == chat(msgs)  # messages only have one encoding
+    assert raw[1].encoding == {"student_view": "chat_template", "teacher_view": "raw"}
+
+
+def test_text_record_fields_are_checked(tmp_path):
+    p = write(tmp_path / "t.jsonl", [{"id": "a", "prompt": "x", "messages": [{"role": "user", "content": "x"}],
+                                      "response": "y"}])
+    with pytest.raises(InputError, match=r"t.jsonl:1: messages: give either prompt or messages"):
+        load_contexts(p)
+    p = write(tmp_path / "u.jsonl", [{"id": "a", "teacher_messages": [{"role": "user"}], "prompt": "x",
+                                      "response": "y"}])
+    with pytest.raises(InputError, match=r"u.jsonl:1: teacher_messages: every message needs"):
+        load_contexts(p)

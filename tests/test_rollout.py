@@ -93,6 +93,7 @@ def test_records_are_valid_frozen_contexts(tiny, tmp_path):
         assert tok.eos_token_id not in r["response_ids"][:-1]
         assert ("answer" in m) == ("answer" in src) and m.get("answer") == src.get("answer")
         assert len(m["tokenizer_fingerprint"]) == 64 and m["chat_template"] is False
+        assert m["response_text"] == tok.decode(r["response_ids"])
     # without --teacher-prompts no teacher view is written
     assert all("teacher_prompt_ids" not in r for r in rollout(tiny, p, tmp_path / "s.jsonl"))
 
@@ -185,8 +186,49 @@ def test_cli_rollout(tiny, tmp_path, capsys):
     assert main(["rollout", "--student", tiny, "--prompts", p, "--out", str(out), "--device", "cpu",
                  "--max-new-tokens", "4", "--teacher-prompts", "--samples", "1"]) == 0
     assert len(out.read_text().splitlines()) == len(RECORDS)
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"wrote {len(RECORDS)} records to {out}"
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "a"}\n')
     assert main(["rollout", "--student", tiny, "--prompts", str(bad), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == f"teachdiag: error: {bad}:1: prompt: missing prompt (or messages)"
+
+
+def test_existing_out_needs_overwrite_or_resume(tiny, tmp_path):
+    p = write_prompts(tmp_path / "p.jsonl")
+    out = tmp_path / "r.jsonl"
+    out.write_text("precious\n")
+    with pytest.raises(InputError, match="--overwrite.*--resume") as e:
+        rollout(tiny, p, out)
+    assert e.value.field == "--out" and out.read_text() == "precious\n"
+    assert len(rollout(tiny, p, out, overwrite=True)) == len(RECORDS)
+    with pytest.raises(InputError, match="nothing to resume"):
+        rollout(tiny, p, tmp_path / "none.jsonl", resume=True)
+    with pytest.raises(InputError, match="option seed differs"):
+        rollout(tiny, p, out, resume=True, seed=9)
+
+
+def test_resume_after_a_crash_gives_the_uninterrupted_file(tiny, tmp_path):
+    p = write_prompts(tmp_path / "p.jsonl")
+    full = tmp_path / "full.jsonl"
+    rollout(tiny, p, full, samples=2, batch_size=3, seed=4)
+    lines = full.read_text().splitlines(keepends=True)
+    # a crash: some records written (in another order), the last one torn mid-line
+    crashed = tmp_path / "crashed.jsonl"
+    crashed.write_text(lines[7] + lines[2] + lines[5][:40])
+    rollout(tiny, p, crashed, samples=2, batch_size=3, seed=4, resume=True)
+    assert crashed.read_bytes() == full.read_bytes()
+
+
+def test_progress_lines_off_a_terminal(tiny, tmp_path, capsys):
+    from teachdiag import rollout as module
+
+    p = write_prompts(tmp_path / "p.jsonl")
+    progress = module._Progress(total=4, quiet=False, every=0.0)  # stderr is captured: not a tty
+    progress.update(2, 10)
+    progress.update(2, 6)
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("rollout: 2/4 responses, ") and err[0].endswith(" tok/s")
+    assert err[1].startswith("rollout: 4/4 responses")
+    rollout(tiny, p, tmp_path / "r.jsonl")  # the last batch always reports
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"rollout: {len(RECORDS)}/{len(RECORDS)}")
