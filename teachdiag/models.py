@@ -260,7 +260,8 @@ def load_inputs(cfg) -> tuple[list[Context], object, TokenizerMatch]:
     Refuses a pair whose regular vocabularies differ; a pair that differs only in added/special
     tokens runs over the ids both agree on unless cfg.strict_tokenizer (tokenizers.py).
     `cfg`: a ProbeConfig or anything with the same model/contexts fields."""
-    ctxs = load_contexts(cfg.contexts, cfg.max_response_tokens or None)
+    # no contexts file: the caller makes its own contexts (teachdiag train --on-policy)
+    ctxs = load_contexts(cfg.contexts, cfg.max_response_tokens or None) if cfg.contexts else []
     s_tok = load_tokenizer(cfg.student, "student", cfg.trust_remote_code, cfg.student_base)
     t_tok = load_tokenizer(cfg.teacher, "teacher", cfg.trust_remote_code, cfg.teacher_base)
     match = compare_tokenizers(t_tok, s_tok, cfg.teacher, cfg.student, strict=cfg.strict_tokenizer)

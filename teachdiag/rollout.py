@@ -128,6 +128,13 @@ def read_prompts(path: str | Path, need_teacher: bool = False) -> list[dict]:
 # sampling
 
 
+def stop_ids(model, tok) -> tuple[list[int], int]:
+    """(end-of-sequence ids, padding id) for sampling: the generation config's and the tokenizer's EOS,
+    and the tokenizer's pad token (else the first EOS)."""
+    eos = _eos_ids(model, tok)
+    return eos, tok.pad_token_id if tok.pad_token_id is not None else (eos[0] if eos else 0)
+
+
 def _eos_ids(model, tok) -> list[int]:
     ids: list[int] = []
     for src in (getattr(model.generation_config, "eos_token_id", None), tok.eos_token_id):
@@ -140,9 +147,12 @@ def _eos_ids(model, tok) -> list[int]:
 
 
 def generate_batch(model, prompts: list[list[int]], *, max_new_tokens: int, temperature: float,
-                   top_p: float, eos_ids: list[int], pad_id: int, seed: int
+                   top_p: float, eos_ids: list[int], pad_id: int, seed: int, vocab: int | None = None
                    ) -> list[tuple[list[int], str]]:
     """Sample one response per prompt (left-padded batch); returns [(response_ids, finish)].
+
+    vocab: the tokenizer's length; ids at or above it (padded embedding rows, e.g. 151,665 tokens
+    against 151,936 rows in Qwen2.5) are never sampled, since no tokenizer can read them back.
 
     A response stops at (and keeps) the first EOS token: finish "eos"; otherwise it has
     `max_new_tokens` tokens: finish "length".
@@ -160,7 +170,8 @@ def generate_batch(model, prompts: list[list[int]], *, max_new_tokens: int, temp
         max_new_tokens=max_new_tokens, do_sample=temperature > 0,
         temperature=temperature if temperature > 0 else None,
         top_p=top_p if temperature > 0 else None, top_k=0 if temperature > 0 else None,
-        eos_token_id=eos_ids or None, pad_token_id=pad_id)
+        eos_token_id=eos_ids or None, pad_token_id=pad_id,
+        suppress_tokens=list(range(vocab, model.get_output_embeddings().weight.shape[0])) if vocab else None)
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.no_grad():
         torch.manual_seed(seed)
@@ -301,8 +312,7 @@ def run_rollout(cfg: RolloutConfig) -> Path:
                        trust_remote_code=cfg.trust_remote_code)
     if not cfg.resume:
         out_path.write_text("")  # --overwrite, or a new file: only once the model has loaded
-    eos_ids = _eos_ids(model, tok)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+    eos_ids, pad_id = stop_ids(model, tok)
     chat = bool(getattr(tok, "chat_template", None))
 
     # longest prompts first so batches pad little; batch b keeps its seed whatever is resumed
@@ -315,7 +325,7 @@ def run_rollout(cfg: RolloutConfig) -> Path:
         outs = generate_batch(model, [prompt_ids[i] for i, _ in batch],
                               max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                               top_p=cfg.top_p, eos_ids=eos_ids, pad_id=pad_id,
-                              seed=cfg.seed * 1_000_003 + b)
+                              seed=cfg.seed * 1_000_003 + b, vocab=len(tok))
         lines = []
         for (i, s), (resp, finish) in zip(batch, outs):
             if rid[(i, s)] in done:  # written before a crash tore the rest of this batch

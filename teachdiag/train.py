@@ -9,8 +9,10 @@ the teacher and the student, keeps the positions the selector picks over the who
 (selectors.py: round(budget·N), at least one per sample), and takes one AdamW step on the OPD loss
 of the kept positions, normalised by their number (DESIGN §7). Unselected tokens stay in the context.
 Defaults are the paper's training recipe (DESIGN §5): sampled-token loss, lr 1e-6 constant, betas
-(0.9, 0.98), weight decay 0.1. Contexts are frozen (the rollouts do not change as the student does;
-cheap on a CPU, and the θ0 → θτ comparison then runs on exactly the tokens trained on or held out).
+(0.9, 0.98), weight decay 0.1. Contexts are frozen by default (the rollouts do not change as the
+student does; cheap on a CPU). With --on-policy each step samples fresh responses from the current
+student for `--batch` records of --prompts (seeded per step, as `teachdiag rollout` samples), which
+is OPD proper: the trained-on tokens are the student's own.
 
 Writes to --out: model/ (a loadable float32 folder with the tokenizer), train_log.csv (one row a
 step: loss, kept and total positions, mean fkl of the batch before the step, seconds),
@@ -32,12 +34,15 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from teachdiag import __version__
-from teachdiag.config import ContextOptions, DeviceOptions, PairOptions, check_positive, fill_embedded
+from teachdiag.config import EMBEDDED, ContextOptions, DeviceOptions, PairOptions, check_positive, fill_embedded
+from teachdiag.contexts import Context, encode_prompt
+from teachdiag.demo import DEMO_PROMPTS
 from teachdiag.errors import InputError
 from teachdiag.flags import opt
 from teachdiag.models import load_inputs, load_models, resolve_device
 from teachdiag.probe.forward import teacher_logits
 from teachdiag.probe.signals import probe_loss, signals_from_logits
+from teachdiag.rollout import generate_batch, read_prompts, stop_ids
 from teachdiag.selectors import SELECTORS, budget_mask, selector_scores
 
 LOG_COLUMNS = ["step", "loss", "kept", "positions", "mean_fkl", "seconds"]
@@ -60,6 +65,12 @@ class TrainConfig(DeviceOptions, ContextOptions, PairOptions):  # --help lists p
     beta1: float = opt("AdamW beta1", 0.9)
     beta2: float = opt("AdamW beta2", 0.98)
     weight_decay: float = opt("AdamW decoupled weight decay", 0.1)
+    on_policy: bool = opt("sample fresh student responses each step from --prompts (instead of frozen --contexts)",
+                          False)
+    prompts: str = opt("prompt records for --on-policy (the `teachdiag rollout` format) [default on the demo: "
+                       "its prompts]", "", show_default=False)
+    max_new_tokens: int = opt("--on-policy: longest sampled response, in tokens", 192)
+    temperature: float = opt("--on-policy: sampling temperature (1.0: the student's own distribution)", 1.0)
     resume: bool = opt("continue the run in --out from its last saved step", False)
     overwrite: bool = opt("replace an existing non-empty --out", False)
 
@@ -117,6 +128,40 @@ def train_step(student, teacher, ctxs, batch: list[int], vocab: int, *, loss: st
     return {"loss": total, "kept": n_kept, "positions": len(sample), "mean_fkl": float(flat["fkl"].mean())}
 
 
+def _fill_on_policy(cfg: TrainConfig) -> None:
+    """--on-policy needs models and prompts, not contexts; none of the three given: the demo pair."""
+    if cfg.contexts:
+        raise InputError("--on-policy samples its own responses; give --prompts, not --contexts", field="--contexts")
+    if not (cfg.teacher or cfg.student):
+        cfg.teacher, cfg.student = EMBEDDED["teacher"], EMBEDDED["student"]
+        cfg.prompts = cfg.prompts or str(DEMO_PROMPTS)
+    if not (cfg.teacher and cfg.student and cfg.prompts):
+        raise InputError("give --teacher, --student and --prompts with --on-policy (or none, for the demo)",
+                         field="--prompts")
+
+
+class OnPolicy:
+    """Fresh responses of the current student to a batch of prompt records, as frozen-context objects."""
+
+    def __init__(self, cfg: TrainConfig, tok, student) -> None:
+        self.cfg, self.student = cfg, student
+        self.prompts = read_prompts(cfg.prompts)
+        where = {"file": cfg.prompts}
+        self.ids = [encode_prompt(tok, r["student"], line=r["line"], **where) for r in self.prompts]
+        self.teacher_ids = [None if r["teacher"] is None else
+                            encode_prompt(tok, r["teacher"], line=r["line"], field_name="teacher_prompt", **where)
+                            for r in self.prompts]
+        self.eos, self.pad = stop_ids(student, tok)
+        self.vocab = len(tok)
+
+    def sample(self, batch: list[int], step: int) -> list[Context]:
+        outs = generate_batch(self.student, [self.ids[i] for i in batch], max_new_tokens=self.cfg.max_new_tokens,
+                              temperature=self.cfg.temperature, top_p=1.0, eos_ids=self.eos, pad_id=self.pad,
+                              seed=self.cfg.seed + step, vocab=self.vocab)
+        return [Context(f"{self.prompts[i]['id']}@{step}", self.ids[i], response, self.teacher_ids[i])
+                for i, (response, _) in zip(batch, outs)]
+
+
 def make_optimizer(student, cfg: TrainConfig) -> torch.optim.AdamW:
     student.requires_grad_(True)
     return torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
@@ -150,8 +195,11 @@ def _save(out: Path, student, tok, optimizer, record: dict) -> None:
 
 def run_train(cfg: TrainConfig, argv: list[str] | None = None) -> Path:
     """Train and save; returns the output folder. Raises InputError on bad input."""
-    fill_embedded(cfg)
-    check_positive(steps=cfg.steps, batch=cfg.batch, top_k=cfg.top_k)
+    if cfg.on_policy:
+        _fill_on_policy(cfg)
+    else:
+        fill_embedded(cfg)
+    check_positive(steps=cfg.steps, batch=cfg.batch, top_k=cfg.top_k, max_new_tokens=cfg.max_new_tokens)
     if not 0 < cfg.budget <= 1:
         raise InputError(f"must be in (0, 1], got {cfg.budget}", field="--budget")
     if not cfg.out:
@@ -167,7 +215,9 @@ def run_train(cfg: TrainConfig, argv: list[str] | None = None) -> Path:
     teacher, student = load_models(cfg, device, ctxs, vocab)
     student.train(False)  # no dropout: the step is the OPD gradient, nothing random
     optimizer = make_optimizer(student, cfg)
-    plan = batches(len(ctxs), min(cfg.batch, len(ctxs)), cfg.steps, cfg.seed)
+    source = OnPolicy(cfg, tok, student) if cfg.on_policy else None
+    plan = batches(len(source.prompts) if source else len(ctxs), min(cfg.batch, len(source.prompts) if source
+                                                                      else len(ctxs)), cfg.steps, cfg.seed)
     start = 0
     log_path = out / "train_log.csv"
     if cfg.resume and (out / "train.json").is_file():
@@ -191,7 +241,9 @@ def run_train(cfg: TrainConfig, argv: list[str] | None = None) -> Path:
     bar = tqdm(total=cfg.steps, initial=start, unit="step", desc="train", disable=cfg.quiet, file=sys.stderr)
     for step in range(start, cfg.steps):
         t0 = time.time()
-        row = train_step(student, teacher, ctxs, plan[step], vocab, loss=cfg.loss, select=cfg.select,
+        ctxs, batch = (source.sample(plan[step], step), None) if source else (ctxs, plan[step])
+        batch = batch if batch is not None else list(range(len(ctxs)))
+        row = train_step(student, teacher, ctxs, batch, vocab, loss=cfg.loss, select=cfg.select,
                          budget=cfg.budget, top_k=cfg.top_k, optimizer=optimizer, device=device, seed=cfg.seed + step)
         row = {"step": step + 1, **row, "seconds": round(time.time() - t0, 3)}
         with open(log_path, "a", newline="") as f:

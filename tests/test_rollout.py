@@ -232,3 +232,16 @@ def test_progress_lines_off_a_terminal(tiny, tmp_path, capsys):
     assert err[1].startswith("rollout: 4/4 responses")
     rollout(tiny, p, tmp_path / "r.jsonl")  # the last batch always reports
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"rollout: {len(RECORDS)}/{len(RECORDS)}")
+
+
+def test_padded_embedding_rows_are_never_sampled(tmp_path):
+    """A student with more output rows than tokens (as Qwen2.5: 151,936 rows, 151,665 tokens): a
+    sampled id past the tokenizer could not be read back or probed, so generation suppresses them."""
+    folder = tmp_path / "wide"
+    model = make_model("qwen2", 128, seed=5)
+    with torch.no_grad():  # make the padded rows the likeliest tokens, so sampling would pick them
+        model.lm_head.weight[len(make_tokenizer()):] += 50.0
+    model.save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    records = rollout(str(folder), write_prompts(tmp_path / "p.jsonl"), tmp_path / "r.jsonl", max_new_tokens=6)
+    assert all(max(r["response_ids"]) < len(make_tokenizer()) for r in records)

@@ -133,3 +133,15 @@ def test_train_cli_reduces_loss_writes_a_loadable_model_and_resumes(tmp_path, pa
     assert main([*args, "--out", str(tmp_path / "a"), "--steps", "2"]) == 2  # not empty: refused
     assert main([*args, "--out", str(tmp_path / "c"), "--budget", "0"]) == 2
     assert not math.isnan(log["seconds"].sum())
+
+
+def test_on_policy_samples_fresh_responses_each_step(tmp_path, pair):
+    from test_rollout import write_prompts
+
+    prompts = write_prompts(tmp_path / "p.jsonl")
+    args = ["train", "--teacher", pair[0], "--student", pair[1], "--prompts", prompts, "--on-policy",
+            "--device", "cpu", "--quiet", "--lr", "1e-3", "--batch", "3", "--max-new-tokens", "6"]
+    assert main([*args, "--out", str(tmp_path / "a"), "--steps", "2"]) == 0
+    log = np.genfromtxt(tmp_path / "a" / "train_log.csv", delimiter=",", names=True)
+    assert len(log) == 2 and (log["positions"] >= 3).all() and (log["positions"] <= 18).all()
+    assert main([*args, "--out", str(tmp_path / "b"), "--steps", "2", "--contexts", prompts]) == 2
