@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from teachdiag.analysis import plots, report, selection, stats as analysis
+from teachdiag.analysis.instruments import agreement
 from teachdiag.errors import InputError
 from teachdiag.flags import opt
 from teachdiag.table import COLUMNS, TEXT_COLUMNS, PARTIAL, all_parts, read_tokens, teachability_scores
@@ -270,6 +271,8 @@ def run_analyze(cfg: AnalyzeConfig) -> pathlib.Path:
         "std_coefficients": plots.coefficients(reg, titles=titles),
         "correlation_heatmap": plots.correlation_heatmap(corr, titles=titles),
     }
+    if len(scored) > 1:  # several runs: how far their gains agree where they measured the same positions
+        agreement(scored, cfg.gain, cfg.bootstrap, cfg.seed).to_csv(out / "instruments.csv", index=False)
     written = []
     for name, fig in figs.items():
         written += plots.save(fig, fig_dir, name)

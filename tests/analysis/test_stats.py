@@ -178,3 +178,22 @@ def test_one_position_per_context_and_nan_gain_rows():
     assert r[r["term"] == "position"]["estimate"].isna().all()  # position is constant here
     assert r[r["term"] == "teachability"]["ci_low"].notna().all()
     assert len(A.q3_gap(df, "rel_gain_fkl", n_boot=20)) == 2  # matched: no pairs, NaN, no crash
+
+
+def test_instrument_agreement_on_common_positions():
+    from teachdiag.analysis.instruments import agreement
+
+    rng = np.random.default_rng(0)
+    a = make_tokens(n_ctx=12, n_pos=10, seed=1)
+    b = a.copy()
+    b["rel_gain_fkl"] = 3 * a["rel_gain_fkl"] + 1  # a monotone transform: Spearman exactly 1
+    c = a.sample(frac=0.5, random_state=0).copy()  # half the positions, unrelated gains
+    c["rel_gain_fkl"] = rng.normal(size=len(c))
+    out = agreement({"a": a, "b": b, "c": c, "none": a.assign(context_id="other")}, "rel_gain_fkl", n_boot=50)
+    sp = out[out["method"] == "spearman"].set_index(["run_a", "run_b"])
+    assert sp.loc[("a", "b"), "estimate"] == pytest.approx(1.0) and sp.loc[("a", "b"), "n"] == 120
+    assert sp.loc[("a", "c"), "n"] == 60  # joined on (context_id, position)
+    want = stats.spearmanr(a.set_index(["context_id", "position"]).loc[
+        c.set_index(["context_id", "position"]).index, "rel_gain_fkl"], c["rel_gain_fkl"])[0]
+    assert sp.loc[("a", "c"), "estimate"] == pytest.approx(want)
+    assert out[(out.run_a == "a") & (out.run_b == "none")]["note"].iloc[0] == "no position measured by both runs"
