@@ -208,3 +208,41 @@ def test_shared_step_skips_non_finite_teacher_rows(models, tmp_path, monkeypatch
         assert rows_all[bad[0]][bad[1]]["finite"] == 0
         rows_without, _ = _shared_rows(student, teacher, ctxs, by_without, "reverse_kl", keep)
         _same_rows(rows_all, rows_without, by_all, by_without)
+
+
+@pytest.mark.parametrize("params,optimizer", [("lm_head", "adam"), ("lm_head", "normalized"), ("last:1", "sgd"),
+                                              ("all", "normalized")])
+def test_every_per_position_instrument_agrees_with_the_plain_probe_under_keep(models, tmp_path, params, optimizer):
+    """HeadProbe (closed form over δ, zero on dropped ids), TopBlocksProbe, BatchedProbe and linear
+    mode against SingleStepProbe, all with the same keep; the checkpoint scorer's signals too."""
+    from teachdiag.probe.checkpoint import CheckpointScore
+    from teachdiag.probe.forward import teacher_logits
+    from teachdiag.probe.linear import first_order_rows
+
+    teacher, student = models
+    ctx = load_contexts(write_contexts(tmp_path / "c.jsonl", n=1, teacher_view=False))[0]
+    keep = keep_mask([i for i in range(VOCAB) if i % 5], VOCAB)
+    positions = [p for p in range(len(ctx.response_ids)) if keep[ctx.response_ids[p]]]
+    assert len(positions) >= 2
+    t = teacher_logits(teacher, ctx, positions, VOCAB, "cpu")
+    ids = torch.tensor(ctx.prompt_ids + ctx.response_ids)
+    lr = {"adam": 1e-4, "normalized": 1e-2, "sgd": 1e-3}[optimizer]
+    args = (student, params, "reverse_kl", optimizer, lr, VOCAB)
+    plain = SingleStepProbe(*args, keep=keep).run_context(ids, len(ctx.prompt_ids), t, positions)
+    fast = make_probe(*args, keep=keep)
+    assert type(fast).__name__ == {"lm_head": "HeadProbe", "last:1": "TopBlocksProbe", "all": "BatchedProbe"}[params]
+    got = fast.run_context(ids, len(ctx.prompt_ids), t, positions)
+    prefixes = [ids[: len(ctx.prompt_ids) + p] for p in positions]
+    linear = first_order_rows(*args[:2], prefixes, t, [ctx.response_ids[p] for p in positions], "reverse_kl",
+                              optimizer, lr, VOCAB, keep=keep)
+    ckpt = CheckpointScore(student, student, VOCAB, keep=keep).run_context(ids, len(ctx.prompt_ids), t, positions)
+    for a, b, c, d in zip(plain, got, linear, ckpt):
+        assert a["finite"] == b["finite"] == c["finite"] == d["finite"] == 1
+        for name in ("fkl", "rkl", "student_logprob", "student_dropped_mass", "teacher_dropped_mass"):
+            for other in (b, c, d):
+                assert other[name] == pytest.approx(a[name], rel=1e-5), name
+        for name in ("fkl_after", "rkl_after", "grad_norm", "gain_first_order"):
+            assert b[name] == pytest.approx(a[name], rel=1e-4), name
+        assert c["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+        assert c["gain_first_order"] == pytest.approx(a["gain_first_order"], rel=1e-4)
+        assert abs(a["gain_rkl"]) > 1e-6
