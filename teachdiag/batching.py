@@ -43,8 +43,10 @@ def exact_group(probe, teacher, ctxs: list[Context], group: list[int], by_ctx: d
 
 
 def linear_group(cfg, student, lr: float, teacher, ctxs: list[Context], group: list[int],
-                  by_ctx: dict[int, list[int]], vocab: int, device: torch.device) -> list[list[dict]]:
-    """--mode linear: the group's positions, across contexts, in batches of cfg.batch."""
+                  by_ctx: dict[int, list[int]], vocab: int, device: torch.device,
+                  keep: torch.Tensor | None = None) -> list[list[dict]]:
+    """--mode linear: the group's positions, across contexts, in batches of cfg.batch (keep:
+    the ids both tokenizers agree on, or None; signals.py)."""
     items = [(c, i, j) for c in group for i, j in enumerate(by_ctx[c])]
     t_all = {c: teacher_logits(teacher, ctxs[c], by_ctx[c], vocab, device) for c in group}  # (P_c, V) each
     # batches of similar prefix lengths waste less on padding (~1.5x on the demo pair)
@@ -55,7 +57,8 @@ def linear_group(cfg, student, lr: float, teacher, ctxs: list[Context], group: l
         prefixes = [torch.tensor(ctxs[c].prompt_ids + ctxs[c].response_ids[:j], device=device) for c, _, j in chunk]
         t = torch.stack([t_all[c][i] for c, i, _ in chunk])  # (B, V)
         ys = [ctxs[c].response_ids[j] for c, _, j in chunk]
-        got = first_order_rows(student, cfg.params, prefixes, t, ys, cfg.loss, cfg.optimizer, lr, vocab, cfg.top_k)
+        got = first_order_rows(student, cfg.params, prefixes, t, ys, cfg.loss, cfg.optimizer, lr, vocab, cfg.top_k,
+                               keep)
         for k, row in zip(order[a : a + cfg.batch], got):
             rows[k] = row
     out, a = [], 0

@@ -33,6 +33,7 @@ from teachdiag.flags import opt
 from teachdiag.models import load_inputs, load_models, resolve_device
 from teachdiag.probe.exact import SingleStepProbe, parse_params
 from teachdiag.probe.forward import teacher_logits
+from teachdiag.probe.signals import keep_mask, token_logprob
 from teachdiag.probe.steps import RULES
 
 BAND = (0.9, 1.1)  # accepted median of gain / first-order prediction
@@ -75,13 +76,14 @@ def parse_lrs(text: str, optimizer: str) -> list[float]:
 
 def sweep(teacher, student, ctxs: list[Context], picks: list[tuple[int, int]], lrs: list[float], vocab: int,
           loss: str = "reverse_kl", optimizer: str = "normalized", params: str = "all", device="cpu",
-          quiet: bool = True, top_k: int = 16) -> pd.DataFrame:
+          quiet: bool = True, top_k: int = 16, keep: torch.Tensor | None = None) -> pd.DataFrame:
     """One row per position × lr: context_id, position, lr, gain, gain_first_order, ratio, gain_fkl,
     gain_rkl, grad_norm, finite. gain is the measured drop of the probe loss (nats, see GAIN);
-    ratio = gain / gain_first_order. The student is at θ0, bit for bit, on return."""
+    ratio = gain / gain_first_order. The student is at θ0, bit for bit, on return.
+    keep: None, or bool (vocab,): the ids both tokenizers agree on (probe/signals.py)."""
     from tqdm.auto import tqdm
 
-    probe = SingleStepProbe(student, params, loss, optimizer, lrs[0], vocab, top_k)
+    probe = SingleStepProbe(student, params, loss, optimizer, lrs[0], vocab, top_k, keep=keep)
     by_ctx = by_context(picks)
     rows = []
     bar = tqdm(total=len(picks) * len(lrs), unit="step", desc="calibrate", disable=quiet, file=sys.stderr)
@@ -96,7 +98,7 @@ def sweep(teacher, student, ctxs: list[Context], picks: list[tuple[int, int]], l
                     s_after = probe.stepped_logits(pg, lr)  # (1, V)
                     r = probe.row(pg, s_after, lr)
                     if loss == "sampled_token":  # the surrogate is linear in log p_S(y) with c frozen
-                        lp_after = torch.log_softmax(s_after.double(), -1)[0, pg.token[0]].item()
+                        lp_after = token_logprob(s_after, pg.token, keep)[0].item()
                         c_coef = pg.before["teacher_logprob"] - pg.before["student_logprob"]
                         gain = c_coef * (lp_after - pg.before["student_logprob"])
                     else:
@@ -161,12 +163,12 @@ def choose_lr(summary: pd.DataFrame, band: tuple[float, float] = BAND,
 
 def auto_lr(teacher, student, ctxs: list[Context], vocab: int, *, loss: str, optimizer: str, params: str,
             seed: int, positions: int = 64, lrs: list[float] | None = None, device="cpu",
-            quiet: bool = True) -> tuple[float, pd.DataFrame]:
+            quiet: bool = True, keep: torch.Tensor | None = None) -> tuple[float, pd.DataFrame]:
     """(chosen lr, per-lr summary) on a seeded sample of positions (default grid unless `lrs`), for
     `probe --lr auto`. Raises InputError when no lr of the grid is in the linear regime."""
     picks = select_positions(ctxs, positions, seed)
     table = sweep(teacher, student, ctxs, picks, lrs or parse_lrs("", optimizer), vocab, loss, optimizer,
-                  params, device, quiet)
+                  params, device, quiet, keep=keep)
     summary = summarize(table)
     lr = choose_lr(summary)
     if lr is None:
@@ -186,12 +188,12 @@ def run_calibrate(cfg: CalibrateConfig, argv: list[str] | None = None) -> tuple[
     check_positive(top_k=cfg.top_k)
     parse_params(cfg.params)
     device = resolve_device(cfg.device)
-    ctxs, s_tok, _ = load_inputs(cfg)
-    vocab = len(s_tok)
+    ctxs, _, match = load_inputs(cfg)
+    vocab = match.vocab  # the longer tokenizer: every id of either is below it
     teacher, student = load_models(cfg, device, ctxs, vocab)
     picks = select_positions(ctxs, parse_positions(cfg.positions), cfg.seed)
     table = sweep(teacher, student, ctxs, picks, lrs, vocab, cfg.loss, cfg.optimizer, cfg.params, device,
-                  cfg.quiet, cfg.top_k)
+                  cfg.quiet, cfg.top_k, keep=keep_mask(match.shared_ids, vocab, device))
     summary = summarize(table)
     lr = choose_lr(summary)
 

@@ -30,6 +30,7 @@ from teachdiag.errors import InputError, UnsupportedModel
 from teachdiag.probe.checkpoint import CheckpointScore
 from teachdiag.probe.fast import make_probe
 from teachdiag.probe.shared import SharedStep
+from teachdiag.probe.signals import keep_mask
 from teachdiag.models import (config_sha256, load_inputs, load_model, load_models, model_record, resolve_device,
                               vocab_rows)
 from teachdiag.config import (DEMO_POSITIONS, ContextOptions, DeviceOptions, PairOptions, StepOptions,
@@ -94,7 +95,7 @@ def resolve_defaults(cfg: ProbeConfig) -> ProbeConfig:
 
 
 def _auto_lr(cfg: ProbeConfig, writer: RunWriter, teacher, student, ctxs: list[Context], vocab: int,
-             device: torch.device, rank: int) -> tuple[float, dict | None]:
+             device: torch.device, rank: int, keep: torch.Tensor | None) -> tuple[float, dict | None]:
     """--lr auto: the lr `teachdiag calibrate` would choose, found once (rank 0, then shared) and
     kept by --resume from the run record, so a resumed run steps with the same lr."""
     if cfg.resume and (writer.out / RUN).is_file():
@@ -108,7 +109,7 @@ def _auto_lr(cfg: ProbeConfig, writer: RunWriter, teacher, student, ctxs: list[C
     if rank == 0:
         lr, summary = auto_lr(teacher, student, ctxs, vocab, loss=cfg.loss, optimizer=cfg.optimizer,
                               params=cfg.params, seed=cfg.seed, positions=cfg.auto_lr_positions,
-                              device=device, quiet=cfg.quiet)
+                              device=device, quiet=cfg.quiet, keep=keep)
     lr = distributed.broadcast_float(lr)  # GPU ranks could otherwise round to different choices
     info = None if summary is None else {"rule": RULE, "positions": cfg.auto_lr_positions,
                                          "summary": json.loads(summary.to_json(orient="records"))}
@@ -162,24 +163,26 @@ def _check_resume(writer: RunWriter, record: dict) -> None:
                          file=str(old_path))
 
 
-def _instrument(cfg: ProbeConfig, student, lr: float, vocab: int, device, world: int, out: Path):
+def _instrument(cfg: ProbeConfig, student, lr: float, vocab: int, device, world: int, out: Path,
+                keep: torch.Tensor | None):
     """(instrument name, the object that computes rows): the per-position probe (exact or linear),
-    the shared step, or the checkpoint scorer with the --student-after model loaded."""
+    the shared step, or the checkpoint scorer with the --student-after model loaded. keep: the ids
+    both tokenizers agree on, or None (probe/signals.py)."""
     if cfg.student_after:
         after = load_model(cfg.student_after, "student-after", "float32", device, cfg.trust_remote_code)
         if config_sha256(after) != config_sha256(student) or vocab_rows(after) != vocab_rows(student):
             raise InputError("its architecture differs from --student's (config or vocabulary rows); a "
                              "checkpoint gain compares two states of one model", field="--student-after")
-        return "checkpoint", CheckpointScore(student, after, vocab, cfg.top_k)
+        return "checkpoint", CheckpointScore(student, after, vocab, cfg.top_k, keep=keep)
     if cfg.gain == "shared":
         if world > 1:
             raise InputError("the shared step needs every position's gradient in one process; run it "
                              "without torchrun", field="--gain")
         return "shared", SharedStep(student, cfg.params, cfg.loss, cfg.optimizer, lr, vocab, cfg.top_k,
-                                    first_order=not cfg.skip_first_order, cache_dir=str(out))
+                                    first_order=not cfg.skip_first_order, cache_dir=str(out), keep=keep)
     if cfg.mode == "linear":
         return "per_position", None
-    return "per_position", make_probe(student, cfg.params, cfg.loss, cfg.optimizer, lr, vocab, cfg.top_k)
+    return "per_position", make_probe(student, cfg.params, cfg.loss, cfg.optimizer, lr, vocab, cfg.top_k, keep=keep)
 
 
 def _instrument_record(cfg: ProbeConfig, instrument: str, probe) -> dict:
@@ -196,7 +199,7 @@ def _instrument_record(cfg: ProbeConfig, instrument: str, probe) -> dict:
 
 
 def _results(cfg: ProbeConfig, instrument: str, probe, student, lr: float, teacher, ctxs, by_ctx, todo, vocab,
-             device, bar):
+             device, bar, keep: torch.Tensor | None):
     """Yield (group of context indices, rows of each) for the work left, in file order."""
     if instrument == "shared":
         order = list(by_ctx)
@@ -213,7 +216,7 @@ def _results(cfg: ProbeConfig, instrument: str, probe, student, lr: float, teach
     # exact: one context at a time; linear: consecutive contexts until a batch is full
     for group in groups(todo, by_ctx, cfg.batch if cfg.mode == "linear" else 1):
         yield group, (exact_group(probe, teacher, ctxs, group, by_ctx, vocab, device) if probe else
-                      linear_group(cfg, student, lr, teacher, ctxs, group, by_ctx, vocab, device))
+                      linear_group(cfg, student, lr, teacher, ctxs, group, by_ctx, vocab, device, keep))
 
 
 def run_probe(cfg: ProbeConfig, argv: list[str] | None = None) -> Path:
@@ -228,12 +231,13 @@ def run_probe(cfg: ProbeConfig, argv: list[str] | None = None) -> Path:
     device = distributed.rank_device(resolve_device(cfg.device), local_rank, world)
     ctxs, s_tok, match = load_inputs(cfg)
     writer = RunWriter(cfg.out, overwrite=cfg.overwrite, resume=cfg.resume, rank=rank)
-    teacher, student = load_models(cfg, device, ctxs, len(s_tok))
-    vocab = len(s_tok)
+    vocab = match.vocab  # the longer tokenizer: every id of either is below it (logits are cut there)
+    teacher, student = load_models(cfg, device, ctxs, vocab)
+    keep = keep_mask(match.shared_ids, vocab, device)  # None: identical tokenizers
     n_stepped = sum(p.numel() for _, p in select_params(student, cfg.params))  # before --lr auto sweeps
     lr, lr_auto = (cfg.lr, None) if cfg.lr != "auto" else _auto_lr(cfg, writer, teacher, student, ctxs,
-                                                                    vocab, device, rank)
-    instrument, probe = _instrument(cfg, student, lr, vocab, device, world, writer.out)
+                                                                    vocab, device, rank, keep)
+    instrument, probe = _instrument(cfg, student, lr, vocab, device, world, writer.out, keep)
     picks = select_positions(ctxs, parse_positions(cfg.positions), cfg.seed)
     by_ctx = by_context(picks)
 
@@ -278,7 +282,7 @@ def run_probe(cfg: ProbeConfig, argv: list[str] | None = None) -> Path:
     # exact: one context at a time; linear: consecutive contexts until a batch is full
     try:
         for group, results in _results(cfg, instrument, probe, student, lr, teacher, ctxs, by_ctx, todo, vocab,
-                                       device, bar):
+                                       device, bar, keep):
             for c, rows in zip(group, results):
                 ctx = ctxs[c]
                 for j, row in zip(by_ctx[c], rows):

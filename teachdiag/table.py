@@ -23,7 +23,7 @@ COLUMNS = ["context_id", "position", "token_id", "token", "fkl", "rkl", "student
            "teacher_entropy", "student_logprob", "teacher_logprob", "compat_mass", "topk_entropy",
            "union_fkl", "teachability", "incompat", "fkl_after", "rkl_after", "gain_fkl", "gain_rkl",
            "rel_gain_fkl", "rel_gain_rkl", "grad_norm", "gain_first_order", "finite", "response_length",
-           "instrument"]
+           "instrument", "student_dropped_mass", "teacher_dropped_mass"]
 TEXT_COLUMNS = ("context_id", "token", "instrument")
 PARTIAL, PROGRESS, TOKENS, RUN = "tokens.partial.csv", "progress.jsonl", "tokens.csv", "run.json"
 

@@ -41,7 +41,7 @@ from teachdiag.errors import InputError
 from teachdiag.flags import opt
 from teachdiag.models import load_inputs, load_models, resolve_device
 from teachdiag.probe.forward import teacher_logits
-from teachdiag.probe.signals import probe_loss, signals_from_logits
+from teachdiag.probe.signals import keep_mask, probe_loss, signals_from_logits
 from teachdiag.rollout import generate_batch, read_prompts, stop_ids
 from teachdiag.selectors import SELECTORS, budget_mask, selector_scores
 
@@ -85,42 +85,48 @@ def batches(n_contexts: int, batch: int, steps: int, seed: int) -> list[list[int
 
 
 def train_step(student, teacher, ctxs, batch: list[int], vocab: int, *, loss: str, select: str, budget: float,
-               top_k: int, optimizer: torch.optim.Optimizer, device, seed: int = 0) -> dict:
-    """One OPD step on `batch` (context indices); returns the log row (without step and seconds)."""
-    views = []  # per context: ids (T,), keep (R,), y (R,), teacher logits (R, V)
+               top_k: int, optimizer: torch.optim.Optimizer, device, seed: int = 0,
+               keep: torch.Tensor | None = None) -> dict:
+    """One OPD step on `batch` (context indices); returns the log row (without step and seconds).
+
+    keep: None, or bool (vocab,): the ids both tokenizers agree on (signals.py); the scores and the
+    loss live there, and sampled_token cannot train on a sampled token outside them."""
+    views = []  # per context: ids (T,), at (R,) the indices predicting y, y (R,), teacher logits (R, V)
     for c in batch:
         ctx = ctxs[c]
         positions = list(range(len(ctx.response_ids)))
         n = len(ctx.prompt_ids)
         ids = torch.tensor(ctx.prompt_ids + ctx.response_ids[:-1], device=device)
-        keep = torch.arange(n - 1, n - 1 + len(positions), device=device)
+        at = torch.arange(n - 1, n - 1 + len(positions), device=device)
         y = torch.tensor(ctx.response_ids, device=device)
-        views.append((ids, keep, y, teacher_logits(teacher, ctx, positions, vocab, device)))
+        views.append((ids, at, y, teacher_logits(teacher, ctx, positions, vocab, device)))
 
-    def logits(ids, keep):
-        return student(input_ids=ids[None], logits_to_keep=keep, use_cache=False).logits[0, :, :vocab].float()
+    def logits(ids, at):
+        return student(input_ids=ids[None], logits_to_keep=at, use_cache=False).logits[0, :, :vocab].float()
 
     # the selector's scores at θ (no gradient), over the whole batch
     sig = {k: [] for k in ("topk_entropy", "union_fkl", "compat_mass", "fkl")}
     with torch.no_grad():
-        for ids, keep, y, t in views:
-            s = signals_from_logits(logits(ids, keep), t, y, top_k)
+        for ids, at, y, t in views:
+            s = signals_from_logits(logits(ids, at), t, y, top_k, keep=keep)
             for k in sig:
                 sig[k].append(s[k].cpu().numpy())
     sample = np.concatenate([np.full(len(v[2]), i) for i, v in enumerate(views)])
     flat = {k: np.concatenate(v) for k, v in sig.items()}
     kept = budget_mask(selector_scores(flat, select, seed), sample, budget) if select != "all" else np.ones(len(sample), bool)
+    if loss == "sampled_token" and keep is not None:  # its loss there is NaN: leave the row out first
+        kept &= torch.cat([keep[v[2]] for v in views]).cpu().numpy()
     n_kept = int(kept.sum())
 
     optimizer.zero_grad(set_to_none=True)
     total, a = 0.0, 0
-    for ids, keep, y, t in views:
+    for ids, at, y, t in views:
         mask = torch.from_numpy(kept[a : a + len(y)]).to(device)
         a += len(y)
         if not mask.any():
             continue
         with torch.enable_grad():
-            per = probe_loss(logits(ids, keep)[mask], t[mask], y[mask], loss, reduce=False)  # (kept,)
+            per = probe_loss(logits(ids, at)[mask], t[mask], y[mask], loss, reduce=False, keep=keep)
             part = per.sum() / n_kept  # normalised by the kept positions of the whole batch
             part.backward()
         total += float(part)
@@ -210,9 +216,10 @@ def run_train(cfg: TrainConfig, argv: list[str] | None = None) -> Path:
     if out.is_dir() and any(out.iterdir()) and not (cfg.overwrite or cfg.resume):
         raise InputError("folder is not empty; pass --overwrite or --resume", field="--out", file=str(out))
     device = resolve_device(cfg.device)
-    ctxs, tok, _ = load_inputs(cfg)
-    vocab = len(tok)
+    ctxs, tok, match = load_inputs(cfg)
+    vocab = match.vocab  # the longer tokenizer: every id of either is below it
     teacher, student = load_models(cfg, device, ctxs, vocab)
+    keep = keep_mask(match.shared_ids, vocab, device)
     student.train(False)  # no dropout: the step is the OPD gradient, nothing random
     optimizer = make_optimizer(student, cfg)
     source = OnPolicy(cfg, tok, student) if cfg.on_policy else None
@@ -244,7 +251,8 @@ def run_train(cfg: TrainConfig, argv: list[str] | None = None) -> Path:
         ctxs, batch = (source.sample(plan[step], step), None) if source else (ctxs, plan[step])
         batch = batch if batch is not None else list(range(len(ctxs)))
         row = train_step(student, teacher, ctxs, batch, vocab, loss=cfg.loss, select=cfg.select,
-                         budget=cfg.budget, top_k=cfg.top_k, optimizer=optimizer, device=device, seed=cfg.seed + step)
+                         budget=cfg.budget, top_k=cfg.top_k, optimizer=optimizer, device=device, seed=cfg.seed + step,
+                         keep=keep)
         row = {"step": step + 1, **row, "seconds": round(time.time() - t0, 3)}
         with open(log_path, "a", newline="") as f:
             csv.writer(f).writerow([row[c] for c in LOG_COLUMNS])

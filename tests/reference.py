@@ -21,9 +21,18 @@ def _logsoftmax(x: np.ndarray) -> np.ndarray:
     return x - (m + np.log(np.exp(x - m).sum()))
 
 
-def ref_signals(s_logits, t_logits, y: int, k: int) -> dict[str, float]:
-    ls, lt = _logsoftmax(s_logits), _logsoftmax(t_logits)
+def ref_signals(s_logits, t_logits, y: int, k: int, keep=None) -> dict[str, float]:
+    """keep: None or a bool (V,) array; then both distributions are cut to the kept ids and
+    renormalised there (p[keep] / p[keep].sum()), and y outside keep has NaN logprobs."""
+    ls_full, lt_full = _logsoftmax(s_logits), _logsoftmax(t_logits)
+    if keep is None:
+        keep = np.ones(len(ls_full), dtype=bool)
+    keep = np.asarray(keep, dtype=bool)
+    dropped = {"student_dropped_mass": float(np.exp(ls_full)[~keep].sum()),
+               "teacher_dropped_mass": float(np.exp(lt_full)[~keep].sum())}
+    ls, lt = _logsoftmax(ls_full[keep]), _logsoftmax(lt_full[keep])  # log(p[keep] / p[keep].sum())
     ps, pt = np.exp(ls), np.exp(lt)
+    y = int(np.flatnonzero(keep).searchsorted(y)) if keep[y] else None  # y's index among the kept ids
     top_s = np.argsort(-ls, kind="stable")[:k]
     top_t = np.argsort(-lt, kind="stable")[:k]
     q = ps[top_s] / ps[top_s].sum()
@@ -34,11 +43,12 @@ def ref_signals(s_logits, t_logits, y: int, k: int) -> dict[str, float]:
         "rkl": float(np.sum(ps * (ls - lt))),
         "student_entropy": float(-np.sum(ps * ls)),
         "teacher_entropy": float(-np.sum(pt * lt)),
-        "student_logprob": float(ls[y]),
-        "teacher_logprob": float(lt[y]),
+        "student_logprob": float(ls[y]) if y is not None else math.nan,
+        "teacher_logprob": float(lt[y]) if y is not None else math.nan,
         "compat_mass": float(pt[top_s].sum()),
         "topk_entropy": float(-np.sum(q * np.log(q)) / math.log(k)) if k > 1 else 0.0,
         "union_fkl": float(np.sum(pu_t * np.log(pu_t / pu_s))),
+        **dropped,
     }
 
 

@@ -12,12 +12,16 @@ import shutil
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from conftest import make_model, write_contexts
+from reference import full_logits, ref_signals
 from teachdiag.cli import main
 from teachdiag.errors import InputError
 from teachdiag.models import load_tokenizer
+from teachdiag.table import read_tokens
 from teachdiag.tokenizers import compare_tokenizers, tokenizer_fingerprint
 
 FIXTURE = Path(__file__).parent / "fixtures" / "qwen3_tokenizer"
@@ -62,6 +66,11 @@ def variant(name: str) -> dict:
 def save_folder(path: Path, name: str, arch: str, weights: bool = False) -> str:
     model = make_model(arch, ROWS, seed=len(name), tied=True, layers=1)
     model.config.eos_token_id = 151643
+    # the teacher's ids that the student reads differently carry real mass (logit std ~10 instead of
+    # ~1), so that dropping them and renormalising changes the numbers visibly
+    heavy = {"qwen3": list(range(QWEN25_LEN, 151669)), "deepseek": sorted(DEEPSEEK)}.get(name, [])
+    with torch.no_grad():
+        model.get_output_embeddings().weight[heavy] *= 12.0
     (model.save_pretrained if weights else model.config.save_pretrained)(path)
     if name == "qwen3":  # the files as published, byte for byte
         (path / "tokenizer.json").write_text(qwen3_text())
@@ -78,7 +87,7 @@ def folders(tmp_path_factory) -> dict:
     return {"qwen3": save_folder(root / "qwen3", "qwen3", "qwen3", weights=True),
             "qwen3_as_qwen2": save_folder(root / "qwen3_as_qwen2", "qwen3", "qwen2"),
             "qwen25": save_folder(root / "qwen25", "qwen25", "qwen2", weights=True),
-            "deepseek": save_folder(root / "deepseek", "deepseek", "qwen2"),
+            "deepseek": save_folder(root / "deepseek", "deepseek", "qwen2", weights=True),
             "regular": save_folder(root / "regular", "regular", "qwen3")}
 
 
@@ -161,3 +170,45 @@ def test_probe_runs_a_qwen25_student_against_a_qwen3_teacher(folders, tmp_path, 
     rec = json.loads((out / "run.json").read_text())["tokenizer"]
     assert [d["id"] for d in rec["differing"]] == list(range(QWEN25_LEN, 151669))
     assert rec["identical"] is False and rec["n_shared_ids"] == QWEN25_LEN
+    assert_over_shared_ids(out, folders["qwen3"], folders["qwen25"], ctx, np.arange(151669) < QWEN25_LEN)
+
+
+def assert_over_shared_ids(out: Path, teacher: str, student: str, contexts: Path, keep: np.ndarray) -> None:
+    """Every finite row of the run equals the NumPy reference over the kept ids, renormalised, and
+    drops teacher and student mass; a row whose token is outside keep is not finite."""
+    from transformers import AutoModelForCausalLM
+
+    models = [AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval() for p in (teacher, student)]
+    ctxs = {c["id"]: c for c in map(json.loads, contexts.read_text().splitlines())}
+    df = read_tokens(out / "tokens.csv")
+    assert len(df) > 0
+    for row in df.itertuples():
+        ctx = ctxs[row.context_id]
+        ids, j = ctx["prompt_ids"] + ctx["response_ids"], int(row.position)
+        if not keep[ctx["response_ids"][j]]:
+            assert row.finite == 0 and np.isnan(row.student_logprob) and np.isnan(row.teacher_logprob)
+            continue
+        with torch.no_grad():
+            t, s = (full_logits(m, ids, len(ctx["prompt_ids"]) + j - 1, len(keep)).double().numpy() for m in models)
+        ref = ref_signals(s, t, ctx["response_ids"][j], 16, keep)
+        full = ref_signals(s, t, ctx["response_ids"][j], 16)  # what comparing every id would give
+        assert row.finite == 1 and row.teacher_dropped_mass > 0 and row.student_dropped_mass > 0
+        for name in ("fkl", "rkl", "teacher_logprob", "teacher_dropped_mass", "student_dropped_mass"):
+            assert getattr(row, name) == pytest.approx(ref[name], rel=1e-5), (row.context_id, j, name)
+        assert abs(row.fkl - full["fkl"]) > 100 * abs(row.fkl - ref["fkl"])  # renormalised, visibly
+
+
+def test_probe_runs_a_deepseek_like_teacher_without_its_renamed_ids(folders, tmp_path, capsys):
+    ctx = tmp_path / "c.jsonl"
+    recs = [{"id": "d0", "prompt_ids": [1, 2, 3], "response_ids": [5, 151648, 7, 151643, 9]},
+            {"id": "d1", "prompt_ids": [4, 151644, 6], "response_ids": [8, 10, 151649, 12]}]
+    ctx.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    out = tmp_path / "run"
+    assert main(["probe", "--teacher", folders["deepseek"], "--student", folders["qwen25"], "--contexts", str(ctx),
+                 "--out", str(out), "--device", "cpu", "--quiet", "--positions", "all"]) == 0
+    assert "tokenizers differ on 6 ids" in capsys.readouterr().err
+    keep = np.ones(QWEN25_LEN, dtype=bool)
+    keep[sorted(DEEPSEEK)] = False
+    assert_over_shared_ids(out, folders["deepseek"], folders["qwen25"], ctx, keep)
+    df = read_tokens(out / "tokens.csv")
+    assert (df["finite"] == 0).sum() == 3  # the three positions that predict a renamed id

@@ -28,10 +28,12 @@ from teachdiag.errors import InputError
 from teachdiag.flags import opt
 from teachdiag.table import COLUMNS, TEXT_COLUMNS, PARTIAL, all_parts, read_tokens, teachability_scores
 
-# numeric columns every table has (response_length is checked on its own: older tables lack it)
-NUMERIC = [c for c in COLUMNS if c not in TEXT_COLUMNS and c != "response_length"]
+# absent from older tables, left absent: response_length, instrument (0.2); the probability mass
+# dropped by a pair whose tokenizers differ in added/special ids (tokenizers.py)
+MAY_LACK = ("response_length", "instrument", "student_dropped_mass", "teacher_dropped_mass")
+# numeric columns every table has (the MAY_LACK ones are checked on their own)
+NUMERIC = [c for c in COLUMNS if c not in TEXT_COLUMNS and c not in MAY_LACK]
 OPTIONAL = ("gain_first_order",)  # added in 0.2; tables written before it still load (as NaN)
-MAY_LACK = ("response_length", "instrument")  # added in 0.2; absent from older tables, left absent
 # written by newer probes; optional when loading. response_length (int, the context's full response
 # length after truncation) is required by --protocol paper only (pos_norm); instrument is text:
 # per_position, shared or checkpoint (DESIGN §5), shown in the run description.
@@ -89,7 +91,7 @@ def load_tokens(path: str | pathlib.Path) -> tuple[pd.DataFrame, int]:
             raise InputError("missing column", file=str(path), field=col)
     if df.empty:
         raise InputError("no rows", file=str(path))
-    numeric = NUMERIC + (["response_length"] if "response_length" in df.columns else [])
+    numeric = NUMERIC + [c for c in MAY_LACK if c in df.columns and c not in TEXT_COLUMNS]
     if "instrument" in df.columns:
         df["instrument"] = df["instrument"].astype(str)
     if "response_length" in df.columns and df["response_length"].dtype == object:

@@ -28,8 +28,10 @@ from teachdiag.probe.signals import kls_from_logits, signals_from_logits
 class CheckpointScore:
     """θ0 (`model`) and θτ (`after`): one forward of each per context, all positions at once."""
 
-    def __init__(self, model: nn.Module, after: nn.Module, vocab: int, top_k: int = 16) -> None:
-        self.model, self.after, self.vocab, self.top_k = model, after, vocab, top_k
+    def __init__(self, model: nn.Module, after: nn.Module, vocab: int, top_k: int = 16,
+                 keep: torch.Tensor | None = None) -> None:
+        """keep: None, or bool (vocab,): the ids both tokenizers agree on (signals.py)."""
+        self.model, self.after, self.vocab, self.top_k, self.keep = model, after, vocab, top_k, keep
 
     def _logits(self, model: nn.Module, ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -47,8 +49,8 @@ class CheckpointScore:
         y = student_ids[[n_prompt + j for j in positions]]
         t = teacher_logits
         z0, z1 = self._logits(self.model, ids, keep), self._logits(self.after, ids, keep)
-        before = {k: v.tolist() for k, v in signals_from_logits(z0, t, y, self.top_k).items()}
-        after = kls_from_logits(z1, t)
+        before = {k: v.tolist() for k, v in signals_from_logits(z0, t, y, self.top_k, self.keep).items()}
+        after = kls_from_logits(z1, t, self.keep)
         fkl1, rkl1 = after["fkl"].tolist(), after["rkl"].tolist()
         ok = (torch.isfinite(z0).all(1) & torch.isfinite(z1).all(1) & torch.isfinite(t).all(1)).tolist()
         # no gradient: grad_norm is NaN, and make_row must not read that as a non-finite row

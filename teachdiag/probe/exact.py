@@ -122,10 +122,12 @@ class SingleStepProbe:
     """Holds θ0 for the stepped parameters and probes positions one at a time."""
 
     def __init__(self, model: nn.Module, params: str, loss: str, optimizer: str, lr: float,
-                 vocab: int, top_k: int = 16) -> None:
+                 vocab: int, top_k: int = 16, keep: torch.Tensor | None = None) -> None:
+        """keep: None, or bool (vocab,) on the model's device: the ids both tokenizers agree on
+        (signals.py); every signal and the loss then live on those ids, renormalised."""
         self.model, self.loss, self.optimizer, self.lr = model, loss, optimizer, float(lr)
         self.rule = rule(optimizer)
-        self.vocab, self.top_k = vocab, top_k
+        self.vocab, self.top_k, self.keep = vocab, top_k, keep
         self.named = select_params(model, params)
         self.params = [p for _, p in self.named]
         for name, p in self.named:
@@ -159,7 +161,7 @@ class SingleStepProbe:
         y = torch.tensor([token_id], device=prefix.device)
         with self.differentiable():
             s_before = self._last_logits(prefix)  # (1, V)
-            grads = torch.autograd.grad(probe_loss(s_before, t, y, self.loss), self.params)
+            grads = torch.autograd.grad(probe_loss(s_before, t, y, self.loss, keep=self.keep), self.params)
         return self.gradient_at(prefix, s_before.detach(), t, y, list(grads))
 
     @contextlib.contextmanager
@@ -178,7 +180,7 @@ class SingleStepProbe:
                     grads: list[torch.Tensor]) -> PositionGrad:
         """PositionGrad from a position's logits at θ0 (1, V) and its gradient (one tensor per
         parameter, ours to overwrite: adam's direction is computed in place)."""
-        before = {k: v.item() for k, v in signals_from_logits(s_before, t, y, self.top_k).items()}
+        before = {k: v.item() for k, v in signals_from_logits(s_before, t, y, self.top_k, self.keep).items()}
         grad_norm = global_norm(grads)
         g_dot_d = self.rule.first_order(grads, grad_norm)  # before adam's direction overwrites g
         finite = bool(torch.isfinite(s_before).all() and torch.isfinite(t).all())
@@ -196,7 +198,7 @@ class SingleStepProbe:
 
     def row(self, pg: PositionGrad, s_after: torch.Tensor, lr: float) -> dict[str, float]:
         """The tokens.csv row of one position: signals before, KLs after the step of size lr, gains."""
-        after = kls_from_logits(s_after, pg.teacher)
+        after = kls_from_logits(s_after, pg.teacher, self.keep)
         finite = pg.finite and bool(torch.isfinite(s_after).all())
         return make_row(pg.before, after["fkl"].item(), after["rkl"].item(), pg.grad_norm, lr * pg.g_dot_d, finite)
 

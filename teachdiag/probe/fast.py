@@ -38,12 +38,13 @@ def _tied(model: nn.Module) -> bool:
 
 
 def make_probe(model: nn.Module, params: str, loss: str, optimizer: str, lr: float, vocab: int,
-               top_k: int = 16, grad_bytes: int | None = None) -> SingleStepProbe:
+               top_k: int = 16, grad_bytes: int | None = None, keep: torch.Tensor | None = None) -> SingleStepProbe:
     """The fastest exact probe for this parameter set (all give the same numbers as probe.py).
 
     grad_bytes: memory for the per-position gradients of BatchedProbe; default a quarter of the
-    free GPU memory on CUDA (a 0.5B student batches ~10 positions on an 80 GB GPU), 2 GiB on CPU."""
-    args = (model, params, loss, optimizer, lr, vocab, top_k)
+    free GPU memory on CUDA (a 0.5B student batches ~10 positions on an 80 GB GPU), 2 GiB on CPU.
+    keep: the ids both tokenizers agree on, or None (SingleStepProbe)."""
+    args = (model, params, loss, optimizer, lr, vocab, top_k, keep)
     select_params(model, params)  # validates params (ValueError) before any choice
     head = model.get_output_embeddings()
     if params == "lm_head" and not _tied(model) and type(head) is nn.Linear and head.bias is None:
@@ -89,7 +90,7 @@ class BatchedProbe(SingleStepProbe):
         with self.differentiable():
             z = self.model(input_ids=ids[None], logits_to_keep=keep, use_cache=False).logits[0]
             z = z[:, : self.vocab].float()  # (P, V)
-            losses = probe_loss(z, t, y, self.loss, reduce=False)  # (P,)
+            losses = probe_loss(z, t, y, self.loss, reduce=False, keep=self.keep)  # (P,)
             eye = torch.eye(len(positions), dtype=losses.dtype, device=losses.device)
             # row i of each result is ∂ℓ_i/∂θ: causality keeps later tokens out of it
             grads = torch.autograd.grad(losses, self.params, grad_outputs=eye, is_grads_batched=True)
@@ -128,13 +129,15 @@ class HeadProbe(SingleStepProbe):
         t = teacher_logits  # (P, V)
         zv = z[:, : self.vocab].detach().requires_grad_(True)
         with torch.enable_grad():
-            (delta,) = torch.autograd.grad(probe_loss(zv, t, y, self.loss), zv)  # (P, V): ∂ℓ_j/∂z_j
+            # (P, V): ∂ℓ_j/∂z_j, exactly 0 on ids outside keep (the loss never sees them), so the
+            # step below leaves their logits where they are, as the plain probe's step does
+            (delta,) = torch.autograd.grad(probe_loss(zv, t, y, self.loss, keep=self.keep), zv)
         delta = delta.float()
         dz, grad_norm, g_dot_d = self._closed_form(h, delta)  # (P, V), (P,), (P,)
         z = z[:, : self.vocab]
         # all positions at once: signals before, and after z1 = (W − lr·scale·D)·h = z − lr·dz
-        before = {k: v.tolist() for k, v in signals_from_logits(z, t, y, self.top_k).items()}
-        after = kls_from_logits(z.double() - self.lr * dz.double(), t)  # exact step
+        before = {k: v.tolist() for k, v in signals_from_logits(z, t, y, self.top_k, self.keep).items()}
+        after = kls_from_logits(z.double() - self.lr * dz.double(), t, self.keep)  # exact step
         fkl_after, rkl_after = after["fkl"].tolist(), after["rkl"].tolist()
         ok = (torch.isfinite(z).all(1) & torch.isfinite(t).all(1) & torch.isfinite(dz).all(1)).tolist()
         return [make_row({k: v[i] for k, v in before.items()}, fkl_after[i], rkl_after[i], grad_norm[i],

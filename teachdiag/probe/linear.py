@@ -176,12 +176,13 @@ def _full_rule(module: nn.Module, names: list[str], x: torch.Tensor, g: torch.Te
 
 def first_order_rows(model: nn.Module, params: str, prefixes: list[torch.Tensor], teacher_logits: torch.Tensor,
                      token_ids: list[int], loss: str, optimizer: str, lr: float, vocab: int,
-                     top_k: int = 16) -> list[dict[str, float]]:
+                     top_k: int = 16, keep: torch.Tensor | None = None) -> list[dict[str, float]]:
     """SingleStepProbe's rows for B positions, with gain_first_order = lr·⟨g_b, d_b⟩ instead of a step.
 
     prefixes: B tensors (L_b,) of student input ids; teacher_logits: (B, V) float32, row b the
     teacher's distribution for the token after prefixes[b]; token_ids: the B sampled tokens.
     The measured-after columns (rows.MEASURED) are NaN. The model's weights are not written.
+    keep: None, or bool (V,): the ids both tokenizers agree on (signals.py).
     """
     step = rule(optimizer)
     elem = step if step.elementwise is not None else None
@@ -208,7 +209,7 @@ def first_order_rows(model: nn.Module, params: str, prefixes: list[torch.Tensor]
             idle = [p for m in recorder.owners if id(m) not in called
                     for p in m._parameters.values() if p is not None and id(p) in uses]
             outs = [o for _, _, o in recorder.calls]
-            grads = torch.autograd.grad(probe_loss(s, t, y, loss), outs + idle, allow_unused=True)
+            grads = torch.autograd.grad(probe_loss(s, t, y, loss, keep=keep), outs + idle, allow_unused=True)
             if any(g is not None for g in grads[len(outs):]):
                 raise UnsupportedModel(f"{[recorder.stepped[id(p)] for p in idle]} are used outside the forward "
                                  "of the modules that own them; linear mode cannot attribute their gradient")
@@ -242,7 +243,7 @@ def first_order_rows(model: nn.Module, params: str, prefixes: list[torch.Tensor]
     gain = lr * step.first_order_from(norm, inner)  # (B,)
 
     s = s.detach()
-    before = {k: v.tolist() for k, v in signals_from_logits(s, t, y, top_k).items()}
+    before = {k: v.tolist() for k, v in signals_from_logits(s, t, y, top_k, keep).items()}
     ok = (torch.isfinite(s).all(1) & torch.isfinite(t).all(1)).tolist()
     return [make_row({k: v[i] for k, v in before.items()}, math.nan, math.nan, float(norm[i]), float(gain[i]), ok[i])
             for i in range(len(prefixes))]

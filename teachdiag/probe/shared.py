@@ -8,9 +8,12 @@ The per-position probe asks how much a position can teach itself (θ1 = θ0 − 
 paper's gain asks how much position t improves when the student is trained on everything: its
 Proposition 1, G_t ≈ η·⟨∇L, ∇ℓ_t⟩ with L the mean loss over the batch. Here:
 
-1. θ0: for each context of the group, one teacher forward and one student forward + backward;
-   the gradient of L = mean over the group's positions of ℓ_t accumulates in float32. The
-   signals before the step come from the same forward.
+1. θ0: one teacher forward per context of the group, then one student forward + backward per
+   context; the gradient of L = mean over the group's positions of ℓ_t accumulates in float32.
+   The signals before the step come from the same forward. A position whose loss cannot be
+   finite (non-finite teacher logits; sampled_token at a y outside the shared ids) is left out of
+   L before its loss is computed: a NaN row's backward would give NaN·0 = NaN in every entry of
+   ∇L. Their number is `n_skipped`; their rows are not finite anyway.
 2. one step θ1 = θ0 − lr·scale·d(g) with the step rule of probe/steps.py (g = ∇L).
 3. θ0 again, forward-mode: ⟨∇ℓ_t, scale·d⟩ for every position t at once (one torch.func.jvp per
    context, attention switched to eager for it: sdpa has no forward-mode derivative), so
@@ -84,8 +87,11 @@ class SharedStep:
     """Holds θ0 of the stepped parameters; `run` takes one shared step for a group of contexts."""
 
     def __init__(self, model: nn.Module, params: str, loss: str, optimizer: str, lr: float, vocab: int,
-                 top_k: int = 16, first_order: bool = True, cache_dir: str | None = None) -> None:
+                 top_k: int = 16, first_order: bool = True, cache_dir: str | None = None,
+                 keep: torch.Tensor | None = None) -> None:
+        """keep: None, or bool (vocab,): the ids both tokenizers agree on (signals.py)."""
         self.model, self.loss, self.lr, self.vocab, self.top_k = model, loss, float(lr), vocab, top_k
+        self.keep = keep
         self.rule = rule(optimizer)
         self.named = select_params(model, params)
         self.params = [p for _, p in self.named]
@@ -96,6 +102,7 @@ class SharedStep:
         self.first_order = first_order
         self.cache_dir = cache_dir  # where pass 1's teacher logits wait for pass 2 (None: the temp folder)
         self.grad_norm = math.nan  # ‖∇L‖ of the last group
+        self.n_skipped = 0  # positions of the last group left out of L (their loss is not finite)
 
     def _logits(self, ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """(P, V) float32 student logits at sequence indices `keep` of ids (T,)."""
@@ -111,30 +118,48 @@ class SharedStep:
         y = torch.tensor([ctx.response_ids[j] for j in positions], device=device)
         return ids, keep, y
 
+    def _usable(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """(P,) bool: positions whose loss can enter L (finite teacher row; for sampled_token a y
+        among the kept ids)."""
+        use = torch.isfinite(t).all(1)
+        if self.loss == "sampled_token" and self.keep is not None:
+            use &= self.keep[y]
+        return use
+
     def run(self, teacher, ctxs: list[Context], by_ctx: dict[int, list[int]], group: list[int],
             device, progress=None) -> dict[int, list[dict]]:
         """Rows of every position of the group's contexts, after ONE step on their mean loss.
 
         progress: an optional callable(n_positions, phase) for a progress bar."""
-        n_total = sum(len(by_ctx[c]) for c in group)
         before: dict[int, tuple[dict, list[bool]]] = {}
         for p in self.params:
             p.grad = None
         cache = TeacherCache(self.cache_dir)
         try:
-            # 1. θ0: the gradient of the mean loss, and the signals before the step
-            for p in self.params:
-                p.requires_grad_(True)
+            # 1. θ0: the teacher first, so the mean is over the positions that can enter L ...
+            n_total = n_used = 0
             for c in group:
                 ctx, positions = ctxs[c], by_ctx[c]
                 t = teacher_logits(teacher, ctx, positions, self.vocab, device)  # (P, V)
                 cache.put(c, t)
+                n_total += len(positions)
+                n_used += int(self._usable(t, self._view(ctx, positions, device)[2]).sum())
+            self.n_skipped = n_total - n_used
+            # ... then the gradient of the mean loss, and the signals before the step
+            for p in self.params:
+                p.requires_grad_(True)
+            for c in group:
+                ctx, positions = ctxs[c], by_ctx[c]
+                t = cache.get(c, device)
                 ids, keep, y = self._view(ctx, positions, device)
+                use = self._usable(t, y)
+                rows = slice(None) if use.all() else use  # rows chosen BEFORE the loss exists
                 with torch.enable_grad():
                     z = self._logits(ids, keep)  # (P, V)
-                    (probe_loss(z, t, y, self.loss) / n_total).backward()  # grads accumulate over contexts
+                    if use.any():  # grads accumulate over contexts
+                        (probe_loss(z[rows], t[rows], y[rows], self.loss, keep=self.keep) / n_used).backward()
                 z = z.detach()
-                sig = {k: v.tolist() for k, v in signals_from_logits(z, t, y, self.top_k).items()}
+                sig = {k: v.tolist() for k, v in signals_from_logits(z, t, y, self.top_k, self.keep).items()}
                 ok = (torch.isfinite(z).all(1) & torch.isfinite(t).all(1)).tolist()
                 before[c] = (sig, ok)
                 if progress:
@@ -162,7 +187,7 @@ class SharedStep:
                         z1 = self._logits(ids, keep)
                 finally:
                     self.restore()
-                after = kls_from_logits(z1, t)
+                after = kls_from_logits(z1, t, self.keep)
                 sig, ok = before[c]
                 ok1 = torch.isfinite(z1).all(1).tolist()
                 fkl1, rkl1 = after["fkl"].tolist(), after["rkl"].tolist()
@@ -187,7 +212,7 @@ class SharedStep:
         def losses(stepped: dict) -> torch.Tensor:
             z = functional_call(self.model, stepped, (), {"input_ids": ids[None], "logits_to_keep": keep,
                                                           "use_cache": False}, strict=False)
-            return probe_loss(z.logits[0, :, : self.vocab].float(), t, y, self.loss, reduce=False)
+            return probe_loss(z.logits[0, :, : self.vocab].float(), t, y, self.loss, reduce=False, keep=self.keep)
 
         with eager_attention(self.model), torch.no_grad():
             _, dl = jvp(losses, (primals,), (tangents,))

@@ -6,9 +6,17 @@
 
 teachability and incompat need the whole run's quantiles, so they live in table.py.
 
-Logits are (P, V) over the shared vocabulary (padded rows already dropped). All arithmetic
-is done in float64: gains are differences of two KLs that agree to ~1e-4, so float32 sums
-over a 150k vocabulary would leave too few correct digits.
+Logits are (P, V) over one vocabulary (padded rows already dropped). All arithmetic is done
+in float64: gains are differences of two KLs that agree to ~1e-4, so float32 sums over a 150k
+vocabulary would leave too few correct digits.
+
+keep: None when both tokenizers give every id the same meaning, else a bool (V,) mask of the ids
+they agree on (tokenizers.TokenizerMatch.shared_ids, made by keep_mask). Then every signal and
+loss is computed over the kept ids with both distributions renormalised there: the kept columns
+are selected (index_select) before any softmax, so a dropped id has no probability at all and
+receives an exact zero gradient. A sampled token outside keep has no log-probability in that
+space: its logprobs are NaN (the row is then not finite and left out of every statistic).
+student_dropped_mass / teacher_dropped_mass say how much of each full softmax was dropped.
 """
 
 from __future__ import annotations
@@ -19,8 +27,58 @@ import torch
 import torch.nn.functional as F
 
 SIGNALS = ("fkl", "rkl", "student_entropy", "teacher_entropy", "student_logprob",
-           "teacher_logprob", "compat_mass", "topk_entropy", "union_fkl")
+           "teacher_logprob", "compat_mass", "topk_entropy", "union_fkl", "student_dropped_mass",
+           "teacher_dropped_mass")
 LOSSES = ("reverse_kl", "forward_kl", "sampled_token")
+
+
+def keep_mask(shared_ids: list[int] | None, vocab: int, device=None) -> torch.Tensor | None:
+    """bool (vocab,), True on `shared_ids` (TokenizerMatch.shared_ids); None stays None (identical)."""
+    if shared_ids is None:
+        return None
+    keep = torch.zeros(vocab, dtype=torch.bool, device=device)
+    keep[torch.as_tensor(shared_ids, dtype=torch.long, device=device)] = True
+    return keep
+
+
+def restrict(logits: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """(P, V) logits -> (P, V') float64 logits of the kept ids, V' = keep.sum(); softmax over them
+    is the distribution renormalised on the kept ids. keep None: logits.double() itself."""
+    x = logits.double()
+    if keep is None:
+        return x
+    if keep.shape != x.shape[-1:]:
+        raise ValueError(f"keep has shape {tuple(keep.shape)}, logits have {x.shape[-1]} columns")
+    return x.index_select(-1, keep.nonzero().squeeze(1))
+
+
+def token_index(token_ids: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """(P,) token ids -> (P,) their columns in restrict()'s output, -1 for an id outside keep."""
+    y = token_ids.long()
+    if keep is None:
+        return y
+    column = keep.long().cumsum(0) - 1  # column of each kept id among the kept ones
+    return torch.where(keep[y], column[y], -1)
+
+
+def at_token(log_p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(P,) log_p[i, y[i]]; NaN where y[i] is -1 (a token outside keep). torch.where, not a product,
+    so the backward gives those rows an exact zero, never NaN·0."""
+    got = log_p.gather(-1, y.clamp(min=0).view(-1, 1)).squeeze(-1)
+    return torch.where(y < 0, torch.full_like(got, float("nan")), got)
+
+
+def dropped_mass(logits: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """(P,) float64 softmax mass of the full (P, V) logits on ids outside keep (0 where keep is None);
+    summed over the dropped ids themselves, so a tiny mass keeps its relative precision."""
+    if keep is None:
+        return torch.zeros(logits.shape[0], dtype=torch.float64, device=logits.device)
+    return F.log_softmax(logits.double(), -1)[:, ~keep].exp().sum(-1)
+
+
+def token_logprob(logits: torch.Tensor, token_ids: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """(P,) float64 log p(y) from (P, V) logits, renormalised on keep (NaN for a y outside it)."""
+    return at_token(F.log_softmax(restrict(logits, keep), -1), token_index(token_ids, keep))
 
 
 def kl(log_p: torch.Tensor, log_q: torch.Tensor, p: torch.Tensor | None = None) -> torch.Tensor:
@@ -37,15 +95,17 @@ def entropy(log_p: torch.Tensor, p: torch.Tensor | None = None) -> torch.Tensor:
 
 
 def signals_from_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                        token_ids: torch.Tensor, k: int = 16) -> dict[str, torch.Tensor]:
+                        token_ids: torch.Tensor, k: int = 16,
+                        keep: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Every DESIGN §3 signal that needs no run-level normalisation.
 
-    student_logits, teacher_logits: (P, V); token_ids: (P,) the sampled tokens y_j.
-    Returns float64 tensors of shape (P,) on the logits' device.
+    student_logits, teacher_logits: (P, V); token_ids: (P,) the sampled tokens y_j; keep: None or
+    bool (V,), the ids both tokenizers agree on (module docstring). Returns float64 tensors of
+    shape (P,) on the logits' device.
     """
-    log_s = F.log_softmax(student_logits.double(), -1)  # (P, V)
-    log_t = F.log_softmax(teacher_logits.double(), -1)  # (P, V)
-    y = token_ids.long().view(-1, 1)
+    log_s = F.log_softmax(restrict(student_logits, keep), -1)  # (P, V'), V' = V when keep is None
+    log_t = F.log_softmax(restrict(teacher_logits, keep), -1)  # (P, V')
+    y = token_index(token_ids, keep)  # (P,), -1 outside keep
     k = min(k, log_s.shape[-1])
     top_s = log_s.topk(k, dim=-1).indices  # (P, K) the student's candidates
     top_t = log_t.topk(k, dim=-1).indices  # (P, K)
@@ -68,38 +128,45 @@ def signals_from_logits(student_logits: torch.Tensor, teacher_logits: torch.Tens
         "rkl": kl(log_s, log_t, p_s),
         "student_entropy": entropy(log_s, p_s),
         "teacher_entropy": entropy(log_t, p_t),
-        "student_logprob": log_s.gather(-1, y).squeeze(-1),
-        "teacher_logprob": log_t.gather(-1, y).squeeze(-1),
+        "student_logprob": at_token(log_s, y),
+        "teacher_logprob": at_token(log_t, y),
         "compat_mass": p_t.gather(-1, top_s).sum(-1),  # C: teacher mass on student top-K
         "topk_entropy": topk_entropy,
         "union_fkl": union_fkl,
+        "student_dropped_mass": dropped_mass(student_logits, keep),
+        "teacher_dropped_mass": dropped_mass(teacher_logits, keep),
     }
 
 
-def kls_from_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+def kls_from_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                    keep: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Only fkl and rkl, (P,) float64, by the same arithmetic as signals_from_logits: what a
     re-scored student needs after a step (the rest of the signals come from θ0)."""
-    log_s = F.log_softmax(student_logits.double(), -1)
-    log_t = F.log_softmax(teacher_logits.double(), -1)
+    log_s = F.log_softmax(restrict(student_logits, keep), -1)
+    log_t = F.log_softmax(restrict(teacher_logits, keep), -1)
     return {"fkl": kl(log_t, log_s), "rkl": kl(log_s, log_t)}
 
 
 def probe_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-               token_ids: torch.Tensor, loss: str, reduce: bool = True) -> torch.Tensor:
+               token_ids: torch.Tensor, loss: str, reduce: bool = True,
+               keep: torch.Tensor | None = None) -> torch.Tensor:
     """The probe's loss at each position (DESIGN §4), summed over positions; teacher fixed.
 
-    student_logits: (P, V) with grad; teacher_logits: (P, V); token_ids: (P,).
+    student_logits: (P, V) with grad; teacher_logits: (P, V); token_ids: (P,); keep: None or
+    bool (V,) (module docstring): the loss lives on the kept ids, renormalised, and a dropped id's
+    logit gets a zero gradient. sampled_token at a y outside keep is NaN: callers that sum over
+    positions must leave such rows out first (probe/shared.py).
     reduce=False gives the (P,) per-position losses instead of their sum.
     """
-    log_s = F.log_softmax(student_logits.double(), -1)
-    log_t = F.log_softmax(teacher_logits.detach().double(), -1)
+    log_s = F.log_softmax(restrict(student_logits, keep), -1)
+    log_t = F.log_softmax(restrict(teacher_logits.detach(), keep), -1)
     if loss == "reverse_kl":
         per = kl(log_s, log_t)
     elif loss == "forward_kl":
         per = kl(log_t, log_s)
     elif loss == "sampled_token":
-        y = token_ids.long().view(-1, 1)
-        lp_s, lp_t = log_s.gather(-1, y).squeeze(-1), log_t.gather(-1, y).squeeze(-1)
+        y = token_index(token_ids, keep)
+        lp_s, lp_t = at_token(log_s, y), at_token(log_t, y)
         per = -(lp_t - lp_s).detach() * lp_s
     else:
         raise ValueError(f"unknown loss {loss!r}; one of {LOSSES}")

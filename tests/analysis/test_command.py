@@ -150,7 +150,8 @@ def test_config_follows_the_cli_convention():
     assert (cfg.gain, cfg.bootstrap, cfg.seed, cfg.allow_partial) == ("rel_gain_fkl", 1000, 0, False)
     assert cfg.protocol == "teachdiag" and fields["protocol"].metadata["choices"] == ("teachdiag", "paper")
     assert COLUMNS[0] == "context_id" and COLUMNS[21] == "grad_norm" and COLUMNS[23] == "finite"
-    assert COLUMNS[-2:] == ["response_length", "instrument"]  # added in 0.2, after the 0.1 columns
+    assert COLUMNS[-4:-2] == ["response_length", "instrument"]  # added in 0.2, after the 0.1 columns
+    assert COLUMNS[-2:] == ["student_dropped_mass", "teacher_dropped_mass"]  # after 0.2's, for differing tokenizers
 
 
 def test_analysis_path_never_imports_torch():
