@@ -43,10 +43,13 @@ def load_run(path: str | Path) -> Run:
 
 def run_probe(**options) -> Run:
     """`teachdiag probe` with these options; every instrument (gain="shared", student_after=...)."""
+    from teachdiag.config import apply_threads
     from teachdiag.runner import ProbeConfig, run_probe as _run
 
     options.setdefault("quiet", True)
-    return load_run(_run(ProbeConfig(**options), []))
+    cfg = ProbeConfig(**options)
+    apply_threads(cfg.threads)
+    return load_run(_run(cfg, []))
 
 
 def analyze(*runs: str | Path, **options) -> Path:
@@ -58,7 +61,10 @@ def analyze(*runs: str | Path, **options) -> Path:
 
 def run_train(**options) -> Path:
     """`teachdiag train`; returns the output folder (the model is in <out>/model)."""
+    from teachdiag.config import apply_threads
     from teachdiag.train import TrainConfig, run_train as _run
 
     options.setdefault("quiet", True)
-    return _run(TrainConfig(**options), [])
+    cfg = TrainConfig(**options)
+    apply_threads(cfg.threads)
+    return _run(cfg, [])

@@ -106,6 +106,8 @@ def parse_lr(value: str | float, optimizer: str) -> float | str:
     """--lr as a positive float, 'auto', or the step rule's default when empty."""
     if isinstance(value, str) and value.strip().lower() == "auto":
         return "auto"
+    if optimizer not in RULES:
+        raise InputError(f"unknown step rule {optimizer!r}; one of {', '.join(RULES)}", field="--optimizer")
     if value in ("", None):
         return RULES[optimizer].default_lr
     try:

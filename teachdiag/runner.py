@@ -30,9 +30,9 @@ from teachdiag.errors import InputError, UnsupportedModel
 from teachdiag.probe.checkpoint import CheckpointScore
 from teachdiag.probe.fast import make_probe
 from teachdiag.probe.shared import SharedStep
+from teachdiag.probe.signals import LOSSES
 from teachdiag.probe.signals import keep_mask
-from teachdiag.models import (config_sha256, load_inputs, load_model, load_models, model_record, resolve_device,
-                              vocab_rows)
+from teachdiag.models import (load_inputs, load_model, load_models, model_record, resolve_device)
 from teachdiag.config import (DEMO_POSITIONS, ContextOptions, DeviceOptions, PairOptions, StepOptions,
                               check_positive, fill_embedded, parse_lr)
 from teachdiag.flags import opt
@@ -69,7 +69,10 @@ class ProbeConfig(DeviceOptions, StepOptions, ContextOptions, PairOptions):  # l
 
 # options that must match for --resume to continue a folder
 RESUME_KEYS = ("teacher", "student", "contexts", "positions", "max_response_tokens", "top_k", "loss",
-               "optimizer", "lr", "params", "mode", "seed", "dtype", "gain", "shared_batch", "student_after")
+               "optimizer", "lr", "params", "mode", "seed", "dtype", "gain", "shared_batch", "student_after",
+               "skip_first_order", "raw_text", "strict_tokenizer", "student_base", "teacher_base")
+# what identifies a model's weights in its run-record entry (models.model_record)
+WEIGHT_KEYS = ("config_sha256", "weights_sha256", "adapter")
 
 
 def resolve_defaults(cfg: ProbeConfig) -> ProbeConfig:
@@ -79,6 +82,8 @@ def resolve_defaults(cfg: ProbeConfig) -> ProbeConfig:
     cfg.positions = cfg.positions or "all"
     parse_positions(cfg.positions)
     cfg.lr = parse_lr(cfg.lr, cfg.optimizer)
+    if cfg.loss not in LOSSES:  # the CLI's choices say so; the Python API lands here
+        raise InputError(f"unknown loss {cfg.loss!r}; one of {', '.join(LOSSES)}", field="--loss")
     check_positive(auto_lr_positions=cfg.auto_lr_positions, batch=cfg.batch, top_k=cfg.top_k)
     parse_params(cfg.params)
     if cfg.shared_batch < 0:
@@ -146,8 +151,10 @@ def _check_resume(writer: RunWriter, record: dict) -> None:
             raise InputError(f"option {key} differs from the run being resumed "
                              f"({old['options'].get(key)!r} vs {record['options'].get(key)!r})",
                              field="--resume", file=str(old_path))
-    for who in ("teacher", "student"):
-        if any(old[who].get(k) != record[who].get(k) for k in ("config_sha256", "weights_sha256")):
+    after = (old["step"].get("after"), record["step"].get("after"))  # a --student-after checkpoint
+    for who, (a, b) in {"teacher": (old["teacher"], record["teacher"]), "student": (old["student"], record["student"]),
+                        "student-after": after}.items():
+        if a is not None and b is not None and any(a.get(k) != b.get(k) for k in WEIGHT_KEYS):
             raise InputError(f"the {who} model differs from the run being resumed", field="--resume",
                              file=str(old_path))
     if old["contexts"]["sha256"] != record["contexts"]["sha256"]:
@@ -170,9 +177,13 @@ def _instrument(cfg: ProbeConfig, student, lr: float, vocab: int, device, world:
     both tokenizers agree on, or None (probe/signals.py)."""
     if cfg.student_after:
         after = load_model(cfg.student_after, "student-after", "float32", device, cfg.trust_remote_code)
-        if config_sha256(after) != config_sha256(student) or vocab_rows(after) != vocab_rows(student):
-            raise InputError("its architecture differs from --student's (config or vocabulary rows); a "
-                             "checkpoint gain compares two states of one model", field="--student-after")
+        # same class, same parameter names and shapes: two states of one model. Not a config hash:
+        # trainers save runtime fields (use_cache, pad_token_id) that say nothing about the weights
+        shapes = lambda m: {n: tuple(p.shape) for n, p in m.state_dict().items()}  # noqa: E731
+        if type(after) is not type(student) or shapes(after) != shapes(student):
+            raise InputError(f"its architecture differs from --student's ({type(after).__name__} vs "
+                             f"{type(student).__name__}, or other parameter shapes); a checkpoint gain compares "
+                             "two states of one model", field="--student-after")
         return "checkpoint", CheckpointScore(student, after, vocab, cfg.top_k, keep=keep)
     if cfg.gain == "shared":
         if world > 1:
@@ -198,20 +209,25 @@ def _instrument_record(cfg: ProbeConfig, instrument: str, probe) -> dict:
     return {"theta1": "one step on each position's own loss (fresh θ1 per position)"}
 
 
+def _shared_groups(cfg: ProbeConfig, by_ctx: dict[int, list[int]], todo: list[int]) -> list[list[int]]:
+    """The shared step's groups (--shared-batch contexts, or all) that still have work: each is
+    stepped with every one of its contexts, done or not, so a resumed group takes the same step."""
+    order, left = list(by_ctx), set(todo)
+    size = cfg.shared_batch or len(order)
+    groups = [order[a : a + size] for a in range(0, len(order), size)]
+    return [g for g in groups if left.intersection(g)]
+
+
 def _results(cfg: ProbeConfig, instrument: str, probe, student, lr: float, teacher, ctxs, by_ctx, todo, vocab,
              device, bar, keep: torch.Tensor | None):
     """Yield (group of context indices, rows of each) for the work left, in file order."""
     if instrument == "shared":
-        order = list(by_ctx)
-        size = cfg.shared_batch or len(order)
         left = set(todo)
         progress = lambda n, phase: (bar.set_postfix_str(phase, refresh=False), bar.update(n))  # noqa: E731
-        for a in range(0, len(order), size):
-            group = order[a : a + size]  # the step uses every context of the group, done or not
-            if left.intersection(group):
-                rows = probe.run(teacher, ctxs, by_ctx, group, device, progress)
-                keep = [c for c in group if c in left]
-                yield keep, [rows[c] for c in keep]
+        for group in _shared_groups(cfg, by_ctx, todo):
+            rows = probe.run(teacher, ctxs, by_ctx, group, device, progress)
+            mine = [c for c in group if c in left]
+            yield mine, [rows[c] for c in mine]
         return
     # exact: one context at a time; linear: consecutive contexts until a batch is full
     for group in groups(todo, by_ctx, cfg.batch if cfg.mode == "linear" else 1):
@@ -275,7 +291,10 @@ def run_probe(cfg: ProbeConfig, argv: list[str] | None = None) -> Path:
 
     # the work left, in file order, and this rank's share of it
     todo = distributed.shard([c for c in by_ctx if ctxs[c].id not in done], rank, world)
-    n_todo = sum(len(by_ctx[c]) for c in todo) * (2 if instrument == "shared" else 1)  # shared: two passes
+    if instrument == "shared":  # two passes over every context of each group with work left
+        n_todo = 2 * sum(len(by_ctx[c]) for group in _shared_groups(cfg, by_ctx, todo) for c in group)
+    else:
+        n_todo = sum(len(by_ctx[c]) for c in todo)
     t_probe = time.time()
     bar = tqdm(total=n_todo, unit="pos", desc="probe" if world == 1 else f"probe (rank 0 of {world})",
                disable=cfg.quiet or rank != 0, file=sys.stderr)

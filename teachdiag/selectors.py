@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from teachdiag.probe.signals import signals_from_logits
-from teachdiag.table import quantile_normalize
+from teachdiag.table import budget_count, quantile_normalize
 
 SELECTORS = ("all", "teachability", "entropy", "tip", "teach_entropy", "fkl", "random")
 
@@ -59,9 +59,8 @@ def budget_mask(scores: np.ndarray, sample: np.ndarray, budget: float) -> np.nda
 
     scores: (N,) in row-major position order; sample: (N,) which sample each position belongs to.
     NaN scores are never preferred over finite ones. Ties go to the earlier position."""
-    if not 0 < budget <= 1:
-        raise ValueError(f"budget must be in (0, 1], got {budget}")
     n = len(scores)
+    wanted = budget_count(n, budget)  # raises for a budget outside (0, 1]
     key = np.where(np.isfinite(scores), scores, -np.inf)
     order = np.lexsort((np.arange(n), -key))  # best first; equal scores: earlier index first
     keep = np.zeros(n, dtype=bool)
@@ -70,7 +69,7 @@ def budget_mask(scores: np.ndarray, sample: np.ndarray, budget: float) -> np.nda
         if sample[i] not in seen:
             seen.add(sample[i])
             keep[i] = True
-    room = max(int(round(budget * n)), len(seen)) - len(seen)
+    room = max(wanted, len(seen)) - len(seen)
     rest = [i for i in order if not keep[i]][:room]
     keep[rest] = True
     return keep

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -193,10 +195,40 @@ def _load_optimizer(student, optimizer, path: Path) -> None:
 
 
 def _save(out: Path, student, tok, optimizer, record: dict) -> None:
-    student.save_pretrained(out / "model")
-    tok.save_pretrained(out / "model")
-    save_file(_optimizer_tensors(student, optimizer), str(out / "optimizer.safetensors"))
-    (out / "train.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    """model/, optimizer.safetensors, then train.json, each replaced whole: a kill at any point leaves
+    the last complete save (train.json's steps_done names the step the other two belong to)."""
+    tmp = out / "model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    student.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    save_file(_optimizer_tensors(student, optimizer), str(tmp / "optimizer.safetensors"))
+    shutil.rmtree(out / "model.old", ignore_errors=True)
+    if (out / "model").exists():
+        os.replace(out / "model", out / "model.old")
+    os.replace(tmp / "optimizer.safetensors", out / "optimizer.safetensors.new")
+    os.replace(tmp, out / "model")
+    os.replace(out / "optimizer.safetensors.new", out / "optimizer.safetensors")
+    (out / "train.json.tmp").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    os.replace(out / "train.json.tmp", out / "train.json")
+    shutil.rmtree(out / "model.old", ignore_errors=True)
+
+
+def _truncate_log(path: Path, steps: int) -> None:
+    """Keep the header and the first `steps` rows of train_log.csv."""
+    lines = path.read_text().splitlines(keepends=True) if path.is_file() else [",".join(LOG_COLUMNS) + "\n"]
+    path.write_text("".join(lines[: steps + 1]))
+
+
+def _check(cfg: TrainConfig) -> None:
+    """Options torch would only refuse after the models have loaded, or not at all."""
+    checks = [(cfg.lr > 0, "--lr", "must be > 0"), (0 <= cfg.beta1 < 1, "--beta1", "must be in [0, 1)"),
+              (0 <= cfg.beta2 < 1, "--beta2", "must be in [0, 1)"),
+              (cfg.weight_decay >= 0, "--weight-decay", "must be >= 0"),
+              (cfg.temperature >= 0, "--temperature", "must be >= 0 (0: greedy)"),
+              (0 < cfg.budget <= 1, "--budget", "must be in (0, 1]")]
+    for ok, flag, msg in checks:
+        if not ok:
+            raise InputError(f"{msg}, got {getattr(cfg, flag[2:].replace('-', '_'))}", field=flag)
 
 
 def run_train(cfg: TrainConfig, argv: list[str] | None = None) -> Path:
@@ -206,8 +238,7 @@ def run_train(cfg: TrainConfig, argv: list[str] | None = None) -> Path:
     else:
         fill_embedded(cfg)
     check_positive(steps=cfg.steps, batch=cfg.batch, top_k=cfg.top_k, max_new_tokens=cfg.max_new_tokens)
-    if not 0 < cfg.budget <= 1:
-        raise InputError(f"must be in (0, 1], got {cfg.budget}", field="--budget")
+    _check(cfg)
     if not cfg.out:
         raise InputError("give an output folder", field="--out")
     if cfg.positions:
@@ -233,6 +264,7 @@ def run_train(cfg: TrainConfig, argv: list[str] | None = None) -> Path:
                 "resume": True, "overwrite": False}:
             raise InputError("options differ from the run being resumed", field="--resume", file=str(out))
         start = int(done["steps_done"])
+        _truncate_log(log_path, start)  # steps logged after the last save are taken again
         from transformers import AutoModelForCausalLM
 
         saved = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32)

@@ -28,3 +28,14 @@ def test_import_is_light_and_every_name_resolves():
     assert out.stdout.strip() == "False"
     for name in teachdiag.__all__:
         assert getattr(teachdiag, name) is not None
+
+
+def test_api_refuses_unknown_names_before_loading(tmp_path):
+    import pytest
+
+    from teachdiag.errors import InputError
+
+    with pytest.raises(InputError, match="--optimizer"):
+        teachdiag.run_probe(optimizer="adamw", out=str(tmp_path / "a"))
+    with pytest.raises(InputError, match="--loss"):
+        teachdiag.run_probe(loss="kl", out=str(tmp_path / "b"))

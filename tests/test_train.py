@@ -145,3 +145,27 @@ def test_on_policy_samples_fresh_responses_each_step(tmp_path, pair):
     log = np.genfromtxt(tmp_path / "a" / "train_log.csv", delimiter=",", names=True)
     assert len(log) == 2 and (log["positions"] >= 3).all() and (log["positions"] <= 18).all()
     assert main([*args, "--out", str(tmp_path / "b"), "--steps", "2", "--contexts", prompts]) == 2
+
+
+def test_resume_drops_log_rows_after_the_last_save_and_bad_options_fail_early(tmp_path, pair):
+    contexts = write_contexts(tmp_path / "c.jsonl", n=4)
+    args = ["train", "--teacher", pair[0], "--student", pair[1], "--contexts", str(contexts), "--device", "cpu",
+            "--quiet", "--lr", "1e-3", "--batch", "2", "--out", str(tmp_path / "a")]
+    assert main([*args, "--steps", "3"]) == 0
+    with open(tmp_path / "a" / "train_log.csv", "a") as f:  # a step logged, then killed before its save
+        f.write("4,0.5,3,3,0.9,1.0\n")
+    assert main([*args, "--steps", "5", "--resume"]) == 0
+    log = np.genfromtxt(tmp_path / "a" / "train_log.csv", delimiter=",", names=True)
+    assert log["step"].tolist() == [1, 2, 3, 4, 5] and log["loss"][3] != 0.5
+    assert not any(p.name.endswith((".tmp", ".old", ".new")) for p in (tmp_path / "a").iterdir())
+    for flag, value in (("--lr", "-1e-6"), ("--beta2", "1.5"), ("--temperature", "-1"), ("--weight-decay", "-0.1")):
+        assert main([*args[:-1], str(tmp_path / flag), "--steps", "1", flag, value]) == 2
+
+
+def test_budget_rule_is_the_analysis_rule():
+    from teachdiag.analysis.selection import paper_budget_size
+
+    scores = np.arange(150.0)
+    for rho in (0.01, 0.03, 0.05, 0.07, 0.1):  # 0.07 · 150 = 10.500000000000002: 10, not 11
+        keep = budget_mask(scores, np.zeros(150, int), rho)
+        assert keep.sum() == paper_budget_size(150, rho) == round(round(rho * 150, 9))

@@ -158,7 +158,7 @@ def load_run(run: str | pathlib.Path, allow_partial: bool = False) -> dict:
     return {"name": name, "path": str(run), "table": table, "n_rows": len(table) + excluded,
             "n_excluded": excluded, "n_contexts": int(table["context_id"].nunique()),
             "complete": meta.get("complete", "unknown (no run.json)"),
-            "top_k": meta.get("top_k"), "options": meta.get("options", {})}
+            "top_k": meta.get("top_k"), "options": meta.get("options", {}), "step": meta.get("step", {})}
 
 
 def add_response_lengths(run: dict, contexts: str | pathlib.Path) -> dict:
@@ -191,7 +191,11 @@ def describe(run: dict) -> str:
     """One line for a figure title: instrument, gain step rule and loss from run.json's options."""
     o, t = run.get("options") or {}, run["table"]
     inst = ", ".join(sorted(set(t["instrument"]))) if "instrument" in t.columns else "per_position"
-    step = f"{o['optimizer']} step, lr {o['lr']:g}" if "optimizer" in o and "lr" in o else "step rule unknown"
+    if inst == "checkpoint":
+        return "checkpoint gain: θ0 → θτ (no step)"
+    lr = (run.get("step") or {}).get("lr", o.get("lr"))  # the lr used: --lr auto records its choice there
+    lr = f"lr {lr:g}" if isinstance(lr, (int, float)) else f"lr {lr}" if lr else "lr unknown"
+    step = f"{o['optimizer']} step, {lr}" if "optimizer" in o else "step rule unknown"
     loss = f", {o['loss']} loss" if "loss" in o else ""
     return f"{inst.replace('_', '-')} gain: {step}{loss}"
 

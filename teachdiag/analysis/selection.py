@@ -20,6 +20,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from teachdiag.table import budget_count
+
 BUDGETS = (0.01, 0.03, 0.05, 0.10)
 # selector name -> column of a table from analysis.add_scores. "entropy" is the raw top-K entropy
 # H: it orders like H̃ but without the tie plateaus that clipping puts at H̃ = 0 and 1.
@@ -42,9 +44,7 @@ def paper_budget_size(n: int, rho: float) -> int:
     """k = round(rho · n), the paper's rule (DESIGN §6), halves to even as Python's round; 0 when
     rho · n < 0.5 (the caller reports "too few positions"). Rounded to 9 decimals first, like
     budget_size, so float noise cannot move k across a half."""
-    if not 0 < rho <= 1:
-        raise ValueError(f"budget must be in (0, 1], got {rho}")
-    return min(n, int(round(round(rho * n, 9))))
+    return budget_count(n, rho)
 
 
 def select_top(scores: np.ndarray, k: int) -> np.ndarray:

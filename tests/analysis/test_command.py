@@ -160,3 +160,15 @@ def test_analysis_path_never_imports_torch():
             "teachdiag.analysis.paper_report, teachdiag.analysis.paper_command; assert 'torch' not in sys.modules")
     root = pathlib.Path(__file__).resolve().parents[1]
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
+
+
+def test_titles_of_lr_auto_and_checkpoint_runs():
+    from teachdiag.analysis.command import describe
+
+    t = pd.DataFrame({"instrument": ["per_position"]})
+    opts = {"optimizer": "normalized", "lr": "auto", "loss": "reverse_kl"}
+    assert describe({"options": opts, "step": {"lr": 0.003}, "table": t}) == \
+        "per-position gain: normalized step, lr 0.003, reverse_kl loss"
+    assert "lr auto" in describe({"options": opts, "table": t})  # an older record: no crash
+    assert describe({"options": opts, "table": pd.DataFrame({"instrument": ["checkpoint"]})}).startswith(
+        "checkpoint gain: θ0 → θτ")

@@ -166,3 +166,15 @@ def test_checkpoint_refuses_another_architecture(tmp_path, pair, llama_pair):
     rc = main(["probe", "--teacher", pair[0], "--student", pair[1], "--contexts", str(contexts), "--out",
                str(tmp_path / "r"), "--device", "cpu", "--quiet", "--student-after", llama_pair[1]])
     assert rc == 2 and not (tmp_path / "r" / "tokens.csv").exists()
+
+
+def test_checkpoint_accepts_runtime_config_fields_of_a_trainer(tmp_path, pair):
+    """TRL and verl save use_cache=False or a pad_token_id: the same architecture all the same."""
+    contexts = write_contexts(tmp_path / "c.jsonl", n=2)
+    after = load(pair[1])
+    after.config.use_cache, after.config.pad_token_id = False, 5
+    after.save_pretrained(tmp_path / "after")
+    cfg = ProbeConfig(teacher=pair[0], student=pair[1], contexts=str(contexts), out=str(tmp_path / "r"),
+                      device="cpu", quiet=True, student_after=str(tmp_path / "after"))
+    df = read_tokens(run_probe(cfg, []) / "tokens.csv")
+    assert (df["gain_fkl"].abs() < 1e-6).all()  # same weights: no gain beyond float noise
