@@ -63,7 +63,8 @@ def teachability_scores(union_fkl: np.ndarray, compat_mass: np.ndarray) -> tuple
 def budget_count(n: int, rho: float) -> int:
     """round(ρ·n) positions, the paper's budget rule (halves to even, as Python's round), at most n.
     ρ·n is rounded to 9 decimals first, so float noise (0.07 · 150 = 10.500000000000002) cannot move
-    it across a half. The analysis' selection and the trainer's selectors both use this."""
+    it across a half. The paper protocol's selection and the trainer's selectors both use this
+    (the default protocol keeps its own ceil(ρ·n), analysis/selection.budget_size)."""
     if not 0 < rho <= 1:
         raise ValueError(f"budget must be in (0, 1], got {rho}")
     return min(n, int(round(round(rho * n, 9))))
