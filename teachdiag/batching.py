@@ -1,7 +1,8 @@
 """How a run's positions are grouped: the exact probe context by context, --mode linear in batches
-across contexts (the teacher's logits once per context, probe/forward.py).
+across contexts, the shared step in groups of --shared-batch contexts (the teacher's logits once
+per context, probe/forward.py). run_groups drives all three for the runner.
 
-    from teachdiag.batching import groups, exact_group, linear_group
+    from teachdiag.batching import groups, exact_group, linear_group, run_groups
     for group in groups(todo, by_ctx, size=1):           # size = --batch in linear mode
         rows_per_context = exact_group(probe, teacher, ctxs, group, by_ctx, vocab, device)
 
@@ -66,3 +67,32 @@ def linear_group(cfg, student, lr: float, teacher, ctxs: list[Context], group: l
         out.append(rows[a : a + len(by_ctx[c])])
         a += len(by_ctx[c])
     return out
+
+
+def shared_groups(size: int, by_ctx: dict[int, list[int]], todo: list[int]) -> list[list[int]]:
+    """The shared step's groups (--shared-batch contexts, or all) that still have work: each is
+    stepped with every one of its contexts, done or not, so a resumed group takes the same step.
+    size: --shared-batch (0: one group)."""
+    order, left = list(by_ctx), set(todo)
+    size = size or len(order)
+    chunks = [order[a : a + size] for a in range(0, len(order), size)]
+    return [g for g in chunks if left.intersection(g)]
+
+
+def run_groups(cfg, instrument: str, probe, student, lr: float, teacher, ctxs: list[Context], by_ctx, todo,
+               vocab: int, device, bar, keep: torch.Tensor | None):
+    """Yield (group of context indices, rows of each) for the work left, in file order: the shared
+    step group by group, the exact probe context by context, linear mode in --batch positions.
+    cfg: the run's ProbeConfig; bar: a tqdm bar the shared step advances itself."""
+    if instrument == "shared":
+        left = set(todo)
+        progress = lambda n, phase: (bar.set_postfix_str(phase, refresh=False), bar.update(n))  # noqa: E731
+        for group in shared_groups(cfg.shared_batch, by_ctx, todo):
+            rows = probe.run(teacher, ctxs, by_ctx, group, device, progress)
+            mine = [c for c in group if c in left]
+            yield mine, [rows[c] for c in mine]
+        return
+    # exact: one context at a time; linear: consecutive contexts until a batch is full
+    for group in groups(todo, by_ctx, cfg.batch if cfg.mode == "linear" else 1):
+        yield group, (exact_group(probe, teacher, ctxs, group, by_ctx, vocab, device) if probe else
+                      linear_group(cfg, student, lr, teacher, ctxs, group, by_ctx, vocab, device, keep))

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from teachdiag import __version__, distributed
-from teachdiag.batching import exact_group, groups, linear_group
+from teachdiag.batching import run_groups, shared_groups
 from teachdiag.contexts import Context, by_context, encoding_summary, parse_positions, select_positions
 from teachdiag.calibrate import RULE, auto_lr
 from teachdiag.errors import InputError, UnsupportedModel
@@ -209,32 +209,6 @@ def _instrument_record(cfg: ProbeConfig, instrument: str, probe) -> dict:
     return {"theta1": "one step on each position's own loss (fresh θ1 per position)"}
 
 
-def _shared_groups(cfg: ProbeConfig, by_ctx: dict[int, list[int]], todo: list[int]) -> list[list[int]]:
-    """The shared step's groups (--shared-batch contexts, or all) that still have work: each is
-    stepped with every one of its contexts, done or not, so a resumed group takes the same step."""
-    order, left = list(by_ctx), set(todo)
-    size = cfg.shared_batch or len(order)
-    groups = [order[a : a + size] for a in range(0, len(order), size)]
-    return [g for g in groups if left.intersection(g)]
-
-
-def _results(cfg: ProbeConfig, instrument: str, probe, student, lr: float, teacher, ctxs, by_ctx, todo, vocab,
-             device, bar, keep: torch.Tensor | None):
-    """Yield (group of context indices, rows of each) for the work left, in file order."""
-    if instrument == "shared":
-        left = set(todo)
-        progress = lambda n, phase: (bar.set_postfix_str(phase, refresh=False), bar.update(n))  # noqa: E731
-        for group in _shared_groups(cfg, by_ctx, todo):
-            rows = probe.run(teacher, ctxs, by_ctx, group, device, progress)
-            mine = [c for c in group if c in left]
-            yield mine, [rows[c] for c in mine]
-        return
-    # exact: one context at a time; linear: consecutive contexts until a batch is full
-    for group in groups(todo, by_ctx, cfg.batch if cfg.mode == "linear" else 1):
-        yield group, (exact_group(probe, teacher, ctxs, group, by_ctx, vocab, device) if probe else
-                      linear_group(cfg, student, lr, teacher, ctxs, group, by_ctx, vocab, device, keep))
-
-
 def run_probe(cfg: ProbeConfig, argv: list[str] | None = None) -> Path:
     """Run the probe; returns the run folder. Raises InputError on bad input.
 
@@ -292,16 +266,15 @@ def run_probe(cfg: ProbeConfig, argv: list[str] | None = None) -> Path:
     # the work left, in file order, and this rank's share of it
     todo = distributed.shard([c for c in by_ctx if ctxs[c].id not in done], rank, world)
     if instrument == "shared":  # two passes over every context of each group with work left
-        n_todo = 2 * sum(len(by_ctx[c]) for group in _shared_groups(cfg, by_ctx, todo) for c in group)
+        n_todo = 2 * sum(len(by_ctx[c]) for group in shared_groups(cfg.shared_batch, by_ctx, todo) for c in group)
     else:
         n_todo = sum(len(by_ctx[c]) for c in todo)
     t_probe = time.time()
     bar = tqdm(total=n_todo, unit="pos", desc="probe" if world == 1 else f"probe (rank 0 of {world})",
                disable=cfg.quiet or rank != 0, file=sys.stderr)
-    # exact: one context at a time; linear: consecutive contexts until a batch is full
     try:
-        for group, results in _results(cfg, instrument, probe, student, lr, teacher, ctxs, by_ctx, todo, vocab,
-                                       device, bar, keep):
+        for group, results in run_groups(cfg, instrument, probe, student, lr, teacher, ctxs, by_ctx, todo, vocab,
+                                         device, bar, keep):
             for c, rows in zip(group, results):
                 ctx = ctxs[c]
                 for j, row in zip(by_ctx[c], rows):
