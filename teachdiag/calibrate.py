@@ -35,6 +35,7 @@ from teachdiag.probe.exact import SingleStepProbe, parse_params
 from teachdiag.probe.forward import teacher_logits
 from teachdiag.probe.signals import keep_mask, token_logprob
 from teachdiag.probe.steps import RULES
+from teachdiag.progress import progress
 
 BAND = (0.9, 1.1)  # accepted median of gain / first-order prediction
 MAX_NEGATIVE = 0.05  # accepted share of positions whose probe loss went up
@@ -81,12 +82,10 @@ def sweep(teacher, student, ctxs: list[Context], picks: list[tuple[int, int]], l
     gain_rkl, grad_norm, finite. gain is the measured drop of the probe loss (nats, see GAIN);
     ratio = gain / gain_first_order. The student is at θ0, bit for bit, on return.
     keep: None, or bool (vocab,): the ids both tokenizers agree on (probe/signals.py)."""
-    from tqdm.auto import tqdm
-
     probe = SingleStepProbe(student, params, loss, optimizer, lrs[0], vocab, top_k, keep=keep)
     by_ctx = by_context(picks)
     rows = []
-    bar = tqdm(total=len(picks) * len(lrs), unit="step", desc="calibrate", disable=quiet, file=sys.stderr)
+    bar = progress(len(picks) * len(lrs), "calibrate", "step", quiet)
     try:
         for c, positions in by_ctx.items():
             ctx = ctxs[c]

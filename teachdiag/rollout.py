@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +43,7 @@ import torch
 from teachdiag.contexts import check_messages, encode_prompt, read_jsonl  # noqa: F401 (encode_prompt: re-exported)
 from teachdiag.config import DeviceOptions
 from teachdiag.errors import InputError
+from teachdiag.progress import progress
 from teachdiag.flags import opt
 
 DEFAULT_STUDENT = "smollm2-135m-pruned"
@@ -238,32 +238,6 @@ def _existing(cfg: RolloutConfig, meta: dict) -> set[str]:
     return ids
 
 
-class _Progress:
-    """A tqdm bar on a terminal; elsewhere a plain line every `every` seconds (and at the end)."""
-
-    def __init__(self, total: int, quiet: bool, every: float = 30.0) -> None:
-        from tqdm.auto import tqdm
-
-        self.total, self.done, self.tokens, self.every = total, 0, 0, every
-        self.tty = sys.stderr.isatty()
-        self.quiet = quiet
-        self.t0 = self.last = time.time()
-        self.bar = tqdm(total=total, desc="rollout", unit="resp", file=sys.stderr) if self.tty and not quiet else None
-
-    def update(self, n: int, tokens: int) -> None:
-        self.done, self.tokens = self.done + n, self.tokens + tokens
-        if self.bar is not None:
-            self.bar.update(n)
-        elif not self.quiet and (time.time() - self.last >= self.every or self.done == self.total):
-            self.last = time.time()
-            rate = self.tokens / max(self.last - self.t0, 1e-9)
-            print(f"rollout: {self.done}/{self.total} responses, {rate:.1f} tok/s", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def _append(path: Path, lines: list[str]) -> None:
     with open(path, "a", encoding="utf-8") as f:
         f.write("".join(lines))
@@ -318,7 +292,7 @@ def run_rollout(cfg: RolloutConfig) -> Path:
     # longest prompts first so batches pad little; batch b keeps its seed whatever is resumed
     order = sorted(items, key=lambda it: (-len(prompt_ids[it[0]]), it))
     batches = [order[k:k + cfg.batch_size] for k in range(0, len(order), cfg.batch_size)]
-    progress = _Progress(sum(rid[it] not in done for it in items), cfg.quiet)
+    bar, t_start, n_tokens = progress(sum(rid[it] not in done for it in items), "rollout", "resp", cfg.quiet), time.time(), 0
     for b, batch in enumerate(batches):
         if all(rid[it] in done for it in batch):
             continue
@@ -341,8 +315,10 @@ def run_rollout(cfg: RolloutConfig) -> Path:
             out["meta"] = meta
             lines.append(json.dumps(out) + "\n")
         _append(out_path, lines)
-        progress.update(len(lines), sum(len(r) for r, _ in outs))
-    progress.close()
+        n_tokens += sum(len(r) for r, _ in outs)
+        bar.set_postfix_str(f"{n_tokens / max(time.time() - t_start, 1e-9):.1f} tok/s")
+        bar.update(len(lines))
+    bar.close()
 
     # input order, written whole and renamed into place
     rank = {rid[it]: k for k, it in enumerate(items)}

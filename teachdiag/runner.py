@@ -20,7 +20,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from teachdiag import __version__, distributed
 from teachdiag.batching import run_groups, shared_groups
@@ -37,6 +36,7 @@ from teachdiag.config import (DEMO_POSITIONS, ContextOptions, DeviceOptions, Pai
                               check_positive, fill_embedded, parse_lr)
 from teachdiag.flags import opt
 from teachdiag.probe.exact import parse_params, select_params
+from teachdiag.progress import progress
 from teachdiag.runfolder import RunWriter
 from teachdiag.table import COLUMNS, RUN, all_parts
 
@@ -270,8 +270,8 @@ def run_probe(cfg: ProbeConfig, argv: list[str] | None = None) -> Path:
     else:
         n_todo = sum(len(by_ctx[c]) for c in todo)
     t_probe = time.time()
-    bar = tqdm(total=n_todo, unit="pos", desc="probe" if world == 1 else f"probe (rank 0 of {world})",
-               disable=cfg.quiet or rank != 0, file=sys.stderr)
+    bar = progress(n_todo, "probe" if world == 1 else f"probe (rank 0 of {world})", "pos",
+                   quiet=cfg.quiet or rank != 0)
     try:
         for group, results in run_groups(cfg, instrument, probe, student, lr, teacher, ctxs, by_ctx, todo, vocab,
                                          device, bar, keep):

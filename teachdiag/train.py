@@ -33,7 +33,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from teachdiag import __version__
 from teachdiag.config import EMBEDDED, ContextOptions, DeviceOptions, PairOptions, check_positive, fill_embedded
@@ -43,6 +42,7 @@ from teachdiag.errors import InputError
 from teachdiag.flags import opt
 from teachdiag.models import load_inputs, load_models, resolve_device
 from teachdiag.probe.forward import teacher_logits
+from teachdiag.progress import progress
 from teachdiag.probe.signals import keep_mask, probe_loss, signals_from_logits
 from teachdiag.rollout import generate_batch, read_prompts, stop_ids
 from teachdiag.selectors import SELECTORS, budget_mask, selector_scores
@@ -277,7 +277,7 @@ def run_train(cfg: TrainConfig, argv: list[str] | None = None) -> Path:
     record = {"teachdiag": __version__, "command": " ".join(["teachdiag", "train", *(argv or [])]),
               "options": asdict(cfg), "n_contexts": len(ctxs), "device": str(device),
               "torch": torch.__version__, "steps_done": start}
-    bar = tqdm(total=cfg.steps, initial=start, unit="step", desc="train", disable=cfg.quiet, file=sys.stderr)
+    bar = progress(cfg.steps, "train", "step", cfg.quiet, initial=start)
     for step in range(start, cfg.steps):
         t0 = time.time()
         ctxs, batch = (source.sample(plan[step], step), None) if source else (ctxs, plan[step])
