@@ -15,15 +15,17 @@ Proposition 1, G_t ≈ η·⟨∇L, ∇ℓ_t⟩ with L the mean loss over the ba
    L before its loss is computed: a NaN row's backward would give NaN·0 = NaN in every entry of
    ∇L. Their number is `n_skipped`; their rows are not finite anyway.
 2. one step θ1 = θ0 − lr·scale·d(g) with the step rule of probe/steps.py (g = ∇L).
-3. θ0 again, forward-mode: ⟨∇ℓ_t, scale·d⟩ for every position t at once (one torch.func.jvp per
-   context, attention switched to eager for it: sdpa has no forward-mode derivative), so
-   gain_first_order = lr·⟨∇ℓ_t, scale·d⟩; then θ1: every position re-scored against the teacher
-   logits of pass 1, kept in a temporary file (positions × vocabulary float32: 10 GB for the
-   51,600 demo positions, deleted at once; the same floats a second teacher forward would give).
+3. θ0 again, forward-mode: ⟨∇ℓ_t, scale·d⟩ = ⟨∂ℓ_t/∂z_t, ż_t⟩ for every position t at once: one
+   torch.func.jvp per context gives the logits' derivative ż along d (attention switched to eager:
+   sdpa has no forward-mode derivative), and ∂ℓ_t/∂z_t is kept from pass 1's backward. So
+   gain_first_order = lr·⟨∇ℓ_t, scale·d⟩. Then θ1: every position re-scored against the teacher
+   logits of pass 1, kept (with ∂ℓ/∂z) in a temporary file (positions × vocabulary float32: 10 GB
+   each for the 51,600 demo positions, deleted at once; the same floats a second teacher forward
+   would give).
 4. θ0 copied back from a saved copy (bit for bit).
 
-Cost per context: one teacher forward, student forward + backward, one JVP (≈ 1–2 forwards),
-one forward. grad_norm is ‖∇L‖, the same for every row of a group.
+Cost per context: one teacher forward, student forward + backward, one JVP to the logits (≈ 3.5
+eager forwards on CPU), one forward. grad_norm is ‖∇L‖, the same for every row of a group.
 """
 
 from __future__ import annotations
@@ -61,19 +63,20 @@ def eager_attention(model: nn.Module):
 
 
 class TeacherCache:
-    """(P, V) float32 teacher logits per context in one temporary file (deleted when closed)."""
+    """(P, V) float32 tensors per key (a context's teacher logits, its ∂ℓ/∂z) in one temporary file,
+    deleted when closed."""
 
     def __init__(self, folder: str | None = None) -> None:
         self.file = tempfile.TemporaryFile(dir=folder, prefix=".teacher-logits-")
-        self.where: dict[int, tuple[int, tuple[int, int]]] = {}
+        self.where: dict = {}
 
-    def put(self, c: int, t: torch.Tensor) -> None:
+    def put(self, c, t: torch.Tensor) -> None:
         a = t.detach().to("cpu", torch.float32).numpy()
         self.file.seek(0, 2)
         self.where[c] = (self.file.tell(), a.shape)
         a.tofile(self.file)
 
-    def get(self, c: int, device) -> torch.Tensor:
+    def get(self, c, device) -> torch.Tensor:
         offset, shape = self.where[c]
         self.file.seek(offset)
         a = np.fromfile(self.file, dtype=np.float32, count=shape[0] * shape[1]).reshape(shape)
@@ -156,8 +159,12 @@ class SharedStep:
                 rows = slice(None) if use.all() else use  # rows chosen BEFORE the loss exists
                 with torch.enable_grad():
                     z = self._logits(ids, keep)  # (P, V)
+                    z.retain_grad()
                     if use.any():  # grads accumulate over contexts
                         (probe_loss(z[rows], t[rows], y[rows], self.loss, keep=self.keep) / n_used).backward()
+                # ∂ℓ_t/∂z_t for the first order (rows are independent in L, each weighted 1/n_used)
+                delta = z.grad * n_used if z.grad is not None else torch.zeros_like(z)
+                cache.put(("delta", c), delta.masked_fill(~use[:, None], float("nan")))
                 z = z.detach()
                 sig = {k: v.tolist() for k, v in signals_from_logits(z, t, y, self.top_k, self.keep).items()}
                 ok = (torch.isfinite(z).all(1) & torch.isfinite(t).all(1)).tolist()
@@ -171,15 +178,17 @@ class SharedStep:
                 p.grad = None
             self.grad_norm = global_norm(grads)
             directions, scale = self.rule.direction(grads, self.grad_norm)
+            tangents = ({n: d * scale for (n, _), d in zip(self.named, directions)}  # once per group
+                        if self.first_order else None)
 
             rows: dict[int, list[dict]] = {}
             for c in group:
                 ctx, positions = ctxs[c], by_ctx[c]
                 t = cache.get(c, device)
                 ids, keep, y = self._view(ctx, positions, device)
-                # 3. first order at θ0: ⟨∇ℓ_t, scale·d⟩ for all t in one forward-mode pass
-                g_dot_d = (self._directional(ids, keep, t, y, directions, scale) if self.first_order
-                           else [math.nan] * len(positions))
+                # 3. first order at θ0: ⟨∇ℓ_t, scale·d⟩ = ⟨∂ℓ_t/∂z_t, ż_t⟩, ż from one forward-mode pass
+                g_dot_d = (self._directional(ids, keep, cache.get(("delta", c), device), tangents)
+                           if self.first_order else [math.nan] * len(positions))
                 # 2. θ1, re-score, back to θ0
                 try:
                     apply_step(self.params, directions, self.lr, scale)
@@ -203,20 +212,22 @@ class SharedStep:
                 p.grad = None
             self.restore()
 
-    def _directional(self, ids, keep, t, y, directions, scale) -> list[float]:
-        """⟨∇ℓ_t(θ0), scale·d⟩ for each position of one context, float64 list (nats per unit lr)."""
-        names = [n for n, _ in self.named]
-        primals = {n: p.detach() for n, p in self.named}
-        tangents = {n: d * scale for n, d in zip(names, directions)}
+    def _directional(self, ids, keep, delta: torch.Tensor, tangents: dict) -> list[float]:
+        """⟨∇ℓ_t(θ0), scale·d⟩ for each position of one context, float64 list (nats per unit lr).
 
-        def losses(stepped: dict) -> torch.Tensor:
+        By the chain rule it is ⟨∂ℓ_t/∂z_t, ż_t⟩ with ż = J_z·(scale·d), the logits' directional
+        derivative: one forward-mode pass to the logits (not through the float64 loss), and δ =
+        ∂ℓ_t/∂z_t (P, V) kept from the gradient pass (NaN on rows left out of L)."""
+        primals = {n: p.detach() for n, p in self.named}
+
+        def logits(stepped: dict) -> torch.Tensor:
             z = functional_call(self.model, stepped, (), {"input_ids": ids[None], "logits_to_keep": keep,
                                                           "use_cache": False}, strict=False)
-            return probe_loss(z.logits[0, :, : self.vocab].float(), t, y, self.loss, reduce=False, keep=self.keep)
+            return z.logits[0, :, : self.vocab].float()
 
         with eager_attention(self.model), torch.no_grad():
-            _, dl = jvp(losses, (primals,), (tangents,))
-        return dl.double().tolist()
+            _, dz = jvp(logits, (primals,), (tangents,))  # (P, V)
+        return (delta.double() * dz.double()).sum(-1).tolist()
 
     @torch.no_grad()
     def restore(self) -> None:
