@@ -16,7 +16,6 @@ what the run record says about a model: provenance.py.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from teachdiag.adapters import adapter_base, adapter_weights, is_adapter, merge_
 from teachdiag.contexts import Context, check_token_ids, load_contexts, tokenize_text_records
 from teachdiag.demo import zoo
 from teachdiag.errors import InputError
-from teachdiag.provenance import model_record  # noqa: F401  (the run record's model entries)
+from teachdiag.provenance import config_sha256, model_record, vocab_rows  # noqa: F401  (run-record entries)
 from teachdiag.tokenizers import TokenizerMatch, compare_tokenizers, tokenizer_fingerprint  # noqa: F401
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -239,19 +238,6 @@ def _from_pretrained(path: str, what: str, dtype: str, trust_remote_code: bool, 
         if "trust_remote_code" in str(exc):
             msg = f"its config {REMOTE_CODE}"
         raise InputError(f"cannot load model {path!r}: {msg}", field=f"--{what}") from None
-
-
-def vocab_rows(model) -> int:
-    """Rows of the output embedding (may exceed the tokenizer: padded vocabularies)."""
-    return int(model.get_output_embeddings().weight.shape[0])
-
-
-def config_sha256(model) -> str:
-    """Hash of the full model config, so run.json pins the architecture."""
-    text = model.config.to_json_string(use_diff=False)
-    # the dtype and the local path are not part of the architecture
-    cfg = {k: v for k, v in json.loads(text).items() if k not in ("dtype", "torch_dtype", "_name_or_path")}
-    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()
 
 
 def load_inputs(cfg) -> tuple[list[Context], object, TokenizerMatch]:

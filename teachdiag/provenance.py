@@ -99,13 +99,25 @@ def code_version() -> dict:
     return {"version": __version__, "git_commit": commit}
 
 
+def vocab_rows(model) -> int:
+    """Rows of the output embedding (may exceed the tokenizer: padded vocabularies)."""
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
+def config_sha256(model) -> str:
+    """Hash of the full model config, so run.json pins the architecture."""
+    text = model.config.to_json_string(use_diff=False)
+    # the dtype and the local path are not part of the architecture
+    cfg = {k: v for k, v in json.loads(text).items() if k not in ("dtype", "torch_dtype", "_name_or_path")}
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()
+
+
 def model_record(name: str, model, dtype_used: str) -> dict:
     """run.json's entry for one model: what was asked for, which files, their dtype and hash.
 
     `model.teachdiag_source` (set by models.load_model) gives the folder the weights came from
     and, for a PEFT adapter, the base folder; a model built otherwise records no file hashes.
     """
-    from teachdiag.models import config_sha256, vocab_rows
 
     source = getattr(model, "teachdiag_source", None) or {}
     rec = {"name": name, "path": source.get("path"), "class": type(model).__name__,

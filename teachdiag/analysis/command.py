@@ -22,7 +22,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from teachdiag.analysis import plots, report, selection, stats as analysis
+import teachdiag.analysis.plots as plots
+import teachdiag.analysis.report as report
+import teachdiag.analysis.selection as selection
+import teachdiag.analysis.stats as analysis
 from teachdiag.analysis.instruments import agreement
 from teachdiag.errors import InputError
 from teachdiag.flags import opt

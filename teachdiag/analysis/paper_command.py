@@ -18,7 +18,9 @@ from collections.abc import Callable, Sequence
 
 import pandas as pd
 
-from teachdiag.analysis import paper, paper_report, plots
+import teachdiag.analysis.paper as paper
+import teachdiag.analysis.paper_report as paper_report
+import teachdiag.analysis.plots as plots
 from teachdiag.analysis.report import _markdown, run_line
 
 
