@@ -83,7 +83,7 @@ def run_groups(cfg, instrument: str, probe, student, lr: float, teacher, ctxs: l
                vocab: int, device, bar, keep: torch.Tensor | None):
     """Yield (group of context indices, rows of each) for the work left, in file order: the shared
     step group by group, the exact probe context by context, linear mode in --batch positions.
-    cfg: the run's ProbeConfig; bar: a tqdm bar the shared step advances itself."""
+    cfg: the run's ProbeConfig; bar: its progress bar (progress.py), which the shared step advances itself."""
     if instrument == "shared":
         left = set(todo)
         progress = lambda n, phase: (bar.set_postfix_str(phase, refresh=False), bar.update(n))  # noqa: E731

@@ -159,12 +159,13 @@ class SharedStep:
                 rows = slice(None) if use.all() else use  # rows chosen BEFORE the loss exists
                 with torch.enable_grad():
                     z = self._logits(ids, keep)  # (P, V)
-                    z.retain_grad()
+                    if self.first_order:
+                        z.retain_grad()
                     if use.any():  # grads accumulate over contexts
                         (probe_loss(z[rows], t[rows], y[rows], self.loss, keep=self.keep) / n_used).backward()
-                # ∂ℓ_t/∂z_t for the first order (rows are independent in L, each weighted 1/n_used)
-                delta = z.grad * n_used if z.grad is not None else torch.zeros_like(z)
-                cache.put(("delta", c), delta.masked_fill(~use[:, None], float("nan")))
+                if self.first_order:  # ∂ℓ_t/∂z_t (rows are independent in L, each weighted 1/n_used)
+                    delta = z.grad * n_used if z.grad is not None else torch.zeros_like(z)
+                    cache.put(("delta", c), delta.masked_fill(~use[:, None], float("nan")))
                 z = z.detach()
                 sig = {k: v.tolist() for k, v in signals_from_logits(z, t, y, self.top_k, self.keep).items()}
                 ok = (torch.isfinite(z).all(1) & torch.isfinite(t).all(1)).tolist()

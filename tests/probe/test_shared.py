@@ -178,3 +178,12 @@ def test_checkpoint_accepts_runtime_config_fields_of_a_trainer(tmp_path, pair):
                       device="cpu", quiet=True, student_after=str(tmp_path / "after"))
     df = read_tokens(run_probe(cfg, []) / "tokens.csv")
     assert (df["gain_fkl"].abs() < 1e-6).all()  # same weights: no gain beyond float noise
+
+
+def test_skip_first_order_leaves_the_measured_gains_unchanged(tmp_path, pair):
+    contexts = write_contexts(tmp_path / "c.jsonl", n=3)
+    base = dict(teacher=pair[0], student=pair[1], contexts=str(contexts), device="cpu", quiet=True, gain="shared")
+    full = read_tokens(run_probe(ProbeConfig(out=str(tmp_path / "a"), **base), []) / "tokens.csv")
+    skip = read_tokens(run_probe(ProbeConfig(out=str(tmp_path / "b"), skip_first_order=True, **base), []) / "tokens.csv")
+    assert skip["gain_first_order"].isna().all() and full["gain_first_order"].notna().all()
+    assert skip["gain_fkl"].tolist() == full["gain_fkl"].tolist() and (skip["finite"] == 1).all()
