@@ -119,11 +119,16 @@ def parse_lr(value: str | float, optimizer: str) -> float | str:
     return lr
 
 
+def require(checks: list[tuple[bool, str, str]]) -> None:
+    """The first failed (ok, flag, message) check as an InputError naming its flag."""
+    for ok, flag, msg in checks:
+        if not ok:
+            raise InputError(msg, field=flag)
+
+
 def check_positive(**values: int) -> None:
     """Each named option must be >= 1 (names as flags: top_k -> --top-k)."""
-    for name, v in values.items():
-        if v < 1:
-            raise InputError(f"must be >= 1, got {v}", field="--" + name.replace("_", "-"))
+    require([(v >= 1, "--" + name.replace("_", "-"), f"must be >= 1, got {v}") for name, v in values.items()])
 
 
 def apply_threads(threads: int) -> None:

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from teachdiag.contexts import check_messages, encode_prompt, read_jsonl  # noqa: F401 (encode_prompt: re-exported)
-from teachdiag.config import DeviceOptions
+from teachdiag.config import DeviceOptions, require
 from teachdiag.errors import InputError
 from teachdiag.progress import progress
 from teachdiag.flags import opt
@@ -188,14 +188,11 @@ def generate_batch(model, prompts: list[list[int]], *, max_new_tokens: int, temp
 
 
 def _validate(cfg: RolloutConfig) -> None:
-    checks = [(cfg.max_new_tokens >= 1, "--max-new-tokens", "must be at least 1"),
-              (cfg.temperature >= 0, "--temperature", "must be >= 0"),
-              (0 < cfg.top_p <= 1, "--top-p", "must be in (0, 1]"),
-              (cfg.samples >= 1, "--samples", "must be at least 1"),
-              (cfg.batch_size >= 1, "--batch-size", "must be at least 1")]
-    for ok, flag, msg in checks:
-        if not ok:
-            raise InputError(msg, field=flag)
+    require([(cfg.max_new_tokens >= 1, "--max-new-tokens", "must be at least 1"),
+             (cfg.temperature >= 0, "--temperature", "must be >= 0"),
+             (0 < cfg.top_p <= 1, "--top-p", "must be in (0, 1]"),
+             (cfg.samples >= 1, "--samples", "must be at least 1"),
+             (cfg.batch_size >= 1, "--batch-size", "must be at least 1")])
 
 
 # options that must match for --resume to continue a file (as written in each record's meta)

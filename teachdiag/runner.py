@@ -10,7 +10,6 @@ dies keeps its work and `--resume` continues it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import sys
@@ -31,6 +30,7 @@ from teachdiag.probe.fast import make_probe
 from teachdiag.probe.shared import SharedStep
 from teachdiag.probe.signals import LOSSES
 from teachdiag.probe.signals import keep_mask
+from teachdiag.provenance import file_sha256
 from teachdiag.models import (load_inputs, load_model, load_models, model_record, resolve_device)
 from teachdiag.config import (DEMO_POSITIONS, ContextOptions, DeviceOptions, PairOptions, StepOptions,
                               check_positive, fill_embedded, parse_lr)
@@ -119,14 +119,6 @@ def _auto_lr(cfg: ProbeConfig, writer: RunWriter, teacher, student, ctxs: list[C
     info = None if summary is None else {"rule": RULE, "positions": cfg.auto_lr_positions,
                                          "summary": json.loads(summary.to_json(orient="records"))}
     return lr, info
-
-
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _versions() -> dict:
@@ -240,7 +232,7 @@ def run_probe(cfg: ProbeConfig, argv: list[str] | None = None) -> Path:
         "teacher": model_record(cfg.teacher, teacher, cfg.dtype),
         "student": model_record(cfg.student, student, "float32"),
         "tokenizer": match.record(),
-        "contexts": {"path": str(cfg.contexts), "sha256": _file_sha256(cfg.contexts), "n_contexts": len(ctxs),
+        "contexts": {"path": str(cfg.contexts), "sha256": file_sha256(cfg.contexts), "n_contexts": len(ctxs),
                      "encoding": encoding_summary(ctxs),
                      "n_positions_available": sum(len(c.response_ids) for c in ctxs)},
         "positions": {"requested": cfg.positions, "probed": len(picks)},

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from teachdiag.probe.signals import signals_from_logits
-from teachdiag.table import budget_count, quantile_normalize
+from teachdiag.table import budget_count, peer_scores, teachability_scores
 
 SELECTORS = ("all", "teachability", "entropy", "tip", "teach_entropy", "fkl", "random")
 
@@ -42,16 +42,10 @@ def selector_scores(signals: dict[str, np.ndarray], selector: str, seed: int = 0
         return np.random.default_rng(seed).random(n)
     if selector == "fkl":
         return np.asarray(signals["fkl"], dtype=np.float64)
-    h, d = quantile_normalize(signals["topk_entropy"]), quantile_normalize(signals["union_fkl"])
-    if selector == "entropy":
-        return h
-    if selector == "tip":
-        return h + d - h * d
-    teach = d * quantile_normalize(signals["compat_mass"])
+    teach = teachability_scores(signals["union_fkl"], signals["compat_mass"])[0]  # D̃·C̃ over these N
     if selector == "teachability":
         return teach
-    t = quantile_normalize(teach)
-    return h + t - h * t  # teach_entropy
+    return peer_scores(signals["topk_entropy"], signals["union_fkl"], teach)[selector]
 
 
 def budget_mask(scores: np.ndarray, sample: np.ndarray, budget: float) -> np.ndarray:

@@ -60,6 +60,19 @@ def teachability_scores(union_fkl: np.ndarray, compat_mass: np.ndarray) -> tuple
     return d * c, d * (1.0 - c)
 
 
+def soft_or(a, b):
+    """a + b − a·b: the soft OR of two scores in [0, 1] (TIP = H̃ ∨ D̃, teachability + entropy = H̃ ∨ T̃)."""
+    return a + b - a * b
+
+
+def peer_scores(topk_entropy, union_fkl, teachability) -> dict[str, np.ndarray]:
+    """The peer selection scores, normalised over the rows given: entropy H̃, divergence D̃,
+    tip H̃ ∨ D̃ and teach_entropy H̃ ∨ T̃ (T = teachability). The analysis (over a run) and the
+    trainer's selectors (over a rollout batch) both use these."""
+    h, d, t = (quantile_normalize(x) for x in (topk_entropy, union_fkl, teachability))
+    return {"entropy": h, "divergence": d, "tip": soft_or(h, d), "teach_entropy": soft_or(h, t)}
+
+
 def budget_count(n: int, rho: float) -> int:
     """round(ρ·n) positions, the paper's budget rule (halves to even, as Python's round), at most n.
     ρ·n is rounded to 9 decimals first, so float noise (0.07 · 150 = 10.500000000000002) cannot move

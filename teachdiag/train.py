@@ -35,7 +35,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from teachdiag import __version__
-from teachdiag.config import EMBEDDED, ContextOptions, DeviceOptions, PairOptions, check_positive, fill_embedded
+from teachdiag.config import (EMBEDDED, ContextOptions, DeviceOptions, PairOptions, check_positive, fill_embedded,
+                              require)
 from teachdiag.contexts import Context, encode_prompt
 from teachdiag.demo import DEMO_PROMPTS
 from teachdiag.errors import InputError
@@ -221,14 +222,12 @@ def _truncate_log(path: Path, steps: int) -> None:
 
 def _check(cfg: TrainConfig) -> None:
     """Options torch would only refuse after the models have loaded, or not at all."""
-    checks = [(cfg.lr > 0, "--lr", "must be > 0"), (0 <= cfg.beta1 < 1, "--beta1", "must be in [0, 1)"),
-              (0 <= cfg.beta2 < 1, "--beta2", "must be in [0, 1)"),
-              (cfg.weight_decay >= 0, "--weight-decay", "must be >= 0"),
-              (cfg.temperature >= 0, "--temperature", "must be >= 0 (0: greedy)"),
-              (0 < cfg.budget <= 1, "--budget", "must be in (0, 1]")]
-    for ok, flag, msg in checks:
-        if not ok:
-            raise InputError(f"{msg}, got {getattr(cfg, flag[2:].replace('-', '_'))}", field=flag)
+    require([(cfg.lr > 0, "--lr", f"must be > 0, got {cfg.lr}"),
+             (0 <= cfg.beta1 < 1, "--beta1", f"must be in [0, 1), got {cfg.beta1}"),
+             (0 <= cfg.beta2 < 1, "--beta2", f"must be in [0, 1), got {cfg.beta2}"),
+             (cfg.weight_decay >= 0, "--weight-decay", f"must be >= 0, got {cfg.weight_decay}"),
+             (cfg.temperature >= 0, "--temperature", f"must be >= 0 (0: greedy), got {cfg.temperature}"),
+             (0 < cfg.budget <= 1, "--budget", f"must be in (0, 1], got {cfg.budget}")])
 
 
 def run_train(cfg: TrainConfig, argv: list[str] | None = None) -> Path:

@@ -25,6 +25,7 @@ from teachdiag.analysis.bootstrap import group_mean_draws, percentile_ci
 from teachdiag.analysis.minimum import ci_note, too_few
 from teachdiag.analysis.selection import paper_budget_size, select_top, table_order, tied_at_cutoff
 from teachdiag.analysis.stats import bin_table, equal_count_bins, matched_pairs, ols_models, tercile_gap, winsorize
+from teachdiag.table import soft_or
 from teachdiag.errors import InputError
 
 EPS = 1e-12  # the paper's threshold of Norm and the guard of G_KLf's denominator
@@ -81,7 +82,7 @@ def paper_scores(df: pd.DataFrame, seed: int = 0, source: str = "table") -> pd.D
         pos_norm = np.where(length > 1, pos / (length - 1), 0.0)
     return t.assign(
         Hn=hn, Dn=dn, Cn=cn, Htn=paper_norm(t["teacher_entropy"]), pos_norm=pos_norm,
-        DL=dl, DI=dn * (1 - cn), TIP=hn + dn - hn * dn, H_teach=hn + dl - hn * dl,
+        DL=dl, DI=dn * (1 - cn), TIP=soft_or(hn, dn), H_teach=soft_or(hn, dl),
         G_KLf=(fkl - t["fkl_after"].to_numpy(float)) / (fkl + EPS),
         drop_fkl=fkl - t["fkl_after"].to_numpy(float),
         random=np.random.default_rng(seed).random(len(t)))
