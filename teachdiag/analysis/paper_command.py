@@ -12,6 +12,7 @@ paper_table2.csv, paper_table9.csv, paper_tables.tex, summary.md, and figures/pa
 
 from __future__ import annotations
 
+import os
 import pathlib
 import time
 from collections.abc import Callable, Sequence
@@ -21,7 +22,7 @@ import pandas as pd
 import teachdiag.analysis.paper as paper
 import teachdiag.analysis.paper_report as paper_report
 import teachdiag.analysis.plots as plots
-from teachdiag.analysis.report import _markdown, run_line
+from teachdiag.analysis.report import markdown_table, run_line
 
 
 def analyze_paper(runs: Sequence[dict], out: pathlib.Path, fig_dir: pathlib.Path, n_boot: int,
@@ -51,15 +52,14 @@ def analyze_paper(runs: Sequence[dict], out: pathlib.Path, fig_dir: pathlib.Path
     titles = {r["name"]: r["title"] for r in runs}
     written = plots.save(plots.beta_gap(t9, titles), fig_dir, "paper_betas")
     png = [p for p in written if p.suffix == ".png"][0]
-    rel = pathlib.Path(png).resolve().relative_to(out.resolve()) if out.resolve() in png.resolve().parents \
-        else png.resolve()
+    rel = os.path.relpath(png, out)  # the link works from out/, as in command.py
     md = ["# teachdiag analysis: the paper's protocol", "", "## Data", ""]
     md += [run_line(r) for r in runs]
     md += ["", "Gains: G_KLf = (fkl − fkl_after) / (fkl + 1e-12), the paper's relative forward-KL drop; "
            "drop_fkl = fkl − fkl_after (nats). Predictors from θ0, normalized over each whole table "
            "(Norm, 0 where q95 − q05 < 1e-12). Every CI: 95% percentile interval of a cluster "
            f"bootstrap over contexts ({n_boot} resamples).", ""]
-    md += paper_report.markdown_section(shown, _markdown, several=len(runs) > 1)
+    md += paper_report.markdown_section(shown, markdown_table, several=len(runs) > 1)
     md += ["## Figures", "", f"![β_L and β_I]({rel})", "",
            "Figure: standardized coefficients β_L (of D^L = Dn·Cn) and β_I (of D^I = Dn·(1 − Cn)) "
            "in the decomposition model, with 95% cluster-bootstrap CIs, per run and gain; the "

@@ -211,7 +211,7 @@ def write_summary(out: str | pathlib.Path, runs: Sequence[dict], corr: pd.DataFr
                f"the oracle set when each score keeps the top ceil(rho N) positions.")
     md = [f"# teachdiag analysis: {gain}", "", "## Data", ""]
     md += [run_line(r) for r in runs]
-    md += ["", "## Table", "", _markdown(table if len(runs) > 1 else table.drop(columns="run")),
+    md += ["", "## Table", "", markdown_table(table if len(runs) > 1 else table.drop(columns="run")),
            "", caption, "", "## Finding", ""]
     tex_text = [to_latex(table, caption)]
     for r in runs:
@@ -238,7 +238,7 @@ def write_summary(out: str | pathlib.Path, runs: Sequence[dict], corr: pd.DataFr
     return out / "summary.md", out / "summary.tex"
 
 
-def _markdown(table: pd.DataFrame) -> str:
+def markdown_table(table: pd.DataFrame) -> str:
     """Pipe table without pandas' optional tabulate dependency."""
     cols = list(table.columns)
     rows = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
