@@ -195,6 +195,29 @@ TEMPLATES: list[Callable[[random.Random], Problem]] = [
     rectangle_area_cost, ages, packing, savings, reading, schedule, discount, temperature]
 
 
+# one-step problems with numbers below 20: the self-distillation setting's student is the 135M
+# teacher model itself, which solves almost none of the two-step problems above; these it solves
+# about half the time, so whether a branch stays viable varies (`teachdiag viability`)
+
+def buy_more(r: random.Random) -> Problem:
+    name, thing = r.choice(NAMES), r.choice(THINGS)
+    a, b = r.randint(2, 9), r.randint(2, 9)
+    return Problem("buy_more", f"{name} has {a} {thing} and buys {b} more. How many {thing} does {name} have?",
+                   (_step(a, "+", b),), thing)
+
+
+def give_some(r: random.Random) -> Problem:
+    name, thing = r.choice(NAMES), r.choice(THINGS)
+    b = r.randint(2, 9)
+    a = b + r.randint(2, 9)
+    return Problem("give_some", f"{name} has {a} {thing} and gives {b} away. How many {thing} does {name} have left?",
+                   (_step(a, "-", b),), thing)
+
+
+EASY_TEMPLATES: list[Callable[[random.Random], Problem]] = [buy_more, give_some]
+LEVELS = ("two_step", "one_step")
+
+
 # ---------------------------------------------------------------------------------------------
 # rendering and checking
 
@@ -205,11 +228,12 @@ def solution_text(p: Problem) -> str:
     return "\n".join(lines + [f"The answer is {p.answer}."])
 
 
-def to_record(p: Problem, rid: str) -> dict:
+def to_record(p: Problem, rid: str, instruction: str = INSTRUCTION) -> dict:
     """The JSONL record: the student sees the question, the teacher also a worked solution."""
+    tail = f"\n\n{instruction}" if instruction else ""
     return {"id": rid, "kind": p.kind,
-            "prompt": f"{p.question}\n{INSTRUCTION}",
-            "teacher_prompt": f"{p.question}\n\n{SOLUTION_HEADER}\n{solution_text(p)}\n\n{INSTRUCTION}",
+            "prompt": f"{p.question}\n{instruction}" if instruction else p.question,
+            "teacher_prompt": f"{p.question}\n\n{SOLUTION_HEADER}\n{solution_text(p)}{tail}",
             "answer": str(p.answer)}
 
 
@@ -239,11 +263,17 @@ def check_solution(text: str) -> int:
     return int(stated.group(1))
 
 
-def generate(n: int, seed: int = 0) -> list[dict]:
+def generate(n: int, seed: int = 0, level: str = "two_step") -> list[dict]:
     """`n` distinct problems (no repeated question), ids `arith-{seed}-{i:04d}`.
 
-    Templates take turns in a seeded shuffled order, so the kinds are balanced.
+    Templates take turns in a seeded shuffled order, so the kinds are balanced. level "one_step":
+    the one-step templates, ids `easy-{seed}-{i:04d}`, asked without the step-by-step instruction
+    (the 135M model answers them in a sentence).
     """
+    if level not in LEVELS:
+        raise ValueError(f"unknown level {level!r}; one of {LEVELS}")
+    templates, prefix = (TEMPLATES, "arith") if level == "two_step" else (EASY_TEMPLATES, "easy")
+    instruction = INSTRUCTION if level == "two_step" else ""
     r = random.Random(seed)
     seen: set[str] = set()
     out: list[dict] = []
@@ -251,7 +281,7 @@ def generate(n: int, seed: int = 0) -> list[dict]:
     tries = 0
     while len(out) < n:
         if not order:
-            order = TEMPLATES[:]
+            order = templates[:]
             r.shuffle(order)
         p = order.pop()(r)
         tries += 1
@@ -260,7 +290,7 @@ def generate(n: int, seed: int = 0) -> list[dict]:
         if p.question in seen:
             continue
         seen.add(p.question)
-        out.append(to_record(p, f"arith-{seed}-{len(out):04d}"))
+        out.append(to_record(p, f"{prefix}-{seed}-{len(out):04d}", instruction))
     return out
 
 
@@ -279,13 +309,15 @@ class PromptsConfig:
 
     n: int = opt("number of problems", 300)
     seed: int = opt("random seed (same seed, same file)", 0)
+    level: str = opt("two_step (the distillation demo) or one_step (the self-distillation demo)", "two_step",
+                     choices=list(LEVELS))
     out: str = opt("output JSONL path", "teachdiag/demo/data/prompts.jsonl")
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(PromptsConfig, argv, prog="python -m teachdiag.demo.prompts",
                        description=__doc__.split("\n")[0])
-    path = write_jsonl(generate(cfg.n, cfg.seed), cfg.out)
+    path = write_jsonl(generate(cfg.n, cfg.seed, cfg.level), cfg.out)
     print(f"wrote {cfg.n} problems to {path}")
     return 0
 
