@@ -24,7 +24,8 @@ import numpy as np
 import pandas as pd
 
 from teachdiag.errors import InputError
-from teachdiag.table import COLUMNS, RUN, TOKENS, all_parts, part_files, read_tokens, rows_to_csv, teachability_scores
+from teachdiag.table import (COLUMNS, RUN, TEXT_COLUMNS, TOKENS, all_parts, part_files, read_tokens, rows_to_csv,
+                             teachability_scores)
 
 
 def _fsync_write(path: Path, text: str, mode: str = "a") -> None:
@@ -44,8 +45,13 @@ def _atomic_write(path: Path, text: str) -> None:
 class RunWriter:
     """Owns one run folder (one rank's part of it); see the module docstring for the files."""
 
-    def __init__(self, out: str | Path, overwrite: bool = False, resume: bool = False, rank: int = 0) -> None:
+    def __init__(self, out: str | Path, overwrite: bool = False, resume: bool = False, rank: int = 0,
+                 columns: list[str] = COLUMNS, text_columns: tuple[str, ...] = TEXT_COLUMNS,
+                 table: str = TOKENS, key: tuple[str, ...] = ("context_id", "position")) -> None:
+        """columns/text_columns/table/key: tokens.csv's by default; `teachdiag viability` writes
+        viability.csv (one row per position and alternative) through the same machinery."""
         self.out, self.rank = Path(out), rank
+        self.columns, self.text_columns, self.table, self.key = columns, text_columns, table, list(key)
         if self.out.exists() and not self.out.is_dir():
             raise InputError("exists and is not a folder", field="--out", file=str(self.out))
         # other ranks may be writing their test files right now: those do not make it non-empty
@@ -85,7 +91,7 @@ class RunWriter:
             for partial, progress in all_parts(self.out):
                 partial.unlink(missing_ok=True)
                 progress.unlink(missing_ok=True)
-            (self.out / TOKENS).unlink(missing_ok=True)
+            (self.out / self.table).unlink(missing_ok=True)
             (self.out / RUN).unlink(missing_ok=True)
         self.write_record(dict(record, complete=False))
 
@@ -94,21 +100,22 @@ class RunWriter:
 
     def append_context(self, context_id: str, rows: list[dict]) -> None:
         header = not self.partial.exists() or self.partial.stat().st_size == 0
-        _fsync_write(self.partial, rows_to_csv(rows, header=header))
+        _fsync_write(self.partial, rows_to_csv(rows, header=header, columns=self.columns))
         _fsync_write(self.progress, json.dumps({"id": context_id, "bytes": self.partial.stat().st_size}) + "\n")
 
     def merged_rows(self, order: list[str]) -> pd.DataFrame:
         """Every part's rows, contexts in `order` (the single-process order), each exactly once."""
-        parts = [read_tokens(p) for p, _ in all_parts(self.out) if p.exists() and p.stat().st_size > 0]
-        df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=COLUMNS)
+        parts = [read_tokens(p, self.columns, self.text_columns) for p, _ in all_parts(self.out)
+                 if p.exists() and p.stat().st_size > 0]
+        df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=self.columns)
         rank = {cid: i for i, cid in enumerate(order)}
         found = df.groupby("context_id", sort=False).size().index
         missing, extra = set(order) - set(found), set(found) - set(order)
         if missing or extra:  # never write a table that looks finished but is not this run's
             raise RuntimeError(f"run parts do not match the run: {len(missing)} contexts missing, "
                                f"{len(extra)} unexpected, in {self.out}")
-        if df.duplicated(["context_id", "position"]).any():
-            raise RuntimeError(f"a position appears twice in the run parts in {self.out}")
+        if df.duplicated(self.key).any():
+            raise RuntimeError(f"a row ({', '.join(self.key)}) appears twice in the run parts in {self.out}")
         # stable sort: within a context the rows keep their probe order (positions ascending)
         return df.sort_values("context_id", key=lambda c: c.map(rank), kind="stable").reset_index(drop=True)
 
@@ -123,12 +130,17 @@ class RunWriter:
         teach[finite], incompat[finite] = teachability_scores(
             df.loc[finite, "union_fkl"].to_numpy(), df.loc[finite, "compat_mass"].to_numpy())
         df["teachability"], df["incompat"] = teach, incompat
+        return self.finish_table(record, df)
+
+    def finish_table(self, record: dict, df: pd.DataFrame) -> pd.DataFrame:
+        """Write the finished table (all of self.columns) atomically, mark run.json complete and
+        remove the parts."""
         rows = df.to_dict("records")
         for r in rows:  # pandas gives numpy scalars; CSV writing wants plain floats and ints
-            for c in COLUMNS:
+            for c in self.columns:
                 v = r[c]
                 r[c] = float(v) if isinstance(v, (float, np.floating)) else v
-        _atomic_write(self.out / TOKENS, rows_to_csv(rows, header=True))
+        _atomic_write(self.out / self.table, rows_to_csv(rows, header=True, columns=self.columns))
         self.write_record(dict(record, complete=True))
         for partial, progress in all_parts(self.out):
             partial.unlink(missing_ok=True)

@@ -26,6 +26,16 @@ COLUMNS = ["context_id", "position", "token_id", "token", "fkl", "rkl", "student
            "instrument", "student_dropped_mass", "teacher_dropped_mass"]
 TEXT_COLUMNS = ("context_id", "token", "instrument")
 PARTIAL, PROGRESS, TOKENS, RUN = "tokens.partial.csv", "progress.jsonl", "tokens.csv", "run.json"
+# viability.csv (`teachdiag viability`): one row per (position, alternative); the signals are
+# tokens.csv's at the position, the labels say whether the forced branch reached the answer
+VIABILITY = "viability.csv"
+VIABILITY_COLUMNS = ["context_id", "position", "response_length", "pos_norm", "token_id", "token", "alt_rank",
+                     "alt_id", "alt_token", "is_sampled", "teacher_prob", "student_prob", "fkl", "rkl",
+                     "student_entropy", "teacher_entropy", "student_logprob", "teacher_logprob", "compat_mass",
+                     "topk_entropy", "union_fkl", "student_dropped_mass", "teacher_dropped_mass", "teachability",
+                     "incompat", "finite", "viable_greedy", "viable_sampled", "greedy_answer", "greedy_new_tokens",
+                     "greedy_finish", "spine_correct"]
+VIABILITY_TEXT_COLUMNS = ("context_id", "token", "alt_token", "greedy_answer", "greedy_finish")
 
 
 def part_files(out: Path, rank: int) -> tuple[Path, Path]:
@@ -83,21 +93,24 @@ def budget_count(n: int, rho: float) -> int:
     return min(n, int(round(round(rho * n, 9))))
 
 
-def rows_to_csv(rows: list[dict], header: bool) -> str:
-    """CSV text; floats as repr (shortest text that round-trips float64), tokens CSV-escaped."""
+def rows_to_csv(rows: list[dict], header: bool, columns: list[str] = COLUMNS) -> str:
+    """CSV text; floats as repr (shortest text that round-trips float64), tokens CSV-escaped.
+    columns: tokens.csv's by default; viability.csv passes its own."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     if header:
-        w.writerow(COLUMNS)
+        w.writerow(columns)
     for r in rows:
-        w.writerow([repr(float(r[c])) if isinstance(r.get(c), float) else r.get(c, "") for c in COLUMNS])
+        w.writerow([repr(float(r[c])) if isinstance(r.get(c), float) else r.get(c, "") for c in columns])
     return buf.getvalue()
 
 
-def read_tokens(path: str | Path) -> pd.DataFrame:
-    """Read a tokens CSV back exactly (float64 round-trip, tokens kept as strings)."""
-    return pd.read_csv(path, dtype={c: str for c in TEXT_COLUMNS}, keep_default_na=False,
-                       na_values={c: ["nan", "NaN", ""] for c in COLUMNS if c not in TEXT_COLUMNS},
+def read_tokens(path: str | Path, columns: list[str] = COLUMNS,
+                text_columns: tuple[str, ...] = TEXT_COLUMNS) -> pd.DataFrame:
+    """Read a tokens CSV (or another table written by rows_to_csv) back exactly (float64
+    round-trip, text columns kept as strings)."""
+    return pd.read_csv(path, dtype={c: str for c in text_columns}, keep_default_na=False,
+                       na_values={c: ["nan", "NaN", ""] for c in columns if c not in text_columns},
                        float_precision="round_trip")
 
 
