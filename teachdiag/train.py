@@ -116,6 +116,8 @@ def train_step(student, teacher, ctxs, batch: list[int], vocab: int, *, loss: st
                 sig[k].append(s[k].cpu().numpy())
     sample = np.concatenate([np.full(len(v[2]), i) for i, v in enumerate(views)])
     flat = {k: np.concatenate(v) for k, v in sig.items()}
+    flat["position"] = np.concatenate([np.arange(len(v[2])) for v in views])  # (N,) j within its response
+    flat["response_length"] = np.concatenate([np.full(len(v[2]), len(v[2])) for v in views])
     kept = budget_mask(selector_scores(flat, select, seed), sample, budget) if select != "all" else np.ones(len(sample), bool)
     if loss == "sampled_token" and keep is not None:  # its loss there is NaN: leave the row out first
         kept &= torch.cat([keep[v[2]] for v in views]).cpu().numpy()

@@ -1,5 +1,6 @@
 """`teachdiag train` and the TA-OPD mask: a trainer step against a hand-written AdamW step, the
-budget rule on planted scores, the selector scores against the float64 reference, and resume."""
+budget rule on planted scores, the selector scores against the float64 reference, and resume;
+the `position` selector."""
 
 import copy
 import math
@@ -169,3 +170,18 @@ def test_budget_rule_is_the_analysis_rule():
     for rho in (0.01, 0.03, 0.05, 0.07, 0.1):  # 0.07 · 150 = 10.500000000000002: 10, not 11
         keep = budget_mask(scores, np.zeros(150, int), rho)
         assert keep.sum() == paper_budget_size(150, rho) == round(round(rho * 150, 9))
+
+
+def test_position_selector_keeps_the_latest_positions():
+    # responses of 4 and 10 tokens: each one's last token first, then the largest (t + 0.5)/L
+    signals = {"fkl": np.zeros(14), "position": np.r_[np.arange(4), np.arange(10)],
+               "response_length": np.r_[np.full(4, 4), np.full(10, 10)]}
+    sample = np.r_[np.zeros(4, int), np.ones(10, int)]
+    keep = budget_mask(selector_scores(signals, "position"), sample, 5 / 14)  # 5 kept
+    # the rest after 3 and 13: 12 (0.85), 11 (0.75), then 10 (0.65) beats t = 2 of 4 (0.625)
+    assert keep.nonzero()[0].tolist() == [3, 10, 11, 12, 13]
+    # the TA-OPD mask on a right- and a left-padded row: the end of each response, whatever the padding
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0, 0], [0, 0, 0, 1, 1, 1, 1, 1]])
+    s = torch.randn(2, 8, 12)
+    got = ta_opd_mask(s, s.clone(), mask, budget=0.4, selector="position", k=4)  # round(0.4 · 10) = 4
+    assert got.nonzero().tolist() == [[0, 4], [0, 5], [1, 6], [1, 7]]
