@@ -1,7 +1,8 @@
 """Budgeted selection (DESIGN §6): what each selector keeps at a fixed share of positions.
 
-    from teachdiag.analysis.selection import selection_table, select_top, budget_size
+    from teachdiag.analysis.selection import selection_table, select_top, budget_size, selectors_for
     selection_table(add_scores(df), "rel_gain_fkl")   # budgets 1/3/5/10 %, every selector
+    selectors_for(df)                                   # name -> column, those df can rank by
     select_top(scores, budget_size(len(scores), 0.05))  # boolean mask (n,)
 
 Rule (default protocol): a selector keeps exactly k = ceil(rho · N) positions of the whole table (global over the
@@ -32,6 +33,11 @@ SELECTORS = {
     "union_fkl": "union_fkl", "entropy": "topk_entropy", "student_entropy": "student_entropy",
     "tip": "tip", "teach_entropy": "teach_entropy", "random": "random", "position": "position_weight",
 }
+
+
+def selectors_for(df: pd.DataFrame, selectors: Mapping[str, str] = SELECTORS) -> dict[str, str]:
+    """The selectors whose column df has: position_weight exists only where response_length does."""
+    return {name: col for name, col in selectors.items() if col in df.columns}
 
 
 def budget_size(n: int, rho: float) -> int:
@@ -91,7 +97,7 @@ def selection_table(df: pd.DataFrame, gain: str, budgets: Sequence[float] = BUDG
     t = table_order(df[np.isfinite(df[gain].to_numpy(float))])
     g = t[gain].to_numpy(float)
     total = g.sum()
-    cols = {**{name: col for name, col in selectors.items() if col in t.columns}, "oracle": gain}
+    cols = {**selectors_for(t, selectors), "oracle": gain}
     rows = []
     for rho in budgets:
         k = budget_size(len(t), rho)
