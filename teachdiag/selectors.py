@@ -12,6 +12,8 @@ mass on the student's top-K, each quantile-normalised over the batch's positions
 
     teachability   D̃·C̃                entropy   H̃          tip   H̃ + D̃ − H̃·D̃
     teach_entropy  H̃ + T̃ − H̃·T̃ (T = D̃·C̃)   fkl   full-vocabulary KL(p_T ‖ p_S)   random   seeded
+    position       PW-OPSD's position weight w_t (table.position_weight): the latest positions of
+                   each response first, by their share (t + 0.5)/L of it
     all            every position
 
 Budget rule: round(budget·N) positions of the whole batch, at least one per sample: each sample's
@@ -25,14 +27,16 @@ import numpy as np
 import torch
 
 from teachdiag.probe.signals import signals_from_logits
-from teachdiag.table import budget_count, peer_scores, teachability_scores
+from teachdiag.table import budget_count, peer_scores, position_weight, teachability_scores
 
-SELECTORS = ("all", "teachability", "entropy", "tip", "teach_entropy", "fkl", "random")
+SELECTORS = ("all", "teachability", "entropy", "tip", "teach_entropy", "fkl", "random", "position")
 
 
 def selector_scores(signals: dict[str, np.ndarray], selector: str, seed: int = 0) -> np.ndarray:
     """(N,) float64 score of each position from its signals (topk_entropy, union_fkl, compat_mass,
-    fkl), normalised over these N positions. Higher is kept first."""
+    fkl), normalised over these N positions. Higher is kept first. `position` reads
+    signals["position"] (0-based, within its response) and signals["response_length"] instead;
+    it uses the default schedule, whose order is that of (t + 0.5)/L for any w_min < 1."""
     if selector not in SELECTORS:
         raise ValueError(f"unknown selector {selector!r}; one of {SELECTORS}")
     n = len(signals["fkl"])
@@ -42,6 +46,8 @@ def selector_scores(signals: dict[str, np.ndarray], selector: str, seed: int = 0
         return np.random.default_rng(seed).random(n)
     if selector == "fkl":
         return np.asarray(signals["fkl"], dtype=np.float64)
+    if selector == "position":
+        return position_weight(signals["position"], signals["response_length"])
     teach = teachability_scores(signals["union_fkl"], signals["compat_mass"])[0]  # D̃·C̃ over these N
     if selector == "teachability":
         return teach
@@ -76,7 +82,8 @@ def ta_opd_mask(student_logits: torch.Tensor, teacher_logits: torch.Tensor, resp
 
     student_logits, teacher_logits: (B, T, V) (any float dtype; scored in float64, `chunk`
     positions at a time); response_mask: (B, T), nonzero on response tokens."""
-    where = response_mask.bool().nonzero(as_tuple=False)  # (N, 2) row-major
+    on = response_mask.bool()  # (B, T)
+    where = on.nonzero(as_tuple=False)  # (N, 2) row-major
     s = student_logits.detach()[where[:, 0], where[:, 1]]  # (N, V)
     t = teacher_logits.detach()[where[:, 0], where[:, 1]]
     y = s.argmax(-1)  # the signals used here do not depend on the sampled token
@@ -84,6 +91,9 @@ def ta_opd_mask(student_logits: torch.Tensor, teacher_logits: torch.Tensor, resp
              for a in range(0, len(s), chunk)]
     sig = {name: torch.cat([p[name] for p in parts]).cpu().numpy() for name in ("topk_entropy", "union_fkl",
                                                                              "compat_mass", "fkl")}
+    # for `position`: the index among the row's response tokens and their number (left padding is fine)
+    sig["position"] = (on.long().cumsum(1) - 1)[where[:, 0], where[:, 1]].cpu().numpy()
+    sig["response_length"] = on.sum(1)[where[:, 0]].cpu().numpy()
     keep = budget_mask(selector_scores(sig, selector, seed), where[:, 0].cpu().numpy(), budget)
     mask = torch.zeros(response_mask.shape, dtype=torch.bool, device=response_mask.device)
     mask[where[:, 0], where[:, 1]] = torch.from_numpy(keep).to(mask.device)

@@ -3,6 +3,7 @@
     from teachdiag.table import COLUMNS, read_tokens, quantile_normalize, teachability_scores
     df = read_tokens("runs/r1/tokens.csv")          # float64 round-trip, tokens kept as text
     teach, incompat = teachability_scores(df["union_fkl"], df["compat_mass"])
+    w = position_weight(df["position"], df["response_length"])   # PW-OPSD's w_t, in (0.25, 1)
 
 No torch here: the analysis reads tables through this module on a laptop. The run folder that
 writes them crash-safely is runfolder.py.
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy.special import expit
 
 
 COLUMNS = ["context_id", "position", "token_id", "token", "fkl", "rkl", "student_entropy",
@@ -81,6 +83,18 @@ def peer_scores(topk_entropy, union_fkl, teachability) -> dict[str, np.ndarray]:
     trainer's selectors (over a rollout batch) both use these."""
     h, d, t = (quantile_normalize(x) for x in (topk_entropy, union_fkl, teachability))
     return {"entropy": h, "divergence": d, "tip": soft_or(h, d), "teach_entropy": soft_or(h, t)}
+
+
+def position_weight(position, response_length, w_min: float = 0.25, tau: float = 0.30,
+                    scale: float = 0.10) -> np.ndarray:
+    """PW-OPSD's weight of 0-based position t in a response of L tokens (arXiv 2605.21606, the
+    "moderate" schedule by default): w_min + (1 − w_min)·σ((frac − tau) / max(scale, 1e-6)),
+    frac = (t + 0.5)/L, the midpoint of the token's share of its own response (the paper's code
+    indexes from 1 and subtracts 0.5). L is that response's length, never a padded batch length.
+    Increasing in t for w_min < 1: early tokens, where the student picks its path, count less
+    than the late ones that carry it out. Arrays broadcast; float64 out."""
+    frac = (np.asarray(position, dtype=np.float64) + 0.5) / np.asarray(response_length, dtype=np.float64)
+    return w_min + (1.0 - w_min) * expit((frac - tau) / max(scale, 1e-6))  # expit: no overflow at scale → 0
 
 
 def budget_count(n: int, rho: float) -> int:

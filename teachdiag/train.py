@@ -2,12 +2,17 @@
 
     teachdiag train --steps 20 --out ckpt/ --select teachability --budget 0.05        # embedded demo pair
     teachdiag train --teacher T --student S --contexts train.jsonl --out ckpt/ --steps 200 --lr 1e-6
+    teachdiag train --loss clipped_fkl --position-weight --select all --out ckpt/     # PW-OPSD's recipe
     teachdiag probe --student S --student-after ckpt/model --teacher T --contexts heldout.jsonl --out runs/g
 
 Each step takes `--batch` contexts (a seeded shuffle, cycled), scores every response position with
 the teacher and the student, keeps the positions the selector picks over the whole batch
 (selectors.py: round(budget·N), at least one per sample), and takes one AdamW step on the OPD loss
 of the kept positions, normalised by their number (DESIGN §7). Unselected tokens stay in the context.
+With --position-weight (PW-OPSD, arXiv 2605.21606) each kept loss is weighted by its position's
+w_t (table.position_weight) and the batch loss is the paper's: per sequence Σ_t w_t ℓ_t / L_b, its
+response length, then the mean over the sequences with a kept position. The paper trains with
+--loss clipped_fkl (signals.clipped_fkl) on every position; here any loss and selector combine.
 Defaults are the paper's training recipe (DESIGN §5): sampled-token loss, lr 1e-6 constant, betas
 (0.9, 0.98), weight decay 0.1. Contexts are frozen by default (the rollouts do not change as the
 student does; cheap on a CPU). With --on-policy each step samples fresh responses from the current
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import shutil
 import sys
@@ -44,10 +50,12 @@ from teachdiag.flags import opt
 from teachdiag.models import load_inputs, load_models, resolve_device
 from teachdiag.probe.forward import teacher_logits
 from teachdiag.progress import progress
-from teachdiag.probe.signals import keep_mask, probe_loss, signals_from_logits
+from teachdiag.probe.signals import clipped_fkl, keep_mask, probe_loss, signals_from_logits
 from teachdiag.rollout import generate_batch, read_prompts, stop_ids
 from teachdiag.selectors import SELECTORS, budget_mask, selector_scores
+from teachdiag.table import position_weight
 
+TRAIN_LOSSES = ("sampled_token", "reverse_kl", "clipped_fkl")
 LOG_COLUMNS = ["step", "loss", "kept", "positions", "mean_fkl", "seconds"]
 
 
@@ -59,8 +67,20 @@ class TrainConfig(DeviceOptions, ContextOptions, PairOptions):  # --help lists p
     steps: int = opt("optimizer steps", 20)
     batch: int = opt("contexts per step (the selector's budget is taken over all their positions)", 8)
     lr: float = opt("AdamW learning rate, constant (the paper: 1e-6)", 1e-6)
-    loss: str = opt("OPD loss: sampled_token (policy-gradient form, the paper's) or reverse_kl (full vocabulary)",
-                    "sampled_token", choices=["sampled_token", "reverse_kl"])
+    loss: str = opt("OPD loss: sampled_token (policy-gradient form, the paper's), reverse_kl (full vocabulary) "
+                    "or clipped_fkl (forward KL, each vocabulary entry capped at --kl-clip: OPSD / PW-OPSD)",
+                    "sampled_token", choices=list(TRAIN_LOSSES))
+    kl_clip: float = opt("clipped_fkl: cap on each entry p_T(v)·(log p_T(v) − log p_S(v)) before the sum over v",
+                         0.05)
+    loss_temperature: float = opt("clipped_fkl: both logits are divided by it before the softmax (PW-OPSD: 1.1)",
+                                  1.0)
+    position_weight: bool = opt("PW-OPSD: weight position t of a length-L response by w_t = pw_min + "
+                                "(1 − pw_min)·σ(((t + 0.5)/L − pw_tau)/pw_scale); batch loss = mean over "
+                                "sequences of Σ w_t ℓ_t / L (the paper: --loss clipped_fkl --position-weight "
+                                "--select all)", False)
+    pw_min: float = opt("--position-weight: the weight the earliest positions tend to, w_min in [0, 1]", 0.25)
+    pw_tau: float = opt("--position-weight: the share of the response where the weight is halfway up", 0.30)
+    pw_scale: float = opt("--position-weight: width of the sigmoid, in shares of the response (0: a step)", 0.10)
     select: str = opt("which positions to train on: all, or a selector over the batch (selectors.py)", "all",
                       choices=list(SELECTORS))
     budget: float = opt("share of the batch's positions kept by --select (at least one per sample)", 0.05)
@@ -87,13 +107,25 @@ def batches(n_contexts: int, batch: int, steps: int, seed: int) -> list[list[int
     return [order[i * batch : (i + 1) * batch] for i in range(steps)]
 
 
+def opd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, token_ids: torch.Tensor, loss: str,
+             keep: torch.Tensor | None = None, kl_clip: float = 0.05, temperature: float = 1.0) -> torch.Tensor:
+    """(P,) float64 per-position training loss: clipped_fkl, or one of the probe's losses (probe_loss)."""
+    if loss == "clipped_fkl":
+        return clipped_fkl(student_logits, teacher_logits, kl_clip, temperature, keep=keep)
+    return probe_loss(student_logits, teacher_logits, token_ids, loss, reduce=False, keep=keep)
+
+
 def train_step(student, teacher, ctxs, batch: list[int], vocab: int, *, loss: str, select: str, budget: float,
                top_k: int, optimizer: torch.optim.Optimizer, device, seed: int = 0,
-               keep: torch.Tensor | None = None) -> dict:
+               keep: torch.Tensor | None = None, kl_clip: float = 0.05, loss_temperature: float = 1.0,
+               pw: tuple[float, float, float] | None = None) -> dict:
     """One OPD step on `batch` (context indices); returns the log row (without step and seconds).
 
     keep: None, or bool (vocab,): the ids both tokenizers agree on (signals.py); the scores and the
-    loss live there, and sampled_token cannot train on a sampled token outside them."""
+    loss live there, and sampled_token cannot train on a sampled token outside them.
+    pw: None (loss = Σ kept ℓ_t / number kept), or (w_min, tau, scale) of PW-OPSD's position weight:
+    loss = (1/B') Σ_b Σ_t w_t ℓ_t m_t / L_b, L_b the response length of sequence b, m_t its kept
+    mask, B' the sequences with a kept position (the paper's per-sequence mean, then batch mean)."""
     views = []  # per context: ids (T,), at (R,) the indices predicting y, y (R,), teacher logits (R, V)
     for c in batch:
         ctx = ctxs[c]
@@ -116,23 +148,31 @@ def train_step(student, teacher, ctxs, batch: list[int], vocab: int, *, loss: st
                 sig[k].append(s[k].cpu().numpy())
     sample = np.concatenate([np.full(len(v[2]), i) for i, v in enumerate(views)])
     flat = {k: np.concatenate(v) for k, v in sig.items()}
+    flat["position"] = np.concatenate([np.arange(len(v[2])) for v in views])  # (N,) j within its response
+    flat["response_length"] = np.concatenate([np.full(len(v[2]), len(v[2])) for v in views])
     kept = budget_mask(selector_scores(flat, select, seed), sample, budget) if select != "all" else np.ones(len(sample), bool)
     if loss == "sampled_token" and keep is not None:  # its loss there is NaN: leave the row out first
         kept &= torch.cat([keep[v[2]] for v in views]).cpu().numpy()
     n_kept = int(kept.sum())
+    n_seqs = sum(bool(m.any()) for m in np.split(kept, np.cumsum([len(v[2]) for v in views])[:-1]))  # B'
 
     optimizer.zero_grad(set_to_none=True)
     total, a = 0.0, 0
     for ids, at, y, t in views:
-        mask = torch.from_numpy(kept[a : a + len(y)]).to(device)
+        kept_here = kept[a : a + len(y)]
+        mask = torch.from_numpy(kept_here).to(device)
         a += len(y)
         if not mask.any():
             continue
         with torch.enable_grad():
-            per = probe_loss(logits(ids, at)[mask], t[mask], y[mask], loss, reduce=False, keep=keep)
-            part = per.sum() / n_kept  # normalised by the kept positions of the whole batch
+            per = opd_loss(logits(ids, at)[mask], t[mask], y[mask], loss, keep, kl_clip, loss_temperature)  # (kept,)
+            if pw is None:
+                part = per.sum() / n_kept  # normalised by the kept positions of the whole batch
+            else:  # the whole response's length, whatever the selector kept of it
+                w = position_weight(np.flatnonzero(kept_here), len(y), *pw)  # (kept,)
+                part = (per * torch.from_numpy(w).to(per)).sum() / (len(y) * n_seqs)
             part.backward()
-        total += float(part)
+        total += part.item()  # .item(): part still carries its graph's grad_fn
     optimizer.step()
     return {"loss": total, "kept": n_kept, "positions": len(sample), "mean_fkl": float(flat["fkl"].mean())}
 
@@ -227,7 +267,21 @@ def _check(cfg: TrainConfig) -> None:
              (0 <= cfg.beta2 < 1, "--beta2", f"must be in [0, 1), got {cfg.beta2}"),
              (cfg.weight_decay >= 0, "--weight-decay", f"must be >= 0, got {cfg.weight_decay}"),
              (cfg.temperature >= 0, "--temperature", f"must be >= 0 (0: greedy), got {cfg.temperature}"),
-             (0 < cfg.budget <= 1, "--budget", f"must be in (0, 1], got {cfg.budget}")])
+             (0 < cfg.budget <= 1, "--budget", f"must be in (0, 1], got {cfg.budget}"),
+             (cfg.loss in TRAIN_LOSSES, "--loss", f"must be one of {', '.join(TRAIN_LOSSES)}, got {cfg.loss!r}"),
+             (cfg.kl_clip > 0, "--kl-clip", f"must be > 0 (inf: no cap), got {cfg.kl_clip}"),
+             (0 < cfg.loss_temperature < math.inf, "--loss-temperature", f"must be > 0, got {cfg.loss_temperature}"),
+             (0 <= cfg.pw_min <= 1, "--pw-min", f"must be in [0, 1], got {cfg.pw_min}"),
+             (math.isfinite(cfg.pw_tau), "--pw-tau", f"must be a number, got {cfg.pw_tau}"),
+             (0 <= cfg.pw_scale < math.inf, "--pw-scale", f"must be >= 0, got {cfg.pw_scale}")])
+    # an option of a loss or reduction not in use would be silently ignored: refuse it instead
+    default = TrainConfig()
+    require([(getattr(cfg, name) == getattr(default, name) or used, "--" + name.replace("_", "-"),
+              f"applies only with {what}, got {getattr(cfg, name)}")
+             for names, used, what in ((("kl_clip", "loss_temperature"), cfg.loss == "clipped_fkl",
+                                        "--loss clipped_fkl"),
+                                       (("pw_min", "pw_tau", "pw_scale"), cfg.position_weight, "--position-weight"))
+             for name in names])
 
 
 def run_train(cfg: TrainConfig, argv: list[str] | None = None) -> Path:
@@ -259,7 +313,8 @@ def run_train(cfg: TrainConfig, argv: list[str] | None = None) -> Path:
     log_path = out / "train_log.csv"
     if cfg.resume and (out / "train.json").is_file():
         done = json.loads((out / "train.json").read_text())
-        if done.get("options", {}) | {"resume": True, "overwrite": False, "steps": cfg.steps} != asdict(cfg) | {
+        saved = asdict(TrainConfig()) | done.get("options", {})  # options added since that run: their defaults
+        if saved | {"resume": True, "overwrite": False, "steps": cfg.steps} != asdict(cfg) | {
                 "resume": True, "overwrite": False}:
             raise InputError("options differ from the run being resumed", field="--resume", file=str(out))
         start = int(done["steps_done"])
@@ -283,7 +338,8 @@ def run_train(cfg: TrainConfig, argv: list[str] | None = None) -> Path:
         batch = batch if batch is not None else list(range(len(ctxs)))
         row = train_step(student, teacher, ctxs, batch, vocab, loss=cfg.loss, select=cfg.select,
                          budget=cfg.budget, top_k=cfg.top_k, optimizer=optimizer, device=device, seed=cfg.seed + step,
-                         keep=keep)
+                         keep=keep, kl_clip=cfg.kl_clip, loss_temperature=cfg.loss_temperature,
+                         pw=(cfg.pw_min, cfg.pw_tau, cfg.pw_scale) if cfg.position_weight else None)
         row = {"step": step + 1, **row, "seconds": round(time.time() - t0, 3)}
         with open(log_path, "a", newline="") as f:
             csv.writer(f).writerow([row[c] for c in LOG_COLUMNS])

@@ -1,7 +1,9 @@
 """`teachdiag train` and the TA-OPD mask: a trainer step against a hand-written AdamW step, the
-budget rule on planted scores, the selector scores against the float64 reference, and resume."""
+budget rule on planted scores, the selector scores against the float64 reference, and resume;
+PW-OPSD's position-weighted step against the loss built by hand, and the `position` selector."""
 
 import copy
+import json
 import math
 
 import numpy as np
@@ -23,17 +25,22 @@ def load(path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-def hand_loss(student, teacher, ctx, loss):
-    """Per-position OPD losses of a context from full-sequence forwards, float64 (V,) by hand."""
+def hand_loss(student, teacher, ctx, loss, keep=None, clip=0.05, temperature=1.0):
+    """Per-position OPD losses of a context from full-sequence forwards, float64 (V,) by hand.
+    keep: bool (VOCAB,) or None; a row whose token is outside it is garbage (callers drop it)."""
     s_ids = ctx.prompt_ids + ctx.response_ids
     t_ids = ctx.teacher_view + ctx.response_ids
     zs = student(input_ids=torch.tensor([s_ids])).logits[0, len(ctx.prompt_ids) - 1 : -1, :VOCAB].double()
     with torch.no_grad():
         zt = teacher(input_ids=torch.tensor([t_ids])).logits[0, len(ctx.teacher_view) - 1 : -1, :VOCAB].double()
-    ls, lt = zs.log_softmax(-1), zt.log_softmax(-1)
     y = torch.tensor(ctx.response_ids)[:, None]
+    if keep is not None:  # both renormalised on the kept ids; y as a column among them
+        zs, zt, y = zs[:, keep], zt[:, keep], (keep.long().cumsum(0) - 1)[y].clamp(min=0)
+    ls, lt = (zs / temperature).log_softmax(-1), (zt / temperature).log_softmax(-1)
     if loss == "reverse_kl":
         return (ls.exp() * (ls - lt)).sum(-1)
+    if loss == "clipped_fkl":
+        return torch.clamp(lt.exp() * (lt - ls), max=clip).sum(-1)
     lps, lpt = ls.gather(1, y)[:, 0], lt.gather(1, y)[:, 0]
     return -(lpt - lps).detach() * lps
 
@@ -74,7 +81,7 @@ def test_train_step_equals_hand_written_adamw(tmp_path, pair, loss, select):
         p.requires_grad_(True)
     total = sum((hand_loss(ref, teacher, c, loss)[torch.from_numpy(k)]).sum() for c, k in zip(ctxs, kept))
     grads = torch.autograd.grad(total / row["kept"], params)
-    assert row["loss"] == pytest.approx(float(total) / row["kept"], rel=1e-5)
+    assert row["loss"] == pytest.approx(total.item() / row["kept"], rel=1e-5)
     for p, g, (name, q) in zip(params, grads, student.named_parameters()):
         want = p.detach().double() * (1 - 1e-3 * 0.1) - 1e-3 * g.double() / (g.double().abs() + 1e-8)
         # g/(|g|+eps) is ±1 except where |g| ~ eps: compare where the gradient is well above float noise
@@ -169,3 +176,101 @@ def test_budget_rule_is_the_analysis_rule():
     for rho in (0.01, 0.03, 0.05, 0.07, 0.1):  # 0.07 · 150 = 10.500000000000002: 10, not 11
         keep = budget_mask(scores, np.zeros(150, int), rho)
         assert keep.sum() == paper_budget_size(150, rho) == round(round(rho * 150, 9))
+
+
+def hand_weight(t, length, w_min=0.25, tau=0.30, scale=0.10):
+    return w_min + (1 - w_min) / (1 + math.exp(-((t + 0.5) / length - tau) / scale))
+
+
+@pytest.mark.parametrize("case", ["clipped_fkl, all", "sampled_token, position, keep", "w = 1"])
+def test_position_weighted_step_equals_the_hand_built_loss(tmp_path, pair, case):
+    """One SGD step with pw on: loss (1/B') Σ_b Σ_t w_t ℓ_t m_t / L_b, its gradient and the update."""
+    ctxs = load_contexts(write_contexts(tmp_path / "c.jsonl", n=4))
+    teacher, student = load(pair[0]), load(pair[1])
+    loss, select, pw, keep, temperature = {
+        "clipped_fkl, all": ("clipped_fkl", "all", (0.25, 0.3, 0.1), None, 1.1),
+        "sampled_token, position, keep": ("sampled_token", "position", (0.25, 0.3, 0.1), "drop 5", 1.0),
+        "w = 1": ("reverse_kl", "all", (1.0, 0.3, 0.1), None, 1.0)}[case]
+    if keep:  # context 1 samples only id 5, which the tokenizers "disagree" on: no kept position, B' = 3
+        ctxs[1].response_ids = [5] * 5
+        keep = torch.ones(VOCAB, dtype=torch.bool)
+        keep[5] = False
+    ref = copy.deepcopy(student)
+    student.requires_grad_(True)
+    opt = torch.optim.SGD(student.parameters(), lr=1e-2)
+    before = [p.detach().clone() for p in student.parameters()]
+    row = train_step(student, teacher, ctxs, [0, 1, 2, 3], VOCAB, loss=loss, select=select, budget=0.3, top_k=16,
+                     optimizer=opt, device="cpu", keep=keep, loss_temperature=temperature, pw=pw)
+    # the mask by hand: `position` keeps each response's last token, then the largest (t + 0.5)/L
+    n = [len(c.response_ids) for c in ctxs]
+    frac = np.concatenate([(np.arange(k) + 0.5) / k for k in n])
+    kept = np.ones(sum(n), bool) if select == "all" else budget_mask(frac, np.repeat(np.arange(4), n), 0.3)
+    if keep is not None:
+        kept &= np.concatenate([[y != 5 for y in c.response_ids] for c in ctxs])
+    kept = np.split(kept, np.cumsum(n)[:-1])
+    b_prime = sum(k.any() for k in kept)
+    assert row["kept"] == sum(int(k.sum()) for k in kept) and b_prime == (3 if keep is not None else 4)
+    params = list(ref.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    total = 0
+    for c, k, length in zip(ctxs, kept, n):
+        w = torch.tensor([hand_weight(t, length, *pw) for t in range(length)], dtype=torch.float64)
+        per = hand_loss(ref, teacher, c, loss, keep=keep, temperature=temperature)
+        total = total + (w * per)[torch.from_numpy(k)].sum() / length
+    total = total / b_prime
+    assert row["loss"] == pytest.approx(total.item(), rel=1e-5)
+    grads = torch.autograd.grad(total, params)
+    for (name, q), p0, g in zip(student.named_parameters(), before, grads):
+        torch.testing.assert_close(q.grad, g.float(), rtol=1e-4, atol=1e-7, msg=name)
+        torch.testing.assert_close(q.detach(), p0 - 1e-2 * q.grad, msg=name)  # the step took that gradient
+    if case == "w = 1":  # the plain per-sequence mean of ℓ, which differs from the token mean
+        per = [hand_loss(ref, teacher, c, loss).detach() for c in ctxs]
+        assert row["loss"] == pytest.approx(np.mean([float(x.mean()) for x in per]), rel=1e-5)
+        assert row["loss"] != pytest.approx(float(torch.cat(per).mean()), rel=1e-3)
+
+
+def test_position_selector_keeps_the_latest_positions():
+    # responses of 4 and 10 tokens: each one's last token first, then the largest (t + 0.5)/L
+    signals = {"fkl": np.zeros(14), "position": np.r_[np.arange(4), np.arange(10)],
+               "response_length": np.r_[np.full(4, 4), np.full(10, 10)]}
+    sample = np.r_[np.zeros(4, int), np.ones(10, int)]
+    keep = budget_mask(selector_scores(signals, "position"), sample, 5 / 14)  # 5 kept
+    # the rest after 3 and 13: 12 (0.85), 11 (0.75), then 10 (0.65) beats t = 2 of 4 (0.625)
+    assert keep.nonzero()[0].tolist() == [3, 10, 11, 12, 13]
+    # the TA-OPD mask on a right- and a left-padded row: the end of each response, whatever the padding
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0, 0], [0, 0, 0, 1, 1, 1, 1, 1]])
+    s = torch.randn(2, 8, 12)
+    got = ta_opd_mask(s, s.clone(), mask, budget=0.4, selector="position", k=4)  # round(0.4 · 10) = 4
+    assert got.nonzero().tolist() == [[0, 4], [0, 5], [1, 6], [1, 7]]
+
+
+def test_train_cli_pw_opsd_runs_records_its_options_and_refuses_what_it_would_ignore(tmp_path, pair, capsys):
+    contexts = write_contexts(tmp_path / "c.jsonl", n=4)
+    args = ["train", "--teacher", pair[0], "--student", pair[1], "--contexts", str(contexts), "--device", "cpu",
+            "--quiet", "--lr", "3e-3", "--batch", "4", "--steps", "2"]
+    pw = ["--loss", "clipped_fkl", "--position-weight", "--loss-temperature", "1.1", "--pw-min", "0.5"]
+    assert main([*args, *pw, "--out", str(tmp_path / "a")]) == 0
+    log = np.genfromtxt(tmp_path / "a" / "train_log.csv", delimiter=",", names=True)
+    assert np.isfinite(log["loss"]).all() and (log["kept"] == log["positions"]).all()
+    options = json.loads((tmp_path / "a" / "train.json").read_text())["options"]
+    assert options["loss"] == "clipped_fkl" and options["position_weight"] is True
+    assert (options["kl_clip"], options["loss_temperature"], options["pw_min"]) == (0.05, 1.1, 0.5)
+    assert load(tmp_path / "a" / "model") is not None
+    assert main([*args, "--position-weight", "--select", "position", "--budget", "0.3",
+                 "--out", str(tmp_path / "b")]) == 0
+    # a run saved before these options existed resumes (they take their defaults)
+    assert main([*args, "--out", str(tmp_path / "old")]) == 0
+    record = json.loads((tmp_path / "old" / "train.json").read_text())
+    for name in ("kl_clip", "loss_temperature", "position_weight", "pw_min", "pw_tau", "pw_scale"):
+        del record["options"][name]
+    (tmp_path / "old" / "train.json").write_text(json.dumps(record))
+    assert main([*args[:-1], "3", "--out", str(tmp_path / "old"), "--resume"]) == 0
+    capsys.readouterr()
+    for bad in (["--kl-clip", "0.1"], ["--loss-temperature", "1.1"],  # sampled_token ignores them
+                ["--pw-tau", "0.5"],  # no --position-weight
+                [*pw, "--pw-min", "1.5"], [*pw, "--pw-scale", "-1"], [*pw, "--kl-clip", "0"]):
+        assert main([*args, *bad, "--out", str(tmp_path / "bad")]) == 2, bad
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("teachdiag: error:"), err
+    assert not (tmp_path / "bad").exists()  # refused before anything was written

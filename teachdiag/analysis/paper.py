@@ -9,6 +9,8 @@ Variables (all from θ0, normalized over the whole table):
     pos_norm = position / (response_length − 1)                    (0 for a one-token response)
     Norm(z) = clip((z − q05) / (q95 − q05), 0, 1), 0 where q95 − q05 < 1e-12 (paper_norm)
     Hn, Dn, Cn, Htn; DL = Dn·Cn; DI = Dn·(1 − Cn); TIP = Hn + Dn − Hn·Dn; H_teach = Hn + DL − Hn·DL
+    position_weight = PW-OPSD's w_t of (position, response_length) (table.position_weight), a
+    selector beside the paper's (arXiv 2605.21606 trains on it; the paper tested here does not)
 Gains: G_KLf = (fkl − fkl_after) / (fkl + 1e-12), the paper's relative drop, and drop_fkl =
 fkl − fkl_after, the absolute drop of its Eq. 1. These differ from teachdiag's default protocol
 (topk_entropy, union_fkl, rel_gain_fkl = NaN where fkl is 0): DESIGN §5 keeps both definitions.
@@ -25,7 +27,7 @@ from teachdiag.analysis.bootstrap import group_mean_draws, percentile_ci
 from teachdiag.analysis.minimum import ci_note, too_few
 from teachdiag.analysis.selection import paper_budget_size, select_top, table_order, tied_at_cutoff
 from teachdiag.analysis.stats import bin_table, equal_count_bins, matched_pairs, ols_models, tercile_gap, winsorize
-from teachdiag.table import soft_or
+from teachdiag.table import position_weight, soft_or
 from teachdiag.errors import InputError
 
 EPS = 1e-12  # the paper's threshold of Norm and the guard of G_KLf's denominator
@@ -41,7 +43,7 @@ PAPER_BUDGETS = (0.01, 0.03, 0.05, 0.10)
 # selector -> column. Raw KL and entropy rank by the raw fkl and student_entropy: the same order
 # as Dn and Hn, without the tie plateau that clipping puts at Dn = 1 (the top 5% of rows).
 PAPER_SELECTORS = {"teachability": "DL", "raw KL": "fkl", "TIP": "TIP", "H+teach": "H_teach",
-                   "entropy": "student_entropy", "random": "random"}
+                   "entropy": "student_entropy", "random": "random", "position": "position_weight"}
 
 
 def paper_norm(x: np.ndarray) -> np.ndarray:
@@ -83,6 +85,7 @@ def paper_scores(df: pd.DataFrame, seed: int = 0, source: str = "table") -> pd.D
     return t.assign(
         Hn=hn, Dn=dn, Cn=cn, Htn=paper_norm(t["teacher_entropy"]), pos_norm=pos_norm,
         DL=dl, DI=dn * (1 - cn), TIP=soft_or(hn, dn), H_teach=soft_or(hn, dl),
+        position_weight=position_weight(pos, length),
         G_KLf=(fkl - t["fkl_after"].to_numpy(float)) / (fkl + EPS),
         drop_fkl=fkl - t["fkl_after"].to_numpy(float),
         random=np.random.default_rng(seed).random(len(t)))

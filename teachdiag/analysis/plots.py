@@ -166,7 +166,9 @@ def selection_bars(sel: pd.DataFrame, gain: str, titles: dict[str, str] | None =
             _nothing(ax, "no positions to select")
             continue
         d = d.assign(budget_pct=d["budget"].map("{:.0%}".format))
-        sns.barplot(d, x="budget_pct", y="mean_gain", hue="selector", ax=ax, palette="tab10")
+        # tab10 has 10 colours and there are up to 11 selectors with the oracle: Dark2 after it
+        colours = (sns.color_palette("tab10") + sns.color_palette("Dark2"))[: d["selector"].nunique()]
+        sns.barplot(d, x="budget_pct", y="mean_gain", hue="selector", ax=ax, palette=colours)
         ax.axhline(d["mean_gain_all"].iloc[0], color="k", ls="--", lw=0.8, label="all positions")
         ax.set(xlabel="budget (% of positions kept)", ylabel=f"mean {gain_label(gain)} kept")
         ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.14))

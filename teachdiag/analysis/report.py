@@ -31,6 +31,7 @@ ROWS = [
     ("incompat D(1-C)", "incompat", "incompat"),
     ("teachability DC", "teachability", "teachability"),
     ("random", "random", "random"),
+    ("position weight w_t", None, "position"),  # a selector only: not among the correlated signals
     ("oracle (measured gain)", None, "oracle"),
 ]
 TABLE_BUDGETS = (0.05, 0.10)

@@ -1,7 +1,8 @@
 """Budgeted selection (DESIGN §6): what each selector keeps at a fixed share of positions.
 
-    from teachdiag.analysis.selection import selection_table, select_top, budget_size
+    from teachdiag.analysis.selection import selection_table, select_top, budget_size, selectors_for
     selection_table(add_scores(df), "rel_gain_fkl")   # budgets 1/3/5/10 %, every selector
+    selectors_for(df)                                   # name -> column, those df can rank by
     select_top(scores, budget_size(len(scores), 0.05))  # boolean mask (n,)
 
 Rule (default protocol): a selector keeps exactly k = ceil(rho · N) positions of the whole table (global over the
@@ -10,6 +11,8 @@ means table order: contexts in order of first appearance in the table, then asce
 (selection_table sorts the table that way first). NaN scores rank below every number.
 The oracle is the same rule applied to the measured gain itself. The paper protocol (paper.py)
 keeps k = round(rho · N) instead (paper_budget_size), as the paper states.
+`position` ranks by PW-OPSD's position weight (table.position_weight: the latest share of each
+response first); it needs response_length, and a table without it has no such row.
 """
 
 from __future__ import annotations
@@ -28,8 +31,13 @@ BUDGETS = (0.01, 0.03, 0.05, 0.10)
 SELECTORS = {
     "teachability": "teachability", "incompat": "incompat", "fkl": "fkl",
     "union_fkl": "union_fkl", "entropy": "topk_entropy", "student_entropy": "student_entropy",
-    "tip": "tip", "teach_entropy": "teach_entropy", "random": "random",
+    "tip": "tip", "teach_entropy": "teach_entropy", "random": "random", "position": "position_weight",
 }
+
+
+def selectors_for(df: pd.DataFrame, selectors: Mapping[str, str] = SELECTORS) -> dict[str, str]:
+    """The selectors whose column df has: position_weight exists only where response_length does."""
+    return {name: col for name, col in selectors.items() if col in df.columns}
 
 
 def budget_size(n: int, rho: float) -> int:
@@ -82,13 +90,14 @@ def selection_table(df: pd.DataFrame, gain: str, budgets: Sequence[float] = BUDG
     Rows with a non-finite gain are left out first (N counts the rest). share_of_gain is
     Σ kept gain / Σ all gain (NaN if the latter is 0); overlap_oracle is |kept ∩ oracle| / k;
     tied_at_cutoff counts kept positions chosen by the tie-break alone (a clipped score's plateau).
+    A selector whose column the table lacks is left out (position_weight needs response_length).
     Returns rows: gain, budget, selector, n, k, mean_gain, median_gain, share_of_gain,
     overlap_oracle, mean_gain_all, tied_at_cutoff.
     """
     t = table_order(df[np.isfinite(df[gain].to_numpy(float))])
     g = t[gain].to_numpy(float)
     total = g.sum()
-    cols = {**selectors, "oracle": gain}
+    cols = {**selectors_for(t, selectors), "oracle": gain}
     rows = []
     for rho in budgets:
         k = budget_size(len(t), rho)

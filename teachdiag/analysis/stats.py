@@ -27,7 +27,7 @@ from scipy import stats
 from teachdiag.analysis.bootstrap import (CELLS, bootstrap_weights, count_chunks, group_mean_draws,
                                          kendall_influence, percentile_ci, rank_groups, weighted_ranks)
 from teachdiag.analysis.minimum import MIN_CORR, MIN_GROUP, ci_note, ols_floor, too_few
-from teachdiag.table import peer_scores, quantile_normalize
+from teachdiag.table import peer_scores, position_weight, quantile_normalize
 
 GAINS = ("gain_fkl", "gain_rkl", "rel_gain_fkl", "rel_gain_rkl")
 RAW_SIGNALS = ("fkl", "rkl", "union_fkl", "student_entropy", "teacher_entropy", "topk_entropy",
@@ -49,11 +49,16 @@ REG_COLUMNS = ["gain", "winsor", "model", "stat", "term", "estimate", "ci_low", 
 
 def add_scores(df: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
     """Copy of `df` with the peer scores: entropy H̃, divergence D̃, tip H̃+D̃−H̃D̃,
-    teach_entropy H̃+T̃−H̃T̃ (T = teachability) and random (uniform, seeded). Normalized over df's rows."""
+    teach_entropy H̃+T̃−H̃T̃ (T = teachability) and random (uniform, seeded). Normalized over df's rows.
+    Where the table has response lengths, also position_weight (PW-OPSD's w_t, table.py): a
+    per-row number, nothing normalised."""
     out = df.copy()
     for name, score in peer_scores(out["topk_entropy"], out["union_fkl"], out["teachability"]).items():
         out[name] = score
     out["random"] = np.random.default_rng(seed).random(len(out))
+    if "response_length" in out.columns and np.isfinite(out["response_length"].to_numpy(float)).any():
+        out["position_weight"] = position_weight(out["position"].to_numpy(float),
+                                                 out["response_length"].to_numpy(float))
     return out
 
 

@@ -1,8 +1,9 @@
 """Per-position signals (DESIGN §3) as pure functions over logits, in nats.
 
-    from teachdiag.probe.signals import signals_from_logits, probe_loss
+    from teachdiag.probe.signals import signals_from_logits, probe_loss, clipped_fkl
     s = signals_from_logits(student_logits, teacher_logits, token_ids, k=16)   # dict of (P,)
     s["fkl"], s["compat_mass"], s["union_fkl"], ...
+    clipped_fkl(student_logits, teacher_logits, clip=0.05)   # (P,) the OPSD training loss (train.py)
 
 teachability and incompat need the whole run's quantiles, so they live in table.py.
 
@@ -173,3 +174,22 @@ def probe_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     else:
         raise ValueError(f"unknown loss {loss!r}; one of {LOSSES}")
     return per.sum() if reduce else per
+
+
+def clipped_fkl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, clip: float = 0.05,
+                temperature: float = 1.0, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """(P,) float64 forward KL with each vocabulary entry capped: Σ_v min(p_T(v)·(log p_T(v) −
+    log p_S(v)), clip), both distributions softmax(logits / temperature); teacher fixed.
+
+    The loss of OPSD and PW-OPSD (arXiv 2605.21606; their code clamps the per-entry KL at 0.05):
+    an id where the student is far below a confident teacher would otherwise dominate the
+    position's gradient. Only entries above clip are capped (they get no gradient); negative
+    entries, where p_S > p_T, pass unchanged. clip = inf is kl(log_t, log_s) itself. A training
+    loss, not one of the probe's LOSSES (whose step rules and closed forms assume those three).
+    student_logits: (P, V) with grad; teacher_logits: (P, V); keep as probe_loss.
+    """
+    log_s = F.log_softmax(restrict(student_logits, keep) / temperature, -1)  # (P, V')
+    log_t = F.log_softmax(restrict(teacher_logits.detach(), keep) / temperature, -1)
+    p_t = log_t.exp()
+    terms = torch.where(p_t == 0, torch.zeros_like(p_t), p_t * (log_t - log_s))  # (P, V'), 0·log 0 = 0 as in kl
+    return terms.clamp(max=clip).sum(-1)

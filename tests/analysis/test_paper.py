@@ -220,6 +220,24 @@ def test_selection_keeps_round_rho_n_with_ties_to_the_earlier_position():
     assert (few["note"] == "too few positions (n = 30; round(0.01 · n) = 0 kept)").all()
 
 
+def test_position_selector_keeps_the_latest_share_and_leaves_the_others_bit_identical(monkeypatch):
+    t = make_tokens(n_ctx=12, n_pos=20, seed=6)
+    t["response_length"] = 20 + 5 * (np.arange(len(t)) // 20 % 3)  # responses of 20, 25, 30 tokens
+    s = P.paper_scores(t)
+    frac = (s["position"].to_numpy() + 0.5) / s["response_length"].to_numpy()
+    w = 0.25 + 0.75 / (1 + np.exp(-(frac - 0.3) / 0.1))  # PW-OPSD's weight, by hand
+    np.testing.assert_allclose(s["position_weight"], w, rtol=1e-14)
+    sel = P.paper_selection(s, "G_KLf", budgets=(0.05,), n_boot=50)
+    r = sel[(sel["selector"] == "position") & (sel["winsor"] == 0)].iloc[0]
+    top = np.lexsort((np.arange(len(frac)), -frac))[: r["k"]]
+    assert r["score"] == "position_weight" and np.isfinite(r["ci_low"])
+    assert r["mean_gain"] == pytest.approx(s["G_KLf"].to_numpy()[top].mean(), abs=1e-12)
+    monkeypatch.setattr(P, "PAPER_SELECTORS", {k: v for k, v in P.PAPER_SELECTORS.items() if k != "position"})
+    without = P.paper_selection(s, "G_KLf", budgets=(0.05,), n_boot=50)
+    pd.testing.assert_frame_equal(sel[sel["selector"] != "position"].reset_index(drop=True), without,
+                                  check_exact=True)
+
+
 # ---------------------------------------------------------------- never raises on a valid table
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from synthetic import make_tokens
 from teachdiag.analysis.stats import add_scores
-from teachdiag.analysis.selection import BUDGETS, budget_size, select_top, selection_table, table_order
+from teachdiag.analysis.selection import (BUDGETS, SELECTORS, budget_size, select_top, selection_table,
+                                         table_order)
 
 
 @pytest.mark.parametrize("n, rho, k", [(100, 0.03, 3), (100, 0.01, 1), (1000, 0.05, 50),
@@ -104,3 +105,27 @@ def test_nonfinite_gain_rows_are_left_out():
     sel = selection_table(df, "gain", budgets=[0.5])
     assert (sel["n"] == 3).all() and (sel["k"] == 2).all()
     assert sel.set_index("selector").loc["fkl", "mean_gain"] == pytest.approx(4.0)
+
+
+def test_position_selector_needs_response_length_and_leaves_the_others_bit_identical():
+    df = make_tokens(n_ctx=20, n_pos=15, seed=2)
+    df["response_length"] = 15 + 10 * (np.arange(len(df)) // 15 % 2)  # some responses go on unseen
+    t = add_scores(df)
+    frac = (t["position"] + 0.5) / t["response_length"]
+    np.testing.assert_allclose(t["position_weight"], 0.25 + 0.75 / (1 + np.exp(-(frac - 0.3) / 0.1)), rtol=1e-14)
+    sel = selection_table(t, "rel_gain_fkl", budgets=[0.1])
+    r = sel.set_index("selector").loc["position"]
+    o = table_order(t)
+    kept = o["rel_gain_fkl"].to_numpy()[np.lexsort((np.arange(len(o)), -(o["position"] + 0.5) / o["response_length"]))]
+    assert r["mean_gain"] == pytest.approx(kept[: r["k"]].mean(), abs=1e-12)
+    others = {k: v for k, v in SELECTORS.items() if k != "position"}
+    pd.testing.assert_frame_equal(sel[sel["selector"] != "position"].reset_index(drop=True),
+                                  selection_table(t, "rel_gain_fkl", budgets=[0.1], selectors=others),
+                                  check_exact=True)
+    # no response_length, no position_weight column, no position row; the rest unchanged
+    bare = add_scores(df.drop(columns="response_length"))
+    assert "position_weight" not in bare.columns
+    got = selection_table(bare, "rel_gain_fkl", budgets=[0.1])
+    assert "position" not in set(got["selector"])
+    pd.testing.assert_frame_equal(got, selection_table(t, "rel_gain_fkl", budgets=[0.1], selectors=others),
+                                  check_exact=True)

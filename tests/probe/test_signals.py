@@ -1,12 +1,16 @@
-"""Signals against an independent float64 NumPy reference, plus their basic properties."""
+"""Signals against an independent float64 NumPy reference, plus their basic properties; the
+clipped forward KL (a training loss) and the position weight against references written here."""
+
+import math
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from reference import ref_signals
-from teachdiag.probe.signals import SIGNALS, entropy, kl, probe_loss, signals_from_logits
-from teachdiag.table import quantile_normalize, teachability_scores
+from teachdiag.probe.signals import SIGNALS, clipped_fkl, entropy, kl, probe_loss, signals_from_logits
+from teachdiag.table import position_weight, quantile_normalize, teachability_scores
 
 
 @pytest.mark.parametrize("k", [1, 8, 16, 32])
@@ -73,6 +77,83 @@ def test_probe_losses():
     torch.testing.assert_close(s.grad, s2.grad)
     with pytest.raises(ValueError):
         probe_loss(s, t, y, "nope")
+
+
+def ref_clipped_fkl(s, t, clip, temperature):
+    """(P,) Σ_v min(p_T(v)·(log p_T(v) − log p_S(v)), clip) by plain float64 ops: max-shifted
+    exponentials normalised by hand, no log_softmax."""
+    def log_probs(z):
+        z = z.double() / temperature
+        z = z - z.max(-1, keepdim=True).values
+        return z - torch.log(torch.exp(z).sum(-1, keepdim=True))
+    ls, lt = log_probs(s), log_probs(t.detach())
+    return torch.minimum(torch.exp(lt) * (lt - ls), torch.tensor(clip, dtype=torch.float64)).sum(-1)
+
+
+@pytest.mark.parametrize("clip, temperature", [(0.05, 1.0), (0.05, 1.1), (0.01, 0.7), (1.0, 2.0)])
+def test_clipped_fkl_matches_the_reference_with_gradients(clip, temperature):
+    g = torch.Generator().manual_seed(int(clip * 100) + int(temperature * 10))
+    s = (torch.randn(6, 80, generator=g) * 3).requires_grad_(True)  # float32 in, float64 out
+    t = (torch.randn(6, 80, generator=g) * 3).requires_grad_(True)
+    got = clipped_fkl(s, t, clip, temperature)
+    assert got.dtype == torch.float64 and got.shape == (6,)
+    s2 = s.detach().clone().requires_grad_(True)
+    want = ref_clipped_fkl(s2, t, clip, temperature)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    got.sum().backward()
+    want.sum().backward()
+    torch.testing.assert_close(s.grad, s2.grad, rtol=1e-5, atol=1e-9)
+    assert t.grad is None  # the teacher is a fixed target
+    assert s.grad.abs().sum() > 0
+
+
+def test_clipped_fkl_without_a_cap_is_the_forward_kl():
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(5, 40, generator=g) * 4, torch.randn(5, 40, generator=g) * 4
+    full = probe_loss(s, t, torch.zeros(5, dtype=torch.long), "forward_kl", reduce=False)
+    torch.testing.assert_close(clipped_fkl(s, t, clip=math.inf), full, rtol=1e-13, atol=0)
+    torch.testing.assert_close(clipped_fkl(s, t, clip=math.inf, temperature=2.0),
+                               kl(F.log_softmax(t.double() / 2, -1), F.log_softmax(s.double() / 2, -1)))
+    assert (clipped_fkl(s, t) <= full + 1e-15).all()  # a cap only lowers it
+
+
+def test_clipped_fkl_caps_positive_entries_only():
+    # p_T = (0.6, 0.3, 0.1), p_S = (0.05, 0.9, 0.05): entries 0.6·log 12 = 1.49 (capped to κ),
+    # 0.3·log(1/3) = −0.33 (negative: kept as is), 0.1·log 2 = 0.069 (capped to κ = 0.05)
+    pt, ps = torch.tensor([[0.6, 0.3, 0.1]]), torch.tensor([[0.05, 0.9, 0.05]])
+    got = clipped_fkl(ps.log(), pt.log(), clip=0.05).item()
+    assert got == pytest.approx(0.05 + 0.3 * math.log(0.3 / 0.9) + 0.05, rel=1e-6)
+    two_sided = (pt * (pt.log() - ps.log())).double().clamp(-0.05, 0.05).sum().item()
+    assert got < two_sided - 0.2  # clamping from below too would have lifted the −0.33
+
+
+def test_clipped_fkl_lives_on_the_kept_ids():
+    g = torch.Generator().manual_seed(5)
+    s = (torch.randn(4, 30, generator=g) * 3).requires_grad_(True)
+    t = torch.randn(4, 30, generator=g) * 3
+    keep = torch.ones(30, dtype=torch.bool)
+    keep[[2, 7, 29]] = False
+    got = clipped_fkl(s, t, 0.05, 1.1, keep=keep)
+    torch.testing.assert_close(got, ref_clipped_fkl(s[:, keep], t[:, keep], 0.05, 1.1), rtol=1e-12, atol=1e-14)
+    got.sum().backward()
+    assert (s.grad[:, ~keep] == 0).all() and (s.grad[:, keep] != 0).any()
+
+
+def test_position_weight_by_hand_at_the_paper_defaults():
+    sigma = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    assert position_weight(0, 10) == pytest.approx(0.25 + 0.75 * sigma(-2.5), rel=1e-15)  # frac 0.05
+    assert position_weight(1, 5) == pytest.approx(0.625, rel=1e-15)  # frac 1.5/5 = τ: halfway up
+    assert position_weight(9, 10) == pytest.approx(0.25 + 0.75 * sigma(6.5), rel=1e-15)  # frac 0.95
+    w = position_weight(np.arange(200), 200)
+    assert (np.diff(w) > 0).all() and (w > 0.25).all() and (w < 1).all()
+    # vectorised over both arguments; the same t counts for less in a longer response
+    np.testing.assert_array_equal(position_weight(np.array([3, 3]), np.array([4, 40])),
+                                  [position_weight(3, 4), position_weight(3, 40)])
+    assert position_weight(3, 40) < position_weight(3, 4)
+    assert position_weight(0, 1, w_min=1.0) == 1.0  # w_min = 1: no weighting
+    # scale 0 is a step (the paper's code floors it at 1e-6): w_min before τ, 1 after
+    assert position_weight(np.array([0, 9]), 10, scale=0.0).tolist() == [0.25, 1.0]
+    assert position_weight(4, 10, w_min=0.0, tau=0.5, scale=0.2) == pytest.approx(sigma(-0.25))
 
 
 def test_quantile_normalize_definition():
