@@ -8,6 +8,7 @@
     teachdiag probe --gain shared --lr 1e-2          # one step on all positions' loss (the paper's gain)
     teachdiag train --steps 20 --out ckpt            # short OPD training -> θτ
     teachdiag probe --student-after ckpt/model --positions all   # checkpoint gain θ0 -> θτ
+    teachdiag viability                  # branch viability in the embedded self-distillation setting
 
 Each config dataclass field is one flag and its help is its --help text, written once (config.py).
 Bad input prints one line `teachdiag: error: ...` and exits 2, without a traceback.
@@ -56,6 +57,12 @@ def _calibrate(cfg, argv: list[str]) -> None:
     print("\n".join(run_calibrate(cfg, argv)[1]))
 
 
+def _viability(cfg, argv: list[str]) -> None:
+    from teachdiag.viability import run_viability, summary_lines
+
+    print("\n".join(summary_lines(run_viability(cfg, argv))))
+
+
 def _commands() -> dict:
     """name -> (config class, handler(cfg, argv), one-line description); imported lazily."""
     from teachdiag.analysis.command import AnalyzeConfig, run_analyze
@@ -63,6 +70,7 @@ def _commands() -> dict:
     from teachdiag.rollout import RolloutConfig, run_rollout
     from teachdiag.runner import ProbeConfig
     from teachdiag.train import TrainConfig, run_train
+    from teachdiag.viability import ViabilityConfig
 
     return {
         "probe": (ProbeConfig, _probe, "single-step probe on frozen contexts -> tokens.csv"),
@@ -72,6 +80,8 @@ def _commands() -> dict:
                     "statistics, tables and figures from tokens.csv"),
         "calibrate": (CalibrateConfig, _calibrate, "sweep the step size, pick an lr in the linear regime"),
         "train": (TrainConfig, run_train, "a small OPD trainer (selective masks) that makes θτ for the checkpoint gain"),
+        "viability": (ViabilityConfig, _viability,
+                      "branch viability of a privileged teacher's alternatives -> viability.csv"),
     }
 
 

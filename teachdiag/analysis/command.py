@@ -2,6 +2,7 @@
 
     teachdiag analyze runs/r1 [--gain rel_gain_fkl] [--out runs/r1/analysis] [--bootstrap 1000] [--seed 0]
     teachdiag analyze runs/sgd runs/adam --out runs/compare        # several runs, side by side
+    teachdiag analyze runs/v                # a `teachdiag viability` run: AUROC per predictor (viability.py)
     python -c "from teachdiag.analysis.command import *; run_analyze(AnalyzeConfig(runs=['runs/r1']))"
 
 Writes to --out: correlations.csv, regressions.csv, q3.csv, selection.csv, deciles.csv,
@@ -27,6 +28,7 @@ import teachdiag.analysis.report as report
 import teachdiag.analysis.selection as selection
 import teachdiag.analysis.stats as analysis
 from teachdiag.analysis.instruments import agreement
+from teachdiag.analysis.viability import analyze_viability, is_viability_run
 from teachdiag.errors import InputError
 from teachdiag.flags import opt
 from teachdiag.table import COLUMNS, TEXT_COLUMNS, PARTIAL, all_parts, read_tokens, teachability_scores
@@ -221,6 +223,16 @@ def run_analyze(cfg: AnalyzeConfig) -> pathlib.Path:
         raise InputError(f"unknown gain {cfg.gain!r}; choose one of {', '.join(known)}", field="gain")
     if cfg.bootstrap < 0:
         raise InputError("must be >= 0", field="bootstrap")
+    first = pathlib.Path(cfg.runs[0])
+    out = pathlib.Path(cfg.out) if cfg.out else (first if first.is_dir() else first.parent) / "analysis"
+    fig_dir = pathlib.Path(cfg.figures) if cfg.figures else out / "figures"
+    kinds = {is_viability_run(r) for r in cfg.runs}
+    if kinds == {True}:  # `teachdiag viability` runs: AUROC of each predictor (analysis/viability.py)
+        out.mkdir(parents=True, exist_ok=True)
+        return analyze_viability(cfg.runs, out, fig_dir, cfg.bootstrap, cfg.seed, _log)
+    if len(kinds) > 1:
+        raise InputError("give either probe runs (tokens.csv) or viability runs (viability.csv), not both",
+                         field="runs")
     runs = [load_run(r, cfg.allow_partial) for r in cfg.runs]
     if cfg.response_lengths:
         runs = [add_response_lengths(r, cfg.response_lengths) for r in runs]
@@ -230,9 +242,6 @@ def run_analyze(cfg: AnalyzeConfig) -> pathlib.Path:
             r["name"] = r["path"]
     for r in runs:
         r["title"] = describe(r)
-    first = pathlib.Path(cfg.runs[0])
-    out = pathlib.Path(cfg.out) if cfg.out else (first if first.is_dir() else first.parent) / "analysis"
-    fig_dir = pathlib.Path(cfg.figures) if cfg.figures else out / "figures"
     out.mkdir(parents=True, exist_ok=True)
     if cfg.protocol == "paper":
         from teachdiag.analysis.paper_command import analyze_paper  # the paper's tables

@@ -288,3 +288,43 @@ def calibration(summary: pd.DataFrame, chosen: float | None, title: str,
         a.legend(fontsize=7)
     fig.suptitle(title if chosen is not None else f"{title} — no lr in the linear regime", fontsize=10)
     return fig
+
+
+def viability(auc: pd.DataFrame, by_pos: pd.DataFrame, title: str = "") -> Figure:
+    """Branch viability (arXiv 2605.21606): left, each predictor's AUROC for a viable branch with its
+    95% cluster-bootstrap CI, one marker per label, the paper's position AUROC as a grey band;
+    right, the share of viable branches by relative position. auc: analysis.viability.auroc_table
+    rows (any labels); by_pos: viable_by_position rows."""
+    fig, axes = _panels(2, width=5.2, height=4.2)
+    ax = axes[0, 0]
+    preds = list(dict.fromkeys(auc["predictor"]))
+    y = np.arange(len(preds), dtype=float)
+    ax.axvspan(0.66, 0.95, color="0.9", label="paper, position: 0.83 [0.66, 0.95]")
+    ax.axvline(0.5, color="grey", lw=0.7)
+    for off, (label, d) in zip((-0.12, 0.12), auc.groupby("label", sort=False)):
+        d = d.set_index("predictor").reindex(preds)
+        ax.plot(d["auroc"], y + off, "o", label=label.replace("_", " "))
+        ok = np.isfinite(d["ci_low"].to_numpy(float))
+        ax.hlines((y + off)[ok], d["ci_low"][ok], d["ci_high"][ok], lw=1.5, color=ax.lines[-1].get_color())
+    ax.set_yticks(y, [p.replace("_", " ") for p in preds], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("AUROC for a viable branch (oriented score; 0.5 = chance)")
+    ax.legend(fontsize=7, loc="lower left")
+    ax.set_title("which signal predicts a viable teacher token", fontsize=9)
+    ax = axes[0, 1]
+    for label, d in by_pos.groupby("label", sort=False):
+        mid = (d["pos_from"] + d["pos_to"]) / 2
+        ax.plot(mid, d["viable_share"], "o-", label=label.replace("_", " "))
+        for m, share, n in zip(mid, d["viable_share"], d["n"]):
+            if np.isfinite(share):
+                ax.annotate(f"n={n}", (m, share), fontsize=6, textcoords="offset points", xytext=(0, 5), ha="center")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("relative position j/(T−1) of the forced token")
+    ax.set_ylabel("share of branches that reach the answer")
+    ax.legend(fontsize=7)
+    ax.set_title("viability along the response", fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
