@@ -1,4 +1,4 @@
-"""Which positions a selective OPD trainer keeps (DESIGN §7): the TA-OPD mask and its baselines.
+"""Which positions a selective OPD trainer keeps (DESIGN §5): the TA-OPD mask and its baselines.
 
     import teachdiag
     keep = teachdiag.ta_opd_mask(student_logits, teacher_logits, response_mask, budget=0.05)   # (B, T) bool

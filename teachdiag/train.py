@@ -8,7 +8,7 @@
 Each step takes `--batch` contexts (a seeded shuffle, cycled), scores every response position with
 the teacher and the student, keeps the positions the selector picks over the whole batch
 (selectors.py: round(budget·N), at least one per sample), and takes one AdamW step on the OPD loss
-of the kept positions, normalised by their number (DESIGN §7). Unselected tokens stay in the context.
+of the kept positions, normalised by their number (DESIGN §5). Unselected tokens stay in the context.
 With --position-weight (PW-OPSD, arXiv 2605.21606) each kept loss is weighted by its position's
 w_t (table.position_weight) and the batch loss is the paper's: per sequence Σ_t w_t ℓ_t / L_b, its
 response length, then the mean over the sequences with a kept position. The paper trains with
