@@ -68,3 +68,15 @@ def run_train(**options) -> Path:
     cfg = TrainConfig(**options)
     apply_threads(cfg.threads)
     return _run(cfg, [])
+
+
+def run_viability(**options) -> pd.DataFrame:
+    """`teachdiag viability`; returns viability.csv as a DataFrame (the folder is options["out"])."""
+    from teachdiag.config import apply_threads
+    from teachdiag.table import VIABILITY, VIABILITY_COLUMNS, VIABILITY_TEXT_COLUMNS
+    from teachdiag.viability import ViabilityConfig, run_viability as _run
+
+    options.setdefault("quiet", True)
+    cfg = ViabilityConfig(**options)
+    apply_threads(cfg.threads)
+    return read_tokens(_run(cfg, []) / VIABILITY, VIABILITY_COLUMNS, VIABILITY_TEXT_COLUMNS)

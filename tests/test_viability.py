@@ -154,3 +154,13 @@ def test_analyze_reads_a_viability_run(pair, tmp_path):
     finite = auc["auroc"].dropna()
     assert ((finite >= 0) & (finite <= 1)).all()
     assert np.isfinite(auc["viable_share"]).all()
+
+
+def test_python_api(pair, tmp_path):
+    import teachdiag
+
+    ctx_path = write_records(tmp_path / "c.jsonl", n=2)
+    teacher, student = pair
+    df = teachdiag.run_viability(teacher=teacher, student=student, contexts=str(ctx_path), positions="3",
+                                 alternatives=2, max_new_tokens=3, samples=0, out=str(tmp_path / "v"), device="cpu")
+    assert len(df) == 6 and df["viable_sampled"].isna().all()
