@@ -8,7 +8,8 @@ The folder holds one checkpoint run per selector, gain_<selector>/ (`teachdiag p
 --student-after train_<selector>/model` over the same held-out contexts). Every selector is scored
 on the same positions, so each comparison is paired: the difference of two gains at each
 position, averaged, with a 95% cluster-bootstrap CI over contexts (the same resamples for every
-selector). Writes heldout_means.csv, heldout_differences.csv, heldout.md and heldout.png (+ .pdf).
+selector). Writes heldout_means.csv, heldout_differences.csv, heldout.md, heldout.png (+ .pdf) and
+heldout_gains.csv.gz (every selector's gains at every held-out position, the table behind the rest).
 """
 
 from __future__ import annotations
@@ -106,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     parts = [compare(runs, g, cfg.bootstrap, cfg.seed) for g in GAINS]
     means = pd.concat([m for m, _ in parts], ignore_index=True)
     diffs = pd.concat([d for _, d in parts], ignore_index=True)
+    gains = pd.concat([t[["fkl", "fkl_after", *GAINS, "finite"]].reset_index().assign(selector=s)
+                       for s, t in runs.items()], ignore_index=True)
+    gains[["selector", "context_id", "position", "fkl", "fkl_after", *GAINS, "finite"]].to_csv(
+        out / "heldout_gains.csv.gz", index=False, float_format="%.17g")
     means.to_csv(out / "heldout_means.csv", index=False)
     diffs.to_csv(out / "heldout_differences.csv", index=False)
     plots.save(figure(means), out, "heldout")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from teachdiag.analysis import heldout
@@ -36,6 +37,8 @@ def test_planted_paired_differences(tmp_path):
     assert d.loc["random", "ci_high"] - d.loc["random", "ci_low"] < 1e-9 < m["ci_high"] - m["ci_low"]
     assert heldout.main([str(tmp_path), "--bootstrap", "50"]) == 0
     assert (tmp_path / "analysis" / "heldout.md").is_file() and (tmp_path / "analysis" / "heldout.png").is_file()
+    back = pd.read_csv(tmp_path / "analysis" / "heldout_gains.csv.gz")
+    assert len(back) == 900 and (back.loc[back.selector == "random", "gain_fkl"].to_numpy() == runs["random"]["gain_fkl"].to_numpy()).all()
 
 
 def test_runs_over_different_positions_are_refused(tmp_path):
