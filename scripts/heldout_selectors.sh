@@ -27,7 +27,9 @@ for name, idx in (("train", order[:half]), ("heldout", order[half:half + n])):
         f.writelines(lines[i] + "\n" for i in sorted(idx))
 PY
 for s in $SELECTORS; do
-  [ -f "$OUT/train_$s/model/config.json" ] || teachdiag train --teacher smollm2-135m --student smollm2-135m-pruned --contexts "$OUT/train.jsonl" --select "$s" \
+  # done = train.json says all 10 steps (the trainer also saves a model before its last step)
+  python -c "import json,sys; sys.exit(json.load(open('$OUT/train_$s/train.json')).get('steps_done') != 10)" 2>/dev/null \
+    || teachdiag train --teacher smollm2-135m --student smollm2-135m-pruned --contexts "$OUT/train.jsonl" --select "$s" \
       --budget 0.05 --steps 10 --batch 8 --lr 1e-6 --threads "$THREADS" --out "$OUT/train_$s" --overwrite
   [ -f "$OUT/gain_$s/tokens.csv" ] || teachdiag probe --teacher smollm2-135m --student smollm2-135m-pruned --contexts "$OUT/heldout.jsonl" --positions all \
       --student-after "$OUT/train_$s/model" --threads "$THREADS" --out "$OUT/gain_$s" --overwrite

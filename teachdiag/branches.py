@@ -15,6 +15,7 @@ continuation) states the record's answer. `viability.py` runs this over a file o
 from __future__ import annotations
 
 import re
+from decimal import Context, Decimal, InvalidOperation
 
 import torch
 
@@ -28,13 +29,20 @@ VERIFIERS = ("final_number", "boxed")
 
 
 def _canon(number: str) -> str:
-    """'1,200' -> '1200', '7.0' -> '7', '-3' stays; the form answers are compared in."""
+    """'1,200' -> '1200', '7.0' -> '7', '-3' stays: the form answers are compared in. Exact decimal
+    arithmetic, so a 20-digit number is not rounded into its neighbour and 400 digits do not overflow."""
     s = number.replace(",", "").strip()
     try:
-        x = float(s)
-    except ValueError:
+        x = Decimal(s)
+    except InvalidOperation:
         return s
-    return str(int(x)) if x == int(x) else repr(x)
+    if not x.is_finite():
+        return s
+    if x == 0:
+        return "0"
+    if x == x.to_integral_value():
+        return str(x.quantize(Decimal(1), context=Context(prec=len(s) + 2)))
+    return format(x.normalize(), "f")
 
 
 def final_answer(text: str, verifier: str = "final_number") -> str | None:

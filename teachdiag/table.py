@@ -36,7 +36,7 @@ VIABILITY_COLUMNS = ["context_id", "position", "response_length", "pos_norm", "t
                      "student_entropy", "teacher_entropy", "student_logprob", "teacher_logprob", "compat_mass",
                      "topk_entropy", "union_fkl", "student_dropped_mass", "teacher_dropped_mass", "teachability",
                      "incompat", "finite", "viable_greedy", "viable_sampled", "greedy_answer", "greedy_new_tokens",
-                     "greedy_finish", "spine_correct"]
+                     "greedy_finish", "prefix_viable", "spine_correct"]
 VIABILITY_TEXT_COLUMNS = ("context_id", "token", "alt_token", "greedy_answer", "greedy_finish")
 
 
@@ -95,6 +95,14 @@ def position_weight(position, response_length, w_min: float = 0.25, tau: float =
     than the late ones that carry it out. Arrays broadcast; float64 out."""
     frac = (np.asarray(position, dtype=np.float64) + 0.5) / np.asarray(response_length, dtype=np.float64)
     return w_min + (1.0 - w_min) * expit((frac - tau) / max(scale, 1e-6))  # expit: no overflow at scale → 0
+
+
+def pos_norm(position, response_length) -> np.ndarray:
+    """Relative position j/(T − 1) of 0-based position j in a response of T tokens (0 = first
+    token, 1 = last; a one-token response gives 0). The paper protocol's pos_norm and the
+    viability table's, one definition. Arrays broadcast; float64 out."""
+    j = np.asarray(position, dtype=np.float64)
+    return j / np.maximum(np.asarray(response_length, dtype=np.float64) - 1.0, 1.0)
 
 
 def budget_count(n: int, rho: float) -> int:

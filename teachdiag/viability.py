@@ -25,6 +25,7 @@ protocol and the solve rate of the rollouts themselves. The run folder is crash-
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -32,6 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from teachdiag import __version__
@@ -42,23 +44,33 @@ from teachdiag.demo import SELFDISTILL_MODEL, SELFDISTILL_ROLLOUTS
 from teachdiag.errors import InputError
 from teachdiag.flags import opt
 from teachdiag.models import load_inputs, load_models, resolve_device
-from teachdiag.probe.forward import teacher_logits
+from teachdiag.probe.forward import teacher_logits, view_logits
 from teachdiag.probe.signals import SIGNALS, keep_mask, signals_from_logits
 from teachdiag.progress import progress
 from teachdiag.provenance import file_sha256, model_record
 from teachdiag.rollout import stop_ids
 from teachdiag.runfolder import RunWriter
 from teachdiag.table import RUN, VIABILITY as TABLE, VIABILITY_COLUMNS as COLUMNS, \
-    VIABILITY_TEXT_COLUMNS as TEXT_COLUMNS, teachability_scores
+    VIABILITY_TEXT_COLUMNS as TEXT_COLUMNS, pos_norm, read_tokens, teachability_scores
 PAPER = "Liu et al., When Are Teacher Tokens Reliable? Position-Weighted On-Policy Self-Distillation, arXiv 2605.21606"
+# options a --resume must repeat: they fix the rows, and batch fixes the groups and so the samples
 SAME_RUN = ("teacher", "student", "contexts", "positions", "max_response_tokens", "seed", "raw_text", "top_k",
-            "alternatives", "max_new_tokens", "samples", "temperature", "verifier", "dtype")
+            "alternatives", "max_new_tokens", "samples", "temperature", "verifier", "dtype", "batch")
 
 
 @dataclass
 class ViabilityConfig(DeviceOptions, ContextOptions, PairOptions):
     """Options of `teachdiag viability` (each field's help is its --help text)."""
 
+    teacher: str = opt("privileged teacher: local folder, hub id or short name (none of teacher/student/contexts "
+                       "given: the embedded self-distillation setting, SmolLM2-135M-Instruct teaching itself)", "")
+    student: str = opt("student that continues each branch: local folder, hub id or short name (for "
+                       "self-distillation, the teacher's own weights)", "")
+    contexts: str = opt("frozen rollouts with teacher_prompt_ids and meta.answer, JSONL or Parquet (default: "
+                        "the self-distillation demo's)", "")
+    positions: str = opt("'all', or N for a seeded uniform sample of N positions over the file [default: all; "
+                         "256 on the demo]", "", show_default=False)
+    seed: int = opt("seed of the position sample and of the sampled continuations", 0)
     out: str = opt("run folder for viability.csv and run.json (default: runs/viability-<time>)", "")
     alternatives: int = opt("the privileged teacher's top-k next tokens forced at each position", 4)
     max_new_tokens: int = opt("longest continuation after the forced token, in tokens", 96)
@@ -97,12 +109,14 @@ def fill_defaults(cfg: ViabilityConfig) -> ViabilityConfig:
     return cfg
 
 
-def rollout_temperature(ctxs: list[Context]) -> float:
-    """The temperature the rollouts were sampled at (meta.temperature, when all agree), else 1.0."""
-    found = {c.meta.get("temperature") for c in ctxs if isinstance(c.meta, dict)}
-    if len(found) == 1 and isinstance(next(iter(found)), (int, float)) and next(iter(found)) > 0:
-        return float(next(iter(found)))
-    return 1.0
+def rollout_temperature(ctxs: list[Context]) -> tuple[float, str]:
+    """(temperature, where it came from): the one the rollouts were sampled at (meta.temperature,
+    when every record gives the same value above 0), else 1.0, the student's own distribution."""
+    found = {c.meta.get("temperature") if isinstance(c.meta, dict) else None for c in ctxs}
+    t = next(iter(found)) if len(found) == 1 else None
+    if isinstance(t, (int, float)) and t > 0:
+        return float(t), "the rollouts' meta.temperature"
+    return 1.0, f"1.0: the rollouts do not give one sampling temperature above 0 (found {sorted(map(str, found))[:3]})"
 
 
 def answer_of(ctx: Context) -> str:
@@ -114,19 +128,12 @@ def answer_of(ctx: Context) -> str:
     return str(answer)
 
 
-def student_logits(student, ctx: Context, positions: list[int], vocab: int) -> torch.Tensor:
-    """(P, V) float32 student logits for response[positions] from one forward of its own view."""
-    device = next(student.parameters()).device
-    ids = torch.tensor(ctx.prompt_ids + ctx.response_ids[:-1], device=device)
-    at = torch.tensor([len(ctx.prompt_ids) + j - 1 for j in positions], device=device)
-    with torch.no_grad():
-        return student(input_ids=ids[None], logits_to_keep=at, use_cache=False).logits[0, :, :vocab].float()
-
-
-def prepare(cfg: ViabilityConfig, ctx: Context, positions: list[int], teacher, student, vocab: int, keep) -> dict:
+def prepare(cfg: ViabilityConfig, ctx: Context, positions: list[int], teacher: torch.nn.Module,
+            student: torch.nn.Module, vocab: int, keep: torch.Tensor | None) -> dict:
     """One context's signals at `positions`, the teacher's alternatives there, and the branch prefixes."""
-    t = teacher_logits(teacher, ctx, positions, vocab, next(student.parameters()).device)  # (P, V)
-    z = student_logits(student, ctx, positions, vocab)  # (P, V)
+    device = next(student.parameters()).device
+    t = teacher_logits(teacher, ctx, positions, vocab, device)  # (P, V), the privileged view
+    z = view_logits(student, ctx.prompt_ids, ctx.response_ids, positions, vocab, device)  # (P, V), its own view
     y = torch.tensor([ctx.response_ids[j] for j in positions], device=z.device)
     sig = {k: v.tolist() for k, v in signals_from_logits(z, t, y, cfg.top_k, keep).items()}
     alt_ids, t_prob = alternatives(t, cfg.alternatives, keep)  # (P, k) each
@@ -137,7 +144,8 @@ def prepare(cfg: ViabilityConfig, ctx: Context, positions: list[int], teacher, s
             "t_prob": t_prob.tolist(), "s_prob": s_prob.tolist(), "branches": branches, "prefixes": prefixes}
 
 
-def rows_of(cfg: ViabilityConfig, prep: dict, greedy: list, sampled: list[list], tok) -> list[dict]:
+def rows_of(cfg: ViabilityConfig, prep: dict, greedy: list[tuple[list[int], str]],
+            sampled: list[list[tuple[list[int], str]]], tok) -> list[dict]:
     """Every (position, alternative) row of one prepared context, from its continuations."""
     ctx, positions, sig = prep["ctx"], prep["positions"], prep["sig"]
     answer = answer_of(ctx)
@@ -152,14 +160,16 @@ def rows_of(cfg: ViabilityConfig, prep: dict, greedy: list, sampled: list[list],
         ok = [is_correct(text(head + out[b][0]), answer, cfg.verifier) for out in sampled]
         row = {k: sig[k][p] for k in SIGNALS}
         row.update(context_id=ctx.id, position=j, response_length=len(ctx.response_ids),
-                   pos_norm=j / max(len(ctx.response_ids) - 1, 1), token_id=ctx.response_ids[j],
+                   pos_norm=float(pos_norm(j, len(ctx.response_ids))), token_id=ctx.response_ids[j],
                    token=tok.decode([ctx.response_ids[j]]), alt_rank=r + 1, alt_id=a, alt_token=tok.decode([a]),
                    is_sampled=int(a == ctx.response_ids[j]), teacher_prob=prep["t_prob"][p][r],
                    student_prob=prep["s_prob"][p][r], finite=int(all(np.isfinite(row[k]) for k in SIGNALS)),
                    viable_greedy=int(is_correct(g_text, answer, cfg.verifier)),
                    viable_sampled=float(np.mean(ok)) if ok else float("nan"),
                    greedy_answer=_answer_text(g_text, cfg.verifier), greedy_new_tokens=len(g_ids),
-                   greedy_finish=g_finish, spine_correct=spine)
+                   greedy_finish=g_finish, spine_correct=spine,
+                   # the spine's prefix alone already reads as right: any branch that adds no number is "viable"
+                   prefix_viable=int(is_correct(text(ctx.response_ids[:j]), answer, cfg.verifier)))
         rows.append(row)
     return rows
 
@@ -179,8 +189,9 @@ def groups(by_ctx: dict[int, list[int]], alternatives: int, batch: int) -> list[
     return [g for g in out if g]
 
 
-def run_group(cfg: ViabilityConfig, group: list[int], g: int, ctxs: list[Context], by_ctx, teacher, student,
-              tok, vocab: int, keep, eos_ids: list[int], pad_id: int) -> list[list[dict]]:
+def run_group(cfg: ViabilityConfig, group: list[int], g: int, ctxs: list[Context], by_ctx: dict[int, list[int]],
+              teacher: torch.nn.Module, student: torch.nn.Module, tok, vocab: int, keep: torch.Tensor | None,
+              eos_ids: list[int], pad_id: int) -> list[list[dict]]:
     """Rows of each context of group number `g`, its continuations generated in batches of --batch."""
     preps = [prepare(cfg, ctxs[c], by_ctx[c], teacher, student, vocab, keep) for c in group]
     prefixes = [p for prep in preps for p in prep["prefixes"]]
@@ -204,8 +215,6 @@ def _answer_text(text: str, verifier: str) -> str:
 
 
 def _check_resume(writer: RunWriter, cfg: ViabilityConfig) -> None:
-    import json
-
     path = writer.out / RUN
     if not path.is_file():
         raise InputError("no run.json to resume from", field="--resume", file=str(path))
@@ -225,8 +234,9 @@ def run_viability(cfg: ViabilityConfig, argv: list[str] | None = None) -> Path:
     cfg = fill_defaults(cfg)
     device = resolve_device(cfg.device)
     ctxs, tok, match = load_inputs(cfg)
+    temperature_source = "--temperature"
     if cfg.temperature < 0:
-        cfg.temperature = rollout_temperature(ctxs)
+        cfg.temperature, temperature_source = rollout_temperature(ctxs)
     picks = select_positions(ctxs, parse_positions(cfg.positions), cfg.seed)
     by_ctx = by_context(picks)
     answers = [answer_of(ctx) for ctx in ctxs]  # every record, before any model loads
@@ -254,6 +264,7 @@ def run_viability(cfg: ViabilityConfig, argv: list[str] | None = None) -> Path:
         "protocol": {"alternatives": f"teacher's top-{cfg.alternatives} next tokens at its privileged view",
                      "continuation": f"student's view + forced token; greedy and {cfg.samples} sampled at "
                                      f"T={cfg.temperature}, at most {cfg.max_new_tokens} new tokens",
+                     "temperature_from": temperature_source,
                      "label": f"verifier {cfg.verifier} on spine prefix + forced token + continuation"},
         "top_k": cfg.top_k, "seed": cfg.seed,
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -292,7 +303,7 @@ def run_viability(cfg: ViabilityConfig, argv: list[str] | None = None) -> Path:
     return writer.out
 
 
-def position_scores(df) -> tuple[np.ndarray, np.ndarray]:
+def position_scores(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """teachability and incompat of every row, normalised over the run's finite positions (each
     position once, whatever its number of alternatives)."""
     first = ~df.duplicated(["context_id", "position"]) & (df["finite"] == 1)
@@ -306,10 +317,6 @@ def position_scores(df) -> tuple[np.ndarray, np.ndarray]:
 
 def summary_lines(out: Path) -> list[str]:
     """Where the files are, and what the run found, in three lines."""
-    import json
-
-    from teachdiag.table import read_tokens
-
     df = read_tokens(out / TABLE, COLUMNS, TEXT_COLUMNS)
     rec = json.loads((out / RUN).read_text())
     solve = rec["contexts"]["solve_rate"]

@@ -114,6 +114,7 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_table(pair, tmp_pa
         run_viability(config(pair, ctx_path, tmp_path / "cut"))
     assert json.loads((tmp_path / "cut" / "run.json").read_text())["complete"] is False
     assert not (tmp_path / "cut" / "viability.csv").exists()  # nothing that looks finished
+    assert main(["analyze", str(tmp_path / "cut")]) == 2  # analyze says so in one line
     monkeypatch.setattr(vb, "run_group", real)
     with pytest.raises(InputError, match="differ.*samples"):  # another protocol cannot continue this folder
         run_viability(config(pair, ctx_path, tmp_path / "cut", samples=0, resume=True))
@@ -164,3 +165,60 @@ def test_python_api(pair, tmp_path):
     df = teachdiag.run_viability(teacher=teacher, student=student, contexts=str(ctx_path), positions="3",
                                  alternatives=2, max_new_tokens=3, samples=0, out=str(tmp_path / "v"), device="cpu")
     assert len(df) == 6 and df["viable_sampled"].isna().all()
+
+
+def test_groups_span_contexts_and_greedy_rows_do_not_depend_on_batching(pair, tmp_path):
+    ctx_path = write_records(tmp_path / "c.jsonl", n=6)
+    one = read(run_viability(config(pair, ctx_path, tmp_path / "b8", batch=8)))  # a group per context
+    many = read(run_viability(config(pair, ctx_path, tmp_path / "b64", batch=64)))  # one group, split back
+    assert len(vb.groups({0: [1, 2], 1: [3], 2: [4, 5]}, alternatives=3, batch=64)) == 1
+    same = [c for c in VIABILITY_COLUMNS if c not in ("viable_sampled",)]  # samples are seeded per group
+    pd.testing.assert_frame_equal(one[same], many[same])
+
+
+def test_a_crash_between_two_contexts_of_a_group_regenerates_the_group(pair, tmp_path, monkeypatch):
+    ctx_path = write_records(tmp_path / "c.jsonl", n=6)
+    whole = read(run_viability(config(pair, ctx_path, tmp_path / "whole", batch=40)))
+    from teachdiag.runfolder import RunWriter
+
+    real, calls = RunWriter.append_context, []
+
+    def dies_third(self, cid, rows):
+        calls.append(cid)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, cid, rows)
+
+    monkeypatch.setattr(RunWriter, "append_context", dies_third)
+    with pytest.raises(KeyboardInterrupt):
+        run_viability(config(pair, ctx_path, tmp_path / "cut", batch=40))
+    monkeypatch.setattr(RunWriter, "append_context", real)
+    resumed = read(run_viability(config(pair, ctx_path, tmp_path / "cut", batch=40, resume=True)))
+    pd.testing.assert_frame_equal(resumed, whole)  # sampled labels included: the group was redone whole
+    with pytest.raises(InputError, match="batch"):
+        cut2 = tmp_path / "cut2"
+        monkeypatch.setattr(RunWriter, "append_context", dies_third)
+        calls.clear()
+        with pytest.raises(KeyboardInterrupt):
+            run_viability(config(pair, ctx_path, cut2, batch=40))
+        monkeypatch.setattr(RunWriter, "append_context", real)
+        run_viability(config(pair, ctx_path, cut2, batch=8, resume=True))
+
+
+def test_prefix_viable_marks_prefixes_that_already_state_the_answer(pair, tmp_path):
+    ctx_path = write_records(tmp_path / "c.jsonl", n=3)
+    out = run_viability(config(pair, ctx_path, tmp_path / "v"))
+    df = read(out)
+    tok = load_tokenizer(pair[1])
+    recs = {json.loads(x)["id"]: json.loads(x) for x in ctx_path.read_text().splitlines()}
+    for _, row in df.iterrows():
+        rec = recs[row["context_id"]]
+        text = tok.decode(rec["response_ids"][: int(row["position"])], skip_special_tokens=True)
+        assert row["prefix_viable"] == int(is_correct(text, rec["meta"]["answer"]))
+
+
+def test_analyze_refuses_options_that_do_not_apply(pair, tmp_path, capsys):
+    ctx_path = write_records(tmp_path / "c.jsonl", n=2)
+    out = run_viability(config(pair, ctx_path, tmp_path / "v", positions="3"))
+    assert main(["analyze", str(out), "--protocol", "paper"]) == 2
+    assert "--protocol" in capsys.readouterr().err

@@ -228,6 +228,11 @@ def run_analyze(cfg: AnalyzeConfig) -> pathlib.Path:
     fig_dir = pathlib.Path(cfg.figures) if cfg.figures else out / "figures"
     kinds = {is_viability_run(r) for r in cfg.runs}
     if kinds == {True}:  # `teachdiag viability` runs: AUROC of each predictor (analysis/viability.py)
+        for flag, value, default in (("protocol", cfg.protocol, "teachdiag"), ("gain", cfg.gain, "rel_gain_fkl"),
+                                     ("allow_partial", cfg.allow_partial, False),
+                                     ("response_lengths", cfg.response_lengths, "")):
+            if value != default:  # refused, not ignored: a viability run has no gains or protocols
+                raise InputError("does not apply to a viability run (viability.csv)", field=f"--{flag.replace('_', '-')}")
         out.mkdir(parents=True, exist_ok=True)
         return analyze_viability(cfg.runs, out, fig_dir, cfg.bootstrap, cfg.seed, _log)
     if len(kinds) > 1:

@@ -23,6 +23,7 @@ import pandas as pd
 import teachdiag.analysis.plots as plots
 from teachdiag.analysis.bootstrap import group_mean_draws, percentile_ci
 from teachdiag.analysis.report import markdown_table
+from teachdiag.errors import InputError
 from teachdiag.flags import opt, parse_config
 from teachdiag.table import read_tokens
 
@@ -31,19 +32,23 @@ ORDER = ("teachability", "fkl", "entropy", "tip", "teach_entropy", "position", "
 
 
 def load(folder: pathlib.Path) -> dict[str, pd.DataFrame]:
-    """selector -> its finite rows, keyed by (context_id, position); every run must cover the same positions."""
+    """selector -> its rows, indexed by (context_id, position) in the first run's order; every run
+    must be finished and cover the same positions (an InputError names the folder otherwise)."""
     runs = {}
     for d in sorted(folder.glob("gain_*")):
         csv = next((d / n for n in ("tokens.csv", "tokens.csv.gz") if (d / n).exists()), None)
-        if csv is not None:
-            runs[d.name[len("gain_"):]] = read_tokens(csv).set_index(["context_id", "position"])
+        if csv is None:  # never compare a selector whose gains are missing without saying so
+            raise InputError("no tokens.csv: this selector's checkpoint run is not finished (run the script "
+                             "again; it skips what is done)", file=str(d))
+        runs[d.name[len("gain_"):]] = read_tokens(csv).set_index(["context_id", "position"])
     if not runs:
-        raise FileNotFoundError(f"no gain_<selector>/tokens.csv in {folder}")
-    keys = [set(t.index) for t in runs.values()]
-    if any(k != keys[0] for k in keys):
-        raise ValueError("the runs do not cover the same held-out positions")
+        raise InputError("no gain_<selector>/ run folders here", file=str(folder))
     order = [s for s in ORDER if s in runs] + sorted(set(runs) - set(ORDER))
-    return {s: runs[s] for s in order}
+    first = runs[order[0]].index
+    for s in order:
+        if set(runs[s].index) != set(first) or runs[s].index.has_duplicates:
+            raise InputError("its positions differ from the other selectors' runs", file=str(folder / f"gain_{s}"))
+    return {s: runs[s].reindex(first) for s in order}  # paired by position, never by row order
 
 
 def compare(runs: dict[str, pd.DataFrame], gain: str, n_boot: int = 1000, seed: int = 0,
@@ -68,22 +73,6 @@ def compare(runs: dict[str, pd.DataFrame], gain: str, n_boot: int = 1000, seed: 
         diffs["verdict"] = np.where(diffs["ci_low"] > 0, f"{reference} higher",
                                     np.where(diffs["ci_high"] < 0, f"{reference} lower", "inconclusive"))
     return means, diffs
-
-
-def figure(means: pd.DataFrame, title: str = ""):
-    """Mean held-out gain per selector with 95% cluster CIs, one panel per gain."""
-    gains = list(dict.fromkeys(means["gain"]))
-    fig, axes = plots._panels(len(gains), width=5.0, height=3.8)
-    for ax, g in zip(axes[0], gains):
-        d = means[means["gain"] == g]
-        x = np.arange(len(d), dtype=float)
-        ax.bar(x, d["mean"], color=["tab:green" if s == "teachability" else "0.6" for s in d["selector"]])
-        plots._ci_bars(ax, x, d["ci_low"], d["ci_high"], color="black", lw=1.5)
-        ax.set_xticks(x, d["selector"], rotation=30, ha="right", fontsize=8)
-        ax.set_ylabel(GAINS.get(g, g) + ", held-out positions")
-        ax.axhline(0, color="grey", lw=0.5)
-    fig.suptitle(title or "held-out gain after training with each selector at a 5% budget", fontsize=10)
-    return fig
 
 
 @dataclass
@@ -113,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         out / "heldout_gains.csv.gz", index=False, float_format="%.17g")
     means.to_csv(out / "heldout_means.csv", index=False)
     diffs.to_csv(out / "heldout_differences.csv", index=False)
-    plots.save(figure(means), out, "heldout")
+    plots.save(plots.heldout_bars(means, GAINS), out, "heldout")
     fmt = lambda d: d.assign(**{c: d[c].map(lambda v: f"{v:.3g}") for c in ("mean", "ci_low", "ci_high")})  # noqa: E731
     text = ["# Held-out selector comparison", "",
             f"{means['n_positions'].iloc[0]} held-out positions in {means['n_contexts'].iloc[0]} contexts; "

@@ -11,6 +11,7 @@ so that no printed number is an artefact of the sample size alone:
 - Correlations: n >= 3 (two points correlate ±1 by construction).
 - A mean compared with another (Q3 terciles, bins, selected sets): >= 3 rows in each group.
 - A cluster-bootstrap CI: >= 2 contexts (one context resamples to the same rows every time).
+- An AUROC (branch viability): >= 10 rows of each class, viable and not.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 MIN_CORR = 3
 MIN_GROUP = 3
 MIN_CONTEXTS_CI = 2
+MIN_CLASS = 10
 
 
 def ols_floor(terms: int) -> int:

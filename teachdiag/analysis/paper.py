@@ -27,7 +27,7 @@ from teachdiag.analysis.bootstrap import group_mean_draws, percentile_ci
 from teachdiag.analysis.minimum import ci_note, too_few
 from teachdiag.analysis.selection import paper_budget_size, select_top, table_order, tied_at_cutoff
 from teachdiag.analysis.stats import bin_table, equal_count_bins, matched_pairs, ols_models, tercile_gap, winsorize
-from teachdiag.table import position_weight, soft_or
+from teachdiag.table import pos_norm, position_weight, soft_or
 from teachdiag.errors import InputError
 
 EPS = 1e-12  # the paper's threshold of Norm and the guard of G_KLf's denominator
@@ -80,10 +80,8 @@ def paper_scores(df: pd.DataFrame, seed: int = 0, source: str = "table") -> pd.D
     fkl = t["fkl"].to_numpy(float)
     hn, dn, cn = (paper_norm(t[c]) for c in ("student_entropy", "fkl", "compat_mass"))
     dl = dn * cn
-    with np.errstate(invalid="ignore", divide="ignore"):
-        pos_norm = np.where(length > 1, pos / (length - 1), 0.0)
     return t.assign(
-        Hn=hn, Dn=dn, Cn=cn, Htn=paper_norm(t["teacher_entropy"]), pos_norm=pos_norm,
+        Hn=hn, Dn=dn, Cn=cn, Htn=paper_norm(t["teacher_entropy"]), pos_norm=pos_norm(pos, length),
         DL=dl, DI=dn * (1 - cn), TIP=soft_or(hn, dn), H_teach=soft_or(hn, dl),
         position_weight=position_weight(pos, length),
         G_KLf=(fkl - t["fkl_after"].to_numpy(float)) / (fkl + EPS),

@@ -328,3 +328,21 @@ def viability(auc: pd.DataFrame, by_pos: pd.DataFrame, title: str = "") -> Figur
     if title:
         fig.suptitle(title, fontsize=10)
     return fig
+
+
+def heldout_bars(means: pd.DataFrame, labels: dict[str, str], title: str = "") -> Figure:
+    """Mean held-out gain per selector with 95% cluster CIs, one panel per gain (analysis/heldout.py);
+    labels: gain column -> axis label with units."""
+    gains = list(dict.fromkeys(means["gain"]))
+    fig, axes = _panels(len(gains), width=5.0, height=3.8)
+    for ax, g in zip(axes[0], gains):
+        d = means[means["gain"] == g]
+        x = np.arange(len(d), dtype=float)
+        ax.bar(x, d["mean"], color=["tab:green" if s == "teachability" else "0.6" for s in d["selector"]])
+        _ci_bars(ax, x, d["ci_low"], d["ci_high"], color="black", lw=1.5)
+        ax.set_xticks(x, d["selector"], rotation=30, ha="right", fontsize=8)
+        ax.set_xlabel("selector the student was trained with")
+        ax.set_ylabel(labels.get(g, g) + ", held-out positions")
+        ax.axhline(0, color="grey", lw=0.5)
+    fig.suptitle(title or "held-out gain after training with each selector at a 5% budget", fontsize=10)
+    return fig

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +26,12 @@ import pandas as pd
 from scipy.stats import rankdata
 
 import teachdiag.analysis.plots as plots
+from teachdiag.analysis.bootstrap import count_chunks, percentile_ci
+from teachdiag.analysis.minimum import MIN_CLASS, ci_note
 from teachdiag.analysis.report import markdown_table
 from teachdiag.errors import InputError
-from teachdiag.table import RUN, VIABILITY, VIABILITY_COLUMNS, VIABILITY_TEXT_COLUMNS, position_weight, read_tokens
+from teachdiag.table import (PARTIAL, RUN, VIABILITY, VIABILITY_COLUMNS, VIABILITY_TEXT_COLUMNS, position_weight,
+                             read_tokens)
 
 # (name, column, sign): AUROC of sign * column against the label
 PREDICTORS = [("position", "pos_norm", 1), ("position_weight", "position_weight", 1),
@@ -37,7 +41,6 @@ PREDICTORS = [("position", "pos_norm", 1), ("position_weight", "position_weight"
 LOCAL = ("teacher_entropy", "student_entropy", "fkl")  # the paper's "local uncertainty" family
 # the paper's numbers (Qwen3-4B, abstract): position 0.83 [0.66, 0.95]; local uncertainty at most 0.57
 PAPER = {"position": "0.83 [0.66, 0.95]", **{k: "≤ 0.57" for k in LOCAL}}
-MIN_CLASS = 10  # fewest viable and fewest non-viable rows for an AUROC
 
 
 def auroc(score: np.ndarray, label: np.ndarray) -> float:
@@ -52,8 +55,8 @@ def auroc(score: np.ndarray, label: np.ndarray) -> float:
 
 
 def labels_of(df: pd.DataFrame) -> dict[str, np.ndarray]:
-    """The labels a run has: viable_greedy, and viable_sampled >= ½ (the majority of the samples)
-    when the run sampled continuations."""
+    """The labels a run has: viable_greedy, and viable_sampled >= ½ (at least half of the samples
+    reach the answer) when the run sampled continuations."""
     out = {"viable_greedy": df["viable_greedy"].to_numpy() == 1}
     if df["viable_sampled"].notna().all():
         out["viable_sampled"] = df["viable_sampled"].to_numpy() >= 0.5
@@ -72,9 +75,10 @@ def auroc_table(df: pd.DataFrame, label: str = "viable_greedy", n_boot: int = 10
     y = labels_of(df)[label]
     codes, uniques = pd.factorize(df["context_id"])
     members = [np.flatnonzero(codes == c) for c in range(len(uniques))]
-    rng = np.random.default_rng(seed)
-    draws = [np.concatenate([members[c] for c in rng.integers(0, len(members), len(members))])
-             for _ in range(n_boot)]
+    # the package's resamples of contexts (bootstrap.count_chunks), as row indices: an AUROC is no moment
+    draws = [np.concatenate([np.repeat(members[c], int(k)) for c, k in enumerate(row)])
+             for counts in (count_chunks(codes, n_boot, seed) if n_boot > 0 and len(df) else []) for row in counts]
+    no_ci = ci_note(len(uniques), n_boot)
     rows = []
     for name, column, sign in PREDICTORS:
         s = sign * df[column].to_numpy(float)
@@ -89,11 +93,12 @@ def auroc_table(df: pd.DataFrame, label: str = "viable_greedy", n_boot: int = 10
             row["note"] = f"too few positions (viable {n_pos}, not viable {n_neg}; need {MIN_CLASS} of each)"
         else:
             row["auroc"] = auroc(s[ok], y[ok])
-            boot = np.array([auroc(s[d][ok[d]], y[d][ok[d]]) for d in draws])
-            boot = boot[np.isfinite(boot)]
-            row["n_boot_valid"] = len(boot)
-            if len(boot):
-                row["ci_low"], row["ci_high"] = np.percentile(boot, [2.5, 97.5])
+            if no_ci:
+                row["note"] = no_ci
+            else:
+                boot = np.array([auroc(s[d][ok[d]], y[d][ok[d]]) for d in draws])
+                row["n_boot_valid"] = int(np.isfinite(boot).sum())
+                row["ci_low"], row["ci_high"] = percentile_ci(boot)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -110,45 +115,58 @@ def viable_by_position(df: pd.DataFrame, label: str = "viable_greedy", bins: int
 
 
 def is_viability_run(path: str) -> bool:
-    """A `teachdiag viability` run folder (viability.csv), or that CSV itself."""
+    """A `teachdiag viability` run folder (viability.csv, or a run.json written by that command,
+    finished or not), or the CSV itself."""
     p = Path(path)
-    return (p / VIABILITY).is_file() or p.name == VIABILITY
+    if p.name == VIABILITY or (p / VIABILITY).is_file():
+        return True
+    try:
+        return json.loads((p / RUN).read_text()).get("command", "").split()[1:2] == ["viability"]
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
-def analyze_viability(paths: list[str], out: Path, fig_dir: Path, n_boot: int, seed: int, log) -> Path:
+def analyze_viability(paths: list[str], out: Path, fig_dir: Path, n_boot: int, seed: int,
+                      log: Callable[[str], None]) -> Path:
     """`teachdiag analyze` on viability runs: viability_auroc.csv, viability_by_position.csv,
     viability.md and figures/viability.png (+ .pdf), every run side by side."""
     aucs, bins, lines = [], [], []
     for path in paths:
         p = Path(path)
         csv, meta_path = (p / VIABILITY, p / RUN) if p.is_dir() else (p, p.parent / RUN)
-        df = read_tokens(csv, VIABILITY_COLUMNS, VIABILITY_TEXT_COLUMNS)
         meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-        if meta.get("complete") is False:
-            raise InputError("run is incomplete (complete: false); finish it with --resume", file=str(meta_path),
-                             field="complete")
+        if meta.get("complete") is False or (p.is_dir() and not csv.is_file() and (p / PARTIAL).is_file()):
+            raise InputError("run is incomplete (complete: false); finish it with teachdiag viability --resume",
+                             file=str(meta_path), field="complete")
+        df = read_tokens(csv, VIABILITY_COLUMNS, VIABILITY_TEXT_COLUMNS)
         name = p.name if p.is_dir() else p.parent.name
         log(f"{name}: {len(df)} branches at {df.groupby(['context_id', 'position']).ngroups} positions in "
             f"{df['context_id'].nunique()} contexts; {n_boot} cluster-bootstrap resamples")
         for label in labels_of(df):
-            aucs.append(auroc_table(df, label, n_boot, seed).assign(run=name))
+            aucs.append(auroc_table(df, label, n_boot, seed).assign(run=name, rows="all"))
             bins.append(viable_by_position(df, label).assign(run=name))
+        # where the spine's prefix already states the right answer, a branch that adds no number
+        # stays "viable" whatever was forced; without those rows the labels measure the branch alone
+        open_rows = df[df["prefix_viable"] == 0]
+        for label in labels_of(df):
+            aucs.append(auroc_table(open_rows, label, n_boot, seed).assign(run=name, rows="prefix not yet right"))
         lines += _run_lines(name, df, meta)
     auc, by_pos = pd.concat(aucs, ignore_index=True), pd.concat(bins, ignore_index=True)
-    auc = auc[["run", *[c for c in auc.columns if c != "run"]]]
+    auc = auc[["run", "rows", *[c for c in auc.columns if c not in ("run", "rows")]]]
     auc.to_csv(out / "viability_auroc.csv", index=False)
     by_pos[["run", *[c for c in by_pos.columns if c != "run"]]].to_csv(out / "viability_by_position.csv", index=False)
     written = []
     for name in dict.fromkeys(auc["run"]):
-        fig = plots.viability(auc[auc["run"] == name], by_pos[by_pos["run"] == name], title=name)
+        fig = plots.viability(auc[(auc["run"] == name) & (auc["rows"] == "all")], by_pos[by_pos["run"] == name],
+                              title=name)
         written += plots.save(fig, fig_dir, "viability" if len(paths) == 1 else f"viability_{name}")
     shown = auc.assign(auroc=auc["auroc"].map(lambda v: f"{v:.3f}" if np.isfinite(v) else "—"),
                        ci=[f"[{lo:.3f}, {hi:.3f}]" if np.isfinite(lo) else n or "—"
                            for lo, hi, n in zip(auc["ci_low"], auc["ci_high"], auc["note"])])
     md = ["# Branch viability (arXiv 2605.21606's diagnostic)", "", *lines, "",
           "AUROC of each oriented predictor for a viable branch; 95% CI from a cluster bootstrap over contexts.", "",
-          markdown_table(shown[["run", "label", "predictor", "orientation", "n_rows", "viable_share", "auroc", "ci",
-                                "paper"]].assign(viable_share=shown["viable_share"].map(lambda v: f"{v:.3f}"))),
+          markdown_table(shown[["run", "rows", "label", "predictor", "orientation", "n_rows", "viable_share", "auroc",
+                                "ci", "paper"]].assign(viable_share=shown["viable_share"].map(lambda v: f"{v:.3f}"))),
           "", *[f"![viability]({os.path.relpath(w, out)})" for w in written if w.suffix == ".png"], ""]
     (out / "viability.md").write_text("\n".join(md), encoding="utf-8")
     log(f"wrote {out} ({len(written)} figure files in {fig_dir})")

@@ -196,8 +196,8 @@ TEMPLATES: list[Callable[[random.Random], Problem]] = [
 
 
 # one-step problems with numbers below 20: the self-distillation setting's student is the 135M
-# teacher model itself, which solves almost none of the two-step problems above; these it solves
-# about half the time, so whether a branch stays viable varies (`teachdiag viability`)
+# teacher model itself, which solves none of 64 two-step problems above at temperature 1; these it
+# solves 30% of the time at temperature 0.3, so whether a branch stays viable varies (`teachdiag viability`)
 
 def buy_more(r: random.Random) -> Problem:
     name, thing = r.choice(NAMES), r.choice(THINGS)

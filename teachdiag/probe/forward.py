@@ -1,7 +1,8 @@
 """Model forwards over a context that every instrument shares: the teacher's logits, padded batches.
 
-    from teachdiag.probe.forward import teacher_logits, pad_left
+    from teachdiag.probe.forward import teacher_logits, view_logits, pad_left
     t = teacher_logits(teacher, ctx, positions=[0, 5, 9], vocab=V, device="cpu")   # (3, V) float32
+    z = view_logits(student, ctx.prompt_ids, ctx.response_ids, [0, 5, 9], V, "cpu")  # the student's view
     batch = pad_left([ids_a, ids_b])        # input_ids, attention_mask, position_ids (B, L)
 
 The teacher runs once per context and computes its LM head only at the probed positions, so a
@@ -18,11 +19,18 @@ from teachdiag.contexts import Context
 def teacher_logits(teacher, ctx: Context, positions: list[int], vocab: int, device: torch.device | str) -> torch.Tensor:
     """(P, V) float32 teacher logits for response[positions], from ONE teacher forward of the context
     (the LM head only at those positions), moved to the student's `device`."""
-    t_device = teacher.get_input_embeddings().weight.device  # the first GPU of a spread teacher
-    t_in = torch.tensor(ctx.teacher_view + ctx.response_ids[:-1], device=t_device)
-    keep = torch.tensor([len(ctx.teacher_view) + j - 1 for j in positions], device=t_device)
+    return view_logits(teacher, ctx.teacher_view, ctx.response_ids, positions, vocab, device)
+
+
+def view_logits(model, view: list[int], response_ids: list[int], positions: list[int], vocab: int,
+                device: torch.device | str) -> torch.Tensor:
+    """(P, V) float32 logits of `model` predicting response[positions] after `view` (a prompt's ids),
+    from one forward without gradient, the LM head only at those positions; moved to `device`."""
+    m_device = model.get_input_embeddings().weight.device  # the first GPU of a spread model
+    ids = torch.tensor(view + response_ids[:-1], device=m_device)
+    keep = torch.tensor([len(view) + j - 1 for j in positions], device=m_device)
     with torch.no_grad():
-        out = teacher(input_ids=t_in[None], logits_to_keep=keep, use_cache=False)
+        out = model(input_ids=ids[None], logits_to_keep=keep, use_cache=False)
     return out.logits[0, :, :vocab].float().to(device)
 
 

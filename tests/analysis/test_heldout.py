@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from teachdiag.analysis import heldout
+from teachdiag.errors import InputError
 from teachdiag.table import COLUMNS, rows_to_csv
 
 
@@ -44,5 +45,16 @@ def test_planted_paired_differences(tmp_path):
 def test_runs_over_different_positions_are_refused(tmp_path):
     write_run(tmp_path / "gain_teachability", np.zeros(4), np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1]))
     write_run(tmp_path / "gain_fkl", np.zeros(4), np.array([0, 0, 1, 2]), np.array([0, 1, 0, 1]))
-    with pytest.raises(ValueError, match="same held-out positions"):
+    with pytest.raises(InputError, match="positions differ"):
+        heldout.load(tmp_path)
+
+
+def test_pairs_by_position_not_row_order_and_refuses_unfinished(tmp_path):
+    ctx, pos = np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1])
+    write_run(tmp_path / "gain_teachability", np.array([1.0, 2.0, 3.0, 4.0]), ctx, pos)
+    write_run(tmp_path / "gain_fkl", np.array([4.0, 3.0, 2.0, 1.0]), ctx[::-1], pos[::-1])  # same gains, rows reversed
+    _, diffs = heldout.compare(heldout.load(tmp_path), "gain_fkl", n_boot=20)
+    assert diffs["mean"].iloc[0] == 0.0
+    (tmp_path / "gain_random").mkdir()
+    with pytest.raises(InputError, match="not finished"):
         heldout.load(tmp_path)
