@@ -27,7 +27,7 @@ from teachdiag.errors import InputError
 from teachdiag.flags import opt, parse_config
 from teachdiag.table import read_tokens
 
-GAINS = {"gain_fkl": "mean fkl drop (nats)", "rel_gain_fkl": "mean relative fkl drop G_KLf"}
+GAINS = {"gain_fkl": "mean fkl drop (nats)", "rel_gain_fkl": "mean G_KLf (fkl drop / fkl)"}
 ORDER = ("teachability", "fkl", "entropy", "tip", "teach_entropy", "position", "random", "all")
 
 

@@ -342,7 +342,7 @@ def heldout_bars(means: pd.DataFrame, labels: dict[str, str], title: str = "") -
         _ci_bars(ax, x, d["ci_low"], d["ci_high"], color="black", lw=1.5)
         ax.set_xticks(x, d["selector"], rotation=30, ha="right", fontsize=8)
         ax.set_xlabel("selector the student was trained with")
-        ax.set_ylabel(labels.get(g, g) + ", held-out positions")
+        ax.set_ylabel(labels.get(g, g))
         ax.axhline(0, color="grey", lw=0.5)
-    fig.suptitle(title or "held-out gain after training with each selector at a 5% budget", fontsize=10)
+    fig.suptitle(title or "gain on held-out contexts after training with each selector at a 5% budget", fontsize=10)
     return fig
