@@ -138,3 +138,26 @@ def model_record(name: str, model, dtype_used: str) -> dict:
         rec["upcast"] = bool(rec["source_dtype"]) and rec["source_dtype"] != dtype_used
     rec["teachdiag"] = code_version()
     return rec
+
+
+def run_header(command: str, argv: list[str] | None, options: dict, device, cfg, teacher, student, match,
+               ctxs: list) -> dict:
+    """The fields every command's run.json opens with: the command line, options, device, both models,
+    the tokenizer match and the contexts file (probe and viability add their own after these)."""
+    import sys
+
+    import torch
+
+    from teachdiag.contexts import encoding_summary
+
+    return {
+        "command": " ".join(["teachdiag", command, *(argv if argv is not None else sys.argv[2:])]),
+        "options": options, "device": str(device),
+        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                        else f"CPU, {torch.get_num_threads()} torch threads"),
+        "teacher": model_record(cfg.teacher, teacher, cfg.dtype),
+        "student": model_record(cfg.student, student, "float32"),
+        "tokenizer": match.record(),
+        "contexts": {"path": str(cfg.contexts), "sha256": file_sha256(cfg.contexts), "n_contexts": len(ctxs),
+                     "encoding": encoding_summary(ctxs)},
+    }

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import platform
-import sys
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -22,7 +21,7 @@ import torch
 
 from teachdiag import __version__, distributed
 from teachdiag.batching import run_groups, shared_groups
-from teachdiag.contexts import Context, by_context, encoding_summary, parse_positions, select_positions
+from teachdiag.contexts import Context, by_context, parse_positions, select_positions
 from teachdiag.calibrate import RULE, auto_lr
 from teachdiag.errors import InputError, UnsupportedModel
 from teachdiag.probe.checkpoint import CheckpointScore
@@ -30,8 +29,8 @@ from teachdiag.probe.fast import make_probe
 from teachdiag.probe.shared import SharedStep
 from teachdiag.probe.signals import LOSSES
 from teachdiag.probe.signals import keep_mask
-from teachdiag.provenance import file_sha256
 from teachdiag.models import (load_inputs, load_model, load_models, model_record, resolve_device)
+from teachdiag.provenance import run_header
 from teachdiag.config import (DEMO_POSITIONS, ContextOptions, DeviceOptions, PairOptions, StepOptions,
                               check_positive, fill_embedded, parse_lr)
 from teachdiag.flags import opt
@@ -223,18 +222,11 @@ def run_probe(cfg: ProbeConfig, argv: list[str] | None = None) -> Path:
     picks = select_positions(ctxs, parse_positions(cfg.positions), cfg.seed)
     by_ctx = by_context(picks)
 
-    record = {
-        "teachdiag": __version__, "cite": PAPER,
-        "command": " ".join(["teachdiag", "probe", *(argv if argv is not None else sys.argv[2:])]),
-        "options": asdict(cfg), "device": str(device), "world_size": world,
-        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                        else f"CPU, {torch.get_num_threads()} torch threads"),
-        "teacher": model_record(cfg.teacher, teacher, cfg.dtype),
-        "student": model_record(cfg.student, student, "float32"),
-        "tokenizer": match.record(),
-        "contexts": {"path": str(cfg.contexts), "sha256": file_sha256(cfg.contexts), "n_contexts": len(ctxs),
-                     "encoding": encoding_summary(ctxs),
-                     "n_positions_available": sum(len(c.response_ids) for c in ctxs)},
+    record = {"teachdiag": __version__, "cite": PAPER,
+              **run_header("probe", argv, asdict(cfg), device, cfg, teacher, student, match, ctxs)}
+    record["contexts"]["n_positions_available"] = sum(len(c.response_ids) for c in ctxs)
+    record.update({
+        "world_size": world,
         "positions": {"requested": cfg.positions, "probed": len(picks)},
         "step": {"loss": cfg.loss, "optimizer": cfg.optimizer, "lr": lr, "params": cfg.params,
                  "n_stepped_params": n_stepped, "student_compute_dtype": "float32", "mode": cfg.mode,
@@ -242,7 +234,7 @@ def run_probe(cfg: ProbeConfig, argv: list[str] | None = None) -> Path:
                  **_instrument_record(cfg, instrument, probe), **({"lr_auto": lr_auto} if lr_auto else {})},
         "top_k": cfg.top_k, "seed": cfg.seed, "versions": _versions(),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    })
     done: set[str] = set()
     if cfg.resume:
         _check_resume(writer, record)

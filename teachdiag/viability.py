@@ -26,7 +26,6 @@ protocol and the solve rate of the rollouts themselves. The run folder is crash-
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -39,7 +38,7 @@ import torch
 from teachdiag import __version__
 from teachdiag.branches import VERIFIERS, alternatives, continue_forced, final_answer, is_correct
 from teachdiag.config import ContextOptions, DeviceOptions, PairOptions, check_positive
-from teachdiag.contexts import Context, by_context, encoding_summary, parse_positions, select_positions
+from teachdiag.contexts import Context, by_context, parse_positions, select_positions
 from teachdiag.demo import SELFDISTILL_MODEL, SELFDISTILL_ROLLOUTS
 from teachdiag.errors import InputError
 from teachdiag.flags import opt
@@ -47,7 +46,7 @@ from teachdiag.models import load_inputs, load_models, resolve_device
 from teachdiag.probe.forward import teacher_logits, view_logits
 from teachdiag.probe.signals import SIGNALS, keep_mask, signals_from_logits
 from teachdiag.progress import progress
-from teachdiag.provenance import file_sha256, model_record
+from teachdiag.provenance import run_header
 from teachdiag.rollout import stop_ids
 from teachdiag.runfolder import RunWriter
 from teachdiag.table import RUN, VIABILITY as TABLE, VIABILITY_COLUMNS as COLUMNS, \
@@ -248,18 +247,10 @@ def run_viability(cfg: ViabilityConfig, argv: list[str] | None = None) -> Path:
     eos_ids, pad_id = stop_ids(student, tok)
     solved = [is_correct(tok.decode(c.response_ids, skip_special_tokens=True), a, cfg.verifier)
               for c, a in zip(ctxs, answers)]
-    record = {
-        "teachdiag": __version__, "cite": PAPER,
-        "command": " ".join(["teachdiag", "viability", *(argv if argv is not None else sys.argv[2:])]),
-        "options": asdict(cfg), "device": str(device),
-        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                        else f"CPU, {torch.get_num_threads()} torch threads"),
-        "teacher": model_record(cfg.teacher, teacher, cfg.dtype),
-        "student": model_record(cfg.student, student, "float32"),
-        "tokenizer": match.record(),
-        "contexts": {"path": str(cfg.contexts), "sha256": file_sha256(cfg.contexts), "n_contexts": len(ctxs),
-                     "encoding": encoding_summary(ctxs), "solve_rate": float(np.mean(solved)) if solved else None,
-                     "n_solved": int(np.sum(solved))},
+    record = {"teachdiag": __version__, "cite": PAPER,
+              **run_header("viability", argv, asdict(cfg), device, cfg, teacher, student, match, ctxs)}
+    record["contexts"].update(solve_rate=float(np.mean(solved)) if solved else None, n_solved=int(np.sum(solved)))
+    record.update({
         "positions": {"requested": cfg.positions, "probed": len(picks), "contexts_probed": len(by_ctx)},
         "protocol": {"alternatives": f"teacher's top-{cfg.alternatives} next tokens at its privileged view",
                      "continuation": f"student's view + forced token; greedy and {cfg.samples} sampled at "
@@ -268,7 +259,7 @@ def run_viability(cfg: ViabilityConfig, argv: list[str] | None = None) -> Path:
                      "label": f"verifier {cfg.verifier} on spine prefix + forced token + continuation"},
         "top_k": cfg.top_k, "seed": cfg.seed,
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    })
     done: set[str] = set()
     if cfg.resume:
         _check_resume(writer, cfg)
