@@ -313,11 +313,11 @@ def viability(auc: pd.DataFrame, by_pos: pd.DataFrame, title: str = "") -> Figur
     ax.legend(fontsize=7, loc="lower left")
     ax.set_title("which signal predicts a viable teacher token", fontsize=9)
     ax = axes[0, 1]
-    for label, d in by_pos.groupby("label", sort=False):
+    for i, (label, d) in enumerate(by_pos.groupby("label", sort=False)):
         mid = (d["pos_from"] + d["pos_to"]) / 2
         ax.plot(mid, d["viable_share"], "o-", label=label.replace("_", " "))
         for m, share, n in zip(mid, d["viable_share"], d["n"]):
-            if np.isfinite(share):
+            if np.isfinite(share) and i == 0:  # every label counts the same branches: one n per bin
                 ax.annotate(f"n={n}", (m, share), fontsize=6, textcoords="offset points", xytext=(0, 5), ha="center")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
