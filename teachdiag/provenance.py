@@ -27,6 +27,8 @@ _ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfl
               "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32",
               "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 WEIGHT_SUFFIXES = (".safetensors", ".gguf")
+# what identifies a model's weights in its run-record entry (model_record): a resumed run must match
+WEIGHT_KEYS = ("config_sha256", "weights_sha256", "adapter")
 
 
 def file_sha256(path: str | Path) -> str:

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from teachdiag.errors import InputError
+from teachdiag.provenance import WEIGHT_KEYS
 from teachdiag.table import (COLUMNS, RUN, TEXT_COLUMNS, TOKENS, all_parts, part_files, read_tokens, rows_to_csv,
                              teachability_scores)
 
@@ -94,6 +96,43 @@ class RunWriter:
             (self.out / self.table).unlink(missing_ok=True)
             (self.out / RUN).unlink(missing_ok=True)
         self.write_record(dict(record, complete=False))
+
+    def check_resume(self, record: dict, same_options: tuple[str, ...],
+                     models: Callable[[dict], dict] = lambda r: {"teacher": r["teacher"], "student": r["student"]}
+                     ) -> None:
+        """Refuse to --resume this folder into `record` unless it is an unfinished run of the same work:
+        the options in `same_options`, the models' weights (`models`: name -> run-record entry, or None
+        where a run has no such model), the contexts file and the table's columns all unchanged."""
+        old_path = self.out / RUN
+        if not old_path.exists():
+            raise InputError("nothing to resume (no run.json)", field="--resume", file=str(self.out))
+        try:
+            old = json.loads(old_path.read_text())
+            old["options"], old["contexts"], models(old)
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+            raise InputError("is not a teachdiag run record", field="--resume", file=str(old_path)) from None
+        for key in same_options:
+            if old["options"].get(key) != record["options"].get(key):
+                raise InputError(f"option {key} differs from the run being resumed "
+                                 f"({old['options'].get(key)!r} vs {record['options'].get(key)!r})",
+                                 field="--resume", file=str(old_path))
+        before, now = models(old), models(record)
+        for who in now:
+            a, b = before.get(who), now[who]
+            if a is not None and b is not None and any(a.get(k) != b.get(k) for k in WEIGHT_KEYS):
+                raise InputError(f"the {who} model differs from the run being resumed", field="--resume",
+                                 file=str(old_path))
+        if old["contexts"]["sha256"] != record["contexts"]["sha256"]:
+            raise InputError("the contexts file changed since the run began", field="--resume", file=str(old_path))
+        for partial, _ in all_parts(self.out):  # a part written by another version of the table
+            if partial.is_file() and partial.stat().st_size > 0:
+                with open(partial, encoding="utf-8", errors="replace") as f:
+                    if f.readline().rstrip("\n") != ",".join(self.columns):
+                        raise InputError("its columns differ from this version's; start a new run",
+                                         field="--resume", file=str(partial))
+        if old.get("complete") is True:
+            raise InputError("this run is already complete; nothing to resume", field="--resume",
+                             file=str(old_path))
 
     def write_record(self, record: dict) -> None:
         _atomic_write(self.out / RUN, json.dumps(record, indent=2, default=str) + "\n")

@@ -37,7 +37,7 @@ from teachdiag.flags import opt
 from teachdiag.probe.exact import parse_params, select_params
 from teachdiag.progress import progress
 from teachdiag.runfolder import RunWriter
-from teachdiag.table import COLUMNS, RUN, all_parts
+from teachdiag.table import RUN
 
 PAPER = "arXiv:2605.26844, Not All Disagreement Is Learnable: Token Teachability in On-Policy Distillation"
 
@@ -70,8 +70,6 @@ class ProbeConfig(DeviceOptions, StepOptions, ContextOptions, PairOptions):  # l
 RESUME_KEYS = ("teacher", "student", "contexts", "positions", "max_response_tokens", "top_k", "loss",
                "optimizer", "lr", "params", "mode", "seed", "dtype", "gain", "shared_batch", "student_after",
                "skip_first_order", "raw_text", "strict_tokenizer", "student_base", "teacher_base")
-# what identifies a model's weights in its run-record entry (models.model_record)
-WEIGHT_KEYS = ("config_sha256", "weights_sha256", "adapter")
 
 
 def resolve_defaults(cfg: ProbeConfig) -> ProbeConfig:
@@ -107,7 +105,7 @@ def _auto_lr(cfg: ProbeConfig, writer: RunWriter, teacher, student, ctxs: list[C
             old = json.loads((writer.out / RUN).read_text())["step"]
             return float(old["lr"]), old.get("lr_auto")
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            pass  # _check_resume reports the broken record
+            pass  # RunWriter.check_resume reports the broken record
 
     lr, summary = float("nan"), None
     if rank == 0:
@@ -126,39 +124,6 @@ def _versions() -> dict:
     return {"teachdiag": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "numpy": numpy.__version__,
             "pandas": pandas.__version__, "scipy": scipy.__version__, "platform": platform.platform()}
-
-
-def _check_resume(writer: RunWriter, record: dict) -> None:
-    old_path = writer.out / RUN
-    if not old_path.exists():
-        raise InputError("nothing to resume (no run.json)", field="--resume", file=str(writer.out))
-    try:
-        old = json.loads(old_path.read_text())
-        old["options"], old["teacher"], old["student"], old["contexts"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-        raise InputError("is not a teachdiag run record", field="--resume", file=str(old_path)) from None
-    for key in RESUME_KEYS:
-        if old["options"].get(key) != record["options"].get(key):
-            raise InputError(f"option {key} differs from the run being resumed "
-                             f"({old['options'].get(key)!r} vs {record['options'].get(key)!r})",
-                             field="--resume", file=str(old_path))
-    after = (old["step"].get("after"), record["step"].get("after"))  # a --student-after checkpoint
-    for who, (a, b) in {"teacher": (old["teacher"], record["teacher"]), "student": (old["student"], record["student"]),
-                        "student-after": after}.items():
-        if a is not None and b is not None and any(a.get(k) != b.get(k) for k in WEIGHT_KEYS):
-            raise InputError(f"the {who} model differs from the run being resumed", field="--resume",
-                             file=str(old_path))
-    if old["contexts"]["sha256"] != record["contexts"]["sha256"]:
-        raise InputError("the contexts file changed since the run began", field="--resume", file=str(old_path))
-    for partial, _ in all_parts(writer.out):  # a part written by another version of the table
-        if partial.is_file() and partial.stat().st_size > 0:
-            with open(partial, encoding="utf-8", errors="replace") as f:
-                if f.readline().rstrip("\n") != ",".join(COLUMNS):
-                    raise InputError("its columns differ from this version's; start a new run",
-                                     field="--resume", file=str(partial))
-    if old.get("complete") is True:
-        raise InputError("this run is already complete; nothing to resume", field="--resume",
-                         file=str(old_path))
 
 
 def _instrument(cfg: ProbeConfig, student, lr: float, vocab: int, device, world: int, out: Path,
@@ -237,7 +202,8 @@ def run_probe(cfg: ProbeConfig, argv: list[str] | None = None) -> Path:
     })
     done: set[str] = set()
     if cfg.resume:
-        _check_resume(writer, record)
+        writer.check_resume(record, RESUME_KEYS, lambda r: {"teacher": r["teacher"], "student": r["student"],
+                                                            "student-after": r["step"].get("after")})
         if rank == 0:
             writer.repair()
         distributed.barrier()  # every rank reads the repaired parts

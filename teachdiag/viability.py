@@ -213,20 +213,6 @@ def _answer_text(text: str, verifier: str) -> str:
     return "" if got is None else got
 
 
-def _check_resume(writer: RunWriter, cfg: ViabilityConfig) -> None:
-    path = writer.out / RUN
-    if not path.is_file():
-        raise InputError("no run.json to resume from", field="--resume", file=str(path))
-    old = json.loads(path.read_text())
-    if old.get("complete") is True:
-        raise InputError("this run is already complete; nothing to resume", field="--resume", file=str(path))
-    new = asdict(cfg)
-    differ = [k for k in SAME_RUN if old.get("options", {}).get(k) != new[k]]
-    if differ:
-        raise InputError(f"options differ from the run being resumed: {', '.join(differ)}", field="--resume",
-                         file=str(path))
-
-
 def run_viability(cfg: ViabilityConfig, argv: list[str] | None = None) -> Path:
     """Run the diagnostic; returns the run folder. Raises InputError on bad input."""
     t_start = time.time()
@@ -262,7 +248,7 @@ def run_viability(cfg: ViabilityConfig, argv: list[str] | None = None) -> Path:
     })
     done: set[str] = set()
     if cfg.resume:
-        _check_resume(writer, cfg)
+        writer.check_resume(record, SAME_RUN)
         writer.repair()
         done = writer.done_contexts()
     writer.start(record)

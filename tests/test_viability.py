@@ -116,7 +116,7 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_table(pair, tmp_pa
     assert not (tmp_path / "cut" / "viability.csv").exists()  # nothing that looks finished
     assert main(["analyze", str(tmp_path / "cut")]) == 2  # analyze says so in one line
     monkeypatch.setattr(vb, "run_group", real)
-    with pytest.raises(InputError, match="differ.*samples"):  # another protocol cannot continue this folder
+    with pytest.raises(InputError, match="option samples differs"):  # another protocol cannot continue this folder
         run_viability(config(pair, ctx_path, tmp_path / "cut", samples=0, resume=True))
     resumed = read(run_viability(config(pair, ctx_path, tmp_path / "cut", resume=True)))
     pd.testing.assert_frame_equal(resumed, whole)
@@ -222,3 +222,24 @@ def test_analyze_refuses_options_that_do_not_apply(pair, tmp_path, capsys):
     out = run_viability(config(pair, ctx_path, tmp_path / "v", positions="3"))
     assert main(["analyze", str(out), "--protocol", "paper"]) == 2
     assert "--protocol" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_table_written_with_other_columns(pair, tmp_path, monkeypatch):
+    ctx_path = write_records(tmp_path / "c.jsonl", n=6)
+    real, calls = vb.run_group, []
+
+    def dies_second(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(vb, "run_group", dies_second)
+    with pytest.raises(KeyboardInterrupt):
+        run_viability(config(pair, ctx_path, tmp_path / "cut"))
+    part = tmp_path / "cut" / "tokens.partial.csv"
+    lines = part.read_text().splitlines(keepends=True)
+    part.write_text(lines[0].replace(",prefix_viable", "") + "".join(lines[1:]))  # an older version's header
+    monkeypatch.setattr(vb, "run_group", real)
+    with pytest.raises(InputError, match="columns differ"):
+        run_viability(config(pair, ctx_path, tmp_path / "cut", resume=True))
