@@ -65,7 +65,11 @@ def final_answer(text: str, verifier: str = "final_number") -> str | None:
 
 def is_correct(text: str, answer: str, verifier: str = "final_number") -> bool:
     """Whether `text` states `answer` (both in the canonical number form)."""
-    got = final_answer(text, verifier)
+    return answer_matches(final_answer(text, verifier), answer)
+
+
+def answer_matches(got: str | None, answer: str) -> bool:
+    """Whether an answer read by final_answer (None: none found) is the record's `answer`."""
     return got is not None and got == _canon(str(answer))
 
 

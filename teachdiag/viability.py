@@ -36,7 +36,7 @@ import pandas as pd
 import torch
 
 from teachdiag import __version__
-from teachdiag.branches import VERIFIERS, alternatives, continue_forced, final_answer, is_correct
+from teachdiag.branches import VERIFIERS, alternatives, answer_matches, continue_forced, final_answer, is_correct
 from teachdiag.config import ContextOptions, DeviceOptions, PairOptions, check_positive
 from teachdiag.contexts import Context, by_context, parse_positions, select_positions
 from teachdiag.demo import SELFDISTILL_MODEL, SELFDISTILL_ROLLOUTS
@@ -155,7 +155,7 @@ def rows_of(cfg: ViabilityConfig, prep: dict, greedy: list[tuple[list[int], str]
         j, a = positions[p], prep["alt_ids"][p][r]
         head = ctx.response_ids[:j] + [a]  # the spine's prefix and the forced token
         g_ids, g_finish = greedy[b]
-        g_text = text(head + g_ids)
+        g_answer = final_answer(text(head + g_ids), cfg.verifier)  # read once: the label and the column
         ok = [is_correct(text(head + out[b][0]), answer, cfg.verifier) for out in sampled]
         row = {k: sig[k][p] for k in SIGNALS}
         row.update(context_id=ctx.id, position=j, response_length=len(ctx.response_ids),
@@ -163,9 +163,9 @@ def rows_of(cfg: ViabilityConfig, prep: dict, greedy: list[tuple[list[int], str]
                    token=tok.decode([ctx.response_ids[j]]), alt_rank=r + 1, alt_id=a, alt_token=tok.decode([a]),
                    is_sampled=int(a == ctx.response_ids[j]), teacher_prob=prep["t_prob"][p][r],
                    student_prob=prep["s_prob"][p][r], finite=int(all(np.isfinite(row[k]) for k in SIGNALS)),
-                   viable_greedy=int(is_correct(g_text, answer, cfg.verifier)),
+                   viable_greedy=int(answer_matches(g_answer, answer)),
                    viable_sampled=float(np.mean(ok)) if ok else float("nan"),
-                   greedy_answer=_answer_text(g_text, cfg.verifier), greedy_new_tokens=len(g_ids),
+                   greedy_answer="" if g_answer is None else g_answer, greedy_new_tokens=len(g_ids),
                    greedy_finish=g_finish, spine_correct=spine,
                    # the spine's prefix alone already reads as right: any branch that adds no number is "viable"
                    prefix_viable=int(is_correct(text(ctx.response_ids[:j]), answer, cfg.verifier)))
@@ -206,11 +206,6 @@ def run_group(cfg: ViabilityConfig, group: list[int], g: int, ctxs: list[Context
         out.append(rows_of(cfg, prep, greedy[a : a + n], [x[a : a + n] for x in sampled], tok))
         a += n
     return out
-
-
-def _answer_text(text: str, verifier: str) -> str:
-    got = final_answer(text, verifier)
-    return "" if got is None else got
 
 
 def run_viability(cfg: ViabilityConfig, argv: list[str] | None = None) -> Path:
