@@ -98,18 +98,24 @@ def _greedy(model, ids: list[int], n: int) -> list[int]:
     return out[: out.index(EOS) + 1] if EOS in out else out
 
 
-def test_resume_after_an_interruption_gives_the_uninterrupted_table(pair, tmp_path, monkeypatch):
-    ctx_path = write_records(tmp_path / "c.jsonl", n=6)
-    whole = read(run_viability(config(pair, ctx_path, tmp_path / "whole")))
-    real, calls = vb.run_group, []
+def interrupted_at(n: int, real):
+    """`real`, except that its n-th call raises KeyboardInterrupt (Ctrl-C in the middle of a run)."""
+    calls = []
 
-    def dies_second(*args, **kw):
+    def wrapper(*args, **kw):
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == n:
             raise KeyboardInterrupt
         return real(*args, **kw)
 
-    monkeypatch.setattr(vb, "run_group", dies_second)
+    return wrapper
+
+
+def test_resume_after_an_interruption_gives_the_uninterrupted_table(pair, tmp_path, monkeypatch):
+    ctx_path = write_records(tmp_path / "c.jsonl", n=6)
+    whole = read(run_viability(config(pair, ctx_path, tmp_path / "whole")))
+    real = vb.run_group
+    monkeypatch.setattr(vb, "run_group", interrupted_at(2, real))
     with pytest.raises(KeyboardInterrupt):
         run_viability(config(pair, ctx_path, tmp_path / "cut"))
     assert json.loads((tmp_path / "cut" / "run.json").read_text())["complete"] is False
@@ -226,15 +232,8 @@ def test_analyze_refuses_options_that_do_not_apply(pair, tmp_path, capsys):
 
 def test_resume_refuses_a_table_written_with_other_columns(pair, tmp_path, monkeypatch):
     ctx_path = write_records(tmp_path / "c.jsonl", n=6)
-    real, calls = vb.run_group, []
-
-    def dies_second(*args, **kw):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kw)
-
-    monkeypatch.setattr(vb, "run_group", dies_second)
+    real = vb.run_group
+    monkeypatch.setattr(vb, "run_group", interrupted_at(2, real))
     with pytest.raises(KeyboardInterrupt):
         run_viability(config(pair, ctx_path, tmp_path / "cut"))
     part = tmp_path / "cut" / "tokens.partial.csv"
