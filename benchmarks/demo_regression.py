@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
     from teachdiag.demo import DEMO_ROLLOUTS, zoo
     from teachdiag.models import load_model, load_tokenizer
     from teachdiag.probe.fast import make_probe
-    from teachdiag.table import teachability_scores
+    from teachdiag.scores import teachability_scores
 
     run = json.loads(Path(args.run).read_text())
     opt = run["options"]

@@ -26,8 +26,8 @@ import pandas as pd
 
 from teachdiag.errors import InputError
 from teachdiag.provenance import WEIGHT_KEYS
-from teachdiag.table import (COLUMNS, RUN, TEXT_COLUMNS, TOKENS, all_parts, part_files, read_tokens, rows_to_csv,
-                             teachability_scores)
+from teachdiag.scores import teachability_scores
+from teachdiag.table import COLUMNS, RUN, TEXT_COLUMNS, TOKENS, all_parts, part_files, read_tokens, rows_to_csv
 
 
 def _fsync_write(path: Path, text: str, mode: str = "a") -> None:

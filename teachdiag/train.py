@@ -7,10 +7,11 @@
 
 Each step takes `--batch` contexts (a seeded shuffle, cycled), scores every response position with
 the teacher and the student, keeps the positions the selector picks over the whole batch
-(selectors.py: round(budget·N), at least one per sample), and takes one AdamW step on the OPD loss
-of the kept positions, normalised by their number (DESIGN §5). Unselected tokens stay in the context.
+(selectors.py: the released TA-OPD rule, ceil(budget·N) and at least one per sample), and takes one
+AdamW step on the OPD loss of the kept positions, normalised by their number (DESIGN "The trainer
+and the selectors"). Unselected tokens stay in the context.
 With --position-weight (PW-OPSD, arXiv 2605.21606) each kept loss is weighted by its position's
-w_t (table.position_weight) and the batch loss is the paper's: per sequence Σ_t w_t ℓ_t / L_b, its
+w_t (scores.position_weight) and the batch loss is the paper's: per sequence Σ_t w_t ℓ_t / L_b, its
 response length, then the mean over the sequences with a kept position. The paper trains with
 --loss clipped_fkl (signals.clipped_fkl) on every position; here any loss and selector combine.
 Defaults are the paper's training recipe (DESIGN §5): sampled-token loss, lr 1e-6 constant, betas
@@ -50,10 +51,10 @@ from teachdiag.flags import opt
 from teachdiag.models import load_inputs, load_models, resolve_device
 from teachdiag.probe.forward import teacher_logits
 from teachdiag.progress import progress
-from teachdiag.probe.signals import clipped_fkl, keep_mask, probe_loss, signals_from_logits
+from teachdiag.probe.signals import SIGNAL_MODES, clipped_fkl, keep_mask, probe_loss, signals_from_logits
 from teachdiag.rollout import generate_batch, read_prompts, stop_ids
-from teachdiag.selectors import SELECTORS, budget_mask, selector_scores
-from teachdiag.table import position_weight
+from teachdiag.scores import KEEP_RULES, SELECTORS, position_weight
+from teachdiag.selectors import keep_positions
 
 TRAIN_LOSSES = ("sampled_token", "reverse_kl", "clipped_fkl")
 LOG_COLUMNS = ["step", "loss", "kept", "positions", "mean_fkl", "seconds"]
@@ -84,6 +85,14 @@ class TrainConfig(DeviceOptions, ContextOptions, PairOptions):  # --help lists p
     select: str = opt("which positions to train on: all, or a selector over the batch (selectors.py)", "all",
                       choices=list(SELECTORS))
     budget: float = opt("share of the batch's positions kept by --select (at least one per sample)", 0.05)
+    select_rule: str = opt("how --select keeps positions: released (the authors' TA-OPD code: ceil(ρ·N) of the "
+                           "batch by score, then a sample left empty gets its best by H̃ ∨ norm(D·C)) or "
+                           "paper_text (teachdiag ≤ 0.2: round(ρ·N), each sample's best first)", "released",
+                           choices=list(KEEP_RULES))
+    select_signals: str = opt("where the selector's H, D, C come from: topk (each side's top-K lists, as a "
+                              "served teacher returns them, C exact), topk_lb (C from the teacher's list "
+                              "only) or full (full distributions, teachdiag ≤ 0.2)", "topk",
+                              choices=list(SIGNAL_MODES))
     top_k: int = opt("K of the selector's top-K scores", 16)
     beta1: float = opt("AdamW beta1", 0.9)
     beta2: float = opt("AdamW beta2", 0.98)
@@ -116,7 +125,8 @@ def opd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, token_i
 
 
 def train_step(student, teacher, ctxs, batch: list[int], vocab: int, *, loss: str, select: str, budget: float,
-               top_k: int, optimizer: torch.optim.Optimizer, device, seed: int = 0,
+               top_k: int, optimizer: torch.optim.Optimizer, device, seed: int = 0, select_rule: str = "released",
+               select_signals: str = "topk",
                keep: torch.Tensor | None = None, kl_clip: float = 0.05, loss_temperature: float = 1.0,
                pw: tuple[float, float, float] | None = None) -> dict:
     """One OPD step on `batch` (context indices); returns the log row (without step and seconds).
@@ -143,14 +153,15 @@ def train_step(student, teacher, ctxs, batch: list[int], vocab: int, *, loss: st
     sig = {k: [] for k in ("topk_entropy", "union_fkl", "compat_mass", "fkl")}
     with torch.no_grad():
         for ids, at, y, t in views:
-            s = signals_from_logits(logits(ids, at), t, y, top_k, keep=keep)
+            s = signals_from_logits(logits(ids, at), t, y, top_k, keep=keep, mode=select_signals)
             for k in sig:
                 sig[k].append(s[k].cpu().numpy())
     sample = np.concatenate([np.full(len(v[2]), i) for i, v in enumerate(views)])
     flat = {k: np.concatenate(v) for k, v in sig.items()}
     flat["position"] = np.concatenate([np.arange(len(v[2])) for v in views])  # (N,) j within its response
     flat["response_length"] = np.concatenate([np.full(len(v[2]), len(v[2])) for v in views])
-    kept = budget_mask(selector_scores(flat, select, seed), sample, budget) if select != "all" else np.ones(len(sample), bool)
+    flat["sample"] = sample
+    kept = keep_positions(flat, select, budget, rule=select_rule, seed=seed)
     if loss == "sampled_token" and keep is not None:  # its loss there is NaN: leave the row out first
         kept &= torch.cat([keep[v[2]] for v in views]).cpu().numpy()
     n_kept = int(kept.sum())
@@ -280,7 +291,8 @@ def _check(cfg: TrainConfig) -> None:
               f"applies only with {what}, got {getattr(cfg, name)}")
              for names, used, what in ((("kl_clip", "loss_temperature"), cfg.loss == "clipped_fkl",
                                         "--loss clipped_fkl"),
-                                       (("pw_min", "pw_tau", "pw_scale"), cfg.position_weight, "--position-weight"))
+                                       (("pw_min", "pw_tau", "pw_scale"), cfg.position_weight, "--position-weight"),
+                                       (("select_rule", "select_signals"), cfg.select != "all", "a --select"))
              for name in names])
 
 
@@ -314,6 +326,8 @@ def run_train(cfg: TrainConfig, argv: list[str] | None = None) -> Path:
     if cfg.resume and (out / "train.json").is_file():
         done = json.loads((out / "train.json").read_text())
         saved = asdict(TrainConfig()) | done.get("options", {})  # options added since that run: their defaults
+        if "select_rule" not in done.get("options", {}) and saved["select"] != "all":  # selected as ≤ 0.2 did
+            saved |= {"select_rule": "paper_text", "select_signals": "full"}
         if saved | {"resume": True, "overwrite": False, "steps": cfg.steps} != asdict(cfg) | {
                 "resume": True, "overwrite": False}:
             raise InputError("options differ from the run being resumed", field="--resume", file=str(out))
@@ -338,6 +352,7 @@ def run_train(cfg: TrainConfig, argv: list[str] | None = None) -> Path:
         batch = batch if batch is not None else list(range(len(ctxs)))
         row = train_step(student, teacher, ctxs, batch, vocab, loss=cfg.loss, select=cfg.select,
                          budget=cfg.budget, top_k=cfg.top_k, optimizer=optimizer, device=device, seed=cfg.seed + step,
+                         select_rule=cfg.select_rule, select_signals=cfg.select_signals,
                          keep=keep, kl_clip=cfg.kl_clip, loss_temperature=cfg.loss_temperature,
                          pw=(cfg.pw_min, cfg.pw_tau, cfg.pw_scale) if cfg.position_weight else None)
         row = {"step": step + 1, **row, "seconds": round(time.time() - t0, 3)}

@@ -49,8 +49,9 @@ from teachdiag.progress import progress
 from teachdiag.provenance import run_header
 from teachdiag.rollout import stop_ids
 from teachdiag.runfolder import RunWriter
+from teachdiag.scores import teachability_scores
 from teachdiag.table import RUN, VIABILITY as TABLE, VIABILITY_COLUMNS as COLUMNS, \
-    VIABILITY_TEXT_COLUMNS as TEXT_COLUMNS, pos_norm, read_tokens, teachability_scores
+    VIABILITY_TEXT_COLUMNS as TEXT_COLUMNS, pos_norm, read_tokens
 PAPER = "Liu et al., When Are Teacher Tokens Reliable? Position-Weighted On-Policy Self-Distillation, arXiv 2605.21606"
 # options a --resume must repeat: they fix the rows, and batch fixes the groups and so the samples
 SAME_RUN = ("teacher", "student", "contexts", "positions", "max_response_tokens", "seed", "raw_text", "top_k",

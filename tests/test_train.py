@@ -13,9 +13,11 @@ from transformers import AutoModelForCausalLM
 
 from conftest import write_contexts
 from reference import ref_signals
+from reference_ta_opd import ref_keep, ref_served_row
 from teachdiag.cli import main
 from teachdiag.contexts import load_contexts
-from teachdiag.selectors import budget_mask, selector_scores, ta_opd_mask
+from teachdiag.scores import budget_count, paper_text_keep
+from teachdiag.selectors import keep_positions, ta_opd_mask
 from teachdiag.train import TrainConfig, make_optimizer, train_step
 
 VOCAB = 68
@@ -59,21 +61,19 @@ def test_train_step_equals_hand_written_adamw(tmp_path, pair, loss, select):
     n = [len(c.response_ids) for c in ctxs]
     if select == "all":
         kept = [np.ones(k, bool) for k in n]
-    else:
-        sig = {k: [] for k in ("topk_entropy", "union_fkl", "compat_mass", "fkl")}
+    else:  # the released TA-OPD rule on top-K signals, by the row-by-row reference
+        rows = []
         with torch.no_grad():
-            for c in ctxs:
+            for b, c in enumerate(ctxs):
                 s_ids, t_ids = c.prompt_ids + c.response_ids, c.teacher_view + c.response_ids
                 zs = ref(input_ids=torch.tensor([s_ids])).logits[0, len(c.prompt_ids) - 1 : -1, :VOCAB]
                 zt = teacher(input_ids=torch.tensor([t_ids])).logits[0, len(c.teacher_view) - 1 : -1, :VOCAB]
                 for j in range(len(c.response_ids)):
-                    r = ref_signals(zs[j].numpy(), zt[j].numpy(), c.response_ids[j], 16)
-                    for k in sig:
-                        sig[k].append(r[k])
-        flat = {k: np.array(v) for k, v in sig.items()}
-        keep = budget_mask(selector_scores(flat, "teachability"), np.repeat(np.arange(4), n), 0.25)
-        kept = np.split(keep, np.cumsum(n)[:-1])
-    want = sum(n) if select == "all" else max(round(0.25 * sum(n)), 4)
+                    r = ref_served_row(zs[j].numpy(), zt[j].numpy(), 16)
+                    rows.append({"sample": b, "pos": j, "valid": 1, "H": r["topk_entropy"], "D": r["union_fkl"],
+                                 "C": r["compat_mass"]})
+        kept = np.split(np.array(ref_keep(rows, "teachability", 0.25), bool), np.cumsum(n)[:-1])
+    want = sum(n) if select == "all" else math.ceil(0.25 * sum(n))  # each sample already has one here
     assert row["kept"] == sum(int(k.sum()) for k in kept) == want
     # hand-written first AdamW step: θ1 = θ0(1 − lr·wd) − lr·g/(|g| + eps)  (m̂ = g, v̂ = g²)
     params = list(ref.parameters())
@@ -89,26 +89,13 @@ def test_train_step_equals_hand_written_adamw(tmp_path, pair, loss, select):
         torch.testing.assert_close(q.detach().double()[big], want[big], rtol=1e-6, atol=1e-7, msg=name)
 
 
-def test_budget_mask_keeps_the_budget_ties_earlier_and_one_per_sample():
-    scores = np.array([5.0, 5.0, 1.0, 0.0, 0.5, 9.0, 9.0, 2.0, 2.0, 3.0])
-    sample = np.array([0, 0, 0, 1, 1, 2, 2, 2, 3, 3])
-    keep = budget_mask(scores, sample, 0.5)  # round(5) positions
-    # each sample's best: 0 (tie with 1 -> earlier), 4, 5 (tie with 6 -> earlier), 9; then the best left: 6
-    assert keep.nonzero()[0].tolist() == [0, 4, 5, 6, 9]
-    keep = budget_mask(scores, sample, 0.1)  # round(1) < 4 samples: one each
-    assert keep.nonzero()[0].tolist() == [0, 4, 5, 9]
-    keep = budget_mask(scores, sample, 0.8)  # 8: ties at 2.0 go to the earlier of 7 and 8, 3 stays out
-    assert keep.sum() == 8 and not keep[3] and not keep[2]
-    with pytest.raises(ValueError):
-        budget_mask(scores, sample, 0.0)
-
-
 def test_ta_opd_mask_on_trainer_style_tensors():
     torch.manual_seed(0)
     s, t = torch.randn(3, 7, 40) * 3, torch.randn(3, 7, 40) * 3
     mask = torch.ones(3, 7)
     mask[1, 4:] = 0  # a shorter response
-    keep = ta_opd_mask(s, t, mask, budget=0.2, selector="teachability", k=4)
+    # teachdiag ≤ 0.2's mask (the paper-text rule on full-distribution signals), kept for its runs
+    keep = ta_opd_mask(s, t, mask, budget=0.2, selector="teachability", k=4, rule="paper_text", signals="full")
     assert keep.shape == (3, 7) and not keep[1, 4:].any()
     assert int(keep.sum()) == round(0.2 * 18) and all(keep[b].any() for b in range(3))
     sig = {k: [] for k in ("topk_entropy", "union_fkl", "compat_mass", "fkl")}
@@ -119,7 +106,7 @@ def test_ta_opd_mask_on_trainer_style_tensors():
     d = np.array(sig["union_fkl"])
     c = np.array(sig["compat_mass"])
     norm = lambda x: np.clip((x - np.quantile(x, 0.05)) / (np.quantile(x, 0.95) - np.quantile(x, 0.05)), 0, 1)  # noqa: E731
-    want = budget_mask(norm(d) * norm(c), mask.nonzero()[:, 0].numpy(), 0.2)
+    want = paper_text_keep(norm(d) * norm(c), mask.nonzero()[:, 0].numpy(), 0.2)
     assert keep[mask.bool()].numpy().tolist() == want.tolist()
 
 
@@ -169,13 +156,11 @@ def test_resume_drops_log_rows_after_the_last_save_and_bad_options_fail_early(tm
         assert main([*args[:-1], str(tmp_path / flag), "--steps", "1", flag, value]) == 2
 
 
-def test_budget_rule_is_the_analysis_rule():
-    from teachdiag.analysis.selection import paper_budget_size
-
+def test_paper_text_budget_is_the_paper_protocols_round():
     scores = np.arange(150.0)
     for rho in (0.01, 0.03, 0.05, 0.07, 0.1):  # 0.07 · 150 = 10.500000000000002: 10, not 11
-        keep = budget_mask(scores, np.zeros(150, int), rho)
-        assert keep.sum() == paper_budget_size(150, rho) == round(round(rho * 150, 9))
+        keep = paper_text_keep(scores, np.zeros(150, int), rho)
+        assert keep.sum() == budget_count(150, rho, "round") == round(round(rho * 150, 9))
 
 
 def hand_weight(t, length, w_min=0.25, tau=0.30, scale=0.10):
@@ -203,8 +188,13 @@ def test_position_weighted_step_equals_the_hand_built_loss(tmp_path, pair, case)
                      optimizer=opt, device="cpu", keep=keep, loss_temperature=temperature, pw=pw)
     # the mask by hand: `position` keeps each response's last token, then the largest (t + 0.5)/L
     n = [len(c.response_ids) for c in ctxs]
-    frac = np.concatenate([(np.arange(k) + 0.5) / k for k in n])
-    kept = np.ones(sum(n), bool) if select == "all" else budget_mask(frac, np.repeat(np.arange(4), n), 0.3)
+    if select == "all":
+        kept = np.ones(sum(n), bool)
+    else:  # the released rule's budget stage already gives every sample a row here, so no fill
+        rows = [{"sample": b, "pos": j, "valid": 1, "H": 0.0, "D": 0.0, "C": 0.0, "position": (j + 0.5) / k}
+                for b, k in enumerate(n) for j in range(k)]
+        kept = np.array(ref_keep(rows, "position", 0.3, min_keep=0), bool)
+        assert all(m.any() for m in np.split(kept, np.cumsum(n)[:-1]))
     if keep is not None:
         kept &= np.concatenate([[y != 5 for y in c.response_ids] for c in ctxs])
     kept = np.split(kept, np.cumsum(n)[:-1])
@@ -235,14 +225,15 @@ def test_position_selector_keeps_the_latest_positions():
     signals = {"fkl": np.zeros(14), "position": np.r_[np.arange(4), np.arange(10)],
                "response_length": np.r_[np.full(4, 4), np.full(10, 10)]}
     sample = np.r_[np.zeros(4, int), np.ones(10, int)]
-    keep = budget_mask(selector_scores(signals, "position"), sample, 5 / 14)  # 5 kept
+    signals["sample"] = sample
+    keep = keep_positions(signals, "position", 5 / 14)  # 5 kept
     # the rest after 3 and 13: 12 (0.85), 11 (0.75), then 10 (0.65) beats t = 2 of 4 (0.625)
     assert keep.nonzero()[0].tolist() == [3, 10, 11, 12, 13]
     # the TA-OPD mask on a right- and a left-padded row: the end of each response, whatever the padding
     mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0, 0], [0, 0, 0, 1, 1, 1, 1, 1]])
     s = torch.randn(2, 8, 12)
-    got = ta_opd_mask(s, s.clone(), mask, budget=0.4, selector="position", k=4)  # round(0.4 · 10) = 4
-    assert got.nonzero().tolist() == [[0, 4], [0, 5], [1, 6], [1, 7]]
+    got = ta_opd_mask(s, s.clone(), mask, budget=0.4, selector="position", k=4)  # ceil(0.4 · 11) = 5
+    assert got.nonzero().tolist() == [[0, 3], [0, 4], [0, 5], [1, 6], [1, 7]]
 
 
 def test_train_cli_pw_opsd_runs_records_its_options_and_refuses_what_it_would_ignore(tmp_path, pair, capsys):

@@ -31,7 +31,8 @@ from teachdiag.analysis.instruments import agreement
 from teachdiag.analysis.viability import analyze_viability, is_viability_run
 from teachdiag.errors import InputError
 from teachdiag.flags import opt
-from teachdiag.table import COLUMNS, TEXT_COLUMNS, PARTIAL, all_parts, read_tokens, teachability_scores
+from teachdiag.scores import teachability_scores
+from teachdiag.table import COLUMNS, TEXT_COLUMNS, PARTIAL, all_parts, read_tokens
 
 # absent from older tables, left absent: response_length, instrument (0.2); the probability mass
 # dropped by a pair whose tokenizers differ in added/special ids (tokenizers.py)

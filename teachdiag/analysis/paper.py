@@ -9,7 +9,7 @@ Variables (all from θ0, normalized over the whole table):
     pos_norm = position / (response_length − 1)                    (0 for a one-token response)
     Norm(z) = clip((z − q05) / (q95 − q05), 0, 1), 0 where q95 − q05 < 1e-12 (paper_norm)
     Hn, Dn, Cn, Htn; DL = Dn·Cn; DI = Dn·(1 − Cn); TIP = Hn + Dn − Hn·Dn; H_teach = Hn + DL − Hn·DL
-    position_weight = PW-OPSD's w_t of (position, response_length) (table.position_weight), a
+    position_weight = PW-OPSD's w_t of (position, response_length) (scores.position_weight), a
     selector beside the paper's (arXiv 2605.21606 trains on it; the paper tested here does not)
 Gains: G_KLf = (fkl − fkl_after) / (fkl + 1e-12), the paper's relative drop, and drop_fkl =
 fkl − fkl_after, the absolute drop of its Eq. 1. These differ from teachdiag's default protocol
@@ -25,9 +25,10 @@ import pandas as pd
 
 from teachdiag.analysis.bootstrap import group_mean_draws, percentile_ci
 from teachdiag.analysis.minimum import ci_note, too_few
-from teachdiag.analysis.selection import paper_budget_size, select_top, table_order, tied_at_cutoff
+from teachdiag.analysis.selection import select_top, table_order, tied_at_cutoff
 from teachdiag.analysis.stats import bin_table, equal_count_bins, matched_pairs, ols_models, tercile_gap, winsorize
-from teachdiag.table import pos_norm, position_weight, soft_or
+from teachdiag.scores import budget_count, position_weight, quantile_normalize, soft_or
+from teachdiag.table import pos_norm
 from teachdiag.errors import InputError
 
 EPS = 1e-12  # the paper's threshold of Norm and the guard of G_KLf's denominator
@@ -48,15 +49,9 @@ PAPER_SELECTORS = {"teachability": "DL", "raw KL": "fkl", "TIP": "TIP", "H+teach
 
 def paper_norm(x: np.ndarray) -> np.ndarray:
     """Norm(z) over the finite values of x (n,): clip((z − q05)/(q95 − q05), 0, 1), 0 where
-    q95 − q05 < 1e-12 (the paper's rule; table.quantile_normalize zeroes only q95 == q05).
+    q95 − q05 < 1e-12 (the paper's rule: scores.quantile_normalize with eps = 1e-12).
     Quantiles by numpy's default (linear) method; NaN stays NaN."""
-    x = np.asarray(x, dtype=np.float64)
-    finite = np.isfinite(x)
-    out = np.full_like(x, np.nan)
-    if finite.any():
-        q05, q95 = np.quantile(x[finite], [0.05, 0.95])
-        out[finite] = 0.0 if q95 - q05 < EPS else np.clip((x[finite] - q05) / (q95 - q05), 0.0, 1.0)
-    return out
+    return quantile_normalize(x, EPS)
 
 
 def paper_scores(df: pd.DataFrame, seed: int = 0, source: str = "table") -> pd.DataFrame:
@@ -185,7 +180,7 @@ def paper_selection(t: pd.DataFrame, gain: str, budgets: Sequence[float] = PAPER
                     winsor: Sequence[float] = (0.0, 0.01), n_boot: int = 1000,
                     seed: int = 0) -> pd.DataFrame:
     """Mean gain kept by each selector (PAPER_SELECTORS, plus "oracle" = top by the gain) keeping
-    k = paper_budget_size(N, ρ) positions of the whole table (ties to the earlier position in table
+    k = budget_count(N, ρ, "round") positions of the whole table (ties to the earlier position in table
     order). Selection on the raw gain's rows; mean of the kept gain raw and winsorized (winsor > 0:
     the gain clipped at its [p, 1 − p] quantiles over the table first); its cluster CI; overlap =
     |kept ∩ oracle| / k. Rows: gain, winsor, budget, selector, score, n, k, mean_gain, ci_low,
@@ -197,7 +192,7 @@ def paper_selection(t: pd.DataFrame, gain: str, budgets: Sequence[float] = PAPER
     cols = {**PAPER_SELECTORS, "oracle": gain}
     rows = []
     for rho in budgets:
-        k = paper_budget_size(len(s), rho)
+        k = budget_count(len(s), rho, "round")
         masks = {name: select_top(s[col].to_numpy(float), k) for name, col in cols.items()}
         note = (f"too few positions (n = {len(s)}; round({rho:g} · n) = 0 kept)" if k == 0
                 else ci_note(n_ctx, n_boot))

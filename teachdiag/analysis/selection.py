@@ -1,29 +1,28 @@
 """Budgeted selection (DESIGN §6): what each selector keeps at a fixed share of positions.
 
-    from teachdiag.analysis.selection import selection_table, select_top, budget_size, selectors_for
+    from teachdiag.analysis.selection import selection_table, select_top, selectors_for
     selection_table(add_scores(df), "rel_gain_fkl")   # budgets 1/3/5/10 %, every selector
     selectors_for(df)                                   # name -> column, those df can rank by
-    select_top(scores, budget_size(len(scores), 0.05))  # boolean mask (n,)
+    select_top(scores, budget_count(len(scores), 0.05, "ceil"))  # boolean mask (n,)
 
-Rule (default protocol): a selector keeps exactly k = ceil(rho · N) positions of the whole table (global over the
-batch, not per context), highest score first. Ties go to the *earlier* position, where earlier
+Rule (default protocol): a selector keeps exactly k = ceil(rho · N) positions of the whole table
+(scores.budget_count; global over the table, not per context), highest score first. Ties go to the *earlier* position, where earlier
 means table order: contexts in order of first appearance in the table, then ascending `position`
 (selection_table sorts the table that way first). NaN scores rank below every number.
 The oracle is the same rule applied to the measured gain itself. The paper protocol (paper.py)
-keeps k = round(rho · N) instead (paper_budget_size), as the paper states.
-`position` ranks by PW-OPSD's position weight (table.position_weight: the latest share of each
+keeps k = round(rho · N) instead, as the paper states.
+`position` ranks by PW-OPSD's position weight (scores.position_weight: the latest share of each
 response first); it needs response_length, and a table without it has no such row.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
-from teachdiag.table import budget_count
+from teachdiag.scores import budget_count
 
 BUDGETS = (0.01, 0.03, 0.05, 0.10)
 # selector name -> column of a table from analysis.add_scores. "entropy" is the raw top-K entropy
@@ -38,21 +37,6 @@ SELECTORS = {
 def selectors_for(df: pd.DataFrame, selectors: Mapping[str, str] = SELECTORS) -> dict[str, str]:
     """The selectors whose column df has: position_weight exists only where response_length does."""
     return {name: col for name, col in selectors.items() if col in df.columns}
-
-
-def budget_size(n: int, rho: float) -> int:
-    """k = ceil(rho · n) for 0 < rho <= 1 (so k >= 1 when n >= 1). Rounded to 9 decimals first,
-    so float noise such as 0.03 · 100 = 3.0000000000000004 does not add a position."""
-    if not 0 < rho <= 1:
-        raise ValueError(f"budget must be in (0, 1], got {rho}")
-    return min(n, math.ceil(round(rho * n, 9)))
-
-
-def paper_budget_size(n: int, rho: float) -> int:
-    """k = round(rho · n), the paper's rule (DESIGN §6), halves to even as Python's round; 0 when
-    rho · n < 0.5 (the caller reports "too few positions"). Rounded to 9 decimals first, like
-    budget_size, so float noise cannot move k across a half."""
-    return budget_count(n, rho)
 
 
 def select_top(scores: np.ndarray, k: int) -> np.ndarray:
@@ -100,7 +84,7 @@ def selection_table(df: pd.DataFrame, gain: str, budgets: Sequence[float] = BUDG
     cols = {**selectors_for(t, selectors), "oracle": gain}
     rows = []
     for rho in budgets:
-        k = budget_size(len(t), rho)
+        k = budget_count(len(t), rho, "ceil")
         oracle = select_top(g, k)
         for name, col in cols.items():
             s = t[col].to_numpy(float)

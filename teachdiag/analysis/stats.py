@@ -27,7 +27,7 @@ from scipy import stats
 from teachdiag.analysis.bootstrap import (CELLS, bootstrap_weights, count_chunks, group_mean_draws,
                                          kendall_influence, percentile_ci, rank_groups, weighted_ranks)
 from teachdiag.analysis.minimum import MIN_CORR, MIN_GROUP, ci_note, ols_floor, too_few
-from teachdiag.table import peer_scores, position_weight, quantile_normalize
+from teachdiag.scores import peer_scores, position_weight, quantile_normalize
 
 GAINS = ("gain_fkl", "gain_rkl", "rel_gain_fkl", "rel_gain_rkl")
 RAW_SIGNALS = ("fkl", "rkl", "union_fkl", "student_entropy", "teacher_entropy", "topk_entropy",

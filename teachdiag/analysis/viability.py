@@ -30,8 +30,8 @@ from teachdiag.analysis.bootstrap import count_chunks, percentile_ci
 from teachdiag.analysis.minimum import MIN_CLASS, ci_note
 from teachdiag.analysis.report import markdown_table
 from teachdiag.errors import InputError
-from teachdiag.table import (PARTIAL, RUN, VIABILITY, VIABILITY_COLUMNS, VIABILITY_TEXT_COLUMNS, position_weight,
-                             read_tokens)
+from teachdiag.scores import position_weight
+from teachdiag.table import PARTIAL, RUN, VIABILITY, VIABILITY_COLUMNS, VIABILITY_TEXT_COLUMNS, read_tokens
 
 # (name, column, sign): AUROC of sign * column against the label
 PREDICTORS = [("position", "pos_norm", 1), ("position_weight", "position_weight", 1),
@@ -64,7 +64,7 @@ def labels_of(df: pd.DataFrame) -> dict[str, np.ndarray]:
 
 
 def add_position_weight(df: pd.DataFrame) -> pd.DataFrame:
-    """The PW-OPSD weight of each row's position (table.position_weight, the paper's defaults)."""
+    """The PW-OPSD weight of each row's position (scores.position_weight, the paper's defaults)."""
     return df.assign(position_weight=position_weight(df["position"].to_numpy(), df["response_length"].to_numpy()))
 
 

@@ -27,10 +27,16 @@ import math
 import torch
 import torch.nn.functional as F
 
+from teachdiag.probe.topk import served_signals, topk_lists
+
 SIGNALS = ("fkl", "rkl", "student_entropy", "teacher_entropy", "student_logprob",
            "teacher_logprob", "compat_mass", "topk_entropy", "union_fkl", "student_dropped_mass",
            "teacher_dropped_mass")
 LOSSES = ("reverse_kl", "forward_kl", "sampled_token")
+# where H, D and C come from (DESIGN "Top-K signals"): full distributions (teachdiag's), or each
+# side's top-K lists as a served teacher returns them, C exact (the teacher asked at the student's
+# ids) or from the teacher's own list only (topk_lb, a lower bound)
+SIGNAL_MODES = ("full", "topk", "topk_lb")
 
 
 def keep_mask(shared_ids: list[int] | None, vocab: int, device=None) -> torch.Tensor | None:
@@ -97,13 +103,16 @@ def entropy(log_p: torch.Tensor, p: torch.Tensor | None = None) -> torch.Tensor:
 
 def signals_from_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                         token_ids: torch.Tensor, k: int = 16,
-                        keep: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Every DESIGN §3 signal that needs no run-level normalisation.
+                        keep: torch.Tensor | None = None, mode: str = "full") -> dict[str, torch.Tensor]:
+    """Every signal of DESIGN "Signals at θ0" that needs no run-level normalisation.
 
     student_logits, teacher_logits: (P, V); token_ids: (P,) the sampled tokens y_j; keep: None or
-    bool (V,), the ids both tokenizers agree on (module docstring). Returns float64 tensors of
-    shape (P,) on the logits' device.
+    bool (V,), the ids both tokenizers agree on (module docstring); mode: SIGNAL_MODES, where
+    topk_entropy, union_fkl and compat_mass come from (the rest are always full-vocabulary).
+    Returns float64 tensors of shape (P,) on the logits' device.
     """
+    if mode not in SIGNAL_MODES:
+        raise ValueError(f"unknown signals mode {mode!r}; one of {SIGNAL_MODES}")
     log_s = F.log_softmax(restrict(student_logits, keep), -1)  # (P, V'), V' = V when keep is None
     log_t = F.log_softmax(restrict(teacher_logits, keep), -1)  # (P, V')
     y = token_index(token_ids, keep)  # (P,), -1 outside keep
@@ -126,7 +135,7 @@ def signals_from_logits(student_logits: torch.Tensor, teacher_logits: torch.Tens
     union_fkl = kl(log_tu, log_su)  # a repeated column has p = 0, which kl counts as 0
 
     p_s, p_t = log_s.exp(), log_t.exp()
-    return {
+    out = {
         "fkl": kl(log_t, log_s, p_t),
         "rkl": kl(log_s, log_t, p_s),
         "student_entropy": entropy(log_s, p_s),
@@ -139,6 +148,10 @@ def signals_from_logits(student_logits: torch.Tensor, teacher_logits: torch.Tens
         "student_dropped_mass": dropped_mass(student_logits, keep),
         "teacher_dropped_mass": dropped_mass(teacher_logits, keep),
     }
+    if mode != "full":  # H, D, C as a served teacher's top-K lists give them
+        s_ids, s_lp, t_ids, t_lp, t_at_s = topk_lists(log_s, log_t, k)
+        out |= served_signals(s_ids, s_lp, t_ids, t_lp, t_at_s if mode == "topk" else None)
+    return out
 
 
 def kls_from_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor,

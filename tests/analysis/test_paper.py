@@ -16,9 +16,8 @@ from hypothesis import strategies as st
 from synthetic import make_tokens
 from teachdiag.analysis import paper as P
 from teachdiag.analysis.command import AnalyzeConfig, run_analyze
-from teachdiag.analysis.selection import paper_budget_size
 from teachdiag.errors import InputError
-from teachdiag.table import quantile_normalize
+from teachdiag.scores import budget_count, quantile_normalize
 
 
 def norm(x):
@@ -199,7 +198,7 @@ def test_zero_pairs_say_why():
 @pytest.mark.parametrize("n, rho, k", [(250, 0.01, 2), (250, 0.03, 8), (250, 0.05, 12), (300, 0.05, 15),
                                        (30, 0.01, 0), (100, 0.03, 3), (57600, 0.05, 2880)])
 def test_round_rho_n(n, rho, k):
-    assert paper_budget_size(n, rho) == k  # round half to even: 2.5 -> 2, 7.5 -> 8, 12.5 -> 12
+    assert budget_count(n, rho, "round") == k  # round half to even: 2.5 -> 2, 7.5 -> 8, 12.5 -> 12
 
 
 def test_selection_keeps_round_rho_n_with_ties_to_the_earlier_position():

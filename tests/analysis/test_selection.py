@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from synthetic import make_tokens
 from teachdiag.analysis.stats import add_scores
-from teachdiag.analysis.selection import (BUDGETS, SELECTORS, budget_size, select_top, selection_table,
+from teachdiag.scores import budget_count
+from teachdiag.analysis.selection import (BUDGETS, SELECTORS, select_top, selection_table,
                                          table_order)
 
 
@@ -19,13 +20,13 @@ from teachdiag.analysis.selection import (BUDGETS, SELECTORS, budget_size, selec
                                        (7, 0.01, 1), (1, 0.01, 1), (0, 0.05, 0), (101, 0.1, 11),
                                        (10, 1.0, 10)])
 def test_budget_size_is_ceil_without_float_noise(n, rho, k):
-    assert budget_size(n, rho) == k  # 0.03 * 100 = 3.0000000000000004 must stay 3
+    assert budget_count(n, rho, "ceil") == k  # 0.03 * 100 = 3.0000000000000004 must stay 3
 
 
 @pytest.mark.parametrize("rho", [0, -0.1, 1.5])
 def test_budget_size_rejects_out_of_range(rho):
     with pytest.raises(ValueError):
-        budget_size(10, rho)
+        budget_count(10, rho, "ceil")
 
 
 def test_select_top_ties_go_to_the_earlier_index_and_nan_last():
@@ -82,7 +83,7 @@ def test_oracle_overlap_is_one_and_oracle_keeps_the_most():
     sel = selection_table(df, "rel_gain_fkl")
     o = sel[sel["selector"] == "oracle"]
     assert (o["overlap_oracle"] == 1).all()
-    assert list(sel.groupby("budget")["k"].first()) == [budget_size(600, b) for b in BUDGETS]
+    assert list(sel.groupby("budget")["k"].first()) == [budget_count(600, b, "ceil") for b in BUDGETS]
     best = sel.groupby("budget")["mean_gain"].max()
     np.testing.assert_allclose(o.set_index("budget")["mean_gain"], best)
     assert (sel["overlap_oracle"].between(0, 1)).all() and (sel["n"] == 600).all()

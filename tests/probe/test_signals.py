@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from reference import ref_signals
 from teachdiag.probe.signals import SIGNALS, clipped_fkl, entropy, kl, probe_loss, signals_from_logits
-from teachdiag.table import position_weight, quantile_normalize, teachability_scores
+from teachdiag.scores import position_weight, quantile_normalize, teachability_scores
 
 
 @pytest.mark.parametrize("k", [1, 8, 16, 32])
