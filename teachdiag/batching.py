@@ -59,7 +59,7 @@ def linear_group(cfg, student, lr: float, teacher, ctxs: list[Context], group: l
         t = torch.stack([t_all[c][i] for c, i, _ in chunk])  # (B, V)
         ys = [ctxs[c].response_ids[j] for c, _, j in chunk]
         got = first_order_rows(student, cfg.params, prefixes, t, ys, cfg.loss, cfg.optimizer, lr, vocab, cfg.top_k,
-                               keep)
+                               keep, cfg.signals)
         for k, row in zip(order[a : a + cfg.batch], got):
             rows[k] = row
     out, a = [], 0

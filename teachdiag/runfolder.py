@@ -98,11 +98,12 @@ class RunWriter:
         self.write_record(dict(record, complete=False))
 
     def check_resume(self, record: dict, same_options: tuple[str, ...],
-                     models: Callable[[dict], dict] = lambda r: {"teacher": r["teacher"], "student": r["student"]}
-                     ) -> None:
+                     models: Callable[[dict], dict] = lambda r: {"teacher": r["teacher"], "student": r["student"]},
+                     added: dict | None = None) -> None:
         """Refuse to --resume this folder into `record` unless it is an unfinished run of the same work:
         the options in `same_options`, the models' weights (`models`: name -> run-record entry, or None
-        where a run has no such model), the contexts file and the table's columns all unchanged."""
+        where a run has no such model), the contexts file and the table's columns all unchanged.
+        added: options newer than some run records, with the value those runs had."""
         old_path = self.out / RUN
         if not old_path.exists():
             raise InputError("nothing to resume (no run.json)", field="--resume", file=str(self.out))
@@ -112,9 +113,10 @@ class RunWriter:
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
             raise InputError("is not a teachdiag run record", field="--resume", file=str(old_path)) from None
         for key in same_options:
-            if old["options"].get(key) != record["options"].get(key):
+            was = old["options"].get(key, (added or {}).get(key))
+            if was != record["options"].get(key):
                 raise InputError(f"option {key} differs from the run being resumed "
-                                 f"({old['options'].get(key)!r} vs {record['options'].get(key)!r})",
+                                 f"({was!r} vs {record['options'].get(key)!r})",
                                  field="--resume", file=str(old_path))
         before, now = models(old), models(record)
         for who in now:

@@ -67,7 +67,7 @@ class ProbeConfig(DeviceOptions, StepOptions, ContextOptions, PairOptions):  # l
 
 
 # options that must match for --resume to continue a folder
-RESUME_KEYS = ("teacher", "student", "contexts", "positions", "max_response_tokens", "top_k", "loss",
+RESUME_KEYS = ("teacher", "student", "contexts", "positions", "max_response_tokens", "top_k", "signals", "loss",
                "optimizer", "lr", "params", "mode", "seed", "dtype", "gain", "shared_batch", "student_after",
                "skip_first_order", "raw_text", "strict_tokenizer", "student_base", "teacher_base")
 
@@ -140,16 +140,18 @@ def _instrument(cfg: ProbeConfig, student, lr: float, vocab: int, device, world:
             raise InputError(f"its architecture differs from --student's ({type(after).__name__} vs "
                              f"{type(student).__name__}, or other parameter shapes); a checkpoint gain compares "
                              "two states of one model", field="--student-after")
-        return "checkpoint", CheckpointScore(student, after, vocab, cfg.top_k, keep=keep)
+        return "checkpoint", CheckpointScore(student, after, vocab, cfg.top_k, keep=keep, signals=cfg.signals)
     if cfg.gain == "shared":
         if world > 1:
             raise InputError("the shared step needs every position's gradient in one process; run it "
                              "without torchrun", field="--gain")
         return "shared", SharedStep(student, cfg.params, cfg.loss, cfg.optimizer, lr, vocab, cfg.top_k,
-                                    first_order=not cfg.skip_first_order, cache_dir=str(out), keep=keep)
+                                    first_order=not cfg.skip_first_order, cache_dir=str(out), keep=keep,
+                                    signals=cfg.signals)
     if cfg.mode == "linear":
         return "per_position", None
-    return "per_position", make_probe(student, cfg.params, cfg.loss, cfg.optimizer, lr, vocab, cfg.top_k, keep=keep)
+    return "per_position", make_probe(student, cfg.params, cfg.loss, cfg.optimizer, lr, vocab, cfg.top_k, keep=keep,
+                                      signals=cfg.signals)
 
 
 def _instrument_record(cfg: ProbeConfig, instrument: str, probe) -> dict:
@@ -197,13 +199,14 @@ def run_probe(cfg: ProbeConfig, argv: list[str] | None = None) -> Path:
                  "n_stepped_params": n_stepped, "student_compute_dtype": "float32", "mode": cfg.mode,
                  "probe": type(probe).__name__ if probe else "first_order_rows", "instrument": instrument,
                  **_instrument_record(cfg, instrument, probe), **({"lr_auto": lr_auto} if lr_auto else {})},
-        "top_k": cfg.top_k, "seed": cfg.seed, "versions": _versions(),
+        "top_k": cfg.top_k, "signals": cfg.signals, "seed": cfg.seed, "versions": _versions(),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     })
     done: set[str] = set()
     if cfg.resume:
         writer.check_resume(record, RESUME_KEYS, lambda r: {"teacher": r["teacher"], "student": r["student"],
-                                                            "student-after": r["step"].get("after")})
+                                                            "student-after": r["step"].get("after")},
+                            added={"signals": "full"})  # runs before --signals: full distributions
         if rank == 0:
             writer.repair()
         distributed.barrier()  # every rank reads the repaired parts

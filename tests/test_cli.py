@@ -230,3 +230,37 @@ def test_threads_option_sets_torch_threads(tmp_path, pair):
         assert main(["probe", "--threads", "-1", "--out", str(tmp_path / "x")]) == 2
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("signals, gain", [("topk", "per_position"), ("topk_lb", "shared")])
+def test_probe_top_k_signals_equal_the_served_reference(tmp_path, pair, contexts, signals, gain):
+    """--signals topk/topk_lb: topk_entropy, union_fkl, compat_mass as a served teacher's top-K lists
+    give them (reference_ta_opd, from full-sequence forwards); every other column as --signals full."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from reference import full_logits
+    from reference_ta_opd import ref_topk_signals
+    from teachdiag.contexts import load_contexts
+
+    extra = ["--top-k", "4", "--lr", "1e-3"] + (["--gain", "shared"] if gain == "shared" else [])
+    assert probe(pair, contexts, tmp_path / "full", *extra) == 0
+    assert probe(pair, contexts, tmp_path / "served", *extra, "--signals", signals) == 0
+    full, got = read_tokens(tmp_path / "full/tokens.csv"), read_tokens(tmp_path / "served/tokens.csv")
+    assert json.loads((tmp_path / "served/run.json").read_text())["signals"] == signals
+    same = [c for c in COLUMNS if c not in ("topk_entropy", "union_fkl", "compat_mass", "teachability", "incompat")]
+    pd.testing.assert_frame_equal(full[same], got[same])
+    teacher, student = (AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval() for p in pair)
+    ctxs = {c.id: c for c in load_contexts(contexts)}
+    with torch.no_grad():
+        for _, row in got.iterrows():
+            c, j = ctxs[row["context_id"]], int(row["position"])
+            ls = full_logits(student, c.prompt_ids + c.response_ids, len(c.prompt_ids) + j - 1, 68).double().log_softmax(-1)
+            lt = full_logits(teacher, c.teacher_view + c.response_ids, len(c.teacher_view) + j - 1, 68).double().log_softmax(-1)
+            s_lp, s_ids = ls.topk(4)
+            t_lp, t_ids = lt.topk(4)
+            si, ti = list(zip(s_ids.tolist(), s_lp.tolist())), list(zip(t_ids.tolist(), t_lp.tolist()))
+            want = ref_topk_signals(si, ti, None if signals == "topk_lb" else {i: lt[i].item() for i, _ in si})
+            for name, value in want.items():
+                assert row[name] == pytest.approx(value, rel=1e-5, abs=1e-6), (row["context_id"], j, name)
+    assert (got["union_fkl"] != full["union_fkl"]).any()

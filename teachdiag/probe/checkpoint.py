@@ -29,9 +29,11 @@ class CheckpointScore:
     """θ0 (`model`) and θτ (`after`): one forward of each per context, all positions at once."""
 
     def __init__(self, model: nn.Module, after: nn.Module, vocab: int, top_k: int = 16,
-                 keep: torch.Tensor | None = None) -> None:
-        """keep: None, or bool (vocab,): the ids both tokenizers agree on (signals.py)."""
+                 keep: torch.Tensor | None = None, signals: str = "full") -> None:
+        """keep: None, or bool (vocab,): the ids both tokenizers agree on (signals.py); signals:
+        where H, D, C come from (signals.SIGNAL_MODES)."""
         self.model, self.after, self.vocab, self.top_k, self.keep = model, after, vocab, top_k, keep
+        self.signals = signals
 
     def _logits(self, model: nn.Module, ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -49,7 +51,7 @@ class CheckpointScore:
         y = student_ids[[n_prompt + j for j in positions]]
         t = teacher_logits
         z0, z1 = self._logits(self.model, ids, keep), self._logits(self.after, ids, keep)
-        before = {k: v.tolist() for k, v in signals_from_logits(z0, t, y, self.top_k, self.keep).items()}
+        before = {k: v.tolist() for k, v in signals_from_logits(z0, t, y, self.top_k, self.keep, self.signals).items()}
         after = kls_from_logits(z1, t, self.keep)
         fkl1, rkl1 = after["fkl"].tolist(), after["rkl"].tolist()
         ok = (torch.isfinite(z0).all(1) & torch.isfinite(z1).all(1) & torch.isfinite(t).all(1)).tolist()

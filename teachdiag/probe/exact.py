@@ -122,12 +122,13 @@ class SingleStepProbe:
     """Holds θ0 for the stepped parameters and probes positions one at a time."""
 
     def __init__(self, model: nn.Module, params: str, loss: str, optimizer: str, lr: float,
-                 vocab: int, top_k: int = 16, keep: torch.Tensor | None = None) -> None:
+                 vocab: int, top_k: int = 16, keep: torch.Tensor | None = None, signals: str = "full") -> None:
         """keep: None, or bool (vocab,) on the model's device: the ids both tokenizers agree on
-        (signals.py); every signal and the loss then live on those ids, renormalised."""
+        (signals.py); every signal and the loss then live on those ids, renormalised. signals:
+        where H, D, C come from (signals.SIGNAL_MODES)."""
         self.model, self.loss, self.optimizer, self.lr = model, loss, optimizer, float(lr)
         self.rule = rule(optimizer)
-        self.vocab, self.top_k, self.keep = vocab, top_k, keep
+        self.vocab, self.top_k, self.keep, self.signals = vocab, top_k, keep, signals
         self.named = select_params(model, params)
         self.params = [p for _, p in self.named]
         for name, p in self.named:
@@ -180,7 +181,7 @@ class SingleStepProbe:
                     grads: list[torch.Tensor]) -> PositionGrad:
         """PositionGrad from a position's logits at θ0 (1, V) and its gradient (one tensor per
         parameter, ours to overwrite: adam's direction is computed in place)."""
-        before = {k: v.item() for k, v in signals_from_logits(s_before, t, y, self.top_k, self.keep).items()}
+        before = {k: v.item() for k, v in signals_from_logits(s_before, t, y, self.top_k, self.keep, self.signals).items()}
         grad_norm = global_norm(grads)
         g_dot_d = self.rule.first_order(grads, grad_norm)  # before adam's direction overwrites g
         finite = bool(torch.isfinite(s_before).all() and torch.isfinite(t).all())

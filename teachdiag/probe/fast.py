@@ -38,13 +38,14 @@ def _tied(model: nn.Module) -> bool:
 
 
 def make_probe(model: nn.Module, params: str, loss: str, optimizer: str, lr: float, vocab: int,
-               top_k: int = 16, grad_bytes: int | None = None, keep: torch.Tensor | None = None) -> SingleStepProbe:
+               top_k: int = 16, grad_bytes: int | None = None, keep: torch.Tensor | None = None,
+               signals: str = "full") -> SingleStepProbe:
     """The fastest exact probe for this parameter set (all give the same numbers as probe.py).
 
     grad_bytes: memory for the per-position gradients of BatchedProbe; default a quarter of the
     free GPU memory on CUDA (a 0.5B student batches ~10 positions on an 80 GB GPU), 2 GiB on CPU.
     keep: the ids both tokenizers agree on, or None (SingleStepProbe)."""
-    args = (model, params, loss, optimizer, lr, vocab, top_k, keep)
+    args = (model, params, loss, optimizer, lr, vocab, top_k, keep, signals)
     select_params(model, params)  # validates params (ValueError) before any choice
     head = model.get_output_embeddings()
     if params == "lm_head" and not _tied(model) and type(head) is nn.Linear and head.bias is None:
@@ -136,7 +137,7 @@ class HeadProbe(SingleStepProbe):
         dz, grad_norm, g_dot_d = self._closed_form(h, delta)  # (P, V), (P,), (P,)
         z = z[:, : self.vocab]
         # all positions at once: signals before, and after z1 = (W − lr·scale·D)·h = z − lr·dz
-        before = {k: v.tolist() for k, v in signals_from_logits(z, t, y, self.top_k, self.keep).items()}
+        before = {k: v.tolist() for k, v in signals_from_logits(z, t, y, self.top_k, self.keep, self.signals).items()}
         after = kls_from_logits(z.double() - self.lr * dz.double(), t, self.keep)  # exact step
         fkl_after, rkl_after = after["fkl"].tolist(), after["rkl"].tolist()
         ok = (torch.isfinite(z).all(1) & torch.isfinite(t).all(1) & torch.isfinite(dz).all(1)).tolist()

@@ -176,7 +176,8 @@ def _full_rule(module: nn.Module, names: list[str], x: torch.Tensor, g: torch.Te
 
 def first_order_rows(model: nn.Module, params: str, prefixes: list[torch.Tensor], teacher_logits: torch.Tensor,
                      token_ids: list[int], loss: str, optimizer: str, lr: float, vocab: int,
-                     top_k: int = 16, keep: torch.Tensor | None = None) -> list[dict[str, float]]:
+                     top_k: int = 16, keep: torch.Tensor | None = None,
+                     signals: str = "full") -> list[dict[str, float]]:
     """SingleStepProbe's rows for B positions, with gain_first_order = lr·⟨g_b, d_b⟩ instead of a step.
 
     prefixes: B tensors (L_b,) of student input ids; teacher_logits: (B, V) float32, row b the
@@ -243,7 +244,7 @@ def first_order_rows(model: nn.Module, params: str, prefixes: list[torch.Tensor]
     gain = lr * step.first_order_from(norm, inner)  # (B,)
 
     s = s.detach()
-    before = {k: v.tolist() for k, v in signals_from_logits(s, t, y, top_k, keep).items()}
+    before = {k: v.tolist() for k, v in signals_from_logits(s, t, y, top_k, keep, signals).items()}
     ok = (torch.isfinite(s).all(1) & torch.isfinite(t).all(1)).tolist()
     return [make_row({k: v[i] for k, v in before.items()}, math.nan, math.nan, float(norm[i]), float(gain[i]), ok[i])
             for i in range(len(prefixes))]

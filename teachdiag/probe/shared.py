@@ -91,10 +91,11 @@ class SharedStep:
 
     def __init__(self, model: nn.Module, params: str, loss: str, optimizer: str, lr: float, vocab: int,
                  top_k: int = 16, first_order: bool = True, cache_dir: str | None = None,
-                 keep: torch.Tensor | None = None) -> None:
-        """keep: None, or bool (vocab,): the ids both tokenizers agree on (signals.py)."""
+                 keep: torch.Tensor | None = None, signals: str = "full") -> None:
+        """keep: None, or bool (vocab,): the ids both tokenizers agree on (signals.py); signals:
+        where H, D, C come from (signals.SIGNAL_MODES)."""
         self.model, self.loss, self.lr, self.vocab, self.top_k = model, loss, float(lr), vocab, top_k
-        self.keep = keep
+        self.keep, self.signals = keep, signals
         self.rule = rule(optimizer)
         self.named = select_params(model, params)
         self.params = [p for _, p in self.named]
@@ -167,7 +168,7 @@ class SharedStep:
                     delta = z.grad * n_used if z.grad is not None else torch.zeros_like(z)
                     cache.put(("delta", c), delta.masked_fill(~use[:, None], float("nan")))
                 z = z.detach()
-                sig = {k: v.tolist() for k, v in signals_from_logits(z, t, y, self.top_k, self.keep).items()}
+                sig = {k: v.tolist() for k, v in signals_from_logits(z, t, y, self.top_k, self.keep, self.signals).items()}
                 ok = (torch.isfinite(z).all(1) & torch.isfinite(t).all(1)).tolist()
                 before[c] = (sig, ok)
                 if progress:
