@@ -1,10 +1,10 @@
 """Selection scores and budget rules, one definition each: what the trainer's mask (selectors.py),
 the default analysis and the paper protocol all read. numpy only, so a laptop can use it.
 
-    from teachdiag.scores import quantile_normalize, selector_scores, budget_count, ta_opd_keep
+    from teachdiag.scores import quantile_normalize, selector_scores, budget_count, keep_positions
     teach, incompat = teachability_scores(union_fkl, compat_mass)        # D̃·C̃, D̃·(1 − C̃)
     s = selector_scores(signals, "teachability")                         # (N,) float64, higher first
-    keep = ta_opd_keep(s, signals, budget=0.05)                          # the released TA-OPD rule
+    keep = keep_positions(signals, "teachability", budget=0.05)          # the released TA-OPD rule
 
 Every score is computed from a dict of per-position arrays ("signals"): topk_entropy (H),
 union_fkl (D), compat_mass (C), fkl, and for some selectors position / response_length /
@@ -195,6 +195,32 @@ def ta_opd_keep(score, signals: dict, budget: float, valid=None, selector: str =
         if short > 0:
             fill = ca_softor(signals) if fill is None else fill
             keep[best_first(fill, position, mine[~keep[mine]])[:short]] = True
+    return keep
+
+
+def keep_positions(signals: dict, selector: str, budget: float, valid=None, rule: str = "released",
+                   seed: int = 0, normalize_over: str = "response") -> np.ndarray:
+    """(N,) bool over one batch's response rows in row-major order. signals: (N,) arrays
+    topk_entropy, union_fkl, compat_mass, fkl, sample, position, response_length; valid: (N,)
+    bool, the rows the loss may train on (None: all). normalize_over: "response" (every row, the
+    released code's default) or "valid" (its variant: the trainable rows only)."""
+    n = len(signals["sample"])
+    valid = np.ones(n, bool) if valid is None else np.asarray(valid, bool)
+    if selector == "all":
+        return valid.copy()
+    if rule not in KEEP_RULES:
+        raise ValueError(f"unknown rule {rule!r}; one of {KEEP_RULES}")
+    if normalize_over not in ("response", "valid"):
+        raise ValueError(f"normalize_over must be 'response' or 'valid', got {normalize_over!r}")
+    if rule == "paper_text":  # scores and normalisation over the trainable rows, as teachdiag ≤ 0.2
+        sub = {k: np.asarray(v)[valid] for k, v in signals.items()}
+        keep = np.zeros(n, bool)
+        keep[valid] = paper_text_keep(selector_scores(sub, selector, seed, "teachdiag"), sub["sample"], budget)
+        return keep
+    pop = np.ones(n, bool) if normalize_over == "response" else valid
+    sub = {k: np.asarray(v)[pop] for k, v in signals.items()}
+    keep = np.zeros(n, bool)
+    keep[pop] = ta_opd_keep(selector_scores(sub, selector, seed), sub, budget, valid[pop], selector, seed)
     return keep
 
 

@@ -13,9 +13,9 @@ selects, rule for rule (DESIGN "The trainer and the selectors"): H, D, C from ea
 lists (signals "topk", C exact), normalised over every response row of the batch (loss-masked
 ones included), flat below 1e-12; max(1, ceil(ρ·N_valid)) rows of the whole batch, best score
 first, ties to the earlier position within its response; then every sample left without a row
-gets its best one by the soft OR H̃ ∨ norm(D·C), beyond the budget. Selectors and their scores
-live in scores.py (selector_scores); rule="paper_text" is teachdiag ≤ 0.2's reading of the
-paper's text, kept to reproduce runs made with it.
+gets its best one by the soft OR H̃ ∨ norm(D·C), beyond the budget. Selectors, scores and the
+rule itself live in scores.py (selector_scores, keep_positions), torch-free; rule="paper_text"
+is teachdiag ≤ 0.2's reading of the paper's text, kept to reproduce runs made with it.
 """
 
 from __future__ import annotations
@@ -24,35 +24,9 @@ import numpy as np
 import torch
 
 from teachdiag.probe.signals import signals_from_logits
-from teachdiag.scores import KEEP_RULES, SELECTORS, paper_text_keep, selector_scores, ta_opd_keep
+from teachdiag.scores import KEEP_RULES, SELECTORS, keep_positions
 
 __all__ = ["SELECTORS", "KEEP_RULES", "keep_positions", "ta_opd_mask"]
-
-
-def keep_positions(signals: dict, selector: str, budget: float, valid=None, rule: str = "released",
-                   seed: int = 0, normalize_over: str = "response") -> np.ndarray:
-    """(N,) bool over one batch's response rows in row-major order. signals: (N,) arrays
-    topk_entropy, union_fkl, compat_mass, fkl, sample, position, response_length; valid: (N,)
-    bool, the rows the loss may train on (None: all). normalize_over: "response" (every row, the
-    released code's default) or "valid" (its variant: the trainable rows only)."""
-    n = len(signals["sample"])
-    valid = np.ones(n, bool) if valid is None else np.asarray(valid, bool)
-    if selector == "all":
-        return valid.copy()
-    if rule not in KEEP_RULES:
-        raise ValueError(f"unknown rule {rule!r}; one of {KEEP_RULES}")
-    if normalize_over not in ("response", "valid"):
-        raise ValueError(f"normalize_over must be 'response' or 'valid', got {normalize_over!r}")
-    if rule == "paper_text":  # scores and normalisation over the trainable rows, as teachdiag ≤ 0.2
-        sub = {k: np.asarray(v)[valid] for k, v in signals.items()}
-        keep = np.zeros(n, bool)
-        keep[valid] = paper_text_keep(selector_scores(sub, selector, seed, "teachdiag"), sub["sample"], budget)
-        return keep
-    pop = np.ones(n, bool) if normalize_over == "response" else valid
-    sub = {k: np.asarray(v)[pop] for k, v in signals.items()}
-    keep = np.zeros(n, bool)
-    keep[pop] = ta_opd_keep(selector_scores(sub, selector, seed), sub, budget, valid[pop], selector, seed)
-    return keep
 
 
 def ta_opd_mask(student_logits: torch.Tensor, teacher_logits: torch.Tensor, response_mask: torch.Tensor,

@@ -53,8 +53,7 @@ from teachdiag.probe.forward import teacher_logits
 from teachdiag.progress import progress
 from teachdiag.probe.signals import SIGNAL_MODES, clipped_fkl, keep_mask, probe_loss, signals_from_logits
 from teachdiag.rollout import generate_batch, read_prompts, stop_ids
-from teachdiag.scores import KEEP_RULES, SELECTORS, position_weight
-from teachdiag.selectors import keep_positions
+from teachdiag.scores import KEEP_RULES, SELECTORS, keep_positions, position_weight
 
 TRAIN_LOSSES = ("sampled_token", "reverse_kl", "clipped_fkl")
 LOG_COLUMNS = ["step", "loss", "kept", "positions", "mean_fkl", "seconds"]

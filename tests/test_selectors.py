@@ -11,8 +11,9 @@ import torch
 from reference_ta_opd import ref_keep, ref_topk_signals
 from teachdiag.probe.signals import signals_from_logits
 from teachdiag.probe.topk import served_signals, topk_lists
-from teachdiag.scores import budget_count, paper_text_keep, quantile_normalize, selector_scores, ta_opd_keep
-from teachdiag.selectors import keep_positions, ta_opd_mask
+from teachdiag.scores import (budget_count, keep_positions, paper_text_keep, quantile_normalize, selector_scores,
+                              ta_opd_keep)
+from teachdiag.selectors import ta_opd_mask
 
 
 def ragged_batch(rng, b=8, t_max=96, ties=False):

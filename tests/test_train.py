@@ -16,8 +16,8 @@ from reference import ref_signals
 from reference_ta_opd import ref_keep, ref_served_row
 from teachdiag.cli import main
 from teachdiag.contexts import load_contexts
-from teachdiag.scores import budget_count, paper_text_keep
-from teachdiag.selectors import keep_positions, ta_opd_mask
+from teachdiag.scores import budget_count, keep_positions, paper_text_keep
+from teachdiag.selectors import ta_opd_mask
 from teachdiag.train import TrainConfig, make_optimizer, train_step
 
 VOCAB = 68

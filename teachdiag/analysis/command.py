@@ -5,8 +5,9 @@
     teachdiag analyze runs/v                # a `teachdiag viability` run: AUROC per predictor (viability.py)
     python -c "from teachdiag.analysis.command import *; run_analyze(AnalyzeConfig(runs=['runs/r1']))"
 
-Writes to --out: correlations.csv, regressions.csv, q3.csv, selection.csv, deciles.csv,
-summary.md, summary.tex, and figures/*.png + *.pdf. Every table has a `run` column.
+Writes to --out: correlations.csv, regressions.csv, q3.csv, selection.csv (each score's global top
+ceil(ρN)), selection_ta_opd.csv (what the released TA-OPD rule keeps, batches of 8 contexts),
+deciles.csv, summary.md, summary.tex, and figures/*.png + *.pdf. Every table has a `run` column.
 A run is a folder holding tokens.csv (or tokens.csv.gz) and run.json, or a path to the CSV itself.
 Rows whose `finite` flag is 0 are excluded from every statistic; their count is reported.
 """
@@ -254,7 +255,7 @@ def run_analyze(cfg: AnalyzeConfig) -> pathlib.Path:
         analyze_paper(runs, out, fig_dir, cfg.bootstrap, cfg.seed, _log)
         return out
     tables: dict[str, list[pd.DataFrame]] = {k: [] for k in
-                                             ("corr", "reg", "q3", "sel", "dec", "split")}
+                                             ("corr", "reg", "q3", "sel", "ta", "dec", "split")}
     scored = {}
     for r in runs:
         t0 = time.time()
@@ -273,6 +274,7 @@ def run_analyze(cfg: AnalyzeConfig) -> pathlib.Path:
             "reg": analysis.regressions(t, cfg.gain, n_boot=cfg.bootstrap, seed=cfg.seed),
             "q3": analysis.q3_gap(t, cfg.gain, n_boot=cfg.bootstrap, seed=cfg.seed),
             "sel": selection.selection_table(t, cfg.gain),
+            "ta": selection.ta_opd_selection(t, cfg.gain, seed=cfg.seed),
             "dec": pd.concat([analysis.gain_by_bin(t, s, cfg.gain, n_boot=cfg.bootstrap, seed=cfg.seed)
                               for s in DECILE_SCORES]),
             "split": analysis.gain_by_bin(t, "fkl", cfg.gain, split="compat_mass",
@@ -281,10 +283,10 @@ def run_analyze(cfg: AnalyzeConfig) -> pathlib.Path:
         for k, v in parts.items():
             tables[k].append(v.assign(run=r["name"])[["run", *v.columns]])
         _log(f"{r['name']}: statistics done in {time.time() - t0:.1f} s")
-    corr, reg, q3, sel, dec, split = (pd.concat(tables[k], ignore_index=True) for k in
-                                      ("corr", "reg", "q3", "sel", "dec", "split"))
+    corr, reg, q3, sel, ta, dec, split = (pd.concat(tables[k], ignore_index=True) for k in
+                                          ("corr", "reg", "q3", "sel", "ta", "dec", "split"))
     for name, df in [("correlations", corr), ("regressions", reg), ("q3", q3),
-                     ("selection", sel), ("deciles", dec)]:
+                     ("selection", sel), ("selection_ta_opd", ta), ("deciles", dec)]:
         df.to_csv(out / f"{name}.csv", index=False)
     titles = {r["name"]: r["title"] for r in runs}
     figs = {
@@ -301,6 +303,6 @@ def run_analyze(cfg: AnalyzeConfig) -> pathlib.Path:
     for name, fig in figs.items():
         written += plots.save(fig, fig_dir, name)
     rel = [os.path.relpath(p, out) for p in written if p.suffix == ".png"]  # links work from out/
-    report.write_summary(out, runs, corr, reg, q3, sel, cfg.gain, figures=rel)
+    report.write_summary(out, runs, corr, reg, q3, sel, cfg.gain, figures=rel, ta_opd=ta)
     _log(f"wrote {out} ({len(written)} figure files in {fig_dir})")
     return out

@@ -201,9 +201,10 @@ def run_line(r: dict) -> str:
 
 def write_summary(out: str | pathlib.Path, runs: Sequence[dict], corr: pd.DataFrame,
                   reg: pd.DataFrame, q3: pd.DataFrame, sel: pd.DataFrame, gain: str,
-                  figures: Sequence[str] = ()) -> tuple[pathlib.Path, pathlib.Path]:
+                  figures: Sequence[str] = (), ta_opd: pd.DataFrame | None = None) -> tuple[pathlib.Path, pathlib.Path]:
     """Write summary.md and summary.tex into `out`. runs: dicts with name, path, n_rows,
-    n_excluded, n_contexts, complete, top_k, options (from the loader)."""
+    n_excluded, n_contexts, complete, top_k, options (from the loader); ta_opd: the
+    selection_ta_opd table (selection.ta_opd_selection), shown as its own section."""
     out = pathlib.Path(out)
     table = paper_table(corr, sel, gain)
     n_boot = int(corr["n_boot"].iloc[0]) if len(corr) else 0
@@ -229,6 +230,19 @@ def write_summary(out: str | pathlib.Path, runs: Sequence[dict], corr: pd.DataFr
                "tie-break (table order) picks them: " + "; ".join(
                    f"{r.run} {r.selector} at {r.budget:.0%}: {r.tied_at_cutoff} of {r.k}"
                    for r in ties.itertuples()) + ".", ""]
+    if ta_opd is not None and len(ta_opd):
+        md += ["## What a TA-OPD trainer keeps", "",
+               f"Mean {gain} of the positions the released TA-OPD rule keeps at fixed θ0, the contexts in "
+               f"batches of {int(ta_opd['batch'].iloc[0])} (selection_ta_opd.csv; `filled`: positions a context "
+               "left empty adds beyond the budget, by H̃ ∨ norm(D·C)).", ""]
+        for run in dict.fromkeys(ta_opd["run"]):
+            t = ta_opd[ta_opd["run"] == run]
+            wide = t.pivot_table(index="selector", columns="budget", values="mean_gain", sort=False)
+            wide.columns = [f"{b:.0%}" for b in wide.columns]
+            five = t[np.isclose(t["budget"], 0.05)].set_index("selector")
+            wide["kept at 5% (filled)"] = [f"{int(five.loc[s, 'k'])} ({int(five.loc[s, 'filled'])})" for s in wide.index]
+            wide = wide.reset_index().map(lambda v: f"{v:.4g}" if isinstance(v, float) else v)
+            md += ([f"**{run}**", ""] if len(runs) > 1 else []) + [markdown_table(wide), ""]
     if figures:
         md += ["## Figures", ""]
         for f in figures:

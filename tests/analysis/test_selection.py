@@ -130,3 +130,37 @@ def test_position_selector_needs_response_length_and_leaves_the_others_bit_ident
     assert "position" not in set(got["selector"])
     pd.testing.assert_frame_equal(got, selection_table(t, "rel_gain_fkl", budgets=[0.1], selectors=others),
                                   check_exact=True)
+
+
+def test_ta_opd_selection_is_the_released_rule_per_batch_of_contexts():
+    """Against the row-by-row reference (reference_ta_opd.ref_keep), batch by batch."""
+    import math
+
+    from reference_ta_opd import ref_keep
+    from teachdiag.analysis.selection import ta_opd_selection
+
+    lengths = [1, 7, 12, 3, 20, 9, 14]  # ragged, one one-token response; 7 contexts in batches of 3
+    df = make_tokens(n_ctx=7, n_pos=20, seed=2)
+    df = df[df["position"] < np.repeat(lengths, 20)].assign(response_length=np.repeat(lengths, lengths))
+    df = df.sample(frac=1, random_state=0)  # the analysis orders the table itself
+    got = ta_opd_selection(df, "rel_gain_fkl", budgets=[0.05, 0.1], batch=3).set_index(["budget", "selector"])
+    t = table_order(df)
+    g = t["rel_gain_fkl"].to_numpy()
+    ctx = pd.factorize(t["context_id"])[0]
+    filled = 0
+    for rho in (0.05, 0.1):
+        for sel in ("teachability", "entropy", "tip"):
+            keep = []
+            for b in range(0, 7, 3):
+                part = t[(ctx >= b) & (ctx < b + 3)]
+                rows = [{"sample": s, "pos": p, "valid": 1, "H": h, "D": d, "C": c} for s, p, h, d, c in
+                        zip(ctx[(ctx >= b) & (ctx < b + 3)], part["position"], part["topk_entropy"],
+                            part["union_fkl"], part["compat_mass"])]
+                keep += ref_keep(rows, sel, rho)
+            keep = np.array(keep, bool)
+            row = got.loc[(rho, sel)]
+            assert row["k"] == keep.sum() and row["mean_gain"] == pytest.approx(g[keep].mean(), rel=1e-12)
+            budget = sum(max(1, math.ceil(((ctx >= b) & (ctx < b + 3)).sum() * rho)) for b in range(0, 7, 3))
+            assert row["k"] - row["filled"] == budget
+            filled += row["filled"]
+    assert filled > 0  # some context was left empty by the budget and filled
