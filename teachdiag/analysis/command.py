@@ -28,6 +28,7 @@ import teachdiag.analysis.plots as plots
 import teachdiag.analysis.report as report
 import teachdiag.analysis.selection as selection
 import teachdiag.analysis.stats as analysis
+from teachdiag.analysis.bank import describe_bank, is_bank, read_bank
 from teachdiag.analysis.instruments import agreement
 from teachdiag.analysis.viability import analyze_viability, is_viability_run
 from teachdiag.errors import InputError
@@ -129,6 +130,8 @@ def load_run(run: str | pathlib.Path, allow_partial: bool = False) -> dict:
     allow_partial, a folder with only tokens.partial.csv is read, teachability and incompat
     normalised over the rows present."""
     run = pathlib.Path(run)
+    if is_bank(run):  # the released TA-OPD code's per-token export (bank.py)
+        return _load_bank(run)
     if run.is_dir():
         # an interrupted probe leaves only tokens.partial.csv (teachability not yet normalised)
         csv = next((run / n for n in ("tokens.csv", "tokens.csv.gz") if (run / n).exists()), None)
@@ -168,6 +171,21 @@ def load_run(run: str | pathlib.Path, allow_partial: bool = False) -> dict:
             "top_k": meta.get("top_k"), "options": meta.get("options", {}), "step": meta.get("step", {})}
 
 
+def _load_bank(path: pathlib.Path) -> dict:
+    """load_run's dict for a TA-OPD token bank; `bank` holds what it has and lacks."""
+    table, info = read_bank(path)
+    finite = table["finite"].to_numpy() != 0
+    if not finite.any():
+        raise InputError("no row with finite Hs_topk_norm, KLf_union, Cmass and gain", file=str(path))
+    table = selection.table_order(table[finite])
+    teach, incompat = teachability_scores(table["union_fkl"], table["compat_mass"])
+    table = table.assign(teachability=teach, incompat=incompat)
+    name = path.name if path.is_dir() else path.name.split(".")[0]
+    return {"name": name, "path": str(path), "table": table, "n_rows": int(len(finite)),
+            "n_excluded": int((~finite).sum()), "n_contexts": int(table["context_id"].nunique()),
+            "complete": "unknown (a token bank)", "top_k": None, "options": {}, "step": {}, "bank": info}
+
+
 def add_response_lengths(run: dict, contexts: str | pathlib.Path) -> dict:
     """For a table written before the probe recorded response_length: set it to len(response_ids)
     of each context in the contexts JSONL. Right only when the probe truncated nothing; the run's
@@ -200,6 +218,8 @@ def describe(run: dict) -> str:
     inst = ", ".join(sorted(set(t["instrument"]))) if "instrument" in t.columns else "per_position"
     if inst == "checkpoint":
         return "checkpoint gain: θ0 → θτ (no step)"
+    if "bank" in run:
+        return "TA-OPD token bank: top-K signals, " + (", ".join(run["bank"]["gains"]) or "no gain")
     lr = (run.get("step") or {}).get("lr", o.get("lr"))  # the lr used: --lr auto records its choice there
     lr = f"lr {lr:g}" if isinstance(lr, (int, float)) else f"lr {lr}" if lr else "lr unknown"
     step = f"{o['optimizer']} step, {lr}" if "optimizer" in o else "step rule unknown"
@@ -249,6 +269,8 @@ def run_analyze(cfg: AnalyzeConfig) -> pathlib.Path:
             r["name"] = r["path"]
     for r in runs:
         r["title"] = describe(r)
+        if "bank" in r:
+            _log(f"{r['name']}: {describe_bank(r['bank'])}")
     out.mkdir(parents=True, exist_ok=True)
     if cfg.protocol == "paper":
         from teachdiag.analysis.paper_command import analyze_paper  # the paper's tables
@@ -265,12 +287,14 @@ def run_analyze(cfg: AnalyzeConfig) -> pathlib.Path:
         scored[r["name"]] = t
         # measured gains, and the first-order prediction where the run has it (--mode linear: only it)
         gains = [g for g in known if t[g].notna().any()]
+        signals = [s for s in analysis.SIGNALS if t[s].notna().any()]
         if cfg.gain not in gains:
             hint = "; a --mode linear run has only gain_first_order" if "gain_first_order" in gains else ""
             raise InputError(f"this run has no {cfg.gain} values{hint}", file=r["path"], field="gain")
         parts = {
-            "corr": analysis.correlations(t, gains, analysis.SIGNALS, cfg.bootstrap,
-                                          cfg.seed, CONTRASTS, progress=True),
+            # a signal with no value at all (fkl in a token bank) would empty every row set
+            "corr": analysis.correlations(t, gains, signals, cfg.bootstrap, cfg.seed,
+                                          [c for c in CONTRASTS if set(c) <= set(signals)], progress=True),
             "reg": analysis.regressions(t, cfg.gain, n_boot=cfg.bootstrap, seed=cfg.seed),
             "q3": analysis.q3_gap(t, cfg.gain, n_boot=cfg.bootstrap, seed=cfg.seed),
             "sel": selection.selection_table(t, cfg.gain),

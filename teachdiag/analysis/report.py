@@ -73,9 +73,10 @@ def paper_table(corr: pd.DataFrame, sel: pd.DataFrame, gain: str) -> pd.DataFram
         c = corr[(corr["run"] == run) & (corr["gain"] == gain)].set_index(["signal", "method"])
         s = sel[(sel["run"] == run) & (sel["gain"] == gain)].set_index(["selector", "budget"])
         for label, sig, selector in ROWS:
+            has = sig and (sig, "spearman") in c.index  # a token bank has no fkl
             row = {"run": run, "score": label,
-                   "Spearman [95% CI]": fmt_ci(c.loc[(sig, "spearman")]) if sig else "",
-                   "Kendall": _f(c.loc[(sig, "kendall"), "estimate"]) if sig else ""}
+                   "Spearman [95% CI]": fmt_ci(c.loc[(sig, "spearman")]) if has else "n/a (not in this table)" if sig else "",
+                   "Kendall": _f(c.loc[(sig, "kendall"), "estimate"]) if has else ""}
             for b in TABLE_BUDGETS:
                 r = s.loc[(selector, b)] if (selector, b) in s.index else None
                 row[f"gain kept @{b:.0%}"] = _f(r["mean_gain"], ".3g") if r is not None else ""
@@ -193,6 +194,10 @@ def run_line(r: dict) -> str:
             if t is not None and "instrument" in t.columns else "")
     lengths = (f", response_length from {r['response_length_from']} (len(response_ids), no truncation)"
                if r.get("response_length_from") else "")
+    if r.get("bank"):  # a TA-OPD token bank (analysis/bank.py): what it has and lacks
+        from teachdiag.analysis.bank import describe_bank
+
+        lengths += f"; {describe_bank(r['bank'])}"
     return (f"- **{r['name']}** ({r['path']}): {r['n_rows']} rows, {r['n_excluded']} excluded "
             f"as non-finite, {r['n_contexts']} contexts, K = {r.get('top_k')}, "
             f"complete = {r.get('complete')}{inst}{lengths}; options: "

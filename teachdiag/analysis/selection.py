@@ -35,8 +35,9 @@ SELECTORS = {
 
 
 def selectors_for(df: pd.DataFrame, selectors: Mapping[str, str] = SELECTORS) -> dict[str, str]:
-    """The selectors whose column df has: position_weight exists only where response_length does."""
-    return {name: col for name, col in selectors.items() if col in df.columns}
+    """The selectors whose column df has with a value: position_weight exists only where
+    response_length does, and a token bank (bank.py) has no full-vocabulary fkl."""
+    return {name: col for name, col in selectors.items() if col in df.columns and df[col].notna().any()}
 
 
 def select_top(scores: np.ndarray, k: int) -> np.ndarray:

@@ -273,10 +273,13 @@ def ols_models(df: pd.DataFrame, gain: str, models: dict[str, list[str]],
 
 def regressions(df: pd.DataFrame, gain: str, winsor: Sequence[float] = (0.0, 0.01, 0.05),
                 n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
-    """The three OLS models of DESIGN §6 in teachdiag's variables (MODELS) on `gain`, raw and
-    winsorized (ols_models). stat "std_coef" per term; "r2"; "delta_r2": R² minus base's R²;
-    "coef_diff": teachability - incompat coefficients. Returns tidy rows: REG_COLUMNS."""
-    return ols_models(df, gain, MODELS, winsor, n_boot, seed,
+    """The three OLS models of DESIGN "Analysis" in teachdiag's variables (MODELS) on `gain`, raw
+    and winsorized (ols_models). stat "std_coef" per term; "r2"; "delta_r2": R² minus base's R²;
+    "coef_diff": teachability - incompat coefficients. A term whose column has no value at all
+    (teacher_entropy in a token bank) is left out of every model. Returns tidy rows: REG_COLUMNS."""
+    present = lambda term: all(df[c].notna().any() for c in term.split(":"))  # noqa: E731
+    models = {name: [t for t in terms if present(t)] for name, terms in MODELS.items()}
+    return ols_models(df, gain, models, winsor, n_boot, seed,
                       diff=("teachability", "teachability", "incompat"))
 
 
