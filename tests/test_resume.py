@@ -124,3 +124,23 @@ def test_resume_refuses_parts_with_other_columns(tmp_path, pair, contexts, capsy
     (out / "progress.jsonl").write_text(json.dumps({"id": "c0", "bytes": 38}) + "\n")
     assert main(cmd(pair, contexts, out, "--resume")) == 2
     assert "columns differ" in capsys.readouterr().err
+
+
+def test_a_run_begun_before_an_option_existed_resumes_with_the_value_it_had(tmp_path):
+    """check_resume(added=...): run.json written before --signals has no such option; it resumes as
+    signals=full, and is refused (naming the option) if asked to resume as topk."""
+    from teachdiag.errors import InputError
+    from teachdiag.runfolder import RunWriter
+    from teachdiag.runner import RESUME_KEYS
+
+    models = {"teacher": {"weights_sha256": "t"}, "student": {"weights_sha256": "s"}}
+    old = {"options": {"top_k": 16, "loss": "reverse_kl"}, "contexts": {"sha256": "c"}, **models}
+    (tmp_path / "run.json").write_text(json.dumps(old))
+    writer = RunWriter(tmp_path, resume=True)
+    new = dict(old, options={**old["options"], "signals": "full"})
+    writer.check_resume(new, RESUME_KEYS, added={"signals": "full"})
+    with pytest.raises(InputError, match="option signals differs"):
+        writer.check_resume(dict(old, options={**old["options"], "signals": "topk"}), RESUME_KEYS,
+                            added={"signals": "full"})
+    with pytest.raises(InputError, match="option signals differs"):  # without `added`: None vs "full"
+        writer.check_resume(new, RESUME_KEYS)
