@@ -4,7 +4,7 @@
     run_probe(ProbeConfig(teacher="T", student="S", contexts="rollouts.jsonl", out="runs/r1"))
 
 The teacher runs once per context (every probed position from one forward); the student is
-probed position by position (probe.py). Rows are saved per finished context, so a run that
+probed position by position (probe/exact.py, probe/fast.py). Rows are saved per finished context, so a run that
 dies keeps its work and `--resume` continues it.
 """
 

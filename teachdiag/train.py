@@ -14,7 +14,7 @@ With --position-weight (PW-OPSD, arXiv 2605.21606) each kept loss is weighted by
 w_t (scores.position_weight) and the batch loss is the paper's: per sequence Σ_t w_t ℓ_t / L_b, its
 response length, then the mean over the sequences with a kept position. The paper trains with
 --loss clipped_fkl (signals.clipped_fkl) on every position; here any loss and selector combine.
-Defaults are the paper's training recipe (DESIGN §5): sampled-token loss, lr 1e-6 constant, betas
+Defaults are the paper's training recipe (DESIGN "The trainer and the selectors"): sampled-token loss, lr 1e-6 constant, betas
 (0.9, 0.98), weight decay 0.1. Contexts are frozen by default (the rollouts do not change as the
 student does; cheap on a CPU). With --on-policy each step samples fresh responses from the current
 student for `--batch` records of --prompts (seeded per step, as `teachdiag rollout` samples), which

@@ -142,7 +142,7 @@ def reference_gradient(student, teacher, ctx: dict, j: int, vocab: int, loss: st
 
 
 def reference_first_order(grads: list[torch.Tensor], optimizer: str) -> float:
-    """⟨g, scale·d⟩ per unit lr, written out from DESIGN §4 for each step rule:
+    """⟨g, scale·d⟩ per unit lr, written out from DESIGN "One step rule" for each step rule:
     sgd ‖g‖², normalized ‖g‖, adam (first bias-corrected step, d = g/(|g|+1e-8)) Σ g²/(|g|+1e-8)."""
     sq = sum(float((g.double() ** 2).sum()) for g in grads)
     if optimizer == "sgd":

@@ -44,7 +44,7 @@ NUMERIC = [c for c in COLUMNS if c not in TEXT_COLUMNS and c not in MAY_LACK]
 OPTIONAL = ("gain_first_order",)  # added in 0.2; tables written before it still load (as NaN)
 # written by newer probes; optional when loading. response_length (int, the context's full response
 # length after truncation) is required by --protocol paper only (pos_norm); instrument is text:
-# per_position, shared or checkpoint (DESIGN §5), shown in the run description.
+# per_position, shared or checkpoint (DESIGN "Three instruments for the gain"), shown in the run description.
 EXTRA = ("response_length", "instrument")
 DECILE_SCORES = ["fkl", "union_fkl", "topk_entropy", "tip", "teach_entropy", "incompat",
                  "teachability"]
@@ -69,7 +69,7 @@ class AnalyzeConfig:
     seed: int = opt("seed of the bootstrap and the random selector", 0)
     allow_partial: bool = opt("analyze a run whose run.json says complete: false (an interrupted probe)", False)
     protocol: str = opt("teachdiag: this project's analysis (top-K entropy, union_fkl, every gain); "
-                        "paper: the paper's own protocol exactly (DESIGN §5-6: full-vocabulary H and "
+                        "paper: the paper's own protocol exactly (DESIGN \"Analysis\": full-vocabulary H and "
                         "fkl, G_KLf, Tables 1, 2/10 and 9 beside the paper's numbers); needs the "
                         "response_length column", "teachdiag", choices=("teachdiag", "paper"))
     response_lengths: str = opt("contexts JSONL (id, response_ids) giving response_length = "

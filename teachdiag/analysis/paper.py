@@ -1,4 +1,4 @@
-"""The paper's diagnostic protocol (DESIGN §5, §6), exactly as stated: pure functions over a table.
+"""The paper's diagnostic protocol (DESIGN "Analysis"; the paper's text and released analysis), exactly as stated: pure functions over a table.
 
     from teachdiag.analysis.paper import paper_scores, paper_ols, paper_q3, paper_bins, paper_selection
     t = paper_scores(load_run("runs/r1")["table"])          # needs the response_length column
@@ -13,7 +13,7 @@ Variables (all from θ0, normalized over the whole table):
     selector beside the paper's (arXiv 2605.21606 trains on it; the paper tested here does not)
 Gains: G_KLf = (fkl − fkl_after) / (fkl + 1e-12), the paper's relative drop, and drop_fkl =
 fkl − fkl_after, the absolute drop of its Eq. 1. These differ from teachdiag's default protocol
-(topk_entropy, union_fkl, rel_gain_fkl = NaN where fkl is 0): DESIGN §5 keeps both definitions.
+(topk_entropy, union_fkl, rel_gain_fkl = NaN where fkl is 0): DESIGN "Analysis" keeps both definitions.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from teachdiag.errors import InputError
 
 EPS = 1e-12  # the paper's threshold of Norm and the guard of G_KLf's denominator
 PAPER_GAINS = ("G_KLf", "drop_fkl")
-PAPER_MODELS = {  # DESIGN §6, in its order; ΔR² of the others is against the first
+PAPER_MODELS = {  # the paper's order; ΔR² of the others is against the first
     "base": ["Hn", "Dn", "Hn:Dn", "pos_norm", "Htn"],
     "base+C": ["Hn", "Dn", "Hn:Dn", "Cn", "pos_norm", "Htn"],
     "decomposition": ["Hn", "DL", "DI", "pos_norm", "Htn"],

@@ -4,7 +4,7 @@
     write_paper_tables("runs/r1/analysis", runs, q3, sel, reg)   # paper_table{1,2,9}.csv + paper_tables.tex
 
 Each row holds our number (with its 95% cluster-bootstrap CI) and, where the paper gives one, the
-paper's own number (PAPER, copied from DESIGN §6). The paper's numbers are for checkpoint gains of
+paper's own number (PAPER, copied from the paper's Tables 1, 2, 9 and 10). The paper's numbers are for checkpoint gains of
 Qwen3 pairs (14B→1.7B unless the setting says otherwise) and the relative gain G_KLf; they are
 shown beside the G_KLf rows only, at the run's K (K = 16 when the run's K is not 8, 16 or 32).
 """
@@ -17,7 +17,7 @@ import pandas as pd
 
 from teachdiag.analysis.report import to_latex
 
-# The paper's numbers (arXiv 2605.26844), copied from DESIGN §6 "The paper's numbers to hold a
+# The paper's numbers (arXiv 2605.26844), copied from the design brief's "The paper's numbers to hold a
 # reproduction against" (checkpoint gain, G_KLf). NaN: the paper gives no such number.
 PAPER = {
     # Table 9, 14B→1.7B: K -> (β_L, β_I, gap, gap CI low, gap CI high, ΔR²)
@@ -176,7 +176,7 @@ def write_paper_tables(out: str | pathlib.Path, q3: pd.DataFrame, sel: pd.DataFr
 
 def markdown_section(shown: dict[str, pd.DataFrame], markdown, several: bool) -> list[str]:
     """summary.md lines of the paper protocol: the three tables with their captions."""
-    md = ["## The paper's protocol (DESIGN §5–6)", ""]
+    md = ["## The paper's protocol (DESIGN \"Analysis\")", ""]
     for k, title in (("table9", "Table 9: β_L vs β_I"), ("table1", "Table 1: Q3 gap"),
                      ("table2", "Tables 2 / 10: mean gain kept")):
         d = shown[k] if several else shown[k].drop(columns="run")

@@ -1,4 +1,4 @@
-"""Budgeted selection (DESIGN §6): what each selector keeps at a fixed share of positions.
+"""Budgeted selection (DESIGN "Analysis"): what each selector keeps at a fixed share of positions.
 
     from teachdiag.analysis.selection import selection_table, select_top, selectors_for
     selection_table(add_scores(df), "rel_gain_fkl")   # budgets 1/3/5/10 %, every selector

@@ -1,4 +1,4 @@
-"""Statistics of DESIGN §6 on a probe table (tokens.csv), from the CSV alone (no torch).
+"""Statistics of DESIGN "Analysis" on a probe table (tokens.csv), from the CSV alone (no torch).
 
     from teachdiag.analysis.stats import add_scores, correlations, regressions, q3_gap, gain_by_bin
     from teachdiag.analysis.command import load_tokens          # checks columns, drops finite == 0 rows
@@ -32,10 +32,10 @@ from teachdiag.scores import peer_scores, position_weight, quantile_normalize
 GAINS = ("gain_fkl", "gain_rkl", "rel_gain_fkl", "rel_gain_rkl")
 RAW_SIGNALS = ("fkl", "rkl", "union_fkl", "student_entropy", "teacher_entropy", "topk_entropy",
                "compat_mass", "teachability", "incompat", "position")
-# Peer selection scores of DESIGN §3, computed by add_scores.
+# Peer selection scores (DESIGN "The trainer and the selectors"), computed by add_scores.
 PEER_SCORES = ("entropy", "divergence", "tip", "teach_entropy", "random")
 SIGNALS = RAW_SIGNALS + PEER_SCORES
-# The three OLS models of DESIGN §6; H = topk_entropy, D = union_fkl, C = compat_mass, and HD
+# The three OLS models of DESIGN "Analysis"; H = topk_entropy, D = union_fkl, C = compat_mass, and HD
 # their raw product. Every term and the gain are z-scored, so coefficients are standardized.
 HD = "topk_entropy:union_fkl"
 MODELS = {

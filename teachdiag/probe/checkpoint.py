@@ -1,4 +1,4 @@
-"""Checkpoint gain (DESIGN §5, instrument 3): two students scored on the same frozen contexts, no step.
+"""Checkpoint gain (DESIGN "Three instruments for the gain", the third): two students scored on the same frozen contexts, no step.
 
     teachdiag probe --student theta0/ --student-after theta_tau/ --teacher T --contexts c.jsonl --out runs/ckpt
 

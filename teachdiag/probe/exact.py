@@ -1,4 +1,4 @@
-"""The exact single-step probe (DESIGN §4): one step toward the teacher per position, then restore.
+"""The exact single-step probe (DESIGN "One step rule"): one step toward the teacher per position, then restore.
 
     from teachdiag.probe.exact import SingleStepProbe
     probe = SingleStepProbe(student, params="all", loss="reverse_kl", optimizer="normalized",

@@ -1,4 +1,4 @@
-"""Exact probes that share work between the positions of a context; same numbers as probe.py.
+"""Exact probes that share work between the positions of a context; same numbers as exact.py.
 
     from teachdiag.probe.fast import make_probe
     probe = make_probe(student, params="all", loss="reverse_kl", optimizer="normalized",
@@ -40,7 +40,7 @@ def _tied(model: nn.Module) -> bool:
 def make_probe(model: nn.Module, params: str, loss: str, optimizer: str, lr: float, vocab: int,
                top_k: int = 16, grad_bytes: int | None = None, keep: torch.Tensor | None = None,
                signals: str = "full") -> SingleStepProbe:
-    """The fastest exact probe for this parameter set (all give the same numbers as probe.py).
+    """The fastest exact probe for this parameter set (all give the same numbers as exact.py).
 
     grad_bytes: memory for the per-position gradients of BatchedProbe; default a quarter of the
     free GPU memory on CUDA (a 0.5B student batches ~10 positions on an 80 GB GPU), 2 GiB on CPU.

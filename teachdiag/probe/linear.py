@@ -5,7 +5,7 @@
                             loss="reverse_kl", optimizer="normalized", lr=1e-3, vocab=V)
     rows[b]["gain_first_order"], rows[b]["grad_norm"]   # the *_after columns are NaN
 
-The exact probe (probe.py) needs one backward per position to get that position's gradient
+The exact probe (exact.py) needs one backward per position to get that position's gradient
 g_b. Here the B positions go through ONE left-padded forward and ONE backward of Σ_b ℓ_b:
 positions are independent rows of the batch, so the gradient reaching row b of any module's
 output is ℓ_b's alone. Forward hooks keep each module's input A_b; autograd.grad is asked

@@ -1,4 +1,4 @@
-"""The shared step (DESIGN §5, instrument 2): one step on the loss of ALL positions, every position re-scored.
+"""The shared step (DESIGN "Three instruments for the gain", the second): one step on the loss of ALL positions, every position re-scored.
 
     from teachdiag.probe.shared import SharedStep
     step = SharedStep(student, params="all", loss="reverse_kl", optimizer="normalized", lr=1e-2, vocab=V)

@@ -1,4 +1,4 @@
-"""Per-position signals (DESIGN §3) as pure functions over logits, in nats.
+"""Per-position signals (DESIGN "Signals at θ0") as pure functions over logits, in nats.
 
     from teachdiag.probe.signals import signals_from_logits, probe_loss, clipped_fkl
     s = signals_from_logits(student_logits, teacher_logits, token_ids, k=16)   # dict of (P,)
@@ -166,7 +166,7 @@ def kls_from_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 def probe_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                token_ids: torch.Tensor, loss: str, reduce: bool = True,
                keep: torch.Tensor | None = None) -> torch.Tensor:
-    """The probe's loss at each position (DESIGN §4), summed over positions; teacher fixed.
+    """The probe's loss at each position (DESIGN "One step rule"), summed over positions; teacher fixed.
 
     student_logits: (P, V) with grad; teacher_logits: (P, V); token_ids: (P,); keep: None or
     bool (V,) (module docstring): the loss lives on the kept ids, renormalised, and a dropped id's

@@ -1,4 +1,4 @@
-"""The budgeted selection rule of DESIGN §6 and its edge cases.
+"""The budgeted selection rule of DESIGN "Analysis" and its edge cases.
 
     python -m pytest -q tests/test_selection.py
 """

@@ -1,6 +1,6 @@
 """The shared step and the checkpoint scorer against naive references built from torch alone.
 
-The naive shared step does what DESIGN §5 says and nothing clever: deep-copy the student, forward
+The naive shared step does what DESIGN "Three instruments for the gain" says and nothing clever: deep-copy the student, forward
 the FULL sequence of every context, take each position's loss through torch.distributions, mean
 them, one torch.optim step (or the normalized step by hand), then re-score every position with
 the copy. Its first-order reference is lr·⟨∇ℓ_t, Δθ/lr⟩ from per-position autograd gradients.

@@ -1,6 +1,6 @@
 """The step rules (probe/steps.py) and the row builder (probe/rows.py) on hand-made numbers.
 
-Every expected value below is worked out by hand from DESIGN §4, not by calling the code:
+Every expected value below is worked out by hand from DESIGN "One step rule", not by calling the code:
 g = [3, −4] has ‖g‖ = 5, so per unit lr the first-order gain ⟨g, scale·d⟩ is
     sgd         ‖g‖² = 25
     normalized  ‖g‖  = 5
