@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,10 +38,65 @@ def _fsync_write(path: Path, text: str, mode: str = "a") -> None:
         os.fsync(f.fileno())
 
 
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename or a new file in `folder` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     _fsync_write(tmp, text, mode="w")
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file under `folder`, then every folder in it (files written by other code, e.g.
+    save_pretrained, before the folder is published)."""
+    folders = []
+    for root, _, files in os.walk(folder):
+        folders.append(Path(root))
+        for name in files:
+            with open(Path(root) / name, "rb") as f:
+                os.fsync(f.fileno())
+    for d in reversed(folders):
+        _fsync_dir(d)
+
+
+def discard_tree(folder: Path) -> None:
+    """Remove a folder so that a kill midway never leaves it half-deleted under its own name
+    (where it could pass for a complete one): renamed to <name>.trash first, then deleted."""
+    trash = folder.with_name(folder.name + ".trash")
+    if folder.exists():
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(folder, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def publish_folder(tmp: Path, final: Path) -> None:
+    """Replace folder `final` by the complete folder `tmp`, the folder version of _atomic_write.
+
+    A directory cannot be renamed over a non-empty one, so there are two renames (final ->
+    final.old, tmp -> final); a kill between them leaves no `final` but both complete folders,
+    tmp and final.old, under their own names: the caller's resume picks the newer one
+    (e.g. train.recover_checkpoint). Everything in tmp is fsynced before the first rename."""
+    fsync_tree(tmp)
+    old = final.with_name(final.name + ".old")
+    if final.exists():
+        discard_tree(old)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    discard_tree(old)
 
 
 
