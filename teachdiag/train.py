@@ -46,7 +46,7 @@ from teachdiag.contexts import Context, encode_prompt
 from teachdiag.demo import DEMO_PROMPTS
 from teachdiag.errors import InputError
 from teachdiag.flags import opt
-from teachdiag.models import load_inputs, load_models, resolve_device
+from teachdiag.models import load_inputs, load_model, load_models, resolve_device
 from teachdiag.probe.forward import teacher_logits
 from teachdiag.progress import progress
 from teachdiag.probe.signals import clipped_fkl, keep_mask, probe_loss, signals_from_logits
@@ -350,9 +350,8 @@ def run_train(cfg: TrainConfig, argv: list[str] | None = None) -> Path:
             raise InputError("options differ from the run being resumed", field="--resume", file=str(out))
         start = int(saved["steps_done"])
         _truncate_log(log_path, start)  # steps logged after the last save are taken again
-        from transformers import AutoModelForCausalLM
-
-        weights = AutoModelForCausalLM.from_pretrained((out / MODEL).resolve(), dtype=torch.float32)
+        # safetensors only, never the hub (models.load_model): a pytorch_model.bin there would be unpickled
+        weights = load_model(str((out / MODEL).resolve()), "resume", "float32", "cpu")
         student.load_state_dict(weights.state_dict())
         _load_optimizer(student, optimizer, out / MODEL / STATE / "optimizer.safetensors")
     else:

@@ -338,3 +338,38 @@ def test_a_kill_at_any_point_of_a_save_resumes_to_the_uninterrupted_weights(tmp_
         assert log(out) == log(tmp_path / "full"), k
         assert json.loads((out / "train.json").read_text())["steps_done"] == 6
         assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "full").iterdir())
+
+
+def test_resume_never_unpickles_a_weights_file_planted_in_the_folder(tmp_path, pair, monkeypatch, capsys):
+    """#21.2: model/ with a booby-trapped pytorch_model.bin instead of safetensors is refused in one
+    line; nothing is unpickled (not even by torch.load(weights_only=True), which would only stop it late)."""
+    import pickle
+    from pathlib import Path
+
+    contexts = write_contexts(tmp_path / "c.jsonl", n=4)
+    out = tmp_path / "a"
+    args = ["train", "--teacher", pair[0], "--student", pair[1], "--contexts", str(contexts), "--device", "cpu",
+            "--quiet", "--lr", "1e-3", "--batch", "2", "--out", str(out)]
+    assert main([*args, "--steps", "2"]) == 0
+    marker = tmp_path / "unpickled"
+
+    class Trap:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    for f in (out / "model").glob("*.safetensors"):
+        f.unlink()
+    (out / "model" / "pytorch_model.bin").write_bytes(pickle.dumps({"lm_head.weight": Trap()}))
+    loads = []
+
+    def no_load(*a, **k):
+        loads.append(a)
+        raise AssertionError("torch.load was called")
+
+    monkeypatch.setattr(torch, "load", no_load)
+    capsys.readouterr()
+    assert main([*args, "--steps", "4", "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("teachdiag: error:") and "Traceback" not in err, err
+    assert "pytorch_model.bin is pickled and never loaded" in err and "--resume" in err
+    assert not loads and not marker.exists()
