@@ -100,6 +100,42 @@ def publish_folder(tmp: Path, final: Path) -> None:
 
 
 
+LOCK = ".teachdiag.lock"  # in a folder some teachdiag process is writing; the flock on it is what counts
+_held: dict[str, object] = {}  # folder -> its open lock file, kept until the process ends
+
+
+def lock_folder(folder: Path, field: str = "--out") -> None:
+    """Make this process the only teachdiag writer of `folder`, until it ends: an exclusive flock on
+    folder/.teachdiag.lock, which the OS releases when the process dies (a kill -9 leaves no stale
+    lock; the file itself stays and means nothing). Taken again by the same process: a no-op.
+    Held by another process: an InputError naming its pid. Where the file system has no locks,
+    nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        return
+    key = os.path.realpath(folder)
+    if key in _held:
+        return
+    f = open(Path(folder) / LOCK, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise InputError(f"another teachdiag process (pid {holder}) is writing to this folder; wait for it "
+                         "to end (or stop it, then --resume)", field=field, file=str(folder)) from None
+    except OSError:  # no locks on this file system (ENOLCK, EINVAL)
+        f.close()
+        return
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    _held[key] = f
+
+
 class RunWriter:
     """Owns one run folder (one rank's part of it); see the module docstring for the files."""
 
@@ -112,11 +148,7 @@ class RunWriter:
         self.columns, self.text_columns, self.table, self.key = columns, text_columns, table, list(key)
         if self.out.exists() and not self.out.is_dir():
             raise InputError("exists and is not a folder", field="--out", file=str(self.out))
-        # other ranks may be writing their test files right now: those do not make it non-empty
-        occupied = self.out.is_dir() and any(not p.name.startswith(".write-test") for p in self.out.iterdir())
-        if occupied and not (overwrite or resume):
-            raise InputError("folder is not empty; pass --overwrite to replace it or --resume to "
-                             "continue it", field="--out", file=str(self.out))
+        existed = self.out.is_dir()
         try:
             self.out.mkdir(parents=True, exist_ok=True)
             probe = self.out / f".write-test.{rank}"
@@ -124,6 +156,13 @@ class RunWriter:
             probe.unlink()
         except OSError as exc:
             raise InputError(f"cannot write there ({exc.strerror})", field="--out", file=str(self.out)) from None
+        if rank == 0:  # before anything is read: another run in this folder is refused by name
+            lock_folder(self.out)
+        # other ranks may be writing their test files right now: those do not make it non-empty
+        occupied = existed and any(not p.name.startswith((".write-test", LOCK)) for p in self.out.iterdir())
+        if occupied and not (overwrite or resume):
+            raise InputError("folder is not empty; pass --overwrite to replace it or --resume to "
+                             "continue it", field="--out", file=str(self.out))
         self.fresh = overwrite and not resume  # old files go in start(), once the models have loaded
         self.partial, self.progress = part_files(self.out, rank)
 

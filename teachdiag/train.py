@@ -51,7 +51,7 @@ from teachdiag.probe.forward import teacher_logits
 from teachdiag.progress import progress
 from teachdiag.probe.signals import clipped_fkl, keep_mask, probe_loss, signals_from_logits
 from teachdiag.rollout import generate_batch, read_prompts, stop_ids
-from teachdiag.runfolder import _atomic_write, _fsync_write, discard_tree, publish_folder
+from teachdiag.runfolder import LOCK, _atomic_write, _fsync_write, discard_tree, lock_folder, publish_folder
 from teachdiag.selectors import SELECTORS, budget_mask, selector_scores
 from teachdiag.table import position_weight
 
@@ -327,8 +327,10 @@ def run_train(cfg: TrainConfig, argv: list[str] | None = None) -> Path:
     if cfg.positions:
         raise InputError("train uses every response position; choose with --select and --budget", field="--positions")
     out = Path(cfg.out)
-    if out.is_dir() and any(out.iterdir()) and not (cfg.overwrite or cfg.resume):
+    if out.is_dir() and any(p.name != LOCK for p in out.iterdir()) and not (cfg.overwrite or cfg.resume):
         raise InputError("folder is not empty; pass --overwrite or --resume", field="--out", file=str(out))
+    out.mkdir(parents=True, exist_ok=True)
+    lock_folder(out)  # one trainer per folder, before anything in it is read
     device = resolve_device(cfg.device)
     ctxs, tok, match = load_inputs(cfg)
     vocab = match.vocab  # the longer tokenizer: every id of either is below it

@@ -124,3 +124,46 @@ def test_resume_refuses_parts_with_other_columns(tmp_path, pair, contexts, capsy
     (out / "progress.jsonl").write_text(json.dumps({"id": "c0", "bytes": 38}) + "\n")
     assert main(cmd(pair, contexts, out, "--resume")) == 2
     assert "columns differ" in capsys.readouterr().err
+
+
+def test_a_second_run_on_a_folder_in_use_is_refused_naming_the_holder(tmp_path, pair, contexts, monkeypatch):
+    """#21.3: a probe started on a folder another probe is still loading models into is refused in one
+    line naming the holder's pid (before, both computed everything and the folder could not be resumed);
+    a holder killed with SIGKILL leaves no stale lock."""
+    import teachdiag.runner as runner
+    from teachdiag.errors import InputError
+
+    out, second = tmp_path / "r", {}
+    real = runner.load_models
+
+    def start_another_while_loading(*a, **k):  # the first run has --out, its models not yet loaded
+        if not second:
+            p = subprocess.run([sys.executable, "-m", "teachdiag", *cmd(pair, contexts, out)], env=ENV,
+                               capture_output=True, text=True, timeout=600)
+            second.update(rc=p.returncode, err=p.stderr.strip())
+        return real(*a, **k)
+
+    monkeypatch.setattr(runner, "load_models", start_another_while_loading)
+    assert main(cmd(pair, contexts, out)) == 0
+    assert second["rc"] == 2, second["err"]
+    assert len(second["err"].splitlines()) == 1 and f"pid {os.getpid()}" in second["err"], second["err"]
+    table = read_tokens(out / "tokens.csv")
+    assert not table.duplicated(["context_id", "position"]).any()
+    assert json.loads((out / "run.json").read_text())["complete"] is True
+
+    from teachdiag.runfolder import lock_folder
+
+    held = tmp_path / "held"
+    held.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from teachdiag.runfolder import lock_folder; lock_folder(Path(sys.argv[1])); "
+                               "print('locked', flush=True); time.sleep(600)", str(held)],
+                              env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(InputError, match=f"pid {holder.pid}"):
+            lock_folder(held)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    lock_folder(held)  # free again, though the lock file is still there
