@@ -16,6 +16,8 @@ and rank 0 merges every part, in the single-process order, into tokens.csv.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import shutil
@@ -169,13 +171,47 @@ class RunWriter:
     def repair(self, own_only: bool = False) -> None:
         """Cut a torn last write off every part (rank 0, before any rank reads done_contexts),
         or off this rank's own part (after Ctrl-C, which can land between its two writes)."""
+        seen: set[str] = set()  # a context found in an earlier part is not taken twice
         for partial, progress in [(self.partial, self.progress)] if own_only else all_parts(self.out):
             # no progress file: killed before its first context was recorded, so nothing counts
             entries = _progress_entries(progress) if progress.exists() else []
-            if partial.exists():
+            data = partial.read_bytes() if partial.exists() else b""
+            entries = self._whole_contexts(data, entries, seen)
+            if partial.exists():  # never past its end (that would pad it with NUL bytes)
                 with open(partial, "r+b") as f:
                     f.truncate(entries[-1]["bytes"] if entries else 0)
             _atomic_write(progress, "".join(json.dumps(e) + "\n" for e in entries))
+
+    def _whole_contexts(self, data: bytes, entries: list[dict], seen: set[str]) -> list[dict]:
+        """The progress entries whose rows are really in `data` (a part's bytes), up to the first that
+        is not: its byte range must lie in the file, end a line, and hold rows of this table's columns,
+        all of that context and none twice. A damaged part (cut short, a row doubled, a context written
+        twice) is cut back to its last sound context, and what follows is computed again."""
+        header = (",".join(self.columns) + "\n").encode()
+        at_key, at_id = [self.columns.index(k) for k in self.key], self.columns.index("context_id")
+        keys: set[tuple] = set()
+        good, start = [], len(header)
+        if not data.startswith(header):
+            return []
+        for e in entries:
+            end = e.get("bytes") if isinstance(e, dict) else None
+            cid = e.get("id") if isinstance(e, dict) else None
+            if not (isinstance(end, int) and isinstance(cid, str) and start < end <= len(data)) or cid in seen:
+                break
+            segment = data[start:end]
+            try:
+                rows = list(csv.reader(io.StringIO(segment.decode("utf-8"), newline="")))
+            except (UnicodeDecodeError, csv.Error):
+                break
+            here = {tuple(r[i] for i in at_key) for r in rows if len(r) == len(self.columns)}
+            if (not segment.endswith(b"\n") or not rows or len(here) < len(rows) or here & keys
+                    or any(len(r) != len(self.columns) or r[at_id] != cid for r in rows)):
+                break
+            keys |= here
+            seen.add(cid)
+            good.append(e)
+            start = end
+        return good
 
     def done_contexts(self) -> set[str]:
         """Contexts finished by an earlier, interrupted run, on any rank (after repair())."""

@@ -167,3 +167,45 @@ def test_a_second_run_on_a_folder_in_use_is_refused_naming_the_holder(tmp_path, 
         holder.send_signal(signal.SIGKILL)
         holder.wait()
     lock_folder(held)  # free again, though the lock file is still there
+
+
+class Kill(BaseException):
+    """A kill -9 at an injected point: nothing after it runs."""
+
+
+def kill_probe_after(monkeypatch, n_contexts: int):
+    """The next probe dies as it appends its (n_contexts + 1)-th context."""
+    from teachdiag.runfolder import RunWriter
+
+    real, calls = RunWriter.append_context, [0]
+
+    def append(self, context_id, rows):
+        calls[0] += 1
+        if calls[0] > n_contexts:
+            raise Kill
+        return real(self, context_id, rows)
+
+    monkeypatch.setattr(RunWriter, "append_context", append)
+    return lambda: monkeypatch.setattr(RunWriter, "append_context", real)
+
+
+@pytest.mark.parametrize("damage", ["partial cut short", "a middle row doubled"])
+def test_a_damaged_run_folder_resumes_to_the_uninterrupted_table(tmp_path, pair, damage, monkeypatch):
+    """#21.5: the parts of a killed run damaged on disk: resume cuts them back to their last sound
+    context and recomputes the rest (before: NUL padding and a ParserError, or "a row appears twice",
+    on every resume)."""
+    contexts = write_contexts(tmp_path / "c.jsonl", n=8)
+    assert main(cmd(pair, contexts, tmp_path / "full")) == 0
+    out = tmp_path / "r"
+    undo = kill_probe_after(monkeypatch, 5)
+    with pytest.raises(Kill):
+        main(cmd(pair, contexts, out))
+    undo()
+    partial = out / "tokens.partial.csv"
+    lines = partial.read_text().splitlines(keepends=True)
+    if damage == "partial cut short":  # the file lost its last rows; progress.jsonl still counts them
+        partial.write_text("".join(lines[:-2]))
+    else:
+        partial.write_text("".join(lines[:4] + lines[3:]))
+    assert main(cmd(pair, contexts, out, "--resume")) == 0
+    pd.testing.assert_frame_equal(read_tokens(out / "tokens.csv"), read_tokens(tmp_path / "full/tokens.csv"))
