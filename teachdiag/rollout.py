@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from teachdiag.contexts import check_messages, encode_prompt, read_jsonl  # noqa: F401 (encode_prompt: re-exported)
+from teachdiag.contexts import check_messages, check_unicode, encode_prompt, read_jsonl  # noqa: F401 (encode_prompt: re-exported)
 from teachdiag.config import DeviceOptions, require
 from teachdiag.errors import InputError
 from teachdiag.progress import progress
@@ -94,6 +94,7 @@ def _check_text_or_messages(rec: dict, text_key: str, msgs_key: str, file: str, 
         value = rec[text_key]
         if not isinstance(value, str) or not value:
             raise InputError("must be a non-empty string", file, line, text_key)
+        check_unicode(value, text_key, {"file": file, "line": line})
         return value
     return check_messages(rec[msgs_key], msgs_key, {"file": file, "line": line})
 
@@ -113,6 +114,7 @@ def read_prompts(path: str | Path, need_teacher: bool = False) -> list[dict]:
         if isinstance(rid, bool) or not isinstance(rid, (str, int)) or rid == "":
             raise InputError("missing or not a string", file, line_no, "id")
         rid = str(rid)
+        check_unicode(rid, "id", {"file": file, "line": line_no})
         if rid in seen:
             raise InputError(f"duplicate id {rid!r} (first on line {seen[rid]})", file, line_no,
                              "id")

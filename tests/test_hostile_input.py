@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -79,3 +81,24 @@ def test_overflowing_teacher_positions_are_flagged_and_left_out(tmp_path, pair):
     pd.testing.assert_series_equal(bad.loc[~poisoned, "gain_fkl"], good.loc[~poisoned, "gain_fkl"])
     assert main(["analyze", str(tmp_path / "bad"), "--bootstrap", "20", "--out", str(tmp_path / "an")]) == 0
     assert f"{len(bad)} rows, {poisoned.sum()} excluded" in (tmp_path / "an/summary.md").read_text()
+
+
+@pytest.mark.parametrize("case", ["5000-digit token id", "nested 200k deep", "id with a lone surrogate"])
+def test_hostile_records_are_one_line_errors_before_anything_is_computed(tmp_path, pair, case, capsys):
+    """#21.6: records that gave a traceback (Python's int-digit limit, RecursionError, a UnicodeEncodeError
+    when the row was written after its context was computed, and again on every resume)."""
+    path = tmp_path / "c.jsonl"
+    bad = {"5000-digit token id": '{"id": "b", "prompt_ids": [1], "response_ids": [' + "9" * 5000 + "]}",
+           "nested 200k deep": '{"id": "b", "prompt_ids": [1], "response_ids": [2], "meta": {"x": '
+                               + "[" * 200_000 + "]" * 200_000 + "}}",
+           "id with a lone surrogate": '{"id": "b\\ud800", "prompt_ids": [1], "response_ids": [2]}'}[case]
+    path.write_text(json.dumps({"id": "a", "prompt_ids": [1, 2], "response_ids": [3, 4]}) + "\n" + bad + "\n")
+    out = tmp_path / "r"
+    capsys.readouterr()
+    assert main(["probe", "--teacher", pair[0], "--student", pair[1], "--contexts", str(path), "--out", str(out),
+                 "--device", "cpu", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"teachdiag: error: {path}:2: "), err
+    assert "Traceback" not in err and not out.exists()  # refused while reading: nothing computed
+    if case == "id with a lone surrogate":
+        assert err.startswith(f"teachdiag: error: {path}:2: id: not valid Unicode"), err
