@@ -47,7 +47,7 @@ from teachdiag.config import DeviceOptions, require
 from teachdiag.errors import InputError
 from teachdiag.progress import progress
 from teachdiag.flags import opt
-from teachdiag.runfolder import _atomic_write, _fsync_write
+from teachdiag.runfolder import _atomic_write, _fsync_write, disk_faults
 
 DEFAULT_STUDENT = "smollm2-135m-pruned"
 from teachdiag.demo import DEMO_PROMPTS  # noqa: E402
@@ -349,7 +349,9 @@ def run_rollout(cfg: RolloutConfig) -> Path:
                 out["teacher_prompt_ids"] = teacher_ids[i]
             out["meta"] = meta
             lines.append(json.dumps(out) + "\n")
-        _fsync_write(partial, "".join(lines))
+        with disk_faults(partial, "the batches written so far are kept; free space or fix permissions, then rerun "
+                                  "with --resume"):
+            _fsync_write(partial, "".join(lines))
         n_tokens += sum(len(r) for r, _ in outs)
         bar.set_postfix_str(f"{n_tokens / max(time.time() - t_start, 1e-9):.1f} tok/s")
         bar.update(len(lines))
@@ -359,7 +361,8 @@ def run_rollout(cfg: RolloutConfig) -> Path:
     rank = {rid[it]: k for k, it in enumerate(items)}
     lines = [line for line in partial.read_text(encoding="utf-8").splitlines(keepends=True) if line.strip()]
     lines.sort(key=lambda line: rank[json.loads(line)["id"]])
-    _atomic_write(out_path, "".join(lines))
-    partial.unlink()
+    with disk_faults(out_path, f"every record is kept in {partial}; free space, then rerun with --resume"):
+        _atomic_write(out_path, "".join(lines))
+        partial.unlink()
     print(f"wrote {len(lines)} records to {out_path}")
     return out_path

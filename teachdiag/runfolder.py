@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +103,29 @@ def publish_folder(tmp: Path, final: Path) -> None:
 
 
 
+@contextmanager
+def disk_faults(where: Path, kept: str = "what was finished is kept; free space or fix permissions, then rerun "
+                                          "with --resume"):
+    """Turn a failing write (disk full, a folder turned read-only, a vanished mount) into one line
+    naming the file and what survived, instead of a traceback: the environment, not a bug."""
+    try:
+        yield
+    except OSError as exc:
+        raise InputError(f"cannot write ({exc.strerror or exc}); {kept}", file=str(exc.filename or where),
+                         field="--out") from None
+
+
+def check_writable(folder: Path, name: str = ".write-test", field: str = "--out") -> None:
+    """Make `folder` and write a file in it now, so a read-only or full place is refused before any work."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / name
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise InputError(f"cannot write there ({exc.strerror or exc})", field=field, file=str(folder)) from None
+
+
 LOCK = ".teachdiag.lock"  # in a folder some teachdiag process is writing; the flock on it is what counts
 _held: dict[str, object] = {}  # folder -> its open lock file, kept until the process ends
 
@@ -151,13 +175,7 @@ class RunWriter:
         if self.out.exists() and not self.out.is_dir():
             raise InputError("exists and is not a folder", field="--out", file=str(self.out))
         existed = self.out.is_dir()
-        try:
-            self.out.mkdir(parents=True, exist_ok=True)
-            probe = self.out / f".write-test.{rank}"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as exc:
-            raise InputError(f"cannot write there ({exc.strerror})", field="--out", file=str(self.out)) from None
+        check_writable(self.out, f".write-test.{rank}")
         if rank == 0:  # before anything is read: another run in this folder is refused by name
             lock_folder(self.out)
         # other ranks may be writing their test files right now: those do not make it non-empty
@@ -171,6 +189,10 @@ class RunWriter:
     def repair(self, own_only: bool = False) -> None:
         """Cut a torn last write off every part (rank 0, before any rank reads done_contexts),
         or off this rank's own part (after Ctrl-C, which can land between its two writes)."""
+        with disk_faults(self.out):
+            self._repair(own_only)
+
+    def _repair(self, own_only: bool) -> None:
         seen: set[str] = set()  # a context found in an earlier part is not taken twice
         for partial, progress in [(self.partial, self.progress)] if own_only else all_parts(self.out):
             # no progress file: killed before its first context was recorded, so nothing counts
@@ -220,13 +242,14 @@ class RunWriter:
 
     def start(self, record: dict) -> None:
         """Rank 0: clear an --overwrite folder and write run.json with "complete": false."""
-        if self.fresh:
-            for partial, progress in all_parts(self.out):
-                partial.unlink(missing_ok=True)
-                progress.unlink(missing_ok=True)
-            (self.out / self.table).unlink(missing_ok=True)
-            (self.out / RUN).unlink(missing_ok=True)
-        self.write_record(dict(record, complete=False))
+        with disk_faults(self.out):
+            if self.fresh:
+                for partial, progress in all_parts(self.out):
+                    partial.unlink(missing_ok=True)
+                    progress.unlink(missing_ok=True)
+                (self.out / self.table).unlink(missing_ok=True)
+                (self.out / RUN).unlink(missing_ok=True)
+            self.write_record(dict(record, complete=False))
 
     def check_resume(self, record: dict, same_options: tuple[str, ...],
                      models: Callable[[dict], dict] = lambda r: {"teacher": r["teacher"], "student": r["student"]}
@@ -266,12 +289,14 @@ class RunWriter:
                              file=str(old_path))
 
     def write_record(self, record: dict) -> None:
-        _atomic_write(self.out / RUN, json.dumps(record, indent=2, default=str) + "\n")
+        with disk_faults(self.out):
+            _atomic_write(self.out / RUN, json.dumps(record, indent=2, default=str) + "\n")
 
     def append_context(self, context_id: str, rows: list[dict]) -> None:
-        header = not self.partial.exists() or self.partial.stat().st_size == 0
-        _fsync_write(self.partial, rows_to_csv(rows, header=header, columns=self.columns))
-        _fsync_write(self.progress, json.dumps({"id": context_id, "bytes": self.partial.stat().st_size}) + "\n")
+        with disk_faults(self.out):  # a torn write here is cut off by the next resume's repair()
+            header = not self.partial.exists() or self.partial.stat().st_size == 0
+            _fsync_write(self.partial, rows_to_csv(rows, header=header, columns=self.columns))
+            _fsync_write(self.progress, json.dumps({"id": context_id, "bytes": self.partial.stat().st_size}) + "\n")
 
     def merged_rows(self, order: list[str]) -> pd.DataFrame:
         """Every part's rows, contexts in `order` (the single-process order), each exactly once."""
@@ -310,7 +335,17 @@ class RunWriter:
             for c in self.columns:
                 v = r[c]
                 r[c] = float(v) if isinstance(v, (float, np.floating)) else v
-        _atomic_write(self.out / self.table, rows_to_csv(rows, header=True, columns=self.columns))
+        table = self.out / self.table
+        try:
+            with disk_faults(self.out, "every part is kept; free space or fix permissions, then rerun with "
+                                       "--resume to merge them"):
+                _atomic_write(table, rows_to_csv(rows, header=True, columns=self.columns))
+        except InputError:
+            try:
+                table.with_name(table.name + ".tmp").unlink(missing_ok=True)  # half a table helps no one
+            except OSError:
+                pass
+            raise
         self.write_record(dict(record, complete=True))
         for partial, progress in all_parts(self.out):
             partial.unlink(missing_ok=True)

@@ -51,7 +51,8 @@ from teachdiag.probe.forward import teacher_logits
 from teachdiag.progress import progress
 from teachdiag.probe.signals import clipped_fkl, keep_mask, probe_loss, signals_from_logits
 from teachdiag.rollout import generate_batch, read_prompts, stop_ids
-from teachdiag.runfolder import LOCK, _atomic_write, _fsync_write, discard_tree, lock_folder, publish_folder
+from teachdiag.runfolder import (LOCK, _atomic_write, _fsync_write, check_writable, discard_tree, disk_faults,
+                                 lock_folder, publish_folder)
 from teachdiag.selectors import SELECTORS, budget_mask, selector_scores
 from teachdiag.table import position_weight
 
@@ -327,9 +328,11 @@ def run_train(cfg: TrainConfig, argv: list[str] | None = None) -> Path:
     if cfg.positions:
         raise InputError("train uses every response position; choose with --select and --budget", field="--positions")
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise InputError("exists and is not a folder", field="--out", file=str(out))
     if out.is_dir() and any(p.name != LOCK for p in out.iterdir()) and not (cfg.overwrite or cfg.resume):
         raise InputError("folder is not empty; pass --overwrite or --resume", field="--out", file=str(out))
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out)
     lock_folder(out)  # one trainer per folder, before anything in it is read
     device = resolve_device(cfg.device)
     ctxs, tok, match = load_inputs(cfg)
@@ -378,11 +381,14 @@ def run_train(cfg: TrainConfig, argv: list[str] | None = None) -> Path:
                          keep=keep, kl_clip=cfg.kl_clip, loss_temperature=cfg.loss_temperature,
                          pw=(cfg.pw_min, cfg.pw_tau, cfg.pw_scale) if cfg.position_weight else None)
         row = {"step": step + 1, **row, "seconds": round(time.time() - t0, 3)}
-        _fsync_write(log_path, ",".join(str(row[c]) for c in LOG_COLUMNS) + "\n")  # on disk before any save
+        with disk_faults(out, "the last save is kept; free space or fix permissions, then rerun with --resume"):
+            _fsync_write(log_path, ",".join(str(row[c]) for c in LOG_COLUMNS) + "\n")  # on disk before any save
         bar.update()
         bar.set_postfix(loss=f"{row['loss']:.4f}", fkl=f"{row['mean_fkl']:.3f}")
         if step + 1 == cfg.steps or (step + 1) % SAVE_EVERY == 0:  # a killed run resumes from the last save
-            _save(out, student, tok, optimizer, dict(record, steps_done=step + 1))
+            with disk_faults(out, "the last complete save is kept; free space or fix permissions, then rerun "
+                                  "with --resume"):
+                _save(out, student, tok, optimizer, dict(record, steps_done=step + 1))
     bar.close()
     student.requires_grad_(False)
     print(f"wrote {out / 'model'} after {cfg.steps} steps, {log_path}", file=sys.stderr)

@@ -31,6 +31,7 @@ from teachdiag.analysis.instruments import agreement
 from teachdiag.analysis.viability import analyze_viability, is_viability_run
 from teachdiag.errors import InputError
 from teachdiag.flags import opt
+from teachdiag.runfolder import check_writable
 from teachdiag.table import COLUMNS, TEXT_COLUMNS, PARTIAL, all_parts, read_tokens, teachability_scores
 
 # absent from older tables, left absent: response_length, instrument (0.2); the probability mass
@@ -239,6 +240,7 @@ def run_analyze(cfg: AnalyzeConfig) -> pathlib.Path:
         raise InputError("give either probe runs (tokens.csv) or viability runs (viability.csv), not both",
                          field="runs")
     runs = [load_run(r, cfg.allow_partial) for r in cfg.runs]
+    check_writable(out)  # a read-only --out is refused now, not after every statistic is computed
     if cfg.response_lengths:
         runs = [add_response_lengths(r, cfg.response_lengths) for r in runs]
     names = [r["name"] for r in runs]
