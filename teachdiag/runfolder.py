@@ -127,23 +127,25 @@ def check_writable(folder: Path, name: str = ".write-test", field: str = "--out"
 
 
 LOCK = ".teachdiag.lock"  # in a folder some teachdiag process is writing; the flock on it is what counts
-_held: dict[str, object] = {}  # folder -> its open lock file, kept until the process ends
+_held: dict[tuple[int, int], object] = {}  # (device, inode) of a lock file -> its open file, while held
 
 
 def lock_folder(folder: Path, field: str = "--out") -> None:
-    """Make this process the only teachdiag writer of `folder`, until it ends: an exclusive flock on
-    folder/.teachdiag.lock, which the OS releases when the process dies (a kill -9 leaves no stale
-    lock; the file itself stays and means nothing). Taken again by the same process: a no-op.
+    """Make this process the only teachdiag writer of `folder`: an exclusive flock on
+    folder/.teachdiag.lock, held until release_locks() (a command's end) or the process's end; the
+    OS releases it when the process dies, so a kill -9 leaves no stale lock (the file stays and
+    means nothing). Taken again by this process (even after the folder was renamed): a no-op.
     Held by another process: an InputError naming its pid. Where the file system has no locks,
     nothing is locked."""
     try:
         import fcntl
     except ImportError:  # not POSIX
         return
-    key = os.path.realpath(folder)
-    if key in _held:
-        return
     f = open(Path(folder) / LOCK, "a+", encoding="utf-8")
+    st = os.fstat(f.fileno())
+    if (st.st_dev, st.st_ino) in _held:  # flock would refuse this process its own lock through a new file
+        f.close()
+        return
     try:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -159,7 +161,14 @@ def lock_folder(folder: Path, field: str = "--out") -> None:
     f.truncate()
     f.write(f"{os.getpid()}\n")
     f.flush()
-    _held[key] = f
+    _held[(st.st_dev, st.st_ino)] = f
+
+
+def release_locks() -> None:
+    """Let go of every folder this process locked: called when a command ends, so a notebook that
+    ran one does not keep its folder from the next."""
+    while _held:
+        _held.popitem()[1].close()
 
 
 class RunWriter:

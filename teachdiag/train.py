@@ -52,7 +52,7 @@ from teachdiag.progress import progress
 from teachdiag.probe.signals import clipped_fkl, keep_mask, probe_loss, signals_from_logits
 from teachdiag.rollout import generate_batch, read_prompts, stop_ids
 from teachdiag.runfolder import (LOCK, _atomic_write, _fsync_write, check_writable, discard_tree, disk_faults,
-                                 lock_folder, publish_folder)
+                                 lock_folder, publish_folder, release_locks)
 from teachdiag.selectors import SELECTORS, budget_mask, selector_scores
 from teachdiag.table import position_weight
 
@@ -316,6 +316,14 @@ def _check(cfg: TrainConfig) -> None:
 
 
 def run_train(cfg: TrainConfig, argv: list[str] | None = None) -> Path:
+    """See _run_train; the folder lock it takes (runfolder.lock_folder) is let go when it ends, however."""
+    try:
+        return _run_train(cfg, argv)
+    finally:
+        release_locks()
+
+
+def _run_train(cfg: TrainConfig, argv: list[str] | None = None) -> Path:
     """Train and save; returns the output folder. Raises InputError on bad input."""
     if cfg.on_policy:
         _fill_on_policy(cfg)

@@ -129,7 +129,7 @@ def test_resume_refuses_parts_with_other_columns(tmp_path, pair, contexts, capsy
 def test_a_second_run_on_a_folder_in_use_is_refused_naming_the_holder(tmp_path, pair, contexts, monkeypatch):
     """#21.3: a probe started on a folder another probe is still loading models into is refused in one
     line naming the holder's pid (before, both computed everything and the folder could not be resumed);
-    a holder killed with SIGKILL leaves no stale lock."""
+    the first lets go when it ends, and a holder killed with SIGKILL leaves no stale lock."""
     import teachdiag.runner as runner
     from teachdiag.errors import InputError
 
@@ -151,10 +151,9 @@ def test_a_second_run_on_a_folder_in_use_is_refused_naming_the_holder(tmp_path, 
     assert not table.duplicated(["context_id", "position"]).any()
     assert json.loads((out / "run.json").read_text())["complete"] is True
 
-    from teachdiag.runfolder import lock_folder
+    from teachdiag.runfolder import lock_folder, release_locks
 
-    held = tmp_path / "held"
-    held.mkdir()
+    held = out  # let go when the first run ended: another process can take it
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
                                "from teachdiag.runfolder import lock_folder; lock_folder(Path(sys.argv[1])); "
                                "print('locked', flush=True); time.sleep(600)", str(held)],
@@ -167,6 +166,7 @@ def test_a_second_run_on_a_folder_in_use_is_refused_naming_the_holder(tmp_path, 
         holder.send_signal(signal.SIGKILL)
         holder.wait()
     lock_folder(held)  # free again, though the lock file is still there
+    release_locks()
 
 
 class Kill(BaseException):
