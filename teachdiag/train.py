@@ -357,10 +357,11 @@ def _run_train(cfg: TrainConfig, argv: list[str] | None = None) -> Path:
     saved = recover_checkpoint(out) if cfg.resume and out.is_dir() else None
     if saved is not None:
         before = asdict(TrainConfig()) | saved["options"]  # options added since that run: their defaults
-        free = ("resume", "overwrite", "steps")
+        free = ("resume", "overwrite", "steps", "out", "quiet", "threads")  # where and how it runs, not what
         differ = [k for k in asdict(cfg) if k not in free and before.get(k) != getattr(cfg, k)]
         if differ:
-            raise InputError("options differ from the run being resumed", field="--resume", file=str(out))
+            raise InputError("options differ from the run being resumed: " + ", ".join(
+                f"{k} ({before.get(k)!r} vs {getattr(cfg, k)!r})" for k in differ), field="--resume", file=str(out))
         start = int(saved["steps_done"])
         _truncate_log(log_path, start)  # steps logged after the last save are taken again
         # safetensors only, never the hub (models.load_model): a pytorch_model.bin there would be unpickled
