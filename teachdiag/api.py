@@ -33,11 +33,25 @@ class Run:
     record: dict
 
 
-def load_run(path: str | Path) -> Run:
-    """tokens.csv (or .csv.gz) and run.json of a run folder, read back exactly."""
+def load_run(path: str | Path, allow_partial: bool = False) -> Run:
+    """tokens.csv (or .csv.gz) and run.json of a run folder, read back exactly.
+
+    A run whose run.json says "complete": false is refused (InputError) unless allow_partial: a
+    kill between writing tokens.csv and marking the run complete leaves a table that looks
+    finished but was never confirmed; `--resume` finishes it."""
+    from teachdiag.errors import InputError
+
     path = Path(path)
     csv = next((path / n for n in (TOKENS, TOKENS + ".gz") if (path / n).is_file()), path / TOKENS)
-    record = json.loads((path / RUN).read_text()) if (path / RUN).is_file() else {}
+    try:
+        record = json.loads((path / RUN).read_text()) if (path / RUN).is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InputError("is not a teachdiag run record", file=str(path / RUN)) from None
+    if isinstance(record, dict) and record.get("complete") is False and not allow_partial:
+        raise InputError("run is incomplete (complete: false); finish it with --resume, or pass "
+                         "allow_partial=True", file=str(path / RUN), field="complete")
+    if not csv.is_file():
+        raise InputError("no such file", file=str(csv))
     return Run(path, read_tokens(csv), record)
 
 

@@ -71,6 +71,11 @@ def read_jsonl(path: str | Path):
                 except json.JSONDecodeError as exc:
                     raise InputError(f"malformed JSON ({exc.msg}, column {exc.colno})",
                                      file=str(path), line=lineno) from None
+                except ValueError as exc:  # an integer past Python's digit limit (4300)
+                    raise InputError(f"unreadable JSON ({str(exc).split(';')[0]})", file=str(path),
+                                     line=lineno) from None
+                except RecursionError:
+                    raise InputError("unreadable JSON (nested too deeply)", file=str(path), line=lineno) from None
                 if not isinstance(rec, dict):
                     raise InputError(f"a record must be a JSON object, got {type(rec).__name__}",
                                      file=str(path), line=lineno)
@@ -118,6 +123,7 @@ def _parse(rec, path: Path, lineno: int) -> Context:
         raise InputError("missing", field="id", **where)
     if not isinstance(rid, str) or not rid:
         raise InputError(f"must be a non-empty string, got {rid!r}", field="id", **where)
+    check_unicode(rid, "id", where)
     meta = rec.get("meta") or {}
     if not isinstance(meta, dict):
         raise InputError("must be an object", field="meta", **where)
@@ -134,10 +140,21 @@ def _parse(rec, path: Path, lineno: int) -> Context:
     return Context(rid, prompt, response, tprompt, meta, None, str(path), lineno)
 
 
+def check_unicode(text: str, name: str, where: dict) -> None:
+    """A string must be writable as UTF-8: JSON's "\\ud800" reads as a lone surrogate, which would fail
+    only when the row is written, after its context was computed (and again on every resume)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(f"not valid Unicode (a lone surrogate {text[exc.start]!r} at character {exc.start})",
+                         field=name, **where) from None
+
+
 def _text_fields(rec: dict, where: dict) -> dict:
     """The text form of a record: response, prompt or messages, teacher_prompt or teacher_messages."""
     if not rec["response"]:
         raise InputError("is empty", field="response", **where)
+    check_unicode(rec["response"], "response", where)
     text = {"response": rec["response"]}
     for text_key, msgs_key, required in (("prompt", "messages", True), ("teacher_prompt", "teacher_messages", False)):
         has_text, has_msgs = rec.get(text_key) is not None, rec.get(msgs_key) is not None
@@ -146,6 +163,7 @@ def _text_fields(rec: dict, where: dict) -> dict:
         if has_text:
             if not isinstance(rec[text_key], str) or not rec[text_key]:
                 raise InputError("must be a non-empty string", field=text_key, **where)
+            check_unicode(rec[text_key], text_key, where)
             text[text_key] = rec[text_key]
         elif has_msgs:
             text[text_key] = check_messages(rec[msgs_key], msgs_key, where)
@@ -162,6 +180,7 @@ def check_messages(msgs, name: str, where: dict) -> list[dict]:
     for m in msgs:
         if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
             raise InputError("every message needs string role and content", field=name, **where)
+        check_unicode(m["role"] + m["content"], name, where)
     return msgs
 
 

@@ -217,12 +217,26 @@ def load_model(name_or_path: str, what: str = "student", dtype: str = "float32",
     return model
 
 
+PICKLED = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+def _require_safetensors(path: str, what: str) -> None:
+    """A local folder must hold safetensors weights: any other weight file would be unpickled."""
+    folder = Path(path)
+    if not folder.is_dir() or any(folder.glob("*.safetensors")) or any(folder.glob("*.safetensors.index.json")):
+        return
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLED)
+    why = f"; {pickled[0]} is pickled and never loaded" if pickled else ""
+    raise InputError(f"no safetensors weights (model.safetensors){why}", file=str(folder), field=f"--{what}")
+
+
 def _from_pretrained(path: str, what: str, dtype: str, trust_remote_code: bool, device_map: str | None):
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own bar is the one that matters
     _refuse_remote_code(path, what, trust_remote_code)
+    _require_safetensors(path, what)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         if getattr(config, "auto_map", None) and not trust_remote_code:  # hub ids: same rule as folders

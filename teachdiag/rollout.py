@@ -23,10 +23,12 @@ untouched. Different batch sizes give different (equally valid) samples. Batches
 the prompt lengths before sampling starts, so a `--resume`d run samples what the uninterrupted
 run would have.
 
-Crash safety, as `teachdiag probe`: each finished batch is appended to --out, flushed and fsynced;
-an existing non-empty --out is refused unless --overwrite (start again) or --resume (skip the ids
-already written, after cutting a torn last line). When every batch is done the file is rewritten,
-atomically, in input order. Progress: a bar on a terminal; off one (SLURM, nohup), a plain line
+Crash safety, as `teachdiag probe`: each finished batch is appended to <out>.partial, flushed and
+fsynced; --out itself appears only when every batch is done, rewritten atomically in input order,
+so a killed rollout leaves nothing that passes for finished contexts. An existing non-empty --out
+(or .partial) is refused unless --overwrite (start again) or --resume (skip the ids already
+written, after cutting a torn last line; a record whose id left --prompts or whose prompt changed
+is refused before any sampling). Progress: a bar on a terminal; off one (SLURM, nohup), a plain line
 every 30 s on stderr. The last line says how many records were written where.
 """
 
@@ -40,11 +42,12 @@ from pathlib import Path
 
 import torch
 
-from teachdiag.contexts import check_messages, encode_prompt, read_jsonl  # noqa: F401 (encode_prompt: re-exported)
+from teachdiag.contexts import check_messages, check_unicode, encode_prompt, read_jsonl  # noqa: F401 (encode_prompt: re-exported)
 from teachdiag.config import DeviceOptions, require
 from teachdiag.errors import InputError
 from teachdiag.progress import progress
 from teachdiag.flags import opt
+from teachdiag.runfolder import _atomic_write, _fsync_write, disk_faults
 
 DEFAULT_STUDENT = "smollm2-135m-pruned"
 from teachdiag.demo import DEMO_PROMPTS  # noqa: E402
@@ -91,6 +94,7 @@ def _check_text_or_messages(rec: dict, text_key: str, msgs_key: str, file: str, 
         value = rec[text_key]
         if not isinstance(value, str) or not value:
             raise InputError("must be a non-empty string", file, line, text_key)
+        check_unicode(value, text_key, {"file": file, "line": line})
         return value
     return check_messages(rec[msgs_key], msgs_key, {"file": file, "line": line})
 
@@ -110,6 +114,7 @@ def read_prompts(path: str | Path, need_teacher: bool = False) -> list[dict]:
         if isinstance(rid, bool) or not isinstance(rid, (str, int)) or rid == "":
             raise InputError("missing or not a string", file, line_no, "id")
         rid = str(rid)
+        check_unicode(rid, "id", {"file": file, "line": line_no})
         if rid in seen:
             raise InputError(f"duplicate id {rid!r} (first on line {seen[rid]})", file, line_no,
                              "id")
@@ -200,46 +205,72 @@ RESUME_META = ("model", "temperature", "top_p", "max_new_tokens", "samples", "ba
                "tokenizer_fingerprint")
 
 
-def _existing(cfg: RolloutConfig, meta: dict) -> set[str]:
-    """Ids already in --out (resume), after cutting a torn last line; refuse what probe refuses."""
-    out = Path(cfg.out)
+def partial_path(out: str | Path) -> Path:
+    """Where an unfinished rollout grows: <out>.partial. --out itself appears only when every
+    record is written, so a killed rollout never leaves a file that passes for finished contexts."""
+    out = Path(out)
+    return out.with_name(out.name + ".partial")
+
+
+def _existing(cfg: RolloutConfig, meta: dict) -> tuple[Path | None, list[tuple[int, dict]]]:
+    """(the file a --resume continues, its whole records with their line numbers), after cutting a
+    torn last line; refuse what probe refuses. The file is <out>.partial, or --out itself when a
+    finished file (or one an older version left unfinished) is resumed."""
+    out, partial = Path(cfg.out), partial_path(cfg.out)
     if out.exists() and not out.is_file():
         raise InputError("exists and is not a file", file=str(out), field="--out")
-    occupied = out.is_file() and out.stat().st_size > 0
+    occupied = [p for p in (out, partial) if p.is_file() and p.stat().st_size > 0]
     if not cfg.resume:
         if occupied and not cfg.overwrite:
             raise InputError("exists and is not empty; pass --overwrite to replace it or --resume to "
-                             "continue it", file=str(out), field="--out")
-        return set()
-    if not out.is_file():
+                             "continue it", file=str(occupied[0]), field="--out")
+        return None, []
+    source = partial if partial.is_file() else out
+    if not source.is_file():
         raise InputError("nothing to resume (no such file)", file=str(out), field="--resume")
-    data = out.read_bytes()
-    keep, ids = 0, set()
-    for line in data.splitlines(keepends=True):
+    data = source.read_bytes()
+    keep, found = 0, []
+    for line_no, line in enumerate(data.splitlines(keepends=True), start=1):
         try:
             rec = json.loads(line)
-            if not line.endswith(b"\n"):
+            if not line.endswith(b"\n") or not isinstance(rec, dict):
                 break  # a torn last line can still parse (a number cut short): redo it
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, RecursionError):
             break
         for key in RESUME_META:
-            if rec.get("meta", {}).get(key) != meta[key]:
+            if not isinstance(rec.get("meta"), dict) or rec["meta"].get(key) != meta[key]:
                 raise InputError(f"option {key} differs from the rollout being resumed "
-                                 f"({rec.get('meta', {}).get(key)!r} vs {meta[key]!r})",
-                                 file=str(out), field="--resume")
-        ids.add(rec["id"])
+                                 f"({(rec.get('meta') or {}).get(key)!r} vs {meta[key]!r})",
+                                 file=str(source), line=line_no, field="--resume")
+        found.append((line_no, rec))
         keep += len(line)
     if keep < len(data):
-        with open(out, "r+b") as f:
+        with open(source, "r+b") as f:
             f.truncate(keep)
-    return ids
+    return source, found
 
 
-def _append(path: Path, lines: list[str]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write("".join(lines))
-        f.flush()
-        os.fsync(f.fileno())
+def _check_resumed(found: list[tuple[int, dict]], source: Path, expected: dict[str, dict], prompts: str) -> None:
+    """Every record already written must be one this run would write, from the same prompt: an id no
+    longer in --prompts, or a prompt edited since, is refused before any sampling (not kept stale)."""
+    seen: dict[str, int] = {}
+    for line_no, rec in found:
+        rid = rec.get("id")
+        where = {"file": str(source), "line": line_no}
+        if rid not in expected:
+            raise InputError(f"id {rid!r} is not in {prompts} (any more); start again with --overwrite",
+                             field="id", **where)
+        if rid in seen:
+            raise InputError(f"id {rid!r} is written twice (first on line {seen[rid]}); start again with --overwrite",
+                             field="id", **where)
+        seen[rid] = line_no
+        want = expected[rid]
+        for key in ("prompt_ids", "teacher_prompt_ids", "answer"):
+            got = rec.get(key) if key != "answer" else (rec.get("meta") or {}).get("answer")
+            if got != want[key]:
+                raise InputError(f"{rid!r} was sampled from another prompt than {prompts}:{want['line']} now "
+                                 "gives; start again with --overwrite", field=key if key != "answer" else "meta.answer",
+                                 **where)
 
 
 def run_rollout(cfg: RolloutConfig) -> Path:
@@ -276,13 +307,20 @@ def run_rollout(cfg: RolloutConfig) -> Path:
             raise InputError(f"id {rid[it]!r} occurs twice once sample suffixes are added",
                              cfg.prompts, records[it[0]]["line"], "id")
         seen[rid[it]] = it[0]
-    done = _existing(cfg, sampling)
-    out_path = Path(cfg.out)
+    source, found = _existing(cfg, sampling)
+    expected = {rid[(i, s)]: {"prompt_ids": prompt_ids[i], "line": records[i]["line"], "answer": records[i]["answer"],
+                              "teacher_prompt_ids": teacher_ids[i]} for i, s in items}
+    _check_resumed(found, source, expected, cfg.prompts)
+    done = {rec["id"] for _, rec in found}
+    out_path, partial = Path(cfg.out), partial_path(cfg.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     model = load_model(cfg.student, "student", dtype="float32", device=device,
                        trust_remote_code=cfg.trust_remote_code)
-    if not cfg.resume:
-        out_path.write_text("")  # --overwrite, or a new file: only once the model has loaded
+    if not cfg.resume:  # --overwrite, or a new file: only once the model has loaded
+        _atomic_write(partial, "")
+        out_path.unlink(missing_ok=True)
+    elif source == out_path:  # resumed from --out itself: it grows as <out>.partial until done
+        os.replace(out_path, partial)
     eos_ids, pad_id = stop_ids(model, tok)
     chat = bool(getattr(tok, "chat_template", None))
 
@@ -311,7 +349,9 @@ def run_rollout(cfg: RolloutConfig) -> Path:
                 out["teacher_prompt_ids"] = teacher_ids[i]
             out["meta"] = meta
             lines.append(json.dumps(out) + "\n")
-        _append(out_path, lines)
+        with disk_faults(partial, "the batches written so far are kept; free space or fix permissions, then rerun "
+                                  "with --resume"):
+            _fsync_write(partial, "".join(lines))
         n_tokens += sum(len(r) for r, _ in outs)
         bar.set_postfix_str(f"{n_tokens / max(time.time() - t_start, 1e-9):.1f} tok/s")
         bar.update(len(lines))
@@ -319,10 +359,10 @@ def run_rollout(cfg: RolloutConfig) -> Path:
 
     # input order, written whole and renamed into place
     rank = {rid[it]: k for k, it in enumerate(items)}
-    lines = [line for line in out_path.read_text(encoding="utf-8").splitlines(keepends=True) if line.strip()]
+    lines = [line for line in partial.read_text(encoding="utf-8").splitlines(keepends=True) if line.strip()]
     lines.sort(key=lambda line: rank[json.loads(line)["id"]])
-    tmp = out_path.with_name(out_path.name + f".tmp{os.getpid()}")
-    tmp.write_text("".join(lines), encoding="utf-8")
-    os.replace(tmp, out_path)
+    with disk_faults(out_path, f"every record is kept in {partial}; free space, then rerun with --resume"):
+        _atomic_write(out_path, "".join(lines))
+        partial.unlink()
     print(f"wrote {len(lines)} records to {out_path}")
     return out_path

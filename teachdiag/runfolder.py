@@ -16,9 +16,13 @@ and rank 0 merges every part, in the single-process order, into tokens.csv.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
+import shutil
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -37,11 +41,134 @@ def _fsync_write(path: Path, text: str, mode: str = "a") -> None:
         os.fsync(f.fileno())
 
 
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename or a new file in `folder` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     _fsync_write(tmp, text, mode="w")
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file under `folder`, then every folder in it (files written by other code, e.g.
+    save_pretrained, before the folder is published)."""
+    folders = []
+    for root, _, files in os.walk(folder):
+        folders.append(Path(root))
+        for name in files:
+            with open(Path(root) / name, "rb") as f:
+                os.fsync(f.fileno())
+    for d in reversed(folders):
+        _fsync_dir(d)
+
+
+def discard_tree(folder: Path) -> None:
+    """Remove a folder so that a kill midway never leaves it half-deleted under its own name
+    (where it could pass for a complete one): renamed to <name>.trash first, then deleted."""
+    trash = folder.with_name(folder.name + ".trash")
+    if folder.exists():
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(folder, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def publish_folder(tmp: Path, final: Path) -> None:
+    """Replace folder `final` by the complete folder `tmp`, the folder version of _atomic_write.
+
+    A directory cannot be renamed over a non-empty one, so there are two renames (final ->
+    final.old, tmp -> final); a kill between them leaves no `final` but both complete folders,
+    tmp and final.old, under their own names: the caller's resume picks the newer one
+    (e.g. train.recover_checkpoint). Everything in tmp is fsynced before the first rename."""
+    fsync_tree(tmp)
+    old = final.with_name(final.name + ".old")
+    if final.exists():
+        discard_tree(old)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    discard_tree(old)
+
+
+
+@contextmanager
+def disk_faults(where: Path, kept: str = "what was finished is kept; free space or fix permissions, then rerun "
+                                          "with --resume"):
+    """Turn a failing write (disk full, a folder turned read-only, a vanished mount) into one line
+    naming the file and what survived, instead of a traceback: the environment, not a bug."""
+    try:
+        yield
+    except OSError as exc:
+        raise InputError(f"cannot write ({exc.strerror or exc}); {kept}", file=str(exc.filename or where),
+                         field="--out") from None
+
+
+def check_writable(folder: Path, name: str = ".write-test", field: str = "--out") -> None:
+    """Make `folder` and write a file in it now, so a read-only or full place is refused before any work."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / name
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise InputError(f"cannot write there ({exc.strerror or exc})", field=field, file=str(folder)) from None
+
+
+LOCK = ".teachdiag.lock"  # in a folder some teachdiag process is writing; the flock on it is what counts
+_held: dict[tuple[int, int], object] = {}  # (device, inode) of a lock file -> its open file, while held
+
+
+def lock_folder(folder: Path, field: str = "--out") -> None:
+    """Make this process the only teachdiag writer of `folder`: an exclusive flock on
+    folder/.teachdiag.lock, held until release_locks() (a command's end) or the process's end; the
+    OS releases it when the process dies, so a kill -9 leaves no stale lock (the file stays and
+    means nothing). Taken again by this process (even after the folder was renamed): a no-op.
+    Held by another process: an InputError naming its pid. Where the file system has no locks,
+    nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        return
+    f = open(Path(folder) / LOCK, "a+", encoding="utf-8")
+    st = os.fstat(f.fileno())
+    if (st.st_dev, st.st_ino) in _held:  # flock would refuse this process its own lock through a new file
+        f.close()
+        return
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise InputError(f"another teachdiag process (pid {holder}) is writing to this folder; wait for it "
+                         "to end (or stop it, then --resume)", field=field, file=str(folder)) from None
+    except OSError:  # no locks on this file system (ENOLCK, EINVAL)
+        f.close()
+        return
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    _held[(st.st_dev, st.st_ino)] = f
+
+
+def release_locks() -> None:
+    """Let go of every folder this process locked: called when a command ends, so a notebook that
+    ran one does not keep its folder from the next."""
+    while _held:
+        _held.popitem()[1].close()
 
 
 class RunWriter:
@@ -56,31 +183,66 @@ class RunWriter:
         self.columns, self.text_columns, self.table, self.key = columns, text_columns, table, list(key)
         if self.out.exists() and not self.out.is_dir():
             raise InputError("exists and is not a folder", field="--out", file=str(self.out))
+        existed = self.out.is_dir()
+        check_writable(self.out, f".write-test.{rank}")
+        if rank == 0:  # before anything is read: another run in this folder is refused by name
+            lock_folder(self.out)
         # other ranks may be writing their test files right now: those do not make it non-empty
-        occupied = self.out.is_dir() and any(not p.name.startswith(".write-test") for p in self.out.iterdir())
+        occupied = existed and any(not p.name.startswith((".write-test", LOCK)) for p in self.out.iterdir())
         if occupied and not (overwrite or resume):
             raise InputError("folder is not empty; pass --overwrite to replace it or --resume to "
                              "continue it", field="--out", file=str(self.out))
-        try:
-            self.out.mkdir(parents=True, exist_ok=True)
-            probe = self.out / f".write-test.{rank}"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as exc:
-            raise InputError(f"cannot write there ({exc.strerror})", field="--out", file=str(self.out)) from None
         self.fresh = overwrite and not resume  # old files go in start(), once the models have loaded
         self.partial, self.progress = part_files(self.out, rank)
 
     def repair(self, own_only: bool = False) -> None:
         """Cut a torn last write off every part (rank 0, before any rank reads done_contexts),
         or off this rank's own part (after Ctrl-C, which can land between its two writes)."""
+        with disk_faults(self.out):
+            self._repair(own_only)
+
+    def _repair(self, own_only: bool) -> None:
+        seen: set[str] = set()  # a context found in an earlier part is not taken twice
         for partial, progress in [(self.partial, self.progress)] if own_only else all_parts(self.out):
             # no progress file: killed before its first context was recorded, so nothing counts
             entries = _progress_entries(progress) if progress.exists() else []
-            if partial.exists():
+            data = partial.read_bytes() if partial.exists() else b""
+            entries = self._whole_contexts(data, entries, seen)
+            if partial.exists():  # never past its end (that would pad it with NUL bytes)
                 with open(partial, "r+b") as f:
                     f.truncate(entries[-1]["bytes"] if entries else 0)
             _atomic_write(progress, "".join(json.dumps(e) + "\n" for e in entries))
+
+    def _whole_contexts(self, data: bytes, entries: list[dict], seen: set[str]) -> list[dict]:
+        """The progress entries whose rows are really in `data` (a part's bytes), up to the first that
+        is not: its byte range must lie in the file, end a line, and hold rows of this table's columns,
+        all of that context and none twice. A damaged part (cut short, a row doubled, a context written
+        twice) is cut back to its last sound context, and what follows is computed again."""
+        header = (",".join(self.columns) + "\n").encode()
+        at_key, at_id = [self.columns.index(k) for k in self.key], self.columns.index("context_id")
+        keys: set[tuple] = set()
+        good, start = [], len(header)
+        if not data.startswith(header):
+            return []
+        for e in entries:
+            end = e.get("bytes") if isinstance(e, dict) else None
+            cid = e.get("id") if isinstance(e, dict) else None
+            if not (isinstance(end, int) and isinstance(cid, str) and start < end <= len(data)) or cid in seen:
+                break
+            segment = data[start:end]
+            try:
+                rows = list(csv.reader(io.StringIO(segment.decode("utf-8"), newline="")))
+            except (UnicodeDecodeError, csv.Error):
+                break
+            here = {tuple(r[i] for i in at_key) for r in rows if len(r) == len(self.columns)}
+            if (not segment.endswith(b"\n") or not rows or len(here) < len(rows) or here & keys
+                    or any(len(r) != len(self.columns) or r[at_id] != cid for r in rows)):
+                break
+            keys |= here
+            seen.add(cid)
+            good.append(e)
+            start = end
+        return good
 
     def done_contexts(self) -> set[str]:
         """Contexts finished by an earlier, interrupted run, on any rank (after repair())."""
@@ -89,13 +251,14 @@ class RunWriter:
 
     def start(self, record: dict) -> None:
         """Rank 0: clear an --overwrite folder and write run.json with "complete": false."""
-        if self.fresh:
-            for partial, progress in all_parts(self.out):
-                partial.unlink(missing_ok=True)
-                progress.unlink(missing_ok=True)
-            (self.out / self.table).unlink(missing_ok=True)
-            (self.out / RUN).unlink(missing_ok=True)
-        self.write_record(dict(record, complete=False))
+        with disk_faults(self.out):
+            if self.fresh:
+                for partial, progress in all_parts(self.out):
+                    partial.unlink(missing_ok=True)
+                    progress.unlink(missing_ok=True)
+                (self.out / self.table).unlink(missing_ok=True)
+                (self.out / RUN).unlink(missing_ok=True)
+            self.write_record(dict(record, complete=False))
 
     def check_resume(self, record: dict, same_options: tuple[str, ...],
                      models: Callable[[dict], dict] = lambda r: {"teacher": r["teacher"], "student": r["student"]},
@@ -137,12 +300,14 @@ class RunWriter:
                              file=str(old_path))
 
     def write_record(self, record: dict) -> None:
-        _atomic_write(self.out / RUN, json.dumps(record, indent=2, default=str) + "\n")
+        with disk_faults(self.out):
+            _atomic_write(self.out / RUN, json.dumps(record, indent=2, default=str) + "\n")
 
     def append_context(self, context_id: str, rows: list[dict]) -> None:
-        header = not self.partial.exists() or self.partial.stat().st_size == 0
-        _fsync_write(self.partial, rows_to_csv(rows, header=header, columns=self.columns))
-        _fsync_write(self.progress, json.dumps({"id": context_id, "bytes": self.partial.stat().st_size}) + "\n")
+        with disk_faults(self.out):  # a torn write here is cut off by the next resume's repair()
+            header = not self.partial.exists() or self.partial.stat().st_size == 0
+            _fsync_write(self.partial, rows_to_csv(rows, header=header, columns=self.columns))
+            _fsync_write(self.progress, json.dumps({"id": context_id, "bytes": self.partial.stat().st_size}) + "\n")
 
     def merged_rows(self, order: list[str]) -> pd.DataFrame:
         """Every part's rows, contexts in `order` (the single-process order), each exactly once."""
@@ -181,7 +346,17 @@ class RunWriter:
             for c in self.columns:
                 v = r[c]
                 r[c] = float(v) if isinstance(v, (float, np.floating)) else v
-        _atomic_write(self.out / self.table, rows_to_csv(rows, header=True, columns=self.columns))
+        table = self.out / self.table
+        try:
+            with disk_faults(self.out, "every part is kept; free space or fix permissions, then rerun with "
+                                       "--resume to merge them"):
+                _atomic_write(table, rows_to_csv(rows, header=True, columns=self.columns))
+        except InputError:
+            try:
+                table.with_name(table.name + ".tmp").unlink(missing_ok=True)  # half a table helps no one
+            except OSError:
+                pass
+            raise
         self.write_record(dict(record, complete=True))
         for partial, progress in all_parts(self.out):
             partial.unlink(missing_ok=True)

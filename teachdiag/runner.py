@@ -36,7 +36,7 @@ from teachdiag.config import (DEMO_POSITIONS, ContextOptions, DeviceOptions, Pai
 from teachdiag.flags import opt
 from teachdiag.probe.exact import parse_params, select_params
 from teachdiag.progress import progress
-from teachdiag.runfolder import RunWriter
+from teachdiag.runfolder import RunWriter, release_locks
 from teachdiag.table import RUN
 
 PAPER = "arXiv:2605.26844, Not All Disagreement Is Learnable: Token Teachability in On-Policy Distillation"
@@ -168,6 +168,14 @@ def _instrument_record(cfg: ProbeConfig, instrument: str, probe) -> dict:
 
 
 def run_probe(cfg: ProbeConfig, argv: list[str] | None = None) -> Path:
+    """See _run_probe; the folder lock it takes (runfolder.lock_folder) is let go when it ends, however."""
+    try:
+        return _run_probe(cfg, argv)
+    finally:
+        release_locks()
+
+
+def _run_probe(cfg: ProbeConfig, argv: list[str] | None = None) -> Path:
     """Run the probe; returns the run folder. Raises InputError on bad input.
 
     Under torchrun every rank calls this with the same options (distributed.py)."""

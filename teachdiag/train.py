@@ -20,18 +20,17 @@ student does; cheap on a CPU). With --on-policy each step samples fresh response
 student for `--batch` records of --prompts (seeded per step, as `teachdiag rollout` samples), which
 is OPD proper: the trained-on tokens are the student's own.
 
-Writes to --out: model/ (a loadable float32 folder with the tokenizer), train_log.csv (one row a
-step: loss, kept and total positions, mean fkl of the batch before the step, seconds),
-train.json (options, versions, progress) and optimizer.safetensors (AdamW state, for --resume).
+Writes to --out: model/ (a loadable float32 folder with the tokenizer; model/train_state/ holds the
+AdamW state and the train record of those very weights, for --resume), train_log.csv (one row a
+step: loss, kept and total positions, mean fkl of the batch before the step, seconds) and
+train.json (options, versions, progress: a copy of the saved set's record).
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -48,11 +47,13 @@ from teachdiag.contexts import Context, encode_prompt
 from teachdiag.demo import DEMO_PROMPTS
 from teachdiag.errors import InputError
 from teachdiag.flags import opt
-from teachdiag.models import load_inputs, load_models, resolve_device
+from teachdiag.models import load_inputs, load_model, load_models, resolve_device
 from teachdiag.probe.forward import teacher_logits
 from teachdiag.progress import progress
 from teachdiag.probe.signals import SIGNAL_MODES, clipped_fkl, keep_mask, probe_loss, signals_from_logits
 from teachdiag.rollout import generate_batch, read_prompts, stop_ids
+from teachdiag.runfolder import (LOCK, _atomic_write, _fsync_write, check_writable, discard_tree, disk_faults,
+                                 lock_folder, publish_folder, release_locks)
 from teachdiag.scores import KEEP_RULES, SELECTORS, keep_positions, position_weight
 
 TRAIN_LOSSES = ("sampled_token", "reverse_kl", "clipped_fkl")
@@ -245,29 +246,59 @@ def _load_optimizer(student, optimizer, path: Path) -> None:
             optimizer.state[p]["step"] = tensors[f"{name}.step"]
 
 
+SAVE_EVERY = 10  # steps between saves (and the last step)
+MODEL, STATE = "model", "train_state"  # <out>/model/train_state/: the optimizer and step of those weights
+
+
 def _save(out: Path, student, tok, optimizer, record: dict) -> None:
-    """model/, optimizer.safetensors, then train.json, each replaced whole: a kill at any point leaves
-    the last complete save (train.json's steps_done names the step the other two belong to)."""
-    tmp = out / "model.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    """One complete set, the weights, the AdamW state and the train record (steps_done), written
+    together into model.tmp/ (the record last) and published as model/ by one folder swap
+    (runfolder.publish_folder): the three can never disagree, and a kill at any point leaves a
+    complete set that recover_checkpoint finds. train.json beside it is a copy for people."""
+    tmp = out / (MODEL + ".tmp")
+    discard_tree(tmp)
     student.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    save_file(_optimizer_tensors(student, optimizer), str(tmp / "optimizer.safetensors"))
-    shutil.rmtree(out / "model.old", ignore_errors=True)
-    if (out / "model").exists():
-        os.replace(out / "model", out / "model.old")
-    os.replace(tmp / "optimizer.safetensors", out / "optimizer.safetensors.new")
-    os.replace(tmp, out / "model")
-    os.replace(out / "optimizer.safetensors.new", out / "optimizer.safetensors")
-    (out / "train.json.tmp").write_text(json.dumps(record, indent=2, default=str) + "\n")
-    os.replace(out / "train.json.tmp", out / "train.json")
-    shutil.rmtree(out / "model.old", ignore_errors=True)
+    (tmp / STATE).mkdir()
+    save_file(_optimizer_tensors(student, optimizer), str(tmp / STATE / "optimizer.safetensors"))
+    text = json.dumps(record, indent=2, default=str) + "\n"
+    _atomic_write(tmp / STATE / "train.json", text)  # last: its presence marks the set complete
+    publish_folder(tmp, out / MODEL)
+    _atomic_write(out / "train.json", text)
+
+
+def _saved_record(folder: Path) -> dict | None:
+    """The train record of a complete saved set, or None (absent, unfinished or unreadable)."""
+    try:
+        record = json.loads((folder / STATE / "train.json").read_text())
+        int(record["steps_done"]), dict(record["options"])
+        return record
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def recover_checkpoint(out: Path) -> dict | None:
+    """The train record of the newest complete set in `out`, made model/ again if a save was cut
+    between its two renames; leftovers of unfinished saves are removed. None: nothing saved yet."""
+    found = [(rec["steps_done"], folder) for folder in (out / MODEL, out / (MODEL + ".tmp"), out / (MODEL + ".old"))
+             if (rec := _saved_record(folder)) is not None]
+    if not found:
+        return None
+    _, best = max(found, key=lambda f: int(f[0]))
+    if best.name.endswith(".tmp"):
+        publish_folder(best, out / MODEL)
+    elif best.name.endswith(".old"):  # model/ is missing or unfinished: the previous set is the last one
+        discard_tree(out / MODEL)
+        os.replace(best, out / MODEL)
+    for leftover in (MODEL + ".tmp", MODEL + ".old", MODEL + ".trash"):
+        discard_tree(out / leftover)
+    return _saved_record(out / MODEL)
 
 
 def _truncate_log(path: Path, steps: int) -> None:
     """Keep the header and the first `steps` rows of train_log.csv."""
     lines = path.read_text().splitlines(keepends=True) if path.is_file() else [",".join(LOG_COLUMNS) + "\n"]
-    path.write_text("".join(lines[: steps + 1]))
+    _atomic_write(path, "".join(lines[: steps + 1]))
 
 
 def _check(cfg: TrainConfig) -> None:
@@ -296,6 +327,14 @@ def _check(cfg: TrainConfig) -> None:
 
 
 def run_train(cfg: TrainConfig, argv: list[str] | None = None) -> Path:
+    """See _run_train; the folder lock it takes (runfolder.lock_folder) is let go when it ends, however."""
+    try:
+        return _run_train(cfg, argv)
+    finally:
+        release_locks()
+
+
+def _run_train(cfg: TrainConfig, argv: list[str] | None = None) -> Path:
     """Train and save; returns the output folder. Raises InputError on bad input."""
     if cfg.on_policy:
         _fill_on_policy(cfg)
@@ -308,8 +347,12 @@ def run_train(cfg: TrainConfig, argv: list[str] | None = None) -> Path:
     if cfg.positions:
         raise InputError("train uses every response position; choose with --select and --budget", field="--positions")
     out = Path(cfg.out)
-    if out.is_dir() and any(out.iterdir()) and not (cfg.overwrite or cfg.resume):
+    if out.exists() and not out.is_dir():
+        raise InputError("exists and is not a folder", field="--out", file=str(out))
+    if out.is_dir() and any(p.name != LOCK for p in out.iterdir()) and not (cfg.overwrite or cfg.resume):
         raise InputError("folder is not empty; pass --overwrite or --resume", field="--out", file=str(out))
+    check_writable(out)
+    lock_folder(out)  # one trainer per folder, before anything in it is read
     device = resolve_device(cfg.device)
     ctxs, tok, match = load_inputs(cfg)
     vocab = match.vocab  # the longer tokenizer: every id of either is below it
@@ -322,25 +365,31 @@ def run_train(cfg: TrainConfig, argv: list[str] | None = None) -> Path:
                                                                       else len(ctxs)), cfg.steps, cfg.seed)
     start = 0
     log_path = out / "train_log.csv"
-    if cfg.resume and (out / "train.json").is_file():
-        done = json.loads((out / "train.json").read_text())
-        saved = asdict(TrainConfig()) | done.get("options", {})  # options added since that run: their defaults
-        if "select_rule" not in done.get("options", {}) and saved["select"] != "all":  # selected as ≤ 0.2 did
-            saved |= {"select_rule": "paper_text", "select_signals": "full"}
-        if saved | {"resume": True, "overwrite": False, "steps": cfg.steps} != asdict(cfg) | {
-                "resume": True, "overwrite": False}:
-            raise InputError("options differ from the run being resumed", field="--resume", file=str(out))
-        start = int(done["steps_done"])
+    saved = recover_checkpoint(out) if cfg.resume and out.is_dir() else None
+    if saved is not None:
+        before = asdict(TrainConfig()) | saved["options"]  # options added since that run: their defaults
+        if "select_rule" not in saved["options"] and before["select"] != "all":  # it selected as ≤ 0.2 did
+            before |= {"select_rule": "paper_text", "select_signals": "full"}
+        free = ("resume", "overwrite", "steps", "out", "quiet", "threads")  # where and how it runs, not what
+        differ = [k for k in asdict(cfg) if k not in free and before.get(k) != getattr(cfg, k)]
+        if differ:
+            raise InputError("options differ from the run being resumed: " + ", ".join(
+                f"{k} ({before.get(k)!r} vs {getattr(cfg, k)!r})" for k in differ), field="--resume", file=str(out))
+        start = int(saved["steps_done"])
         _truncate_log(log_path, start)  # steps logged after the last save are taken again
-        from transformers import AutoModelForCausalLM
-
-        saved = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32)
-        student.load_state_dict(saved.state_dict())
-        _load_optimizer(student, optimizer, out / "optimizer.safetensors")
+        # safetensors only, never the hub (models.load_model): a pytorch_model.bin there would be unpickled
+        weights = load_model(str((out / MODEL).resolve()), "resume", "float32", "cpu")
+        student.load_state_dict(weights.state_dict())
+        _load_optimizer(student, optimizer, out / MODEL / STATE / "optimizer.safetensors")
     else:
+        if cfg.resume and (out / "optimizer.safetensors").is_file():
+            raise InputError("saved by an older teachdiag whose model/ and optimizer state can disagree after a "
+                             "kill; start again with --overwrite", field="--resume", file=str(out))
         out.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "w", newline="") as f:
-            csv.writer(f).writerow(LOG_COLUMNS)
+        for old in (MODEL, MODEL + ".tmp", MODEL + ".old"):  # --overwrite: no stale set to resume
+            discard_tree(out / old)
+        (out / "train.json").unlink(missing_ok=True)
+        _atomic_write(log_path, ",".join(LOG_COLUMNS) + "\n")
     record = {"teachdiag": __version__, "command": " ".join(["teachdiag", "train", *(argv or [])]),
               "options": asdict(cfg), "n_contexts": len(ctxs), "device": str(device),
               "torch": torch.__version__, "steps_done": start}
@@ -355,12 +404,14 @@ def run_train(cfg: TrainConfig, argv: list[str] | None = None) -> Path:
                          keep=keep, kl_clip=cfg.kl_clip, loss_temperature=cfg.loss_temperature,
                          pw=(cfg.pw_min, cfg.pw_tau, cfg.pw_scale) if cfg.position_weight else None)
         row = {"step": step + 1, **row, "seconds": round(time.time() - t0, 3)}
-        with open(log_path, "a", newline="") as f:
-            csv.writer(f).writerow([row[c] for c in LOG_COLUMNS])
+        with disk_faults(out, "the last save is kept; free space or fix permissions, then rerun with --resume"):
+            _fsync_write(log_path, ",".join(str(row[c]) for c in LOG_COLUMNS) + "\n")  # on disk before any save
         bar.update()
         bar.set_postfix(loss=f"{row['loss']:.4f}", fkl=f"{row['mean_fkl']:.3f}")
-        if step + 1 == cfg.steps or (step + 1) % 10 == 0:  # a killed run resumes from the last save
-            _save(out, student, tok, optimizer, dict(record, steps_done=step + 1))
+        if step + 1 == cfg.steps or (step + 1) % SAVE_EVERY == 0:  # a killed run resumes from the last save
+            with disk_faults(out, "the last complete save is kept; free space or fix permissions, then rerun "
+                                  "with --resume"):
+                _save(out, student, tok, optimizer, dict(record, steps_done=step + 1))
     bar.close()
     student.requires_grad_(False)
     print(f"wrote {out / 'model'} after {cfg.steps} steps, {log_path}", file=sys.stderr)

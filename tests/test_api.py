@@ -39,3 +39,44 @@ def test_api_refuses_unknown_names_before_loading(tmp_path):
         teachdiag.run_probe(optimizer="adamw", out=str(tmp_path / "a"))
     with pytest.raises(InputError, match="--loss"):
         teachdiag.run_probe(loss="kl", out=str(tmp_path / "b"))
+
+
+def test_a_table_written_but_never_marked_complete_is_not_read_as_finished(tmp_path, pair, monkeypatch):
+    """#21.8: a kill between the tokens.csv rename and the run.json update leaves tokens.csv beside
+    "complete": false; load_run refuses it in one line (before: read without a word) and --resume
+    finishes it to the uninterrupted table."""
+    import json
+
+    import pandas as pd
+    import pytest
+
+    from teachdiag.cli import main
+    from teachdiag.errors import InputError
+    from teachdiag.runfolder import RunWriter
+
+    class Kill(BaseException):
+        pass
+
+    contexts = write_contexts(tmp_path / "c.jsonl", n=3)
+    args = ["probe", "--teacher", pair[0], "--student", pair[1], "--contexts", str(contexts), "--device", "cpu",
+            "--quiet", "--out"]
+    assert main([*args, str(tmp_path / "full")]) == 0
+    real = RunWriter.write_record
+
+    def write_record(self, record):
+        if record.get("complete") is True:
+            raise Kill
+        return real(self, record)
+
+    monkeypatch.setattr(RunWriter, "write_record", write_record)
+    out = tmp_path / "r"
+    with pytest.raises(Kill):
+        main([*args, str(out)])
+    monkeypatch.setattr(RunWriter, "write_record", real)
+    assert (out / "tokens.csv").is_file() and json.loads((out / "run.json").read_text())["complete"] is False
+    with pytest.raises(InputError, match="incomplete") as e:
+        teachdiag.load_run(out)
+    assert e.value.file == str(out / "run.json") and "\n" not in e.value.one_line()
+    assert len(teachdiag.load_run(out, allow_partial=True).table) == len(teachdiag.load_run(tmp_path / "full").table)
+    assert main([*args, str(out), "--resume"]) == 0
+    pd.testing.assert_frame_equal(teachdiag.load_run(out).table, teachdiag.load_run(tmp_path / "full").table)

@@ -264,3 +264,40 @@ def test_probe_top_k_signals_equal_the_served_reference(tmp_path, pair, contexts
             for name, value in want.items():
                 assert row[name] == pytest.approx(value, rel=1e-5, abs=1e-6), (row["context_id"], j, name)
     assert (got["union_fkl"] != full["union_fkl"]).any()
+
+
+def test_messages_name_the_right_line_the_differing_option_and_every_excluded_row(tmp_path, pair, capsys):
+    """#21.9: analyze names the line a bad number is really on when ids hold newlines (not the row
+    number + 2); analyze counts rows marked finite but holding inf among the excluded (it dropped them
+    while saying "0 excluded"); a moved train folder resumes, and a changed option is named."""
+    import numpy as np
+
+    from synthetic import make_tokens
+
+    df = make_tokens(n_ctx=10, n_pos=20, seed=3)
+    df["context_id"] = df["context_id"] + "\nline two"  # every row takes two lines in the CSV
+    bad = df.astype({"fkl": object})
+    bad.loc[5, "fkl"] = "oops"  # row 5: its record starts on line 2 + 2·5 = 12
+    (tmp_path / "bad").mkdir()
+    bad.to_csv(tmp_path / "bad/tokens.csv", index=False)
+    capsys.readouterr()
+    assert main(["analyze", str(tmp_path / "bad"), "--bootstrap", "0"]) == 2
+    assert f"tokens.csv:12: fkl: not a number: 'oops'" in capsys.readouterr().err
+
+    (tmp_path / "inf").mkdir()
+    df.loc[[3, 40, 77], "fkl"] = np.inf  # marked finite = 1 all the same
+    df.to_csv(tmp_path / "inf/tokens.csv", index=False)
+    assert main(["analyze", str(tmp_path / "inf"), "--bootstrap", "0"]) == 0
+    assert f"{len(df)} rows, 3 excluded as non-finite" in capsys.readouterr().err
+    assert f"{len(df)} rows, 3 excluded" in (tmp_path / "inf/analysis/summary.md").read_text()
+
+    contexts = write_contexts(tmp_path / "c.jsonl", n=4)
+    args = ["train", "--teacher", pair[0], "--student", pair[1], "--contexts", str(contexts), "--device", "cpu",
+            "--quiet", "--batch", "2"]
+    assert main([*args, "--lr", "1e-3", "--steps", "2", "--out", str(tmp_path / "a")]) == 0
+    (tmp_path / "a").rename(tmp_path / "moved")
+    assert main([*args, "--lr", "1e-3", "--steps", "3", "--out", str(tmp_path / "moved"), "--resume"]) == 0
+    capsys.readouterr()
+    assert main([*args, "--lr", "2e-3", "--steps", "4", "--out", str(tmp_path / "moved"), "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("options differ from the run being resumed: lr (0.001 vs 0.002)"), err

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -79,3 +81,87 @@ def test_overflowing_teacher_positions_are_flagged_and_left_out(tmp_path, pair):
     pd.testing.assert_series_equal(bad.loc[~poisoned, "gain_fkl"], good.loc[~poisoned, "gain_fkl"])
     assert main(["analyze", str(tmp_path / "bad"), "--bootstrap", "20", "--out", str(tmp_path / "an")]) == 0
     assert f"{len(bad)} rows, {poisoned.sum()} excluded" in (tmp_path / "an/summary.md").read_text()
+
+
+@pytest.mark.parametrize("case", ["5000-digit token id", "nested 200k deep", "id with a lone surrogate"])
+def test_hostile_records_are_one_line_errors_before_anything_is_computed(tmp_path, pair, case, capsys):
+    """#21.6: records that gave a traceback (Python's int-digit limit, RecursionError, a UnicodeEncodeError
+    when the row was written after its context was computed, and again on every resume)."""
+    path = tmp_path / "c.jsonl"
+    bad = {"5000-digit token id": '{"id": "b", "prompt_ids": [1], "response_ids": [' + "9" * 5000 + "]}",
+           "nested 200k deep": '{"id": "b", "prompt_ids": [1], "response_ids": [2], "meta": {"x": '
+                               + "[" * 200_000 + "]" * 200_000 + "}}",
+           "id with a lone surrogate": '{"id": "b\\ud800", "prompt_ids": [1], "response_ids": [2]}'}[case]
+    path.write_text(json.dumps({"id": "a", "prompt_ids": [1, 2], "response_ids": [3, 4]}) + "\n" + bad + "\n")
+    out = tmp_path / "r"
+    capsys.readouterr()
+    assert main(["probe", "--teacher", pair[0], "--student", pair[1], "--contexts", str(path), "--out", str(out),
+                 "--device", "cpu", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"teachdiag: error: {path}:2: "), err
+    assert "Traceback" not in err and not out.exists()  # refused while reading: nothing computed
+    if case == "id with a lone surrogate":
+        assert err.startswith(f"teachdiag: error: {path}:2: id: not valid Unicode"), err
+
+
+@pytest.mark.parametrize("fault", ["disk full mid-run", "folder read-only mid-run", "disk full at the merge",
+                                   "analyze --out read-only", "train --out a file"])
+def test_environment_faults_are_one_line_and_lose_nothing(tmp_path, pair, fault, monkeypatch, capsys):
+    """#21.7: a write that fails (ENOSPC, EROFS; injected at the n-th write, half written where a real disk
+    would tear it) is one line naming the file, not a traceback; --resume then gives the uninterrupted table."""
+    import errno
+    import os
+    from pathlib import Path
+
+    import pandas as pd
+
+    import teachdiag.runfolder as runfolder
+    from conftest import write_contexts
+    from teachdiag.table import read_tokens
+
+    contexts = write_contexts(tmp_path / "c.jsonl", n=5)
+    probe = ["probe", "--teacher", pair[0], "--student", pair[1], "--contexts", str(contexts), "--device", "cpu",
+             "--quiet", "--out"]
+    assert main([*probe, str(tmp_path / "full")]) == 0
+    out, calls, real = tmp_path / "r", [0], runfolder._fsync_write
+    code, n = {"disk full mid-run": (errno.ENOSPC, 4), "folder read-only mid-run": (errno.EROFS, 5),
+               "disk full at the merge": (errno.ENOSPC, None)}.get(fault, (errno.EROFS, None))
+
+    def failing_write(path, text, mode="a"):
+        calls[0] += 1
+        if calls[0] == n or (n is None and Path(path).name == "tokens.csv.tmp"):
+            if code == errno.ENOSPC:
+                real(path, text[: len(text) // 2], mode)
+            raise OSError(code, os.strerror(code), str(path))
+        return real(path, text, mode)
+
+    capsys.readouterr()
+    if fault == "analyze --out read-only":
+        real_mkdir = Path.mkdir
+
+        def mkdir(self, *a, **k):
+            if self.name == "ro":
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+            return real_mkdir(self, *a, **k)
+
+        monkeypatch.setattr(Path, "mkdir", mkdir)
+        assert main(["analyze", str(tmp_path / "full"), "--bootstrap", "0", "--out", str(tmp_path / "ro")]) == 2
+        want = f"teachdiag: error: {tmp_path / 'ro'}: --out: cannot write there (Read-only file system)"
+    elif fault == "train --out a file":
+        (tmp_path / "ckpt").write_text("precious")
+        assert main(["train", "--teacher", pair[0], "--student", pair[1], "--contexts", str(contexts), "--device",
+                     "cpu", "--quiet", "--steps", "1", "--out", str(tmp_path / "ckpt")]) == 2
+        want = f"teachdiag: error: {tmp_path / 'ckpt'}: --out: exists and is not a folder"
+        assert (tmp_path / "ckpt").read_text() == "precious"
+    else:
+        monkeypatch.setattr(runfolder, "_fsync_write", failing_write)
+        assert main([*probe, str(out)]) == 2
+        want = f"teachdiag: error: {out}/"
+        assert not (out / "tokens.csv").exists() and not (out / "tokens.csv.tmp").exists()
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(want) and "Traceback" not in err, err
+    if out.exists():
+        assert os.strerror(code) in err and "--resume" in err
+        monkeypatch.setattr(runfolder, "_fsync_write", real)  # space freed
+        assert main([*probe, str(out), "--resume"]) == 0
+        pd.testing.assert_frame_equal(read_tokens(out / "tokens.csv"), read_tokens(tmp_path / "full/tokens.csv"))

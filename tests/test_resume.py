@@ -144,3 +144,88 @@ def test_a_run_begun_before_an_option_existed_resumes_with_the_value_it_had(tmp_
                             added={"signals": "full"})
     with pytest.raises(InputError, match="option signals differs"):  # without `added`: None vs "full"
         writer.check_resume(new, RESUME_KEYS)
+
+
+def test_a_second_run_on_a_folder_in_use_is_refused_naming_the_holder(tmp_path, pair, contexts, monkeypatch):
+    """#21.3: a probe started on a folder another probe is still loading models into is refused in one
+    line naming the holder's pid (before, both computed everything and the folder could not be resumed);
+    the first lets go when it ends, and a holder killed with SIGKILL leaves no stale lock."""
+    import teachdiag.runner as runner
+    from teachdiag.errors import InputError
+
+    out, second = tmp_path / "r", {}
+    real = runner.load_models
+
+    def start_another_while_loading(*a, **k):  # the first run has --out, its models not yet loaded
+        if not second:
+            p = subprocess.run([sys.executable, "-m", "teachdiag", *cmd(pair, contexts, out)], env=ENV,
+                               capture_output=True, text=True, timeout=600)
+            second.update(rc=p.returncode, err=p.stderr.strip())
+        return real(*a, **k)
+
+    monkeypatch.setattr(runner, "load_models", start_another_while_loading)
+    assert main(cmd(pair, contexts, out)) == 0
+    assert second["rc"] == 2, second["err"]
+    assert len(second["err"].splitlines()) == 1 and f"pid {os.getpid()}" in second["err"], second["err"]
+    table = read_tokens(out / "tokens.csv")
+    assert not table.duplicated(["context_id", "position"]).any()
+    assert json.loads((out / "run.json").read_text())["complete"] is True
+
+    from teachdiag.runfolder import lock_folder, release_locks
+
+    held = out  # let go when the first run ended: another process can take it
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from teachdiag.runfolder import lock_folder; lock_folder(Path(sys.argv[1])); "
+                               "print('locked', flush=True); time.sleep(600)", str(held)],
+                              env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(InputError, match=f"pid {holder.pid}"):
+            lock_folder(held)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    lock_folder(held)  # free again, though the lock file is still there
+    release_locks()
+
+
+class Kill(BaseException):
+    """A kill -9 at an injected point: nothing after it runs."""
+
+
+def kill_probe_after(monkeypatch, n_contexts: int):
+    """The next probe dies as it appends its (n_contexts + 1)-th context."""
+    from teachdiag.runfolder import RunWriter
+
+    real, calls = RunWriter.append_context, [0]
+
+    def append(self, context_id, rows):
+        calls[0] += 1
+        if calls[0] > n_contexts:
+            raise Kill
+        return real(self, context_id, rows)
+
+    monkeypatch.setattr(RunWriter, "append_context", append)
+    return lambda: monkeypatch.setattr(RunWriter, "append_context", real)
+
+
+@pytest.mark.parametrize("damage", ["partial cut short", "a middle row doubled"])
+def test_a_damaged_run_folder_resumes_to_the_uninterrupted_table(tmp_path, pair, damage, monkeypatch):
+    """#21.5: the parts of a killed run damaged on disk: resume cuts them back to their last sound
+    context and recomputes the rest (before: NUL padding and a ParserError, or "a row appears twice",
+    on every resume)."""
+    contexts = write_contexts(tmp_path / "c.jsonl", n=8)
+    assert main(cmd(pair, contexts, tmp_path / "full")) == 0
+    out = tmp_path / "r"
+    undo = kill_probe_after(monkeypatch, 5)
+    with pytest.raises(Kill):
+        main(cmd(pair, contexts, out))
+    undo()
+    partial = out / "tokens.partial.csv"
+    lines = partial.read_text().splitlines(keepends=True)
+    if damage == "partial cut short":  # the file lost its last rows; progress.jsonl still counts them
+        partial.write_text("".join(lines[:-2]))
+    else:
+        partial.write_text("".join(lines[:4] + lines[3:]))
+    assert main(cmd(pair, contexts, out, "--resume")) == 0
+    pd.testing.assert_frame_equal(read_tokens(out / "tokens.csv"), read_tokens(tmp_path / "full/tokens.csv"))

@@ -238,3 +238,69 @@ def test_padded_embedding_rows_are_never_sampled(tmp_path):
     make_tokenizer().save_pretrained(folder)
     records = rollout(str(folder), write_prompts(tmp_path / "p.jsonl"), tmp_path / "r.jsonl", max_new_tokens=6)
     assert all(max(r["response_ids"]) < len(make_tokenizer()) for r in records)
+
+
+class Kill(BaseException):
+    """A kill -9 at an injected point: nothing after it runs."""
+
+
+def test_killed_rollouts_never_look_finished_and_resume_checks_the_prompts(tiny, tmp_path, monkeypatch):
+    """#21.4: a rollout killed before any of its batches or before its final rename leaves no --out
+    (only <out>.partial, which probe does not take for contexts) and --resume gives the uninterrupted
+    file; an edited prompt or a removed id is refused before any sampling, not kept stale or a KeyError."""
+    import os
+
+    import teachdiag.rollout as ro
+    from teachdiag.contexts import load_contexts
+
+    p = write_prompts(tmp_path / "p.jsonl")
+    kw = dict(samples=2, batch_size=3, seed=4)
+    full = tmp_path / "full.jsonl"
+    rollout(tiny, p, full, **kw)
+    real_generate, real_replace, calls = ro.generate_batch, os.replace, [0]
+    n_batches = -(-2 * len(RECORDS) // 3)
+
+    def kill_at(n):
+        def generate(*a, **k):
+            calls[0] += 1
+            if calls[0] == n:
+                raise Kill
+            return real_generate(*a, **k)
+
+        def replace(src, dst, *a, **k):  # the final rename is call n_batches + 1
+            if n == n_batches + 1 and str(dst).endswith(".jsonl"):
+                raise Kill
+            return real_replace(src, dst, *a, **k)
+
+        calls[0] = 0
+        monkeypatch.setattr(ro, "generate_batch", generate)
+        monkeypatch.setattr(os, "replace", replace)
+
+    for n in range(1, n_batches + 2):
+        out = tmp_path / f"killed{n}.jsonl"
+        kill_at(n)
+        with pytest.raises(Kill):
+            rollout(tiny, p, out, **kw)
+        kill_at(None)
+        assert not out.exists(), n  # nothing that looks finished
+        with pytest.raises(InputError, match="not found"):
+            load_contexts(out)
+        rollout(tiny, p, out, resume=True, **kw)
+        assert out.read_bytes() == full.read_bytes(), n
+        assert not ro.partial_path(out).exists()
+
+    out = tmp_path / "edited.jsonl"
+    kill_at(3)
+    with pytest.raises(Kill):
+        rollout(tiny, p, out, **kw)
+    first = json.loads(ro.partial_path(out).read_text().splitlines()[0])
+    rid = first["id"].rsplit("-s", 1)[0]
+    edited = [dict(r, prompt=r["prompt"] + " please") if r["id"] == rid else r for r in RECORDS]
+    kill_at(1)  # any sampling now would be a failure of the check
+    with pytest.raises(InputError, match=f"'{first['id']}' was sampled from another prompt") as e:
+        rollout(tiny, write_prompts(tmp_path / "edited.jsonl.prompts", edited), out, resume=True, **kw)
+    assert (e.value.file, e.value.line, e.value.field) == (str(ro.partial_path(out)), 1, "prompt_ids")
+    removed = [r for r in RECORDS if r["id"] != rid]
+    with pytest.raises(InputError, match=f"id '{first['id']}' is not in") as e:
+        rollout(tiny, write_prompts(tmp_path / "removed.jsonl.prompts", removed), out, resume=True, **kw)
+    assert (e.value.line, e.value.field) == (1, "id") and calls[0] == 0

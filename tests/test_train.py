@@ -252,10 +252,11 @@ def test_train_cli_pw_opsd_runs_records_its_options_and_refuses_what_it_would_ig
                  "--out", str(tmp_path / "b")]) == 0
     # a run saved before these options existed resumes (they take their defaults)
     assert main([*args, "--out", str(tmp_path / "old")]) == 0
-    record = json.loads((tmp_path / "old" / "train.json").read_text())
+    saved = tmp_path / "old" / "model" / "train_state" / "train.json"  # the record resume reads
+    record = json.loads(saved.read_text())
     for name in ("kl_clip", "loss_temperature", "position_weight", "pw_min", "pw_tau", "pw_scale"):
         del record["options"][name]
-    (tmp_path / "old" / "train.json").write_text(json.dumps(record))
+    saved.write_text(json.dumps(record))
     assert main([*args[:-1], "3", "--out", str(tmp_path / "old"), "--resume"]) == 0
     capsys.readouterr()
     for bad in (["--kl-clip", "0.1"], ["--loss-temperature", "1.1"],  # sampled_token ignores them
@@ -265,3 +266,101 @@ def test_train_cli_pw_opsd_runs_records_its_options_and_refuses_what_it_would_ig
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith("teachdiag: error:"), err
     assert not (tmp_path / "bad").exists()  # refused before anything was written
+
+
+class Kill(BaseException):
+    """A kill -9 at an injected point: nothing after it runs (not an Exception, so nothing catches it)."""
+
+
+def test_a_kill_at_any_point_of_a_save_resumes_to_the_uninterrupted_weights(tmp_path, pair, monkeypatch):
+    """#21.1: weights, optimizer state and step are one set. Kill the second of three saves before each
+    of its renames (and while it writes), resume: the final weights and log equal one uninterrupted run."""
+    import os
+
+    import teachdiag.train as train
+
+    monkeypatch.setattr(train, "SAVE_EVERY", 2)
+    contexts = write_contexts(tmp_path / "c.jsonl", n=4)
+
+    def run(out, resume=False):
+        return train.run_train(TrainConfig(teacher=pair[0], student=pair[1], contexts=str(contexts), device="cpu",
+                                           quiet=True, loss="reverse_kl", lr=3e-3, batch=2, steps=6, out=str(out),
+                                           resume=resume))
+
+    def log(out):  # the log without its timings
+        return [line.rsplit(",", 1)[0] for line in (out / "train_log.csv").read_text().splitlines()]
+
+    saves, renames, kill_at = [0], [0], [None]  # kill_at: (the save, the rename in it) to die before
+    real_save, real_replace, real_save_file = train._save, os.replace, train.save_file
+
+    def counting_save(*a, **k):
+        saves[0] += 1
+        renames[0] = 0
+        return real_save(*a, **k)
+
+    def replace(*a, **k):
+        renames[0] += 1
+        if kill_at[0] == (saves[0], renames[0]):
+            raise Kill
+        return real_replace(*a, **k)
+
+    def save_file(*a, **k):  # a kill while the optimizer state is being written
+        if kill_at[0] == (saves[0], 0):
+            raise Kill
+        return real_save_file(*a, **k)
+
+    monkeypatch.setattr(train, "_save", counting_save)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(train, "save_file", save_file)
+    run(tmp_path / "full")
+    n_renames = renames[0]  # in the last save, as in every save after the first
+    assert saves[0] == 3 and n_renames >= 2
+    want = load(tmp_path / "full" / "model")
+    for k in range(n_renames + 1):
+        out = tmp_path / f"killed{k}"
+        saves[0], kill_at[0] = 0, (2, k)
+        with pytest.raises(Kill):
+            run(out)
+        kill_at[0] = None
+        run(out, resume=True)
+        got = load(out / "model")
+        for (name, p), q in zip(want.named_parameters(), got.parameters()):
+            torch.testing.assert_close(q, p, rtol=0, atol=0, msg=f"killed before rename {k}: {name}")
+        assert log(out) == log(tmp_path / "full"), k
+        assert json.loads((out / "train.json").read_text())["steps_done"] == 6
+        assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "full").iterdir())
+
+
+def test_resume_never_unpickles_a_weights_file_planted_in_the_folder(tmp_path, pair, monkeypatch, capsys):
+    """#21.2: model/ with a booby-trapped pytorch_model.bin instead of safetensors is refused in one
+    line; nothing is unpickled (not even by torch.load(weights_only=True), which would only stop it late)."""
+    import pickle
+    from pathlib import Path
+
+    contexts = write_contexts(tmp_path / "c.jsonl", n=4)
+    out = tmp_path / "a"
+    args = ["train", "--teacher", pair[0], "--student", pair[1], "--contexts", str(contexts), "--device", "cpu",
+            "--quiet", "--lr", "1e-3", "--batch", "2", "--out", str(out)]
+    assert main([*args, "--steps", "2"]) == 0
+    marker = tmp_path / "unpickled"
+
+    class Trap:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    for f in (out / "model").glob("*.safetensors"):
+        f.unlink()
+    (out / "model" / "pytorch_model.bin").write_bytes(pickle.dumps({"lm_head.weight": Trap()}))
+    loads = []
+
+    def no_load(*a, **k):
+        loads.append(a)
+        raise AssertionError("torch.load was called")
+
+    monkeypatch.setattr(torch, "load", no_load)
+    capsys.readouterr()
+    assert main([*args, "--steps", "4", "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("teachdiag: error:") and "Traceback" not in err, err
+    assert "pytorch_model.bin is pickled and never loaded" in err and "--resume" in err
+    assert not loads and not marker.exists()

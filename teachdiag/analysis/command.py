@@ -33,6 +33,7 @@ from teachdiag.analysis.instruments import agreement
 from teachdiag.analysis.viability import analyze_viability, is_viability_run
 from teachdiag.errors import InputError
 from teachdiag.flags import opt
+from teachdiag.runfolder import check_writable
 from teachdiag.scores import teachability_scores
 from teachdiag.table import COLUMNS, TEXT_COLUMNS, PARTIAL, all_parts, read_tokens
 
@@ -114,13 +115,36 @@ def load_tokens(path: str | pathlib.Path) -> tuple[pd.DataFrame, int]:
             if bad.any():
                 i = int(np.flatnonzero(bad.to_numpy())[0])
                 raise InputError(f"not a number: {df[col].iloc[i]!r}", file=str(path),
-                                 line=i + 2, field=col)
+                                 line=line_of_row(path, i), field=col)
             df[col] = num
-    finite = df["finite"].fillna(0).to_numpy() != 0
+    # the flag's definition (probe/rows.make_row): no ±inf in a finite row; a table that says
+    # otherwise would have such rows dropped by every statistic but not counted as excluded
+    infinite = np.isinf(df[[c for c in numeric if c != "finite"]].to_numpy(float)).any(axis=1)
+    finite = (df["finite"].fillna(0).to_numpy() != 0) & ~infinite
     df = df[finite]
     if df.empty:
         raise InputError("no finite rows (every row has finite = 0)", file=str(path), field="finite")
     return selection.table_order(df), int((~finite).sum())
+
+
+def line_of_row(path: pathlib.Path, row: int) -> int:
+    """The line of `path` where data row `row` (0-based, blank lines skipped as pandas does) begins:
+    a quoted field may hold newlines (a context id, a token), so rows and lines differ."""
+    import csv
+    import gzip
+
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8", newline="") as f:
+        reader = csv.reader(f)
+        next(reader, None)  # the header
+        k, last = 0, reader.line_num
+        for record in reader:
+            if record:
+                if k == row:
+                    return last + 1
+                k += 1
+            last = reader.line_num
+    return row + 2
 
 
 def load_run(run: str | pathlib.Path, allow_partial: bool = False) -> dict:
@@ -261,6 +285,7 @@ def run_analyze(cfg: AnalyzeConfig) -> pathlib.Path:
         raise InputError("give either probe runs (tokens.csv) or viability runs (viability.csv), not both",
                          field="runs")
     runs = [load_run(r, cfg.allow_partial) for r in cfg.runs]
+    check_writable(out)  # a read-only --out is refused now, not after every statistic is computed
     if cfg.response_lengths:
         runs = [add_response_lengths(r, cfg.response_lengths) for r in runs]
     names = [r["name"] for r in runs]

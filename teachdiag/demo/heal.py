@@ -101,7 +101,7 @@ class HealConfig:
     heldout: int = opt("sequences held out to report the fit", 16)
     seed: int = opt("seed for sampling, initialisation and order", 0)
     threads: int = opt("torch CPU threads (the CPU may be shared)", 1)
-    cache: str = opt("optional .pt file caching the teacher's text and top-K (reused when present)", "")
+    cache: str = opt("optional .safetensors file caching the teacher's text and top-K (reused when present)", "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,6 +278,28 @@ def save_deltas(trainable: list[tuple[str, nn.Parameter]], cfg: HealConfig, kept
     return out
 
 
+def _write_cache(path: Path, examples: list[dict]) -> None:
+    """The teacher's text and top-K as safetensors (a torch.save file would be unpickled when read)."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for i, e in enumerate(examples):
+        tensors.update({f"{i}.ids": torch.tensor(e["ids"]), f"{i}.start": torch.tensor([e["start"]]),
+                        f"{i}.top_idx": e["top_idx"].contiguous(), f"{i}.top_lp": e["top_lp"].contiguous()})
+    save_file(tensors, str(path), metadata={"examples": str(len(examples))})
+
+
+def _read_cache(path: Path) -> list[dict]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), "pt") as f:  # a .pt cache of an older version is refused here, never unpickled
+        n = int((f.metadata() or {})["examples"])
+    t = load_file(str(path))
+    return [{"ids": t[f"{i}.ids"].tolist(), "start": int(t[f"{i}.start"][0]), "top_idx": t[f"{i}.top_idx"],
+             "top_lp": t[f"{i}.top_lp"]} for i in range(n)]
+
+
 def heal(cfg: HealConfig) -> Path:
     """Generate the training text, train the deltas, save them; returns the deltas path."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -291,13 +313,13 @@ def heal(cfg: HealConfig) -> Path:
 
     cache = Path(cfg.cache) if cfg.cache else None
     if cache is not None and cache.is_file():
-        examples = torch.load(cache)
+        examples = _read_cache(cache)
     else:
         teacher = AutoModelForCausalLM.from_pretrained(str(teacher_path), dtype=torch.float32).eval()
         examples = teacher_text(teacher, tok, heal_prompts(cfg), cfg)
         del teacher
         if cache is not None:
-            torch.save(examples, cache)
+            _write_cache(cache, examples)
     t_text = time.time() - t_start
 
     order = list(range(len(examples)))
