@@ -323,7 +323,7 @@ def run_analyze(cfg: AnalyzeConfig) -> pathlib.Path:
             "reg": analysis.regressions(t, cfg.gain, n_boot=cfg.bootstrap, seed=cfg.seed),
             "q3": analysis.q3_gap(t, cfg.gain, n_boot=cfg.bootstrap, seed=cfg.seed),
             "sel": selection.selection_table(t, cfg.gain),
-            "ta": selection.ta_opd_selection(t, cfg.gain, seed=cfg.seed),
+            "ta": selection.ta_opd_selection(t, cfg.gain, seed=cfg.seed, n_boot=cfg.bootstrap),
             "dec": pd.concat([analysis.gain_by_bin(t, s, cfg.gain, n_boot=cfg.bootstrap, seed=cfg.seed)
                               for s in DECILE_SCORES]),
             "split": analysis.gain_by_bin(t, "fkl", cfg.gain, split="compat_mass",

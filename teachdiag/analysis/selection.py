@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from teachdiag.analysis.bootstrap import group_mean_draws, percentile_ci
 from teachdiag.scores import budget_count, keep_positions
 
 BUDGETS = (0.01, 0.03, 0.05, 0.10)
@@ -103,24 +104,27 @@ def selection_table(df: pd.DataFrame, gain: str, budgets: Sequence[float] = BUDG
 
 # ---------------------------------------------------------------- what a TA-OPD trainer keeps
 
-TA_OPD_SELECTORS = ("teachability", "entropy", "divergence", "tip", "ca_softor", "random", "position")
+TA_OPD_SELECTORS = ("teachability", "entropy", "divergence", "tip", "ca_softor", "fkl", "random", "position")
 
 
 def ta_opd_selection(df: pd.DataFrame, gain: str, budgets: Sequence[float] = BUDGETS, batch: int = 8,
-                     seed: int = 0) -> pd.DataFrame:
+                     seed: int = 0, n_boot: int = 1000) -> pd.DataFrame:
     """What the released TA-OPD rule (scores.ta_opd_keep) keeps at fixed θ0 when the table's
     contexts are trained in batches of `batch` (table order, as `teachdiag train --batch` would
     take them): per batch, max(1, ceil(ρ·N_batch)) positions by the selector's score normalised
     over the batch, then one position for each context left without one. Scores come from the
     table's topk_entropy, union_fkl, compat_mass (the probe's --signals mode). Rows with a
     non-finite gain are left out first. oracle: per batch the same count by the gain itself, no
-    fill. Returns rows: gain, budget, selector, batch, n, k, filled, mean_gain, median_gain,
-    share_of_gain, overlap_oracle, mean_gain_all."""
+    fill. fkl (the raw full-vocabulary KL, teachdiag's trainer selector) only where the table has
+    it. mean_gain's CI: cluster bootstrap over contexts, n_boot resamples. Returns rows: gain,
+    budget, selector, batch, n, k, filled, mean_gain, ci_low, ci_high, median_gain, share_of_gain,
+    overlap_oracle, mean_gain_all."""
+
     t = table_order(df[np.isfinite(df[gain].to_numpy(float))])
     g = t[gain].to_numpy(float)
     ctx = pd.factorize(t["context_id"])[0]
     has_len = "response_length" in t.columns and np.isfinite(t["response_length"].to_numpy(float)).all()
-    names = [s for s in TA_OPD_SELECTORS if s != "position" or has_len]
+    names = [s for s in TA_OPD_SELECTORS if (s != "position" or has_len) and (s != "fkl" or t["fkl"].notna().all())]
     groups = [np.flatnonzero((ctx >= b) & (ctx < b + batch)) for b in range(0, ctx.max() + 1 if len(t) else 0, batch)]
     total, rows = g.sum(), []
     for rho in budgets:
@@ -136,11 +140,14 @@ def ta_opd_selection(df: pd.DataFrame, gain: str, budgets: Sequence[float] = BUD
             k = budget_count(len(idx), rho, "released")
             budget_k += k
             masks["oracle"][idx[select_top(g[idx], k)]] = True
-        for name, m in masks.items():
+        draws = group_mean_draws(g, np.stack(list(masks.values())), ctx, n_boot, seed)
+        for i, (name, m) in enumerate(masks.items()):
             kept = g[m]
+            ci = percentile_ci(draws[:, i]) if len(draws) else (np.nan, np.nan)
             rows.append((gain, rho, name, batch, len(t), int(m.sum()), int(m.sum()) - budget_k,
-                         kept.mean() if len(kept) else np.nan, np.median(kept) if len(kept) else np.nan,
+                         kept.mean() if len(kept) else np.nan, *ci, np.median(kept) if len(kept) else np.nan,
                          kept.sum() / total if total != 0 else np.nan,
                          (m & masks["oracle"]).sum() / m.sum() if m.any() else np.nan, g.mean() if len(g) else np.nan))
     return pd.DataFrame(rows, columns=["gain", "budget", "selector", "batch", "n", "k", "filled", "mean_gain",
-                                       "median_gain", "share_of_gain", "overlap_oracle", "mean_gain_all"])
+                                       "ci_low", "ci_high", "median_gain", "share_of_gain", "overlap_oracle",
+                                       "mean_gain_all"])

@@ -160,6 +160,7 @@ def test_ta_opd_selection_is_the_released_rule_per_batch_of_contexts():
             keep = np.array(keep, bool)
             row = got.loc[(rho, sel)]
             assert row["k"] == keep.sum() and row["mean_gain"] == pytest.approx(g[keep].mean(), rel=1e-12)
+            assert row["ci_low"] < row["mean_gain"] < row["ci_high"]
             budget = sum(max(1, math.ceil(((ctx >= b) & (ctx < b + 3)).sum() * rho)) for b in range(0, 7, 3))
             assert row["k"] - row["filled"] == budget
             filled += row["filled"]
