@@ -54,6 +54,12 @@ def test_sampled_positions_are_seeded_and_truncation_applies(tmp_path, pair, con
     a, b = read_tokens(tmp_path / "a/tokens.csv"), read_tokens(tmp_path / "b/tokens.csv")
     pd.testing.assert_frame_equal(a, b)
     assert len(a) == 5
+    # another --seed samples other positions (a probe that ignored --seed would pass the check above)
+    assert probe(pair, contexts, tmp_path / "d", "--positions", "5", "--seed", "4") == 0
+    d = read_tokens(tmp_path / "d/tokens.csv")
+    assert len(d) == 5
+    picked = lambda t: set(zip(t["context_id"], t["position"]))  # noqa: E731
+    assert picked(a) != picked(d)
     assert probe(pair, contexts, tmp_path / "c", "--max-response-tokens", "2") == 0
     c = read_tokens(tmp_path / "c/tokens.csv")
     assert c["position"].max() == 1 and len(c) == 8
