@@ -245,6 +245,7 @@ def test_position_selector_keeps_the_latest_share_and_leaves_the_others_bit_iden
 
 # ---------------------------------------------------------------- never raises on a valid table
 
+@pytest.mark.slow  # ~55 s on a shared 2-core machine (12 examples × two protocols)
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(n=st.integers(1, 30), n_ctx=st.integers(1, 4), seed=st.integers(0, 10))
 def test_analyze_never_raises_on_small_tables(tmp_path_factory, n, n_ctx, seed):
