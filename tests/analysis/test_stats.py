@@ -61,7 +61,8 @@ def test_add_scores_soft_or_closed_form_on_planted_values():
     assert got["teach_entropy"][50] == pytest.approx(0.5 + 0.5 * 0.19 / 0.9, abs=1e-12)
     # i = 0: h = d = t = 0 (all clip to 0): every soft OR is 0. i = 100: h = 100 (H̃ = 1): both are 1
     assert got["tip"][0] == 0 and got["teach_entropy"][0] == 0
-    assert got["tip"][100] == pytest.approx(1.0, abs=1e-15) and got["teach_entropy"][100] == pytest.approx(1.0, abs=1e-15)
+    assert got["tip"][100] == pytest.approx(1.0, abs=1e-15)
+    assert got["teach_entropy"][100] == pytest.approx(1.0, abs=1e-15)
     # i = 3: h = 3 < 5, so H̃ = 0 and tip = D̃; d = 111 mod 101 = 10: D̃ = 5/90
     assert d[3] == 10.0 and got["tip"][3] == pytest.approx(5 / 90, abs=1e-12)
     # (max, sum and product of 0.5 and 0.3 are 0.5, 0.8 and 0.15: the 0.65 above tells them apart)
