@@ -82,9 +82,17 @@ def test_forced_continuation_equals_a_hand_built_generate_call():
 
 
 def test_sampled_continuations_are_seeded():
+    """Same seed, same continuations; another seed or greedy decoding gives others (a sampler that
+    ignored the seed or the temperature would fail); padded rows are never sampled even when they
+    are made the likeliest ids (without the suppression every token would be one)."""
     model = make_model("qwen2", 80, seed=3).eval()
-    prefixes = [[1, 2, 3], [4, 5, 6, 7]]
-    kw = dict(max_new_tokens=8, temperature=1.0, eos_ids=[EOS], pad_id=EOS, vocab=N_WORDS + 1)
-    a = continue_forced(model, prefixes, seed=5, **kw)
-    assert a == continue_forced(model, prefixes, seed=5, **kw)
+    with torch.no_grad():
+        model.lm_head.weight[N_WORDS + 1:] += 50.0  # rows 68..79: beyond the tokenizer, now dominant
+    prefixes = [[1, 2, 3], [4, 5, 6, 7], [8, 9], [10, 11, 12, 13, 14]]
+    kw = dict(max_new_tokens=8, eos_ids=[EOS], pad_id=EOS, vocab=N_WORDS + 1)
+    a = continue_forced(model, prefixes, seed=5, temperature=1.0, **kw)
+    assert a == continue_forced(model, prefixes, seed=5, temperature=1.0, **kw)
+    assert a != continue_forced(model, prefixes, seed=6, temperature=1.0, **kw)
+    assert a != continue_forced(model, prefixes, seed=5, temperature=0.0, **kw)
     assert all(t <= N_WORDS for ids, _ in a for t in ids)  # padded rows beyond the tokenizer are never sampled
+    assert sum(len(ids) for ids, _ in a) >= 8  # there were tokens to check

@@ -54,6 +54,12 @@ def test_sampled_positions_are_seeded_and_truncation_applies(tmp_path, pair, con
     a, b = read_tokens(tmp_path / "a/tokens.csv"), read_tokens(tmp_path / "b/tokens.csv")
     pd.testing.assert_frame_equal(a, b)
     assert len(a) == 5
+    # another --seed samples other positions (a probe that ignored --seed would pass the check above)
+    assert probe(pair, contexts, tmp_path / "d", "--positions", "5", "--seed", "4") == 0
+    d = read_tokens(tmp_path / "d/tokens.csv")
+    assert len(d) == 5
+    picked = lambda t: set(zip(t["context_id"], t["position"]))  # noqa: E731
+    assert picked(a) != picked(d)
     assert probe(pair, contexts, tmp_path / "c", "--max-response-tokens", "2") == 0
     c = read_tokens(tmp_path / "c/tokens.csv")
     assert c["position"].max() == 1 and len(c) == 8
@@ -167,10 +173,64 @@ def test_console_script_exit_code_and_no_traceback(tmp_path, pair):
     assert proc.stderr.strip() == "teachdiag: error: " + str(bad) + ":1: malformed JSON (Expecting value, column 1)"
 
 
-def test_help_for_every_command():
-    for cmd in ("probe", "rollout", "analyze"):
-        proc = subprocess.run([sys.executable, "-m", "teachdiag", cmd, "--help"], capture_output=True, text=True)
-        assert proc.returncode == 0 and "usage" in proc.stdout, cmd
+def _command_table() -> dict:
+    """The CLI's own command table (name -> (config class, handler, description)): a command added
+    there is covered by the --help tests below without editing them."""
+    from teachdiag.cli import _commands
+
+    return _commands()
+
+
+COMMANDS = list(_command_table())
+
+
+def test_the_command_table_is_not_empty_and_has_the_documented_commands():
+    # a floor, not the list: the parametrized test takes whatever the table holds
+    assert {"probe", "rollout", "analyze", "calibrate", "train", "viability"} <= set(COMMANDS)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_for_every_command(command, capsys):
+    """`teachdiag CMD --help` exits 0 and lists exactly CMD's options: one flag per field of its
+    config dataclass (no more, no fewer: another command's config would fail), each field's own help
+    text, and the command's description."""
+    import dataclasses
+    import re
+
+    cls, _, desc = _command_table()[command]
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    usage = out.partition("\n\n")[0]
+    assert usage.startswith(f"usage: teachdiag {command} [-h]"), usage
+    flat = "".join(out.split())  # argparse wraps lines (and breaks at hyphens): compare without whitespace
+    flags, positional = set(), []
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("positional"):
+            positional.append(f.name)
+        else:
+            flags.add("--" + f.name.replace("_", "-"))
+        assert "".join(f.metadata["help"].split()) in flat, (command, f.name)
+    assert set(re.findall(r"\[(--[a-z0-9][a-z0-9-]*)", usage)) == flags, command
+    for name in positional:
+        assert re.search(rf"(?<![\w-]){name}(?![\w-])", usage), (command, name)
+    assert "".join(desc.split()) in flat
+
+
+def test_top_level_help_and_version_through_python_m():
+    """The real entry point (`python -m teachdiag`, as the console script): --help names every
+    command of the table, --version prints the version pyproject.toml declares."""
+    import tomllib
+    from pathlib import Path
+
+    proc = subprocess.run([sys.executable, "-m", "teachdiag", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    listed = proc.stdout.split("{", 1)[1].split("}", 1)[0].split(",")  # usage: teachdiag ... {probe,rollout,...}
+    assert listed == COMMANDS
+    proc = subprocess.run([sys.executable, "-m", "teachdiag", "--version"], capture_output=True, text=True)
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert proc.returncode == 0 and proc.stdout.strip() == f"teachdiag {pyproject['project']['version']}"
 
 
 def test_non_utf8_contexts(tmp_path, pair, capsys):

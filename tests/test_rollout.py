@@ -304,3 +304,95 @@ def test_killed_rollouts_never_look_finished_and_resume_checks_the_prompts(tiny,
     with pytest.raises(InputError, match=f"id '{first['id']}' is not in") as e:
         rollout(tiny, write_prompts(tmp_path / "removed.jsonl.prompts", removed), out, resume=True, **kw)
     assert (e.value.line, e.value.field) == (1, "id") and calls[0] == 0
+
+
+# ---------------------------------------------------------------- temperature is really applied
+# (test_same_seed_same_rollouts passes whatever the temperature does: these fail if it were ignored)
+
+
+def hand_greedy(folder: str, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy decoding written out: a full forward of the whole sequence per step, argmax of the last
+    row over the tokenizer's ids, stop at (and keep) the EOS token. No generate(), no cache."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    eos, vocab = make_tokenizer().eos_token_id, len(make_tokenizer())
+    ids, out = list(prompt_ids), []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            nxt = int(model(torch.tensor([ids])).logits[0, -1, :vocab].argmax())
+            ids.append(nxt)
+            out.append(nxt)
+            if nxt == eos:
+                break
+    return out
+
+
+def test_temperature_zero_and_near_zero_are_greedy_argmax_and_one_is_not(tiny, tmp_path):
+    p = write_prompts(tmp_path / "p.jsonl")
+    greedy = {r["id"]: hand_greedy(tiny, r["prompt_ids"], 8) for r in rollout(tiny, p, tmp_path / "g0.jsonl",
+                                                                               temperature=0.0)}
+    for t in (0.0, 1e-4):  # 0: greedy search; 1e-4: sampling from softmax(logits / 1e-4), an argmax
+        got = {r["id"]: r["response_ids"] for r in rollout(tiny, p, tmp_path / f"t{t}.jsonl", temperature=t,
+                                                           seed=7)}
+        assert got == greedy, t
+    # at temperature 1 the same seed samples something else: the model is not so peaked that any
+    # temperature would pass the check above
+    sampled = {r["id"]: r["response_ids"] for r in rollout(tiny, p, tmp_path / "t1.jsonl", temperature=1.0,
+                                                           seed=7)}
+    assert sampled != greedy
+
+
+def first_token_counts(folder: str, temperature: float, n: int, seed: int = 0):
+    """(counts of the first sampled token over n rows of one prompt, softmax(logits/T) by hand,
+    softmax(logits) at T = 1), over the tokenizer's ids."""
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    from teachdiag.rollout import generate_batch
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tok = make_tokenizer()
+    prompt = tok("what is one plus two")["input_ids"]
+    outs = generate_batch(model, [prompt] * n, max_new_tokens=1, temperature=temperature, top_p=1.0,
+                          eos_ids=[tok.eos_token_id], pad_id=tok.eos_token_id, seed=seed, vocab=len(tok))
+    counts = np.bincount([resp[0] for resp, _ in outs], minlength=len(tok))
+    with torch.no_grad():
+        z = model(torch.tensor([prompt])).logits[0, -1, :len(tok)].double().numpy()
+
+    def softmax(x):
+        e = np.exp(x - x.max())
+        return e / e.sum()
+
+    return counts, softmax(z / temperature), softmax(z)
+
+
+def chi2_p(counts, probs) -> float:
+    """Pearson chi-square goodness of fit, cells with an expected count under 5 pooled into one."""
+    import numpy as np
+    from scipy import stats
+
+    expected = probs * counts.sum()
+    big = expected >= 5
+    obs = np.r_[counts[big], counts[~big].sum()]
+    exp = np.r_[expected[big], expected[~big].sum()]
+    if exp[-1] == 0:
+        obs, exp = obs[:-1], exp[:-1]
+    exp = exp * obs.sum() / exp.sum()  # chisquare wants equal totals; float rounding only
+    return stats.chisquare(obs, exp).pvalue
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0, 50.0])
+def test_sampled_token_frequencies_follow_softmax_of_logits_over_temperature(tiny, temperature):
+    """4000 draws of the first token: their frequencies fit softmax(logits / T) computed here by hand
+    (chi-square, p > 1e-4) and do not fit softmax(logits), what an ignored temperature would give
+    (p < 1e-8). At T = 50 that is near-uniform over the 68 ids."""
+    import numpy as np
+
+    counts, p_t, p_1 = first_token_counts(tiny, temperature, n=4000)
+    assert counts.sum() == 4000
+    assert chi2_p(counts, p_t) > 1e-4, temperature
+    assert chi2_p(counts, p_1) < 1e-8, temperature  # the check has the power to see an ignored T
+    if temperature == 50.0:
+        assert np.abs(p_t - 1 / len(p_t)).max() < 0.5 / len(p_t)  # near-uniform, and so are the counts
+        assert (counts > 0).sum() >= 60

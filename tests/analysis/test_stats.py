@@ -30,14 +30,65 @@ def test_quantile_normalize_known_values_clip_and_constant():
     assert np.all(A.quantile_normalize(np.full(7, 3.0)) == 0)  # q95 == q05
 
 
-def test_add_scores_soft_or_and_seeded_random(planted):
-    h, d, t = planted["entropy"], planted["divergence"], A.quantile_normalize(planted["teachability"])
-    np.testing.assert_allclose(planted["tip"], h + d - h * d)
-    np.testing.assert_allclose(planted["teach_entropy"], h + t - h * t)
+def hand_norm(x):
+    """x̃ written out with plain numpy: clip((x − q05) / (q95 − q05), 0, 1), numpy's linear quantiles."""
+    x = np.asarray(x, dtype=float)
+    q05, q95 = np.quantile(x, [0.05, 0.95])
+    return np.clip((x - q05) / (q95 - q05), 0.0, 1.0)
+
+
+def hand_soft_or(a, b):
+    return a + b - a * b
+
+
+def test_add_scores_soft_or_closed_form_on_planted_values():
+    """101 rows whose quantiles are known: topk_entropy and union_fkl are permutations of 0..100
+    (q05 = 5, q95 = 95: x̃ = (x − 5)/90 clipped), teachability a permutation of 0, 0.01, ..., 1
+    (q05 = 0.05, q95 = 0.95: T̃ = (T − 0.05)/0.9 clipped, so T̃ ≠ T off 0.5)."""
+    i = np.arange(101)
+    h, d, t = i.astype(float), (i * 37 % 101).astype(float), (i * 53 % 101) / 100
+    df = pd.DataFrame({"topk_entropy": h, "union_fkl": d, "teachability": t})
+    got = A.add_scores(df)
+    H, D, T = np.clip((h - 5) / 90, 0, 1), np.clip((d - 5) / 90, 0, 1), np.clip((t - 0.05) / 0.9, 0, 1)
+    np.testing.assert_allclose(got["entropy"], H, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(got["divergence"], D, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(got["tip"], H + D - H * D, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(got["teach_entropy"], H + T - H * T, rtol=1e-12, atol=1e-15)
+    # single rows by hand. i = 50: h = 50, d = 1850 mod 101 = 32, t = 2650 mod 101 / 100 = 0.24
+    #   H̃ = 0.5, D̃ = 0.3: tip = 0.5 + 0.3 − 0.15 = 0.65; T̃ = 0.19/0.9: teach_entropy = 0.5 + 0.5·T̃
+    assert (d[50], t[50]) == (32.0, 0.24)
+    assert got["tip"][50] == pytest.approx(0.65, abs=1e-12)
+    assert got["teach_entropy"][50] == pytest.approx(0.5 + 0.5 * 0.19 / 0.9, abs=1e-12)
+    # i = 0: h = d = t = 0 (all clip to 0): every soft OR is 0. i = 100: h = 100 (H̃ = 1): both are 1
+    assert got["tip"][0] == 0 and got["teach_entropy"][0] == 0
+    assert got["tip"][100] == pytest.approx(1.0, abs=1e-15)
+    assert got["teach_entropy"][100] == pytest.approx(1.0, abs=1e-15)
+    # i = 3: h = 3 < 5, so H̃ = 0 and tip = D̃; d = 111 mod 101 = 10: D̃ = 5/90
+    assert d[3] == 10.0 and got["tip"][3] == pytest.approx(5 / 90, abs=1e-12)
+    # (max, sum and product of 0.5 and 0.3 are 0.5, 0.8 and 0.15: the 0.65 above tells them apart)
+
+
+def test_add_scores_against_numpy_from_the_raw_columns(planted):
+    """On the synthetic table: every peer score from the raw columns (topk_entropy, union_fkl,
+    teachability) by numpy quantiles and a + b − a·b, never from the code's own score columns."""
+    h, d, t = (hand_norm(planted[c]) for c in ("topk_entropy", "union_fkl", "teachability"))
+    np.testing.assert_allclose(planted["entropy"], h, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(planted["divergence"], d, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(planted["tip"], hand_soft_or(h, d), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(planted["teach_entropy"], hand_soft_or(h, t), rtol=1e-12, atol=1e-15)
     assert planted[list(A.PEER_SCORES)].min().min() >= 0
     assert planted[list(A.PEER_SCORES)].max().max() <= 1
-    again = A.add_scores(planted.drop(columns=list(A.PEER_SCORES)), seed=0)
-    np.testing.assert_array_equal(again["random"], planted["random"])
+
+
+def test_random_score_is_seeded_uniform_and_the_seed_matters(planted):
+    base = planted.drop(columns=list(A.PEER_SCORES))
+    r0, again, r1 = (A.add_scores(base, seed=s)["random"].to_numpy() for s in (0, 0, 1))
+    np.testing.assert_array_equal(r0, again)  # same seed, same draw
+    assert (r0 != r1).mean() > 0.99  # another seed, another draw (not a shifted or shared one)
+    assert abs(stats.spearmanr(r0, r1)[0]) < 0.1
+    for r in (r0, r1):
+        assert ((r >= 0) & (r < 1)).all()
+        assert stats.kstest(r, "uniform").pvalue > 1e-3  # 1600 rows: uniform on [0, 1)
 
 
 # ---------------------------------------------------------------- bootstrap machinery
