@@ -8,7 +8,7 @@ data/demo_tokens.csv.gz is the committed `teachdiag probe --positions 1500` run 
 1 torch thread). Its positions are a seeded sample over the whole rollout file, so a smaller
 --positions would pick others; instead this takes the committed contexts that hold the most
 probed positions and runs the library's own path on exactly those positions (make_probe and
-batching.exact_group, as the runner does), with the committed run's options and thread count.
+the per_position instrument, as the runner does), with the committed run's options and thread count.
 
 Prints, per column, the largest |new − committed| over those rows. teachability and incompat are
 run-level (quantiles over all 1500 rows): they are recomputed on the committed table with the
@@ -37,11 +37,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--save", default="", help="also write the re-probed rows to this CSV")
     args = ap.parse_args(argv)
 
-    from teachdiag.batching import exact_group
     from teachdiag.contexts import load_contexts
     from teachdiag.demo import DEMO_ROLLOUTS, zoo
     from teachdiag.models import load_model, load_tokenizer
-    from teachdiag.probe.fast import make_probe
+    from teachdiag.probe.instruments import make_instrument
     from teachdiag.scores import teachability_scores
 
     run = json.loads(Path(args.run).read_text())
@@ -60,14 +59,14 @@ def main(argv: list[str] | None = None) -> dict:
     index = {c.id: i for i, c in enumerate(ctxs)}
     by_ctx = {index[cid]: sorted(committed.loc[committed["context_id"] == cid, "position"].tolist())
               for cid in chosen}
-    probe = make_probe(student, opt["params"], opt["loss"], opt["optimizer"], float(opt["lr"]), vocab, opt["top_k"])
+    inst = make_instrument("per_position", student=student, params=opt["params"], loss=opt["loss"],
+                           optimizer=opt["optimizer"], lr=float(opt["lr"]), vocab=vocab, top_k=opt["top_k"])
 
     t0 = time.perf_counter()
     group = list(by_ctx)
-    results = exact_group(probe, teacher, ctxs, group, by_ctx, vocab, torch.device("cpu"))
+    results = inst.run(teacher, ctxs, by_ctx, group, torch.device("cpu"), lambda n, phase: None)
     probe_s = time.perf_counter() - t0
-    rows = [dict(r, context_id=ctxs[c].id, position=j) for c, rs in zip(group, results)
-            for j, r in zip(by_ctx[c], rs)]
+    rows = [dict(r, context_id=ctxs[c].id, position=j) for c in group for j, r in zip(by_ctx[c], results[c])]
     new = pd.DataFrame(rows).set_index(["context_id", "position"])
     old = committed.set_index(["context_id", "position"])
 

@@ -38,13 +38,11 @@ from scipy.stats import spearmanr
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from teachdiag.batching import exact_group, linear_group  # noqa: E402
 from teachdiag.contexts import Context, by_context, load_contexts, select_positions  # noqa: E402
 from teachdiag.demo import DEMO_ROLLOUTS  # noqa: E402
 from teachdiag.models import load_model, load_tokenizer  # noqa: E402
-from teachdiag.probe.fast import make_probe  # noqa: E402
+from teachdiag.probe.instruments import make_instrument  # noqa: E402
 from teachdiag.probe.forward import teacher_logits  # noqa: E402
-from teachdiag.runner import ProbeConfig  # noqa: E402
 
 
 # ---------------------------------------------------------------- the naive reference
@@ -183,18 +181,14 @@ def bf16_matmul_flops(device: torch.device) -> float:
 
 def run_teachdiag(mode: str, student, teacher, ctxs, by_ctx, vocab, lr, optimizer, device, batch: int):
     """gain_rkl per (context, position) (exact modes) or gain_first_order (linear), computed by
-    the runner's own group functions."""
-    cfg = ProbeConfig(params="all" if mode in ("exact", "linear") else mode, loss="reverse_kl",
-                      optimizer=optimizer, batch=max(batch, 1))
+    the runner's own instruments (probe/instruments.py)."""
+    params = "all" if mode in ("exact", "linear") else mode
+    inst = make_instrument("linear" if mode == "linear" else "per_position", student=student, params=params,
+                           loss="reverse_kl", optimizer=optimizer, lr=lr, vocab=vocab, batch=max(batch, 1))
+    key = "gain_first_order" if mode == "linear" else "gain_rkl"
     group = list(by_ctx)
-    if mode == "linear":
-        results = linear_group(cfg, student, lr, teacher, ctxs, group, by_ctx, vocab, device)
-        key = "gain_first_order"
-    else:
-        probe = make_probe(student, cfg.params, cfg.loss, optimizer, lr, vocab)
-        results = exact_group(probe, teacher, ctxs, group, by_ctx, vocab, device)
-        key = "gain_rkl"
-    return {(c, j): r[key] for c, rows in zip(group, results) for j, r in zip(by_ctx[c], rows)}
+    results = inst.run(teacher, ctxs, by_ctx, group, device, lambda n, phase: None)
+    return {(c, j): r[key] for c in group for j, r in zip(by_ctx[c], results[c])}
 
 
 def two_forwards(student, teacher, ctxs, by_ctx, vocab, device) -> None:

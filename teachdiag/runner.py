@@ -20,15 +20,11 @@ from pathlib import Path
 import torch
 
 from teachdiag import __version__, distributed
-from teachdiag.batching import run_groups, shared_groups
 from teachdiag.contexts import Context, by_context, parse_positions, select_positions
 from teachdiag.calibrate import RULE, auto_lr
 from teachdiag.errors import InputError, UnsupportedModel
-from teachdiag.probe.checkpoint import CheckpointScore
-from teachdiag.probe.fast import make_probe
-from teachdiag.probe.shared import SharedStep
-from teachdiag.probe.signals import LOSSES
-from teachdiag.probe.signals import keep_mask
+from teachdiag.probe.instruments import make_instrument
+from teachdiag.probe.signals import LOSSES, keep_mask
 from teachdiag.models import (load_inputs, load_model, load_models, model_record, resolve_device)
 from teachdiag.provenance import run_header
 from teachdiag.config import (DEMO_POSITIONS, ContextOptions, DeviceOptions, PairOptions, StepOptions,
@@ -126,12 +122,22 @@ def _versions() -> dict:
             "pandas": pandas.__version__, "scipy": scipy.__version__, "platform": platform.platform()}
 
 
+def instrument_kind(cfg: ProbeConfig) -> str:
+    """Which instrument the flags ask for (probe/instruments.INSTRUMENTS)."""
+    if cfg.student_after:
+        return "checkpoint"
+    if cfg.gain == "shared":
+        return "shared"
+    return "linear" if cfg.mode == "linear" else "per_position"
+
+
 def _instrument(cfg: ProbeConfig, student, lr: float, vocab: int, device, world: int, out: Path,
                 keep: torch.Tensor | None):
-    """(instrument name, the object that computes rows): the per-position probe (exact or linear),
-    the shared step, or the checkpoint scorer with the --student-after model loaded. keep: the ids
-    both tokenizers agree on, or None (probe/signals.py)."""
-    if cfg.student_after:
+    """The instrument the flags ask for, built from plain values (the config stops here). keep:
+    the ids both tokenizers agree on, or None (probe/signals.py)."""
+    kind = instrument_kind(cfg)
+    extra: dict = {}
+    if kind == "checkpoint":
         after = load_model(cfg.student_after, "student-after", "float32", device, cfg.trust_remote_code)
         # same class, same parameter names and shapes: two states of one model. Not a config hash:
         # trainers save runtime fields (use_cache, pad_token_id) that say nothing about the weights
@@ -140,31 +146,14 @@ def _instrument(cfg: ProbeConfig, student, lr: float, vocab: int, device, world:
             raise InputError(f"its architecture differs from --student's ({type(after).__name__} vs "
                              f"{type(student).__name__}, or other parameter shapes); a checkpoint gain compares "
                              "two states of one model", field="--student-after")
-        return "checkpoint", CheckpointScore(student, after, vocab, cfg.top_k, keep=keep, signals=cfg.signals)
-    if cfg.gain == "shared":
-        if world > 1:
-            raise InputError("the shared step needs every position's gradient in one process; run it "
-                             "without torchrun", field="--gain")
-        return "shared", SharedStep(student, cfg.params, cfg.loss, cfg.optimizer, lr, vocab, cfg.top_k,
-                                    first_order=not cfg.skip_first_order, cache_dir=str(out), keep=keep,
-                                    signals=cfg.signals)
-    if cfg.mode == "linear":
-        return "per_position", None
-    return "per_position", make_probe(student, cfg.params, cfg.loss, cfg.optimizer, lr, vocab, cfg.top_k, keep=keep,
-                                      signals=cfg.signals)
-
-
-def _instrument_record(cfg: ProbeConfig, instrument: str, probe) -> dict:
-    """What run.json says about how θ1 was reached (DESIGN.md, the three instruments)."""
-    if instrument == "checkpoint":
-        return {"after": model_record(cfg.student_after, probe.after, "float32"),
-                "theta1": "the --student-after checkpoint; no step taken"}
-    if instrument == "shared":
-        batch = f"each group of {cfg.shared_batch} contexts" if cfg.shared_batch else "all probed positions"
-        return {"theta1": f"one step on the mean probe loss over {batch}", "shared_batch": cfg.shared_batch,
-                "first_order": "lr·<grad l_t(θ0), scale·d> by forward-mode JVP" if not cfg.skip_first_order
-                else "skipped"}
-    return {"theta1": "one step on each position's own loss (fresh θ1 per position)"}
+        extra = {"after": after, "after_record": model_record(cfg.student_after, after, "float32")}
+    if kind == "shared" and world > 1:
+        raise InputError("the shared step needs every position's gradient in one process; run it "
+                         "without torchrun", field="--gain")
+    return make_instrument(kind, student=student, params=cfg.params, loss=cfg.loss, optimizer=cfg.optimizer,
+                           lr=lr, vocab=vocab, top_k=cfg.top_k, keep=keep, signals=cfg.signals, batch=cfg.batch,
+                           shared_batch=cfg.shared_batch, first_order=not cfg.skip_first_order,
+                           cache_dir=str(out), **extra)
 
 
 def run_probe(cfg: ProbeConfig, argv: list[str] | None = None) -> Path:
@@ -193,7 +182,7 @@ def _run_probe(cfg: ProbeConfig, argv: list[str] | None = None) -> Path:
     n_stepped = sum(p.numel() for _, p in select_params(student, cfg.params))  # before --lr auto sweeps
     lr, lr_auto = (cfg.lr, None) if cfg.lr != "auto" else _auto_lr(cfg, writer, teacher, student, ctxs,
                                                                     vocab, device, rank, keep)
-    instrument, probe = _instrument(cfg, student, lr, vocab, device, world, writer.out, keep)
+    inst = _instrument(cfg, student, lr, vocab, device, world, writer.out, keep)
     picks = select_positions(ctxs, parse_positions(cfg.positions), cfg.seed)
     by_ctx = by_context(picks)
 
@@ -205,8 +194,7 @@ def _run_probe(cfg: ProbeConfig, argv: list[str] | None = None) -> Path:
         "positions": {"requested": cfg.positions, "probed": len(picks)},
         "step": {"loss": cfg.loss, "optimizer": cfg.optimizer, "lr": lr, "params": cfg.params,
                  "n_stepped_params": n_stepped, "student_compute_dtype": "float32", "mode": cfg.mode,
-                 "probe": type(probe).__name__ if probe else "first_order_rows", "instrument": instrument,
-                 **_instrument_record(cfg, instrument, probe), **({"lr_auto": lr_auto} if lr_auto else {})},
+                 "instrument": inst.name, **inst.record(), **({"lr_auto": lr_auto} if lr_auto else {})},
         "top_k": cfg.top_k, "signals": cfg.signals, "seed": cfg.seed, "versions": _versions(),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     })
@@ -226,25 +214,21 @@ def _run_probe(cfg: ProbeConfig, argv: list[str] | None = None) -> Path:
 
     # the work left, in file order, and this rank's share of it
     todo = distributed.shard([c for c in by_ctx if ctxs[c].id not in done], rank, world)
-    if instrument == "shared":  # two passes over every context of each group with work left
-        n_todo = 2 * sum(len(by_ctx[c]) for group in shared_groups(cfg.shared_batch, by_ctx, todo) for c in group)
-    else:
-        n_todo = sum(len(by_ctx[c]) for c in todo)
+    groups, left = inst.groups(by_ctx, todo), set(todo)
     t_probe = time.time()
-    bar = progress(n_todo, "probe" if world == 1 else f"probe (rank 0 of {world})", "pos",
+    bar = progress(inst.work(by_ctx, groups), "probe" if world == 1 else f"probe (rank 0 of {world})", "pos",
                    quiet=cfg.quiet or rank != 0)
+    advance = lambda n, phase: (bar.set_postfix_str(phase, refresh=False), bar.update(n))  # noqa: E731
     try:
-        for group, results in run_groups(cfg, instrument, probe, student, lr, teacher, ctxs, by_ctx, todo, vocab,
-                                         device, bar, keep):
-            for c, rows in zip(group, results):
-                ctx = ctxs[c]
+        for group in groups:
+            results = inst.run(teacher, ctxs, by_ctx, group, device, advance)
+            for c in [c for c in group if c in left]:  # a shared group also steps with finished contexts
+                ctx, rows = ctxs[c], results[c]
                 for j, row in zip(by_ctx[c], rows):
                     tok = ctx.response_ids[j]
                     row.update(context_id=ctx.id, position=j, token_id=tok, token=s_tok.decode([tok]),
-                               response_length=len(ctx.response_ids), instrument=instrument)
+                               response_length=len(ctx.response_ids), instrument=inst.name)
                 writer.append_context(ctx.id, rows)
-                if instrument != "shared":  # the shared step counts its own two passes
-                    bar.update(len(rows))
     except UnsupportedModel as exc:  # found on the first context; finished contexts stay saved
         bar.close()
         exc.message += " (finished contexts are saved in the run folder)"
