@@ -7,8 +7,8 @@ data/demo_tokens.csv.gz is the committed `teachdiag probe --positions 1500` run 
 (options and thread count in data/demo_run.json: normalized, lr 1e-3, reverse_kl, all params, top-K 16,
 1 torch thread). Its positions are a seeded sample over the whole rollout file, so a smaller
 --positions would pick others; instead this takes the committed contexts that hold the most
-probed positions and runs the library's own path on exactly those positions (make_probe and
-the per_position instrument, as the runner does), with the committed run's options and thread count.
+probed positions and runs the library's own path on exactly those positions (the per_position
+instrument, probe/instruments.py, as the runner does), with the committed run's options and thread count.
 
 Prints, per column, the largest |new − committed| over those rows. teachability and incompat are
 run-level (quantiles over all 1500 rows): they are recomputed on the committed table with the
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
                for c, d in diff.items() if c != "finite"}
     max_abs_all_teach = float(np.nanmax(np.abs(mixed["teachability"] - old["teachability"])))
     result = {"contexts": chosen, "positions": len(new), "threads": torch.get_num_threads(),
-              "probe": type(probe).__name__, "probe_s": round(probe_s, 1),
+              "probe": type(inst.scorer).__name__, "probe_s": round(probe_s, 1),
               "finite_equal": bool((new["finite"] == ref["finite"]).all()),
               "max_abs_gain_rkl": float(ref["gain_rkl"].abs().max()),
               "max_abs_diff": max_abs, "max_rel_diff": max_rel, "max_abs_diff_teachability_all_1500_rows": max_abs_all_teach}
