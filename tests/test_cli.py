@@ -23,6 +23,7 @@ def test_probe_writes_table_and_run_record(tmp_path, pair, contexts, capsys):
     assert probe(pair, contexts, out, "--positions", "all", "--top-k", "8") == 0
     stdout = capsys.readouterr().out
     assert "tokens.csv" in stdout and "median fkl" in stdout and "Spearman" in stdout
+    assert stdout.splitlines()[-1] == f"next: teachdiag analyze {out}"  # as viability ends (#21.10.5)
     header = (out / "tokens.csv").read_text().splitlines()[0].split(",")
     assert header[:22] == COLUMNS[:22]
     df = read_tokens(out / "tokens.csv")
