@@ -84,6 +84,8 @@ BAD_RECORDS = {
     "float id": ({"id": "x", "prompt_ids": [1.5], "response_ids": [2]}, ":2: prompt_ids: token id 1.5"),
     "negative id": ({"id": "x", "prompt_ids": [1], "response_ids": [-3]}, ":2: response_ids: token id -3"),
     "numeric context id": ({"id": 7, "prompt_ids": [1], "response_ids": [2]}, ":2: id: must be a non-empty string"),
+    "misspelt field": ({"id": "x", "prompt_ids": [1], "respones_ids": [2]},
+                       ":2: respones_ids: unknown field (did you mean 'response_ids'?)"),
 }
 
 
