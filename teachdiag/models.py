@@ -265,8 +265,20 @@ def load_inputs(cfg) -> tuple[list[Context], object, TokenizerMatch]:
     s_tok = load_tokenizer(cfg.student, "student", cfg.trust_remote_code, cfg.student_base)
     t_tok = load_tokenizer(cfg.teacher, "teacher", cfg.trust_remote_code, cfg.teacher_base)
     match = compare_tokenizers(t_tok, s_tok, cfg.teacher, cfg.student, strict=cfg.strict_tokenizer)
+    check_top_k(getattr(cfg, "top_k", None), match)
     ctxs = tokenize_text_records(ctxs, s_tok, cfg.max_response_tokens or None, raw=cfg.raw_text)
     return ctxs, s_tok, match
+
+
+def check_top_k(top_k: int | None, match: TokenizerMatch) -> None:
+    """--top-k must leave ids outside the top-K: a top-K of every id the pair shares makes compat_mass
+    1.0 and topk_entropy the full entropy everywhere. Here, where the tokenizers first give the
+    vocabulary, so every command with a --top-k (probe, calibrate, viability, train) refuses it before
+    a model loads."""
+    n_ids = match.vocab if match.shared_ids is None else len(match.shared_ids)
+    if top_k is not None and top_k >= n_ids:
+        raise InputError(f"must be below the vocabulary ({n_ids} ids), got {top_k}: a top-K of every id "
+                         "makes compat_mass 1 everywhere", field="--top-k")
 
 
 def load_models(cfg, device: torch.device, ctxs: list[Context], vocab: int):

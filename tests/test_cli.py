@@ -304,3 +304,25 @@ def test_messages_name_the_right_line_the_differing_option_and_every_excluded_ro
     assert main([*args, "--lr", "2e-3", "--steps", "4", "--out", str(tmp_path / "moved"), "--resume"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.endswith("options differ from the run being resumed: lr (0.001 vs 0.002)"), err
+
+
+@pytest.mark.parametrize("command", ["probe", "viability", "train", "calibrate"])
+def test_top_k_of_the_whole_vocabulary_is_refused_before_any_model_loads(tmp_path, pair, monkeypatch, capsys,
+                                                                          command):
+    """#21.10.2: --top-k >= the vocabulary made every compat_mass 1.0 after minutes of work; it is one
+    line naming --top-k, found from the tokenizers, before a model is loaded."""
+    import teachdiag.models
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(teachdiag.models, "load_model", no_model)
+    contexts = tmp_path / "c.jsonl"  # with the answer viability checks branches against
+    contexts.write_text(json.dumps({"id": "a", "prompt_ids": [1, 2], "response_ids": [3, 4], "meta": {"answer": "4"}}))
+    rc = main([command, "--teacher", pair[0], "--student", pair[1], "--contexts", str(contexts),
+               "--out", str(tmp_path / "out"), "--device", "cpu", "--quiet", "--top-k", "68"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith("teachdiag: error: --top-k: must be below the vocabulary (68 ids)"), err
+    if command != "train":  # train makes its --out folder (and lock) first, in train.py
+        assert not (tmp_path / "out").exists()
