@@ -326,3 +326,19 @@ def test_top_k_of_the_whole_vocabulary_is_refused_before_any_model_loads(tmp_pat
     assert err[0].startswith("teachdiag: error: --top-k: must be below the vocabulary (68 ids)"), err
     if command != "train":  # train makes its --out folder (and lock) first, in train.py
         assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv, absent", [(["--version"], ["torch", "pandas", "transformers"]),
+                                          (["--help"], ["torch", "pandas", "transformers"]),
+                                          (["analyze", "--help"], ["torch", "matplotlib", "scipy"]),
+                                          (["probe", "--help"], ["teachdiag.train", "teachdiag.analysis.command"])])
+def test_version_and_help_import_only_what_they_show(argv, absent):
+    """#21.10.7: every command took 6-9 s on a busy machine before its first line, `--version` too,
+    because the CLI imported every command (torch, transformers, scipy, seaborn) to build its parser.
+    Now a command's module is imported only when that command runs or shows its --help."""
+    code = ("import sys\nfrom teachdiag.cli import main\n"
+            f"try:\n    main({argv!r})\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
+            f"print(sorted(m for m in {absent!r} if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout[-300:]
