@@ -165,7 +165,7 @@ def load_run(run: str | pathlib.Path, allow_partial: bool = False) -> dict:
         # the probe normalises these when it finishes; for a partial run, over the rows present
         teach, incompat = teachability_scores(table["union_fkl"], table["compat_mass"])
         table = table.assign(teachability=teach, incompat=incompat)
-    name = run.name if run.is_dir() else run.name.split(".")[0]
+    name = report.run_label(run.name if run.is_dir() else run.name.split(".")[0], meta.get("options"))
     return {"name": name, "path": str(run), "table": table, "n_rows": len(table) + excluded,
             "n_excluded": excluded, "n_contexts": int(table["context_id"].nunique()),
             "complete": meta.get("complete", "unknown (no run.json)"),
