@@ -17,12 +17,12 @@ Bad input prints one line `teachdiag: error: ...` and exits 2, without a traceba
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
 
 from teachdiag import __version__
-from teachdiag.config import DeviceOptions, apply_threads
 from teachdiag.flags import add_dataclass_args, join_negative_values
 from teachdiag.errors import InputError
 
@@ -63,41 +63,64 @@ def _viability(cfg, argv: list[str]) -> None:
     print("\n".join(summary_lines(run_viability(cfg, argv))))
 
 
-def _commands() -> dict:
-    """name -> (config class, handler(cfg, argv), one-line description); imported lazily."""
-    from teachdiag.analysis.command import AnalyzeConfig, run_analyze
-    from teachdiag.calibrate import CalibrateConfig
-    from teachdiag.rollout import RolloutConfig, run_rollout
-    from teachdiag.runner import ProbeConfig
-    from teachdiag.train import TrainConfig, run_train
-    from teachdiag.viability import ViabilityConfig
+def _rollout(cfg, argv: list[str]) -> None:
+    from teachdiag.rollout import run_rollout
 
-    return {
-        "probe": (ProbeConfig, _probe, "single-step probe on frozen contexts -> tokens.csv"),
-        "rollout": (RolloutConfig, lambda cfg, argv: run_rollout(cfg),
-                    "sample frozen student rollouts -> contexts JSONL"),
-        "analyze": (AnalyzeConfig, lambda cfg, argv: run_analyze(cfg),
-                    "statistics, tables and figures from tokens.csv"),
-        "calibrate": (CalibrateConfig, _calibrate, "sweep the step size, pick an lr in the linear regime"),
-        "train": (TrainConfig, run_train, "a small OPD trainer (selective masks) that makes θτ for the checkpoint gain"),
-        "viability": (ViabilityConfig, _viability,
-                      "branch viability of a privileged teacher's alternatives -> viability.csv"),
-    }
+    run_rollout(cfg)
+
+
+def _analyze(cfg, argv: list[str]) -> None:
+    from teachdiag.analysis.command import run_analyze
+
+    run_analyze(cfg)
+
+
+def _train(cfg, argv: list[str]) -> None:
+    from teachdiag.train import run_train
+
+    run_train(cfg, argv)
+
+
+# name -> (module of its config class, the class, handler(cfg, argv), one-line description). A
+# command's module is imported only when that command runs or shows its --help: importing all of
+# them (torch, transformers, scipy, seaborn) took seconds before `teachdiag --version` could answer.
+COMMANDS = {
+    "probe": ("teachdiag.runner", "ProbeConfig", _probe, "single-step probe on frozen contexts -> tokens.csv"),
+    "rollout": ("teachdiag.rollout", "RolloutConfig", _rollout, "sample frozen student rollouts -> contexts JSONL"),
+    "analyze": ("teachdiag.analysis.options", "AnalyzeConfig", _analyze,
+                "statistics, tables and figures from tokens.csv"),
+    "calibrate": ("teachdiag.calibrate", "CalibrateConfig", _calibrate,
+                  "sweep the step size, pick an lr in the linear regime"),
+    "train": ("teachdiag.train", "TrainConfig", _train,
+              "a small OPD trainer (selective masks) that makes θτ for the checkpoint gain"),
+    "viability": ("teachdiag.viability", "ViabilityConfig", _viability,
+                  "branch viability of a privileged teacher's alternatives -> viability.csv"),
+}
+
+
+def _config_class(name: str) -> type:
+    module, cls, _, _ = COMMANDS[name]
+    return getattr(importlib.import_module(module), cls)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = join_negative_values(sys.argv[1:] if argv is None else list(argv))
-    commands = _commands()
     parser = argparse.ArgumentParser(prog="teachdiag", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"teachdiag {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (cls, _, desc) in commands.items():
-        add_dataclass_args(sub.add_parser(name, help=desc, description=desc), cls)
+    chosen = argv[0] if argv and argv[0] in COMMANDS else None  # the subcommand comes first
+    for name, (_, _, _, desc) in COMMANDS.items():
+        command = sub.add_parser(name, help=desc, description=desc)
+        if name == chosen:  # only the chosen command's options are needed to parse or show --help
+            add_dataclass_args(command, _config_class(name))
     args = vars(parser.parse_args(argv))
-    cls, run, _ = commands[args.pop("command")]
+    name = args.pop("command")
+    run = COMMANDS[name][2]
     try:
-        cfg = cls(**args)
-        if isinstance(cfg, DeviceOptions):
+        cfg = _config_class(name)(**args)
+        if hasattr(cfg, "threads"):  # DeviceOptions; config.py imports torch, which analyze never needs
+            from teachdiag.config import apply_threads
+
             apply_threads(cfg.threads)
         run(cfg, argv[1:])
     except InputError as exc:

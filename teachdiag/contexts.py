@@ -33,6 +33,9 @@ from teachdiag.errors import InputError
 
 ID_FIELDS = ("prompt_ids", "response_ids", "teacher_prompt_ids")
 MESSAGE_FIELDS = ("messages", "teacher_messages")
+# every field a record may have; anything else is most likely a misspelling, so it is refused
+# rather than ignored (a misspelt teacher_prompt_ids would silently give the teacher the student's view)
+FIELDS = ("id", *ID_FIELDS, "meta", "prompt", "messages", "response", "teacher_prompt", "teacher_messages")
 
 
 @dataclass
@@ -118,6 +121,7 @@ def _parse(rec, path: Path, lineno: int) -> Context:
     where = {"file": str(path), "line": lineno}
     if not isinstance(rec, dict):
         raise InputError(f"a record must be a JSON object, got {type(rec).__name__}", **where)
+    check_fields(rec, where)
     rid = rec.get("id")
     if rid is None:
         raise InputError("missing", field="id", **where)
@@ -138,6 +142,19 @@ def _parse(rec, path: Path, lineno: int) -> Context:
     if rec.get("teacher_prompt_ids") is not None:
         tprompt = _token_list(rec["teacher_prompt_ids"], where, "teacher_prompt_ids", allow_empty=False)
     return Context(rid, prompt, response, tprompt, meta, None, str(path), lineno)
+
+
+def check_fields(rec: dict, where: dict) -> None:
+    """The first field not in FIELDS is an InputError naming it, with the field it probably means."""
+    import difflib
+
+    for name in rec:
+        if name in FIELDS or str(name).startswith("__index_level_"):  # pandas' index column in Parquet
+            continue
+        close = difflib.get_close_matches(str(name), FIELDS, n=1, cutoff=0.75)
+        hint = (f"did you mean {close[0]!r}?" if close else
+                f"the fields are {', '.join(FIELDS)}; put anything else in meta")
+        raise InputError(f"unknown field ({hint})", field=str(name), **where)
 
 
 def check_unicode(text: str, name: str, where: dict) -> None:

@@ -26,7 +26,7 @@ from teachdiag.contexts import Context, check_token_ids, load_contexts, tokenize
 from teachdiag.demo import zoo
 from teachdiag.errors import InputError
 from teachdiag.provenance import config_sha256, model_record, vocab_rows  # noqa: F401  (run-record entries)
-from teachdiag.tokenizers import TokenizerMatch, compare_tokenizers, tokenizer_fingerprint  # noqa: F401
+from teachdiag.tokenizers import PROBE_TEXTS, TokenizerMatch, compare_tokenizers, tokenizer_fingerprint  # noqa: F401
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -134,20 +134,27 @@ def _first_line(exc: BaseException) -> str:
 def _reload_from_file(tok, path: str):
     """The tokenizer its tokenizer.json describes, when transformers re-built it as another kind.
 
-    transformers 5.x picks the class from the model's config: a word-level tokenizer.json next
-    to a Qwen2 config comes back as a BPE `Qwen2Tokenizer` that splits text differently (and gains
-    an <|endoftext|> token); next to a Qwen3 config the same files load as written. The files win.
+    transformers 5.x picks the class from the model's config and tokenizer_config.json, and some
+    classes rebuild the pipeline from their own code: a word-level tokenizer.json next to a Qwen2
+    config comes back as a BPE `Qwen2Tokenizer` (gaining an <|endoftext|> token), and Qwen's BPE
+    files whose tokenizer_config names GPT2Tokenizer come back, next to a Qwen3 config, with GPT-2's
+    pre-tokenizer, which splits code differently. The files win: when the loaded tokenizer's model
+    kind or its split of the probe texts differs from tokenizer.json's own, it is loaded from the file.
     """
     file = Path(path) / "tokenizer.json"
     backend = getattr(tok, "backend_tokenizer", None)
     if not file.is_file() or backend is None:
         return tok
+    from tokenizers import Tokenizer
+
     try:
-        want = json.loads(file.read_text()).get("model", {}).get("type")
-        got = json.loads(backend.to_str()).get("model", {}).get("type")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        written = Tokenizer.from_file(str(file))
+    except Exception:  # a file the tokenizers library cannot read: transformers' loading stands
         return tok
-    if not want or want == got:
+    same = type(written.model) is type(backend.model) and all(
+        written.encode(text, add_special_tokens=False).ids == backend.encode(text, add_special_tokens=False).ids
+        for text in PROBE_TEXTS)
+    if same:
         return tok
     from transformers import PreTrainedTokenizerFast
 
@@ -265,8 +272,20 @@ def load_inputs(cfg) -> tuple[list[Context], object, TokenizerMatch]:
     s_tok = load_tokenizer(cfg.student, "student", cfg.trust_remote_code, cfg.student_base)
     t_tok = load_tokenizer(cfg.teacher, "teacher", cfg.trust_remote_code, cfg.teacher_base)
     match = compare_tokenizers(t_tok, s_tok, cfg.teacher, cfg.student, strict=cfg.strict_tokenizer)
+    check_top_k(getattr(cfg, "top_k", None), match)
     ctxs = tokenize_text_records(ctxs, s_tok, cfg.max_response_tokens or None, raw=cfg.raw_text)
     return ctxs, s_tok, match
+
+
+def check_top_k(top_k: int | None, match: TokenizerMatch) -> None:
+    """--top-k must leave ids outside the top-K: a top-K of every id the pair shares makes compat_mass
+    1.0 and topk_entropy the full entropy everywhere. Here, where the tokenizers first give the
+    vocabulary, so every command with a --top-k (probe, calibrate, viability, train) refuses it before
+    a model loads."""
+    n_ids = match.vocab if match.shared_ids is None else len(match.shared_ids)
+    if top_k is not None and top_k >= n_ids:
+        raise InputError(f"must be below the vocabulary ({n_ids} ids), got {top_k}: a top-K of every id "
+                         "makes compat_mass 1 everywhere", field="--top-k")
 
 
 def load_models(cfg, device: torch.device, ctxs: list[Context], vocab: int):

@@ -254,7 +254,7 @@ def _run_probe(cfg: ProbeConfig, argv: list[str] | None = None) -> Path:
 
 
 def summary_lines(out: Path) -> list[str]:
-    """Where the files are, and three lines on what the run shows."""
+    """Where the files are, three lines on what the run shows, and the command to run next."""
     from scipy.stats import spearmanr
 
     from teachdiag.table import TOKENS, read_tokens
@@ -269,4 +269,5 @@ def summary_lines(out: Path) -> list[str]:
             f"positions: {len(df)} ({len(df) - len(ok)} non-finite, excluded)",
             f"median fkl: {ok['fkl'].median():.4f} nats (mean {ok['fkl'].mean():.4f})",
             f"Spearman({gain}, fkl) = {rho(gain, 'fkl'):+.3f}; "
-            f"Spearman({gain}, teachability) = {rho(gain, 'teachability'):+.3f}"]
+            f"Spearman({gain}, teachability) = {rho(gain, 'teachability'):+.3f}",
+            f"next: teachdiag analyze {out}"]  # the step after, as `teachdiag viability` ends

@@ -23,6 +23,7 @@ def test_probe_writes_table_and_run_record(tmp_path, pair, contexts, capsys):
     assert probe(pair, contexts, out, "--positions", "all", "--top-k", "8") == 0
     stdout = capsys.readouterr().out
     assert "tokens.csv" in stdout and "median fkl" in stdout and "Spearman" in stdout
+    assert stdout.splitlines()[-1] == f"next: teachdiag analyze {out}"  # as viability ends (#21.10.5)
     header = (out / "tokens.csv").read_text().splitlines()[0].split(",")
     assert header[:22] == COLUMNS[:22]
     df = read_tokens(out / "tokens.csv")
@@ -89,6 +90,8 @@ BAD_RECORDS = {
     "float id": ({"id": "x", "prompt_ids": [1.5], "response_ids": [2]}, ":2: prompt_ids: token id 1.5"),
     "negative id": ({"id": "x", "prompt_ids": [1], "response_ids": [-3]}, ":2: response_ids: token id -3"),
     "numeric context id": ({"id": 7, "prompt_ids": [1], "response_ids": [2]}, ":2: id: must be a non-empty string"),
+    "misspelt field": ({"id": "x", "prompt_ids": [1], "respones_ids": [2]},
+                       ":2: respones_ids: unknown field (did you mean 'response_ids'?)"),
 }
 
 
@@ -361,3 +364,41 @@ def test_messages_name_the_right_line_the_differing_option_and_every_excluded_ro
     assert main([*args, "--lr", "2e-3", "--steps", "4", "--out", str(tmp_path / "moved"), "--resume"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.endswith("options differ from the run being resumed: lr (0.001 vs 0.002)"), err
+
+
+@pytest.mark.parametrize("command", ["probe", "viability", "train", "calibrate"])
+def test_top_k_of_the_whole_vocabulary_is_refused_before_any_model_loads(tmp_path, pair, monkeypatch, capsys,
+                                                                          command):
+    """#21.10.2: --top-k >= the vocabulary made every compat_mass 1.0 after minutes of work; it is one
+    line naming --top-k, found from the tokenizers, before a model is loaded."""
+    import teachdiag.models
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(teachdiag.models, "load_model", no_model)
+    contexts = tmp_path / "c.jsonl"  # with the answer viability checks branches against
+    contexts.write_text(json.dumps({"id": "a", "prompt_ids": [1, 2], "response_ids": [3, 4], "meta": {"answer": "4"}}))
+    rc = main([command, "--teacher", pair[0], "--student", pair[1], "--contexts", str(contexts),
+               "--out", str(tmp_path / "out"), "--device", "cpu", "--quiet", "--top-k", "68"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith("teachdiag: error: --top-k: must be below the vocabulary (68 ids)"), err
+    if command != "train":  # train makes its --out folder (and lock) first, in train.py
+        assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv, absent", [(["--version"], ["torch", "pandas", "transformers"]),
+                                          (["--help"], ["torch", "pandas", "transformers"]),
+                                          (["analyze", "--help"], ["torch", "matplotlib", "scipy"]),
+                                          (["probe", "--help"], ["teachdiag.train", "teachdiag.analysis.command"])])
+def test_version_and_help_import_only_what_they_show(argv, absent):
+    """#21.10.7: every command took 6-9 s on a busy machine before its first line, `--version` too,
+    because the CLI imported every command (torch, transformers, scipy, seaborn) to build its parser.
+    Now a command's module is imported only when that command runs or shows its --help."""
+    code = ("import sys\nfrom teachdiag.cli import main\n"
+            f"try:\n    main({argv!r})\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
+            f"print(sorted(m for m in {absent!r} if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout[-300:]

@@ -111,3 +111,35 @@ def test_text_record_fields_are_checked(tmp_path):
                                       "response": "y"}])
     with pytest.raises(InputError, match=r"u.jsonl:1: teacher_messages: every message needs"):
         load_contexts(p)
+
+
+def test_unknown_fields_are_named_with_the_likely_one(tmp_path):
+    """A misspelt field is named, with the field it probably means (#21.10.3); before, a misspelt
+    `respones` surfaced as `prompt_ids: missing` and a misspelt optional field was silently ignored."""
+    good = {"id": "a", "prompt_ids": [1], "response_ids": [2]}
+    p = write(tmp_path / "t.jsonl", [good, {"id": "b", "prompt": "x", "respones": "y"}])
+    with pytest.raises(InputError) as e:
+        load_contexts(p)
+    assert str(e.value) == f"{p}:2: respones: unknown field (did you mean 'response'?)"
+    p = write(tmp_path / "o.jsonl", [{**good, "teacher_promt_ids": [3]}])
+    with pytest.raises(InputError, match=r"o.jsonl:1: teacher_promt_ids: unknown field \(did you mean "
+                                         r"'teacher_prompt_ids'\?\)"):
+        load_contexts(p)
+    p = write(tmp_path / "x.jsonl", [{**good, "source": "gsm8k"}])
+    with pytest.raises(InputError, match=r"x.jsonl:1: source: unknown field \(the fields are id, .*; "
+                                         r"put anything else in meta\)"):
+        load_contexts(p)
+    # every documented field, optional ones included, is accepted
+    p = write(tmp_path / "ok.jsonl", [{**good, "teacher_prompt_ids": [4], "meta": {"source": "gsm8k"}},
+                                      {"id": "c", "prompt": "x", "teacher_prompt": "y", "response": "z"},
+                                      {"id": "d", "messages": [{"role": "user", "content": "x"}],
+                                       "teacher_messages": [{"role": "user", "content": "y"}], "response": "z"}])
+    assert [c.id for c in load_contexts(p)] == ["a", "c", "d"]
+
+
+def test_parquet_index_column_is_not_an_unknown_field(tmp_path):
+    import pandas as pd
+
+    df = pd.DataFrame({"id": ["a", "b"], "prompt_ids": [[1], [2]], "response_ids": [[3], [4]]})
+    df[df["id"] == "b"].to_parquet(tmp_path / "c.parquet")  # a filtered frame stores its index as a column
+    assert [c.id for c in load_contexts(tmp_path / "c.parquet")] == ["b"]

@@ -32,3 +32,12 @@ def test_notebook_runs(path, monkeypatch):
     client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=300,
                                      resources={"metadata": {"path": str(path.parent)}})
     client.execute()  # raises CellExecutionError, naming the cell, on any error
+
+
+def test_readme_gives_the_headless_command_and_it_is_installed():
+    """#21.10.10: a user gets the command, not only the suite; `jupyter execute` runs each notebook in
+    its own folder with the same nbclient as above, and comes with nbclient (notebooks and dev extras)."""
+    from importlib.metadata import entry_points
+
+    assert "jupyter execute notebooks/*.ipynb" in (ROOT / "README.md").read_text()
+    assert "jupyter-execute" in {e.name for e in entry_points(group="console_scripts")}

@@ -212,3 +212,29 @@ def test_probe_runs_a_deepseek_like_teacher_without_its_renamed_ids(folders, tmp
     assert_over_shared_ids(out, folders["deepseek"], folders["qwen25"], ctx, keep)
     df = read_tokens(out / "tokens.csv")
     assert (df["finite"] == 0).sum() == 3  # the three positions that predict a renamed id
+
+
+def test_published_files_whose_config_names_another_class_compare_identical(tmp_path, capsys):
+    """#21.10.1: byte-identical Qwen3 files whose tokenizer_config.json names GPT2Tokenizer load as
+    Qwen2Tokenizer next to a Qwen2 config and as GPT2Tokenizer (GPT-2's own pre-tokenizer) next to a
+    Qwen3 config, which split code differently; teachdiag loads what tokenizer.json says, both times."""
+    from tokenizers import Tokenizer
+
+    from teachdiag.tokenizers import PROBE_TEXTS
+
+    config = json.loads((FIXTURE / "tokenizer_config.json").read_text())
+    config["tokenizer_class"] = "GPT2Tokenizer"
+    loaded = []
+    for arch in ("qwen2", "qwen3"):
+        path = tmp_path / arch
+        make_model(arch, 8, 0).config.save_pretrained(path)
+        (path / "tokenizer.json").write_text(qwen3_text())
+        (path / "tokenizer_config.json").write_text(json.dumps(config))
+        loaded.append(load_tokenizer(str(path)))
+    written = Tokenizer.from_str(qwen3_text())
+    for tok in loaded:
+        assert [tok(t, add_special_tokens=False)["input_ids"] for t in PROBE_TEXTS] == \
+               [written.encode(t, add_special_tokens=False).ids for t in PROBE_TEXTS]
+    match = compare_tokenizers(*loaded, "T", "S")
+    assert match.shared_ids is None and match.differing == []
+    assert capsys.readouterr().err == ""

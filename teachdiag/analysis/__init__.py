@@ -5,12 +5,21 @@
     correlations(t, ["rel_gain_fkl"], ["fkl", "teachability"], n_boot=1000)
 
 Modules: stats (the teachdiag protocol), paper (the paper's protocol), bootstrap, selection,
-minimum (smallest samples), instruments (agreement of runs), plots, report / paper_report, and
-command (`teachdiag analyze`).
+minimum (smallest samples), instruments (agreement of runs), plots, report / paper_report,
+options (the command's options) and command (`teachdiag analyze`).
+
+The names below are imported on first use, so importing one module of the package (options, for
+`teachdiag analyze --help`) does not import scipy and seaborn through the others.
 """
 
-from teachdiag.analysis.stats import add_scores, correlations, gain_by_bin, q3_gap, regressions
-from teachdiag.analysis.command import load_run, load_tokens, run_analyze
+_NAMES = {"add_scores": "stats", "correlations": "stats", "gain_by_bin": "stats", "q3_gap": "stats",
+          "regressions": "stats", "load_run": "command", "load_tokens": "command", "run_analyze": "command"}
+__all__ = list(_NAMES)
 
-__all__ = ["add_scores", "correlations", "gain_by_bin", "q3_gap", "regressions", "load_run", "load_tokens",
-           "run_analyze"]
+
+def __getattr__(name: str):
+    if name in _NAMES:
+        import importlib
+
+        return getattr(importlib.import_module(f"teachdiag.analysis.{_NAMES[name]}"), name)
+    raise AttributeError(f"module 'teachdiag.analysis' has no attribute {name!r}")

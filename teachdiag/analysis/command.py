@@ -19,7 +19,6 @@ import os
 import pathlib
 import sys
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -30,9 +29,9 @@ import teachdiag.analysis.selection as selection
 import teachdiag.analysis.stats as analysis
 from teachdiag.analysis.bank import describe_bank, is_bank, read_bank
 from teachdiag.analysis.instruments import agreement
+from teachdiag.analysis.options import AnalyzeConfig  # noqa: F401  (its home before; imported from here)
 from teachdiag.analysis.viability import analyze_viability, is_viability_run
 from teachdiag.errors import InputError
-from teachdiag.flags import opt
 from teachdiag.runfolder import check_writable
 from teachdiag.scores import teachability_scores
 from teachdiag.table import COLUMNS, TEXT_COLUMNS, PARTIAL, all_parts, read_tokens
@@ -50,32 +49,6 @@ EXTRA = ("response_length", "instrument")
 DECILE_SCORES = ["fkl", "union_fkl", "topk_entropy", "tip", "teach_entropy", "incompat",
                  "teachability"]
 CONTRASTS = [("teachability", "fkl"), ("teachability", "incompat"), ("teach_entropy", "tip")]
-
-
-@dataclass
-class AnalyzeConfig:
-    """Options of `teachdiag analyze` (each field's help is its --help text)."""
-
-    runs: list[str] = field(default_factory=list, metadata={
-        "positional": True, "nargs": "+",
-        "help": "run folders (tokens.csv + run.json) or tokens CSV files; several are compared "
-                "side by side"})
-    gain: str = opt("gain column for regressions, Q3, selection and figures: gain_fkl, gain_rkl, "
-                "rel_gain_fkl, rel_gain_rkl or gain_first_order (the only one of a --mode linear run); "
-                "correlations cover every gain the run has", "rel_gain_fkl")
-    out: str = opt("output folder (default: <first run>/analysis)", "")
-    figures: str = opt("figure folder (default: <out>/figures)", "")
-    bootstrap: int = opt("cluster-bootstrap resamples over contexts for every CI; 0 skips the CIs "
-                "(reduce for a quick look)", 1000)
-    seed: int = opt("seed of the bootstrap and the random selector", 0)
-    allow_partial: bool = opt("analyze a run whose run.json says complete: false (an interrupted probe)", False)
-    protocol: str = opt("teachdiag: this project's analysis (top-K entropy, union_fkl, every gain); "
-                        "paper: the paper's own protocol exactly (DESIGN \"Analysis\": full-vocabulary H and "
-                        "fkl, G_KLf, Tables 1, 2/10 and 9 beside the paper's numbers); needs the "
-                        "response_length column", "teachdiag", choices=("teachdiag", "paper"))
-    response_lengths: str = opt("contexts JSONL (id, response_ids) giving response_length = "
-                                "len(response_ids) to tables written before the probe recorded it; "
-                                "only right when the probe truncated nothing (max_response_tokens 0)", "")
 
 
 # ---------------------------------------------------------------- loading
@@ -174,6 +147,10 @@ def load_run(run: str | pathlib.Path, allow_partial: bool = False) -> dict:
         if meta.get("complete") is False and not allow_partial:
             raise InputError("run is incomplete (complete: false); pass --allow-partial to "
                              "analyze it anyway", file=str(meta_path), field="complete")
+    if run.is_dir() and not csv.exists() and meta.get("complete") is False:
+        # killed during its first context: run.json is written, no row yet (runfolder.RunWriter.start)
+        raise InputError("no finished context yet: the run has written no rows (resume it with --resume)",
+                         file=str(run))
     if csv.name.startswith("tokens.partial") and not allow_partial:
         raise InputError("run is incomplete (no tokens.csv yet); pass --allow-partial to analyze "
                          "it anyway", file=str(csv))
@@ -188,7 +165,7 @@ def load_run(run: str | pathlib.Path, allow_partial: bool = False) -> dict:
         # the probe normalises these when it finishes; for a partial run, over the rows present
         teach, incompat = teachability_scores(table["union_fkl"], table["compat_mass"])
         table = table.assign(teachability=teach, incompat=incompat)
-    name = run.name if run.is_dir() else run.name.split(".")[0]
+    name = report.run_label(run.name if run.is_dir() else run.name.split(".")[0], meta.get("options"))
     return {"name": name, "path": str(run), "table": table, "n_rows": len(table) + excluded,
             "n_excluded": excluded, "n_contexts": int(table["context_id"].nunique()),
             "complete": meta.get("complete", "unknown (no run.json)"),

@@ -7,7 +7,8 @@ beside the paper's numbers (paper_report.py), one figure, and summary.md.
 
 Writes to out: paper_regressions.csv, paper_q3.csv, paper_bins.csv, paper_selection.csv (tidy, one
 row per statistic, both gains G_KLf and drop_fkl, a `run` column), paper_table1.csv,
-paper_table2.csv, paper_table9.csv, paper_tables.tex, summary.md, and figures/paper_betas.{png,pdf}.
+paper_table2.csv, paper_table9.csv, paper_tables.tex, summary.md, and figures/paper_betas.{png,pdf};
+given several runs also instruments.csv (their agreement on G_KLf, as the default protocol writes it).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import pandas as pd
 import teachdiag.analysis.paper as paper
 import teachdiag.analysis.paper_report as paper_report
 import teachdiag.analysis.plots as plots
+from teachdiag.analysis.instruments import agreement
 from teachdiag.analysis.report import markdown_table, run_line
 
 
@@ -30,9 +32,11 @@ def analyze_paper(runs: Sequence[dict], out: pathlib.Path, fig_dir: pathlib.Path
     """Every statistic of the paper protocol for each run (dicts from command.load_run); returns
     the summary.md path. Raises InputError for a table without response_length."""
     parts: dict[str, list[pd.DataFrame]] = {k: [] for k in ("regressions", "q3", "bins", "selection")}
+    scored = {}
     for r in runs:
         t0 = time.time()
         t = paper.paper_scores(r["table"], seed=seed, source=r["path"])
+        scored[r["name"]] = t
         log(f"{r['name']}: paper protocol on {len(t)} positions, {r['n_contexts']} contexts; "
             f"{n_boot} cluster-bootstrap resamples")
         for g in paper.PAPER_GAINS:
@@ -45,6 +49,8 @@ def analyze_paper(runs: Sequence[dict], out: pathlib.Path, fig_dir: pathlib.Path
     tables = {k: pd.concat(v, ignore_index=True) for k, v in parts.items()}
     for k, v in tables.items():
         v.to_csv(out / f"paper_{k}.csv", index=False)
+    if len(scored) > 1:  # several runs (instruments, K values): how far their gains agree, position by position
+        agreement(scored, "G_KLf", n_boot, seed).to_csv(out / "instruments.csv", index=False)
     top_k = {r["name"]: r.get("top_k") for r in runs}
     shown = paper_report.write_paper_tables(out, tables["q3"], tables["selection"],
                                             tables["regressions"], top_k)
@@ -60,6 +66,9 @@ def analyze_paper(runs: Sequence[dict], out: pathlib.Path, fig_dir: pathlib.Path
            "(Norm, 0 where q95 − q05 < 1e-12). Every CI: 95% percentile interval of a cluster "
            f"bootstrap over contexts ({n_boot} resamples).", ""]
     md += paper_report.markdown_section(shown, markdown_table, several=len(runs) > 1)
+    if len(scored) > 1:
+        md += ["instruments.csv: Spearman, Pearson and Kendall correlation of each pair of runs' G_KLf on the "
+               "positions both measured, with cluster-bootstrap CIs.", ""]
     md += ["## Figures", "", f"![β_L and β_I]({rel})", "",
            "Figure: standardized coefficients β_L (of D^L = Dn·Cn) and β_I (of D^I = Dn·(1 − Cn)) "
            "in the decomposition model, with 95% cluster-bootstrap CIs, per run and gain; the "

@@ -33,10 +33,11 @@ def gain_label(gain: str) -> str:
     return GAIN_LABELS.get(gain, f"{gain} (nats)")
 
 
-def _panels(n: int, width: float = 5.0, height: float = 4.0, rows: int = 1) -> tuple[Figure, np.ndarray]:
+def _panels(n: int, width: float = 5.0, height: float = 4.0, rows: int = 1,
+            sharey: bool = False) -> tuple[Figure, np.ndarray]:
     fig = Figure(figsize=(width * n, height * rows), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = np.atleast_2d(fig.subplots(rows, n, squeeze=False))
+    axes = np.atleast_2d(fig.subplots(rows, n, squeeze=False, sharey=sharey))
     return fig, axes
 
 
@@ -103,27 +104,33 @@ def gain_vs_fkl(tables: dict[str, pd.DataFrame], gain: str, max_points: int = 20
     return fig
 
 
-def gain_by_decile(bins: pd.DataFrame, gain: str, titles: dict[str, str] | None = None) -> Figure:
-    """Small multiples: mean gain per decile of each score (one panel per score, one row per run),
-    with 95% cluster-bootstrap CIs; `bins` from stats.gain_by_bin plus `run`."""
+def gain_by_decile(bins: pd.DataFrame, gain: str, titles: dict[str, str] | None = None,
+                   columns: int = 4) -> Figure:
+    """Small multiples: mean gain per decile of each score, with 95% cluster-bootstrap CIs; each run
+    is a block of `columns`-wide rows, one panel per score, all on one y scale so panels compare at a
+    glance (seven panels in a row with seven scales did not). `bins` from stats.gain_by_bin plus `run`."""
     runs, scores = list(dict.fromkeys(bins["run"])), list(dict.fromkeys(bins["score"]))
-    fig, axes = _panels(max(1, len(scores)), width=2.6, height=2.8, rows=max(1, len(runs)))
+    cols = max(1, min(columns, len(scores)))
+    block = max(1, -(-len(scores) // cols))  # rows per run
+    fig, axes = _panels(cols, width=2.8, height=2.5, rows=block * max(1, len(runs)), sharey=True)
     if bins.empty:
         _nothing(axes[0, 0], "too few positions for deciles")
     for r, run in enumerate(runs):
-        for c, score in enumerate(scores):
-            ax, s = axes[r, c], bins[(bins["run"] == run) & (bins["score"] == score)]
-            ax.set_title(f"{run}\nby {score}" if c == 0 and len(runs) > 1 else f"by {score}", fontsize=9)
+        for i, score in enumerate(scores):
+            ax, s = axes[r * block + i // cols, i % cols], bins[(bins["run"] == run) & (bins["score"] == score)]
+            ax.set_title(f"{run}\nby {score}" if i == 0 and len(runs) > 1 else f"by {score}", fontsize=9)
+            if i % cols == 0:
+                ax.set_ylabel(f"mean {gain_label(gain)}", fontsize=8)
             if s.empty or not np.isfinite(s["gain_mean"]).any():
-                _nothing(ax, "too few positions")
-                continue
+                ax.text(0.5, 0.5, "too few positions", ha="center", va="center", fontsize=9, transform=ax.transAxes)
+                continue  # not _nothing: its y ticks are every panel's, shared
             ax.plot(s["bin"], s["gain_mean"], marker="o", ms=3, color="tab:blue")
             _ci_bars(ax, s["bin"], s["ci_low"], s["ci_high"], color="tab:blue", lw=1)
             ax.axhline(0, color="grey", lw=0.5)
             ax.set_xticks(range(1, 11, 3))
             ax.set_xlabel("decile (1 = lowest)", fontsize=8)
-            if c == 0:
-                ax.set_ylabel(f"mean {gain_label(gain)}", fontsize=8)
+        for i in range(len(scores), block * cols):  # the empty slots of the block's last row
+            axes[r * block + i // cols, i % cols].set_visible(False)
     if len(runs) == 1:
         fig.suptitle(f"{(titles or {}).get(runs[0], '')}\n{runs[0]}: mean gain per decile of each "
                      "score, 95% cluster-bootstrap CI", fontsize=10)
@@ -220,12 +227,22 @@ def correlation_heatmap(corr: pd.DataFrame, method: str = "spearman",
             _nothing(ax, note.replace("; ", ";\n"))
             continue
         m = dr.pivot(index="signal", columns="gain", values="estimate")
-        m = m.loc[list(dict.fromkeys(dr["signal"]))]
+        m = _merge_identical_rows(m.loc[list(dict.fromkeys(dr["signal"]))])
         sns.heatmap(m, ax=ax, annot=True, fmt=".2f", cmap="vlag", center=0, vmin=-1, vmax=1,
                     annot_kws={"fontsize": 7}, cbar_kws={"label": f"{method} correlation"})
         ax.set(xlabel="gain", ylabel="signal")
         ax.tick_params(axis="x", labelrotation=30)
     return fig
+
+
+def _merge_identical_rows(m: pd.DataFrame) -> pd.DataFrame:
+    """Signals whose correlations are equal in every column (topk_entropy and the entropy selector are
+    one column under two names) shown once, as "topk_entropy = entropy", rather than as repeated rows."""
+    names: dict[tuple, list[str]] = {}
+    for signal, row in m.iterrows():
+        names.setdefault(tuple(row.to_numpy(float)), []).append(str(signal))
+    keep = [group[0] for group in names.values()]
+    return m.loc[keep].rename(index={group[0]: " = ".join(group) for group in names.values()})
 
 
 def beta_gap(t9: pd.DataFrame, titles: dict[str, str] | None = None) -> Figure:
@@ -297,6 +314,11 @@ def viability(auc: pd.DataFrame, by_pos: pd.DataFrame, title: str = "") -> Figur
     rows (any labels); by_pos: viable_by_position rows."""
     fig, axes = _panels(2, width=5.2, height=4.2)
     ax = axes[0, 0]
+    if not np.isfinite(auc["auroc"].to_numpy(float)).any():  # e.g. no viable branch at all: say why
+        notes = [n for n in auc["note"] if isinstance(n, str) and n] if "note" in auc else []
+        _nothing(ax, "no AUROC: " + (notes[0] if notes else "no predictor could be scored").replace("; ", ";\n"))
+        ax.set_title("which signal predicts a viable teacher token", fontsize=9)
+        auc = auc.iloc[:0]
     preds = list(dict.fromkeys(auc["predictor"]))
     y = np.arange(len(preds), dtype=float)
     ax.axvspan(0.66, 0.95, color="0.9", label="paper, position: 0.83 [0.66, 0.95]")

@@ -14,6 +14,7 @@ teachability − that of incompat (raw gain).
 from __future__ import annotations
 
 import pathlib
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -185,6 +186,19 @@ def to_latex(table: pd.DataFrame, caption: str, label: str = "tab:teachdiag") ->
     lines += [r"\bottomrule", r"\end{tabular}", rf"\caption{{{_tex(caption)}}}",
               rf"\label{{{label}}}", r"\end{table}"]
     return "\n".join(lines) + "\n"
+
+
+# the default --out of probe and viability: runs/<date-time>, runs/viability-<date-time>
+TIMESTAMP_NAME = re.compile(r"(viability-)?\d{8}-\d{6}")
+
+
+def run_label(name: str, options: dict | None) -> str:
+    """What tables and figures call a run: its folder's name, unless that is the default timestamp,
+    which says nothing about the run; then "teacher → student" from its run.json options."""
+    teacher, student = ((options or {}).get(k) for k in ("teacher", "student"))
+    if not TIMESTAMP_NAME.fullmatch(name) or not (teacher and student):
+        return name
+    return f"{pathlib.PurePath(str(teacher)).name} → {pathlib.PurePath(str(student)).name}"
 
 
 def run_line(r: dict) -> str:

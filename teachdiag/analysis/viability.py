@@ -28,7 +28,7 @@ from scipy.stats import rankdata
 import teachdiag.analysis.plots as plots
 from teachdiag.analysis.bootstrap import count_chunks, percentile_ci
 from teachdiag.analysis.minimum import MIN_CLASS, ci_note
-from teachdiag.analysis.report import markdown_table
+from teachdiag.analysis.report import markdown_table, run_label
 from teachdiag.errors import InputError
 from teachdiag.scores import position_weight
 from teachdiag.table import PARTIAL, RUN, VIABILITY, VIABILITY_COLUMNS, VIABILITY_TEXT_COLUMNS, read_tokens
@@ -130,7 +130,7 @@ def analyze_viability(paths: list[str], out: Path, fig_dir: Path, n_boot: int, s
                       log: Callable[[str], None]) -> Path:
     """`teachdiag analyze` on viability runs: viability_auroc.csv, viability_by_position.csv,
     viability.md and figures/viability.png (+ .pdf), every run side by side."""
-    aucs, bins, lines = [], [], []
+    aucs, bins, lines, folders = [], [], [], {}
     for path in paths:
         p = Path(path)
         csv, meta_path = (p / VIABILITY, p / RUN) if p.is_dir() else (p, p.parent / RUN)
@@ -139,7 +139,9 @@ def analyze_viability(paths: list[str], out: Path, fig_dir: Path, n_boot: int, s
             raise InputError("run is incomplete (complete: false); finish it with teachdiag viability --resume",
                              file=str(meta_path), field="complete")
         df = read_tokens(csv, VIABILITY_COLUMNS, VIABILITY_TEXT_COLUMNS)
-        name = p.name if p.is_dir() else p.parent.name
+        folder = p.name if p.is_dir() else p.parent.name
+        name = run_label(folder, meta.get("options"))
+        folders[name] = folder  # figure files are named by folder, titles by run_label
         log(f"{name}: {len(df)} branches at {df.groupby(['context_id', 'position']).ngroups} positions in "
             f"{df['context_id'].nunique()} contexts; {n_boot} cluster-bootstrap resamples")
         for label in labels_of(df):
@@ -159,7 +161,7 @@ def analyze_viability(paths: list[str], out: Path, fig_dir: Path, n_boot: int, s
     for name in dict.fromkeys(auc["run"]):
         fig = plots.viability(auc[(auc["run"] == name) & (auc["rows"] == "all")], by_pos[by_pos["run"] == name],
                               title=name)
-        written += plots.save(fig, fig_dir, "viability" if len(paths) == 1 else f"viability_{name}")
+        written += plots.save(fig, fig_dir, "viability" if len(paths) == 1 else f"viability_{folders[name]}")
     shown = auc.assign(auroc=auc["auroc"].map(lambda v: f"{v:.3f}" if np.isfinite(v) else "—"),
                        ci=[f"[{lo:.3f}, {hi:.3f}]" if np.isfinite(lo) else n or "—"
                            for lo, hi, n in zip(auc["ci_low"], auc["ci_high"], auc["note"])])

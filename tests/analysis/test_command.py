@@ -80,6 +80,21 @@ def test_partial_run_is_refused_unless_allowed(tmp_path):
         run_analyze(AnalyzeConfig(runs=[str(run)], bootstrap=0))
 
 
+def test_partial_run_without_a_finished_context_says_so(tmp_path, capsys):
+    """A probe killed during its first context leaves run.json ("complete": false) and no table yet:
+    --allow-partial says that, not "no such file" (#21.10.4)."""
+    from teachdiag.cli import main
+
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"complete": False, "top_k": 16, "options": {}}))
+    with pytest.raises(InputError, match="no finished context yet"):
+        load_run(run, allow_partial=True)
+    assert main(["analyze", str(run), "--allow-partial", "--bootstrap", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no finished context yet" in err and "no such file" not in err
+
+
 def test_interrupted_probe_folder_reads_the_partial_table(tmp_path):
     run = write_run(tmp_path / "r", complete=False, n_ctx=4, n_pos=5)
     df = pd.read_csv(run / "tokens.csv")

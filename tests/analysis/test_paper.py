@@ -260,3 +260,25 @@ def test_analyze_never_raises_on_small_tables(tmp_path_factory, n, n_ctx, seed):
                                         out=str(run / protocol)))
         assert (out / "summary.md").stat().st_size > 100
         assert any((out / "figures").glob("*.png"))
+
+
+def test_paper_protocol_with_several_runs_writes_instruments_csv(tmp_path):
+    """Several runs under --protocol paper: instruments.csv, as the default protocol writes it, on
+    the paper's own gain G_KLf over the positions both runs measured (#21.10.6)."""
+    from scipy.stats import spearmanr
+
+    tables = {}
+    for name, seed, n_pos in (("a", 1, 30), ("b", 2, 20)):  # b measured positions 0..19 only
+        t = make_tokens(n_ctx=6, n_pos=n_pos, seed=seed).assign(response_length=30)
+        (tmp_path / name).mkdir()
+        t.to_csv(tmp_path / name / "tokens.csv", index=False)
+        tables[name] = t
+    out = run_analyze(AnalyzeConfig(runs=[str(tmp_path / "a"), str(tmp_path / "b")], protocol="paper",
+                                    bootstrap=0, out=str(tmp_path / "out")))
+    inst = pd.read_csv(out / "instruments.csv")
+    row = inst[inst["method"] == "spearman"].iloc[0]
+    assert (row["run_a"], row["run_b"], row["gain"], row["n"]) == ("a", "b", "G_KLf", 6 * 20)
+    both = tables["a"].merge(tables["b"], on=["context_id", "position"])
+    g = [(both[f"fkl_{s}"] - both[f"fkl_after_{s}"]) / (both[f"fkl_{s}"] + 1e-12) for s in ("x", "y")]
+    assert row["estimate"] == pytest.approx(spearmanr(*g)[0], rel=1e-9)
+    assert "instruments.csv" in (out / "summary.md").read_text()
