@@ -7,7 +7,7 @@
 
 Each step takes `--batch` contexts (a seeded shuffle, cycled), scores every response position with
 the teacher and the student, keeps the positions the selector picks over the whole batch
-(selectors.py: the released TA-OPD rule, ceil(budget·N) and at least one per sample), and takes one
+(scores.keep_positions: the released TA-OPD rule, max(1, ceil(budget·N)) and at least one per sample), and takes one
 AdamW step on the OPD loss of the kept positions, normalised by their number (DESIGN "The trainer
 and the selectors"). Unselected tokens stay in the context.
 With --position-weight (PW-OPSD, arXiv 2605.21606) each kept loss is weighted by its position's
@@ -53,7 +53,7 @@ from teachdiag.progress import progress
 from teachdiag.probe.signals import SIGNAL_MODES, clipped_fkl, keep_mask, probe_loss, signals_from_logits
 from teachdiag.rollout import generate_batch, read_prompts, stop_ids
 from teachdiag.runfolder import (LOCK, _atomic_write, _fsync_write, check_writable, discard_tree, disk_faults,
-                                 lock_folder, publish_folder, release_locks)
+                                 fsync_tree, lock_folder, publish_folder, release_locks)
 from teachdiag.scores import KEEP_RULES, SELECTORS, keep_positions, position_weight
 
 TRAIN_LOSSES = ("sampled_token", "reverse_kl", "clipped_fkl")
@@ -161,9 +161,13 @@ def train_step(student, teacher, ctxs, batch: list[int], vocab: int, *, loss: st
     flat["position"] = np.concatenate([np.arange(len(v[2])) for v in views])  # (N,) j within its response
     flat["response_length"] = np.concatenate([np.full(len(v[2]), len(v[2])) for v in views])
     flat["sample"] = sample
-    kept = keep_positions(flat, select, budget, rule=select_rule, seed=seed)
-    if loss == "sampled_token" and keep is not None:  # its loss there is NaN: leave the row out first
-        kept &= torch.cat([keep[v[2]] for v in views]).cpu().numpy()
+    # sampled_token cannot train where the sampled token is outside the shared ids (its loss is NaN)
+    valid = (torch.cat([keep[v[2]] for v in views]).cpu().numpy() if loss == "sampled_token" and keep is not None
+             else np.ones(len(sample), bool))
+    if select_rule == "paper_text":  # as teachdiag 0.2: select over every row, then drop the untrainable
+        kept = keep_positions(flat, select, budget, rule=select_rule, seed=seed) & valid
+    else:  # the released rule counts, ranks and fills among the trainable rows (its loss mask)
+        kept = keep_positions(flat, select, budget, valid, rule=select_rule, seed=seed)
     n_kept = int(kept.sum())
     n_seqs = sum(bool(m.any()) for m in np.split(kept, np.cumsum([len(v[2]) for v in views])[:-1]))  # B'
 
@@ -262,6 +266,7 @@ def _save(out: Path, student, tok, optimizer, record: dict) -> None:
     (tmp / STATE).mkdir()
     save_file(_optimizer_tensors(student, optimizer), str(tmp / STATE / "optimizer.safetensors"))
     text = json.dumps(record, indent=2, default=str) + "\n"
+    fsync_tree(tmp)  # the weights on disk before the record that says they are (a power cut, not only a kill)
     _atomic_write(tmp / STATE / "train.json", text)  # last: its presence marks the set complete
     publish_folder(tmp, out / MODEL)
     _atomic_write(out / "train.json", text)
@@ -368,8 +373,6 @@ def _run_train(cfg: TrainConfig, argv: list[str] | None = None) -> Path:
     saved = recover_checkpoint(out) if cfg.resume and out.is_dir() else None
     if saved is not None:
         before = asdict(TrainConfig()) | saved["options"]  # options added since that run: their defaults
-        if "select_rule" not in saved["options"] and before["select"] != "all":  # it selected as ≤ 0.2 did
-            before |= {"select_rule": "paper_text", "select_signals": "full"}
         free = ("resume", "overwrite", "steps", "out", "quiet", "threads")  # where and how it runs, not what
         differ = [k for k in asdict(cfg) if k not in free and before.get(k) != getattr(cfg, k)]
         if differ:
@@ -383,12 +386,18 @@ def _run_train(cfg: TrainConfig, argv: list[str] | None = None) -> Path:
         _load_optimizer(student, optimizer, out / MODEL / STATE / "optimizer.safetensors")
     else:
         if cfg.resume and (out / "optimizer.safetensors").is_file():
-            raise InputError("saved by an older teachdiag whose model/ and optimizer state can disagree after a "
-                             "kill; start again with --overwrite", field="--resume", file=str(out))
+            raise InputError("saved by teachdiag 0.2, whose model/ and optimizer state can disagree after a kill; "
+                             "start again with --overwrite (its selection rule is --select-rule paper_text "
+                             "--select-signals full)", field="--resume", file=str(out))
+        # a finished save left model/ and train.json; an unfinished first save (model.tmp/ alone) lost nothing
+        if cfg.resume and any((out / n).exists() for n in (MODEL, "train.json")):
+            raise InputError("no complete saved step to resume from (a damaged model/ or train_state); "
+                             "--overwrite starts again", field="--resume", file=str(out))
         out.mkdir(parents=True, exist_ok=True)
         for old in (MODEL, MODEL + ".tmp", MODEL + ".old"):  # --overwrite: no stale set to resume
             discard_tree(out / old)
-        (out / "train.json").unlink(missing_ok=True)
+        for old in ("train.json", "optimizer.safetensors"):  # the latter: a 0.2 folder's AdamW state
+            (out / old).unlink(missing_ok=True)
         _atomic_write(log_path, ",".join(LOG_COLUMNS) + "\n")
     record = {"teachdiag": __version__, "command": " ".join(["teachdiag", "train", *(argv or [])]),
               "options": asdict(cfg), "n_contexts": len(ctxs), "device": str(device),

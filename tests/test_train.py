@@ -197,11 +197,13 @@ def test_position_weighted_step_equals_the_hand_built_loss(tmp_path, pair, case)
     n = [len(c.response_ids) for c in ctxs]
     if select == "all":
         kept = np.ones(sum(n), bool)
-    else:  # the released rule's budget stage already gives every sample a row here, so no fill
-        rows = [{"sample": b, "pos": j, "valid": 1, "H": 0.0, "D": 0.0, "C": 0.0, "position": (j + 0.5) / k}
-                for b, k in enumerate(n) for j in range(k)]
+    else:  # the released rule: budget and ranking among the trainable rows (a token outside keep is not);
+        # its budget stage already gives every sample with a trainable row a row here, so no fill
+        rows = [{"sample": b, "pos": j, "valid": int(keep is None or c.response_ids[j] != 5), "H": 0.0, "D": 0.0,
+                 "C": 0.0, "position": (j + 0.5) / k} for b, (c, k) in enumerate(zip(ctxs, n)) for j in range(k)]
         kept = np.array(ref_keep(rows, "position", 0.3, min_keep=0), bool)
-        assert all(m.any() for m in np.split(kept, np.cumsum(n)[:-1]))
+        trainable = np.split(np.array([r["valid"] for r in rows], bool), np.cumsum(n)[:-1])
+        assert all(m.any() for m, v in zip(np.split(kept, np.cumsum(n)[:-1]), trainable) if v.any())
     if keep is not None:
         kept &= np.concatenate([[y != 5 for y in c.response_ids] for c in ctxs])
     kept = np.split(kept, np.cumsum(n)[:-1])
@@ -371,3 +373,21 @@ def test_resume_never_unpickles_a_weights_file_planted_in_the_folder(tmp_path, p
     assert len(err.splitlines()) == 1 and err.startswith("teachdiag: error:") and "Traceback" not in err, err
     assert "pytorch_model.bin is pickled and never loaded" in err and "--resume" in err
     assert not loads and not marker.exists()
+
+
+def test_resume_without_a_complete_saved_step_is_refused_not_restarted(tmp_path, pair, capsys):
+    """--resume on a folder whose saved set is damaged must not quietly train from step 0 (and so
+    overwrite what the user asked to continue); --overwrite starts again and clears a 0.2 folder's state."""
+    contexts = write_contexts(tmp_path / "c.jsonl", n=2)
+    args = ["train", "--teacher", pair[0], "--student", pair[1], "--contexts", str(contexts), "--device", "cpu",
+            "--quiet", "--loss", "reverse_kl", "--lr", "1e-3", "--batch", "2", "--steps", "2", "--out", str(tmp_path / "a")]
+    assert main(args) == 0
+    (tmp_path / "a" / "model" / "train_state" / "train.json").write_text("{ torn")
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no complete saved step" in err, err
+    (tmp_path / "a" / "optimizer.safetensors").write_text("")  # as a 0.2 folder has it
+    assert main([*args, "--overwrite"]) == 0
+    assert not (tmp_path / "a" / "optimizer.safetensors").exists()
+    assert json.loads((tmp_path / "a" / "train.json").read_text())["steps_done"] == 2
