@@ -20,7 +20,7 @@ from teachdiag.demo import DEMO_ROLLOUTS
 from teachdiag.demo.zoo import STUDENT, TEACHER
 from teachdiag.errors import InputError
 from teachdiag.flags import opt
-from teachdiag.probe.signals import LOSSES, SIGNAL_MODES
+from teachdiag.probe.signals import LOSSES
 from teachdiag.probe.steps import OPTIMIZERS, RULES
 
 # the embedded demo: what a command runs with no models or contexts given
@@ -75,10 +75,6 @@ class StepOptions:
                   "regime on a seeded sample (as `teachdiag calibrate`)", "", show_default=False)
     params: str = opt("parameters the step touches: all, lm_head, last:N (last N blocks + final norm + head)", "all")
     top_k: int = opt("K of the student's top-K for compat_mass, topk_entropy, union_fkl", 16)
-    signals: str = opt("where topk_entropy, union_fkl and compat_mass come from: full (full distributions), "
-                       "topk (each side's top-K log-probabilities only, as a served teacher returns them; C "
-                       "exact, the teacher asked at the student's ids) or topk_lb (C from the teacher's own "
-                       "top-K only, a lower bound)", "full", choices=list(SIGNAL_MODES))
 
 
 @dataclass

@@ -24,7 +24,7 @@ from teachdiag.contexts import Context, by_context, parse_positions, select_posi
 from teachdiag.calibrate import RULE, auto_lr
 from teachdiag.errors import InputError, UnsupportedModel
 from teachdiag.probe.instruments import make_instrument
-from teachdiag.probe.signals import LOSSES, keep_mask
+from teachdiag.probe.signals import LOSSES, SIGNAL_MODES, keep_mask
 from teachdiag.models import (load_inputs, load_model, load_models, model_record, resolve_device)
 from teachdiag.provenance import run_header
 from teachdiag.config import (DEMO_POSITIONS, ContextOptions, DeviceOptions, PairOptions, StepOptions,
@@ -55,6 +55,10 @@ class ProbeConfig(DeviceOptions, StepOptions, ContextOptions, PairOptions):  # l
     mode: str = opt("exact: take the step and measure; linear: first-order gains lr·⟨g, d⟩ only "
                     "(no step, *_after columns empty), batched", "exact", choices=["exact", "linear"])
     batch: int = opt("positions per forward/backward in --mode linear (reduce if you run out of memory)", 16)
+    signals: str = opt("where topk_entropy, union_fkl and compat_mass come from: full (full distributions), "
+                       "topk (each side's top-K log-probabilities only, as a served teacher returns them; C "
+                       "exact, the teacher asked at the student's ids) or topk_lb (C from the teacher's own "
+                       "top-K only, a lower bound)", "full", choices=list(SIGNAL_MODES))
     auto_lr_positions: int = opt("positions swept by --lr auto (one backward + 10 forwards each)", 64)
     teacher_device_map: str = opt("'auto': spread a teacher too big for one GPU over all visible GPUs "
                                   "(and CPU) with accelerate; '': all on --device", "", choices=["", "auto"])
