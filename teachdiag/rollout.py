@@ -255,9 +255,9 @@ def _check_resumed(found: list[tuple[int, dict]], source: Path, expected: dict[s
     longer in --prompts, or a prompt edited since, is refused before any sampling (not kept stale)."""
     seen: dict[str, int] = {}
     for line_no, rec in found:
-        rid = rec.get("id")
+        rid = rec.get("id") if isinstance(rec, dict) else None
         where = {"file": str(source), "line": line_no}
-        if rid not in expected:
+        if not isinstance(rid, str) or rid not in expected:  # a list or object id would not even hash
             raise InputError(f"id {rid!r} is not in {prompts} (any more); start again with --overwrite",
                              field="id", **where)
         if rid in seen:

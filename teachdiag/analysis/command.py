@@ -262,6 +262,10 @@ def run_analyze(cfg: AnalyzeConfig) -> pathlib.Path:
         raise InputError("give either probe runs (tokens.csv) or viability runs (viability.csv), not both",
                          field="runs")
     runs = [load_run(r, cfg.allow_partial) for r in cfg.runs]
+    bank = next((r for r in runs if "bank" in r), None)
+    if bank is not None and cfg.protocol == "paper":  # the paper's H, D are full-vocabulary; a bank has top-K lists
+        raise InputError("a TA-OPD token bank has no full-vocabulary entropy or fkl, which the paper protocol "
+                         "needs; analyze it with the default protocol", file=bank["path"], field="--protocol")
     check_writable(out)  # a read-only --out is refused now, not after every statistic is computed
     if cfg.response_lengths:
         runs = [add_response_lengths(r, cfg.response_lengths) for r in runs]
@@ -276,6 +280,7 @@ def run_analyze(cfg: AnalyzeConfig) -> pathlib.Path:
     out.mkdir(parents=True, exist_ok=True)
     if cfg.protocol == "paper":
         from teachdiag.analysis.paper_command import analyze_paper  # the paper's tables
+
         analyze_paper(runs, out, fig_dir, cfg.bootstrap, cfg.seed, _log)
         return out
     tables: dict[str, list[pd.DataFrame]] = {k: [] for k in

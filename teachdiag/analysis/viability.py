@@ -141,6 +141,8 @@ def analyze_viability(paths: list[str], out: Path, fig_dir: Path, n_boot: int, s
         df = read_tokens(csv, VIABILITY_COLUMNS, VIABILITY_TEXT_COLUMNS)
         folder = p.name if p.is_dir() else p.parent.name
         name = run_label(folder, meta.get("options"))
+        if name in folders:  # two timestamped runs of one pair: their folders tell them apart
+            name = folder if folder not in folders else str(p)
         folders[name] = folder  # figure files are named by folder, titles by run_label
         log(f"{name}: {len(df)} branches at {df.groupby(['context_id', 'position']).ngroups} positions in "
             f"{df['context_id'].nunique()} contexts; {n_boot} cluster-bootstrap resamples")

@@ -90,3 +90,10 @@ def test_a_bad_number_in_a_bank_is_one_line_naming_file_line_and_field(tmp_path,
     assert main(["analyze", str(tmp_path / "bank"), "--out", str(tmp_path / "an")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "rollout_000001.csv:5: KLf_union: not a number" in err
+
+
+def test_the_paper_protocol_refuses_a_bank_saying_why(tmp_path, capsys):
+    write_bank(tmp_path / "bank")
+    assert main(["analyze", str(tmp_path / "bank"), "--protocol", "paper", "--out", str(tmp_path / "an")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "token bank has no full-vocabulary" in err, err
