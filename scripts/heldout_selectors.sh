@@ -13,6 +13,9 @@ OUT=${1:?usage: heldout_selectors.sh OUT [HELDOUT_N] [THREADS]}
 N=${2:-100}
 THREADS=${3:-1}
 SELECTORS=${SELECTORS:-"teachability fkl entropy tip random"}
+# the selection rule data/demo_heldout was trained with (teachdiag 0.2's); RULE="released topk" for
+# the released TA-OPD rule that `teachdiag train` uses by default
+read -r SELECT_RULE SELECT_SIGNALS <<< "${RULE:-paper_text full}"
 mkdir -p "$OUT"
 python - "$OUT" "$N" <<'PY'
 import json, sys
@@ -30,7 +33,8 @@ for s in $SELECTORS; do
   # done = train.json says all 10 steps (the trainer also saves a model before its last step)
   python -c "import json,sys; sys.exit(json.load(open('$OUT/train_$s/train.json')).get('steps_done') != 10)" 2>/dev/null \
     || teachdiag train --teacher smollm2-135m --student smollm2-135m-pruned --contexts "$OUT/train.jsonl" --select "$s" \
-      --budget 0.05 --steps 10 --batch 8 --lr 1e-6 --threads "$THREADS" --out "$OUT/train_$s" --overwrite
+      --budget 0.05 --steps 10 --batch 8 --lr 1e-6 --select-rule "$SELECT_RULE" --select-signals "$SELECT_SIGNALS" \
+      --threads "$THREADS" --out "$OUT/train_$s" --overwrite
   [ -f "$OUT/gain_$s/tokens.csv" ] || teachdiag probe --teacher smollm2-135m --student smollm2-135m-pruned --contexts "$OUT/heldout.jsonl" --positions all \
       --student-after "$OUT/train_$s/model" --threads "$THREADS" --out "$OUT/gain_$s" --overwrite
 done

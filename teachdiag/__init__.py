@@ -13,7 +13,7 @@ The API lives in teachdiag/api.py and selectors.py; it is imported on first use,
 `import teachdiag.analysis` stays free of torch. README: "Python API"; DESIGN.md: the quantities.
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 _API = {"run_probe": "teachdiag.api", "load_run": "teachdiag.api", "analyze": "teachdiag.api",
         "run_train": "teachdiag.api", "run_viability": "teachdiag.api", "Run": "teachdiag.api",
