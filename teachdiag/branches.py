@@ -19,7 +19,7 @@ from decimal import Context, Decimal, InvalidOperation
 
 import torch
 
-from teachdiag.rollout import generate_batch
+from teachdiag.generation import generate_batch
 
 _NUMBER = r"-?\d[\d,]*(?:\.\d+)?"
 _STATED = re.compile(r"answer is[^\d\-]{0,12}(" + _NUMBER + ")", re.IGNORECASE)

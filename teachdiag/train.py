@@ -51,7 +51,7 @@ from teachdiag.models import load_inputs, load_model, load_models, resolve_devic
 from teachdiag.probe.forward import teacher_logits
 from teachdiag.progress import progress
 from teachdiag.probe.signals import SIGNAL_MODES, clipped_fkl, keep_mask, probe_loss, signals_from_logits
-from teachdiag.rollout import generate_batch, read_prompts, stop_ids
+from teachdiag.generation import generate_batch, read_prompts, stop_ids
 from teachdiag.runfolder import (LOCK, _atomic_write, _fsync_write, check_writable, discard_tree, disk_faults,
                                  fsync_tree, lock_folder, publish_folder, release_locks)
 from teachdiag.scores import KEEP_RULES, SELECTORS, keep_positions, position_weight

@@ -47,7 +47,7 @@ from teachdiag.probe.forward import teacher_logits, view_logits
 from teachdiag.probe.signals import SIGNALS, keep_mask, signals_from_logits
 from teachdiag.progress import progress
 from teachdiag.provenance import run_header
-from teachdiag.rollout import stop_ids
+from teachdiag.generation import stop_ids
 from teachdiag.runfolder import RunWriter, release_locks
 from teachdiag.scores import teachability_scores
 from teachdiag.table import RUN, VIABILITY as TABLE, VIABILITY_COLUMNS as COLUMNS, \

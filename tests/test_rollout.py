@@ -9,7 +9,8 @@ import torch
 from conftest import make_model, make_tokenizer
 from teachdiag.cli import main
 from teachdiag.errors import InputError
-from teachdiag.rollout import RolloutConfig, read_prompts, run_rollout
+from teachdiag.generation import read_prompts
+from teachdiag.rollout import RolloutConfig, run_rollout
 
 CHAT = ("{% for m in messages %}{{ m.role }} {{ m.content }} {% endfor %}"
         "{% if add_generation_prompt %}assistant{% endif %}")
@@ -349,7 +350,7 @@ def first_token_counts(folder: str, temperature: float, n: int, seed: int = 0):
     import numpy as np
     from transformers import AutoModelForCausalLM
 
-    from teachdiag.rollout import generate_batch
+    from teachdiag.generation import generate_batch
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     tok = make_tokenizer()

@@ -121,7 +121,7 @@ def teacher_text(teacher, tok, texts: list[str], cfg: HealConfig, batch: int = 8
     """Sample one answer per prompt; keep ids and the teacher's top-K at each response position."""
     from transformers import GenerationConfig
 
-    from teachdiag.rollout import encode_prompt
+    from teachdiag.contexts import encode_prompt
 
     eos = tok.eos_token_id
     gen_cfg = GenerationConfig(max_new_tokens=cfg.gen_tokens, do_sample=True, temperature=1.0,

@@ -180,7 +180,7 @@ def real_teacher():
 
 
 def greedy(model, tok, prompt: str, n: int = 24) -> tuple[list[int], list[int]]:
-    from teachdiag.rollout import encode_prompt
+    from teachdiag.contexts import encode_prompt
 
     ids = encode_prompt(tok, prompt)
     with torch.no_grad():
