@@ -40,7 +40,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from teachdiag.contexts import encode_prompt
 from teachdiag.config import DeviceOptions, require
 from teachdiag.errors import InputError
