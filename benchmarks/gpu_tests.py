@@ -28,7 +28,7 @@ def run_gpu_tests(out: Path, cuda: bool, timeout: float) -> dict:
     cmd = [sys.executable, "-m", "pytest", "-q", "tests/gpu", "-p", "no:cacheprovider", f"--junitxml={junit}", *select]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     with open(out / "tests.log", "w") as log:
-        # a session of its own, so a timeout also kills what the tests started (torchrun's workers)
+        # its own process group, so a timeout also kills what the tests started (torchrun's workers)
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             code = proc.wait(timeout=timeout)
