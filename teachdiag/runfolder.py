@@ -17,6 +17,7 @@ and rank 0 merges every part, in the single-process order, into tokens.csv.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import os
@@ -169,6 +170,18 @@ def release_locks() -> None:
     ran one does not keep its folder from the next."""
     while _held:
         _held.popitem()[1].close()
+
+
+def releases_locks(command):
+    """Decorator for a command's run function: the folder locks it takes (lock_folder) are let go
+    when it returns or raises, however it ends."""
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        finally:
+            release_locks()
+    return run
 
 
 class RunWriter:

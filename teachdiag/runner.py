@@ -32,7 +32,7 @@ from teachdiag.config import (DEMO_POSITIONS, ContextOptions, DeviceOptions, Pai
 from teachdiag.flags import opt
 from teachdiag.probe.exact import parse_params, select_params
 from teachdiag.progress import progress
-from teachdiag.runfolder import RunWriter, release_locks
+from teachdiag.runfolder import RunWriter, releases_locks
 from teachdiag.table import RUN
 
 PAPER = "arXiv:2605.26844, Not All Disagreement Is Learnable: Token Teachability in On-Policy Distillation"
@@ -160,15 +160,8 @@ def _instrument(cfg: ProbeConfig, student, lr: float, vocab: int, device, world:
                            cache_dir=str(out), **extra)
 
 
+@releases_locks  # the folder lock it takes is let go when it ends, however
 def run_probe(cfg: ProbeConfig, argv: list[str] | None = None) -> Path:
-    """See _run_probe; the folder lock it takes (runfolder.lock_folder) is let go when it ends, however."""
-    try:
-        return _run_probe(cfg, argv)
-    finally:
-        release_locks()
-
-
-def _run_probe(cfg: ProbeConfig, argv: list[str] | None = None) -> Path:
     """Run the probe; returns the run folder. Raises InputError on bad input.
 
     Under torchrun every rank calls this with the same options (distributed.py)."""

@@ -53,7 +53,7 @@ from teachdiag.progress import progress
 from teachdiag.probe.signals import SIGNAL_MODES, clipped_fkl, keep_mask, probe_loss, signals_from_logits
 from teachdiag.generation import generate_batch, read_prompts, stop_ids
 from teachdiag.runfolder import (LOCK, _atomic_write, _fsync_write, check_writable, discard_tree, disk_faults,
-                                 fsync_tree, lock_folder, publish_folder, release_locks)
+                                 fsync_tree, lock_folder, publish_folder, releases_locks)
 from teachdiag.scores import KEEP_RULES, SELECTORS, keep_positions, position_weight
 
 TRAIN_LOSSES = ("sampled_token", "reverse_kl", "clipped_fkl")
@@ -331,15 +331,8 @@ def _check(cfg: TrainConfig) -> None:
              for name in names])
 
 
+@releases_locks  # the folder lock it takes is let go when it ends, however
 def run_train(cfg: TrainConfig, argv: list[str] | None = None) -> Path:
-    """See _run_train; the folder lock it takes (runfolder.lock_folder) is let go when it ends, however."""
-    try:
-        return _run_train(cfg, argv)
-    finally:
-        release_locks()
-
-
-def _run_train(cfg: TrainConfig, argv: list[str] | None = None) -> Path:
     """Train and save; returns the output folder. Raises InputError on bad input."""
     if cfg.on_policy:
         _fill_on_policy(cfg)

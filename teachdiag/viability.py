@@ -48,7 +48,7 @@ from teachdiag.probe.signals import SIGNALS, keep_mask, signals_from_logits
 from teachdiag.progress import progress
 from teachdiag.provenance import run_header
 from teachdiag.generation import stop_ids
-from teachdiag.runfolder import RunWriter, release_locks
+from teachdiag.runfolder import RunWriter, releases_locks
 from teachdiag.scores import teachability_scores
 from teachdiag.table import RUN, VIABILITY as TABLE, VIABILITY_COLUMNS as COLUMNS, \
     VIABILITY_TEXT_COLUMNS as TEXT_COLUMNS, pos_norm, read_tokens
@@ -209,15 +209,8 @@ def run_group(cfg: ViabilityConfig, group: list[int], g: int, ctxs: list[Context
     return out
 
 
+@releases_locks  # the folder lock it takes is let go when it ends, however
 def run_viability(cfg: ViabilityConfig, argv: list[str] | None = None) -> Path:
-    """See _run_viability; the folder lock it takes (runfolder.lock_folder) is let go when it ends, however."""
-    try:
-        return _run_viability(cfg, argv)
-    finally:
-        release_locks()
-
-
-def _run_viability(cfg: ViabilityConfig, argv: list[str] | None = None) -> Path:
     """Run the diagnostic; returns the run folder. Raises InputError on bad input."""
     t_start = time.time()
     cfg = fill_defaults(cfg)
