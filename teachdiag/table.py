@@ -3,6 +3,7 @@
     from teachdiag.table import COLUMNS, read_tokens, pos_norm
     df = read_tokens("runs/r1/tokens.csv")          # float64 round-trip, tokens kept as text
     pos_norm(df["position"], df["response_length"])  # j / (T − 1)
+    line_of_row(path, 41)                            # the line a data row starts on, for error messages
 
 No torch here: the analysis reads tables through this module on a laptop. The run folder that
 writes them crash-safely is runfolder.py; the run-level scores (teachability, incompat, the
@@ -12,6 +13,7 @@ selectors') are scores.py.
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import re
 from pathlib import Path
@@ -82,3 +84,18 @@ def read_tokens(path: str | Path, columns: list[str] = COLUMNS,
                        float_precision="round_trip")
 
 
+def line_of_row(path: Path, row: int) -> int:
+    """The line of `path` where data row `row` (0-based, blank lines skipped as pandas does) begins:
+    a quoted field may hold newlines (a context id, a token), so rows and lines differ."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8", newline="") as f:
+        reader = csv.reader(f)
+        next(reader, None)  # the header
+        k, last = 0, reader.line_num
+        for record in reader:
+            if record:
+                if k == row:
+                    return last + 1
+                k += 1
+            last = reader.line_num
+    return row + 2

@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from teachdiag.errors import InputError
-from teachdiag.table import COLUMNS
+from teachdiag.table import COLUMNS, line_of_row
 
 REQUIRED = ("sample_index", "tok_pos", "resp_len", "Hs_topk_norm", "KLf_union", "Cmass")
 RENAME = {"tok_pos": "position", "resp_len": "response_length", "Hs_topk_norm": "topk_entropy",
@@ -71,7 +71,8 @@ def _read(path: Path) -> pd.DataFrame:
     try:
         if path.suffix == ".jsonl":  # json, not pandas' reader: floats exactly as written
             with open(path, encoding="utf-8") as f:
-                return pd.DataFrame([json.loads(line) for line in f if line.strip()])
+                recs = [(n, json.loads(line)) for n, line in enumerate(f, 1) if line.strip()]
+            return pd.DataFrame([r for _, r in recs]).assign(_line=[n for n, _ in recs])
         return pd.read_csv(path, keep_default_na=False, na_values=[""], low_memory=False, float_precision="round_trip")
     except (ValueError, RecursionError, pd.errors.ParserError, UnicodeDecodeError, OSError) as e:
         raise InputError(f"cannot read the bank file: {e}", file=str(path)) from None
@@ -91,15 +92,15 @@ def read_bank(path: str | Path) -> tuple[pd.DataFrame, dict]:
         missing = [c for c in REQUIRED if c not in df.columns]
         if missing:
             raise InputError("not a TA-OPD token bank file (missing column)", file=str(f), field=missing[0])
-        for c in (*REQUIRED, "rollout_id", "loss_mask_original", "Cmass_exact", *GAINS, "token_id",
-                  "student_logp_sampled", "teacher_logp_sampled"):
-            if c in df.columns and c not in ("rollout_id",):
+        for c in (*REQUIRED, "loss_mask_original", "Cmass_exact", *GAINS, "token_id", "student_logp_sampled",
+                  "teacher_logp_sampled"):
+            if c in df.columns:
                 num = pd.to_numeric(df[c], errors="coerce")
                 bad = num.isna() & df[c].notna() & (df[c].astype(str).str.strip() != "")
-                if bad.any():  # line: a CSV's header is line 1; a JSONL record is its own line
+                if bad.any():  # the line the record starts on, blank lines and quoted newlines counted
                     i = int(np.flatnonzero(bad.to_numpy())[0])
-                    raise InputError(f"not a number: {df[c].iloc[i]!r}", file=str(f),
-                                     line=i + (2 if f.suffix == ".csv" else 1), field=c)
+                    line = int(df["_line"].iloc[i]) if "_line" in df.columns else line_of_row(f, i)
+                    raise InputError(f"not a number: {df[c].iloc[i]!r}", file=str(f), line=line, field=c)
                 df[c] = num
         parts.append(df.assign(_file=f.name))
     bank = pd.concat(parts, ignore_index=True)

@@ -34,7 +34,7 @@ from teachdiag.analysis.viability import analyze_viability, is_viability_run
 from teachdiag.errors import InputError
 from teachdiag.runfolder import check_writable
 from teachdiag.scores import teachability_scores
-from teachdiag.table import COLUMNS, TEXT_COLUMNS, PARTIAL, all_parts, read_tokens
+from teachdiag.table import COLUMNS, TEXT_COLUMNS, PARTIAL, all_parts, line_of_row, read_tokens
 
 # absent from older tables, left absent: response_length, instrument (0.2); the probability mass
 # dropped by a pair whose tokenizers differ in added/special ids (tokenizers.py)
@@ -98,26 +98,6 @@ def load_tokens(path: str | pathlib.Path) -> tuple[pd.DataFrame, int]:
     if df.empty:
         raise InputError("no finite rows (every row has finite = 0)", file=str(path), field="finite")
     return selection.table_order(df), int((~finite).sum())
-
-
-def line_of_row(path: pathlib.Path, row: int) -> int:
-    """The line of `path` where data row `row` (0-based, blank lines skipped as pandas does) begins:
-    a quoted field may hold newlines (a context id, a token), so rows and lines differ."""
-    import csv
-    import gzip
-
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8", newline="") as f:
-        reader = csv.reader(f)
-        next(reader, None)  # the header
-        k, last = 0, reader.line_num
-        for record in reader:
-            if record:
-                if k == row:
-                    return last + 1
-                k += 1
-            last = reader.line_num
-    return row + 2
 
 
 def load_run(run: str | pathlib.Path, allow_partial: bool = False) -> dict:

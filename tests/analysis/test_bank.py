@@ -97,3 +97,15 @@ def test_the_paper_protocol_refuses_a_bank_saying_why(tmp_path, capsys):
     assert main(["analyze", str(tmp_path / "bank"), "--protocol", "paper", "--out", str(tmp_path / "an")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "token bank has no full-vocabulary" in err, err
+
+
+def test_a_bad_number_in_a_jsonl_bank_names_its_real_line(tmp_path, capsys):
+    write_bank(tmp_path / "bank", "jsonl")
+    path = tmp_path / "bank" / "rollout_000000.jsonl"
+    lines = path.read_text().splitlines()
+    rec = json.loads(lines[6])
+    rec["Cmass"] = "lots"
+    lines[6] = json.dumps(rec)
+    path.write_text("\n".join(lines[:3] + [""] + lines[3:]) + "\n")  # a blank line before it: file line 8
+    assert main(["analyze", str(tmp_path / "bank"), "--out", str(tmp_path / "an")]) == 2
+    assert "rollout_000000.jsonl:8: Cmass: not a number" in capsys.readouterr().err
