@@ -184,6 +184,23 @@ def releases_locks(command):
     return run
 
 
+def claim_folder(out: Path, overwrite: bool, resume: bool, rank: int = 0) -> None:
+    """Make `out` this command's output folder, or say why not: not a file, writable now, locked
+    against another run (rank 0), and empty unless --overwrite or --resume. Every command that
+    writes a run folder (probe, viability, train) claims it this way, before reading anything in it."""
+    if out.exists() and not out.is_dir():
+        raise InputError("exists and is not a folder", field="--out", file=str(out))
+    existed = out.is_dir()
+    check_writable(out, f".write-test.{rank}")
+    if rank == 0:  # before anything is read: another run in this folder is refused by name
+        lock_folder(out)
+    # other ranks may be writing their test files right now: those do not make it non-empty
+    occupied = existed and any(not p.name.startswith((".write-test", LOCK)) for p in out.iterdir())
+    if occupied and not (overwrite or resume):
+        raise InputError("folder is not empty; pass --overwrite to replace it or --resume to "
+                         "continue it", field="--out", file=str(out))
+
+
 class RunWriter:
     """Owns one run folder (one rank's part of it); see the module docstring for the files."""
 
@@ -194,17 +211,7 @@ class RunWriter:
         viability.csv (one row per position and alternative) through the same machinery."""
         self.out, self.rank = Path(out), rank
         self.columns, self.text_columns, self.table, self.key = columns, text_columns, table, list(key)
-        if self.out.exists() and not self.out.is_dir():
-            raise InputError("exists and is not a folder", field="--out", file=str(self.out))
-        existed = self.out.is_dir()
-        check_writable(self.out, f".write-test.{rank}")
-        if rank == 0:  # before anything is read: another run in this folder is refused by name
-            lock_folder(self.out)
-        # other ranks may be writing their test files right now: those do not make it non-empty
-        occupied = existed and any(not p.name.startswith((".write-test", LOCK)) for p in self.out.iterdir())
-        if occupied and not (overwrite or resume):
-            raise InputError("folder is not empty; pass --overwrite to replace it or --resume to "
-                             "continue it", field="--out", file=str(self.out))
+        claim_folder(self.out, overwrite, resume, rank)
         self.fresh = overwrite and not resume  # old files go in start(), once the models have loaded
         self.partial, self.progress = part_files(self.out, rank)
 

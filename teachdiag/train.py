@@ -52,8 +52,8 @@ from teachdiag.probe.forward import teacher_logits
 from teachdiag.progress import progress
 from teachdiag.probe.signals import SIGNAL_MODES, clipped_fkl, keep_mask, probe_loss, signals_from_logits
 from teachdiag.generation import generate_batch, read_prompts, stop_ids
-from teachdiag.runfolder import (LOCK, _atomic_write, _fsync_write, check_writable, discard_tree, disk_faults,
-                                 fsync_tree, lock_folder, publish_folder, releases_locks)
+from teachdiag.runfolder import (_atomic_write, _fsync_write, claim_folder, discard_tree, disk_faults, fsync_tree,
+                                 publish_folder, releases_locks)
 from teachdiag.scores import KEEP_RULES, SELECTORS, keep_positions, position_weight
 
 TRAIN_LOSSES = ("sampled_token", "reverse_kl", "clipped_fkl")
@@ -345,12 +345,7 @@ def run_train(cfg: TrainConfig, argv: list[str] | None = None) -> Path:
     if cfg.positions:
         raise InputError("train uses every response position; choose with --select and --budget", field="--positions")
     out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise InputError("exists and is not a folder", field="--out", file=str(out))
-    if out.is_dir() and any(p.name != LOCK for p in out.iterdir()) and not (cfg.overwrite or cfg.resume):
-        raise InputError("folder is not empty; pass --overwrite or --resume", field="--out", file=str(out))
-    check_writable(out)
-    lock_folder(out)  # one trainer per folder, before anything in it is read
+    claim_folder(out, cfg.overwrite, cfg.resume)  # one trainer per folder, before anything in it is read
     device = resolve_device(cfg.device)
     ctxs, tok, match = load_inputs(cfg)
     vocab = match.vocab  # the longer tokenizer: every id of either is below it
