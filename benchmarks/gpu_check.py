@@ -67,7 +67,7 @@ from teachdiag.contexts import by_context, load_contexts, select_positions  # no
 from teachdiag.demo import DEMO_ROLLOUTS, zoo  # noqa: E402
 from teachdiag.models import load_model, load_tokenizer  # noqa: E402
 from teachdiag.provenance import code_version  # noqa: E402
-from teachdiag.train import batches  # noqa: E402
+from teachdiag.training import batches  # noqa: E402
 
 PAIR_STAGES = ("build", "exact", "naive", "shared", "linear", "train", "checkpoint")
 # per stage (full check, --tiny): positions ("all": every position of the pair's contexts), contexts

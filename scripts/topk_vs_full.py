@@ -35,18 +35,17 @@ def compute_signals(out: Path, threads: int) -> Path:
     import torch
 
     from teachdiag.config import fill_embedded
-    from teachdiag.models import load_inputs, load_models
+    from teachdiag.pair import open_pair
     from teachdiag.probe.forward import teacher_logits, view_logits
-    from teachdiag.probe.signals import keep_mask, signals_from_logits
+    from teachdiag.probe.signals import signals_from_logits
     from teachdiag.progress import progress
-    from teachdiag.runner import ProbeConfig
+    from teachdiag.commands.probe import ProbeConfig
 
     torch.set_num_threads(threads)
     cfg = ProbeConfig(device="cpu")
     fill_embedded(cfg)
-    ctxs, _, match = load_inputs(cfg)
-    teacher, student = load_models(cfg, torch.device("cpu"), ctxs, match.vocab)
-    keep = keep_mask(match.shared_ids, match.vocab)
+    pair = open_pair(cfg, torch.device("cpu"))
+    ctxs, teacher, student, match, keep = pair.contexts, pair.teacher, pair.student, pair.match, pair.keep
     rows, bar = [], progress(len(ctxs), "signals", "context")
     for c in ctxs:
         pos = list(range(len(c.response_ids)))

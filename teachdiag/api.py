@@ -58,7 +58,7 @@ def load_run(path: str | Path, allow_partial: bool = False) -> Run:
 def run_probe(**options) -> Run:
     """`teachdiag probe` with these options; every instrument (gain="shared", student_after=...)."""
     from teachdiag.config import apply_threads
-    from teachdiag.runner import ProbeConfig, run_probe as _run
+    from teachdiag.commands.probe import ProbeConfig, run_probe as _run
 
     options.setdefault("quiet", True)
     cfg = ProbeConfig(**options)
@@ -68,7 +68,7 @@ def run_probe(**options) -> Run:
 
 def analyze(*runs: str | Path, **options) -> Path:
     """`teachdiag analyze RUN...`; returns the folder with the tables, figures and summary."""
-    from teachdiag.analysis.command import AnalyzeConfig, run_analyze
+    from teachdiag.commands.analyze import AnalyzeConfig, run_analyze
 
     return run_analyze(AnalyzeConfig(runs=[str(r) for r in runs], **options))
 
@@ -76,7 +76,7 @@ def analyze(*runs: str | Path, **options) -> Path:
 def run_train(**options) -> Path:
     """`teachdiag train`; returns the output folder (the model is in <out>/model)."""
     from teachdiag.config import apply_threads
-    from teachdiag.train import TrainConfig, run_train as _run
+    from teachdiag.commands.train import TrainConfig, run_train as _run
 
     options.setdefault("quiet", True)
     cfg = TrainConfig(**options)
@@ -88,9 +88,34 @@ def run_viability(**options) -> pd.DataFrame:
     """`teachdiag viability`; returns viability.csv as a DataFrame (the folder is options["out"])."""
     from teachdiag.config import apply_threads
     from teachdiag.table import VIABILITY, VIABILITY_COLUMNS, VIABILITY_TEXT_COLUMNS
-    from teachdiag.viability import ViabilityConfig, run_viability as _run
+    from teachdiag.commands.viability import ViabilityConfig, run_viability as _run
 
     options.setdefault("quiet", True)
     cfg = ViabilityConfig(**options)
     apply_threads(cfg.threads)
     return read_tokens(_run(cfg, []) / VIABILITY, VIABILITY_COLUMNS, VIABILITY_TEXT_COLUMNS)
+
+
+def run_calibrate(**options) -> pd.DataFrame:
+    """`teachdiag calibrate`; returns the per-lr summary (calibration.json's "summary") as a DataFrame,
+    beside calibration.csv and the figure in options["out"]. Raises InputError when no lr of the
+    grid is in the linear regime (the files are written first)."""
+    from teachdiag.config import apply_threads
+    from teachdiag.commands.calibrate import CalibrateConfig, run_calibrate as _run
+
+    options.setdefault("quiet", True)
+    cfg = CalibrateConfig(**options)
+    apply_threads(cfg.threads)
+    out, _ = _run(cfg, [])
+    return pd.DataFrame(json.loads((out / "calibration.json").read_text())["summary"])
+
+
+def run_rollout(**options) -> Path:
+    """`teachdiag rollout`; returns the path of the frozen contexts JSONL (options["out"])."""
+    from teachdiag.config import apply_threads
+    from teachdiag.commands.rollout import RolloutConfig, run_rollout as _run
+
+    options.setdefault("quiet", True)
+    cfg = RolloutConfig(**options)
+    apply_threads(cfg.threads)
+    return _run(cfg)

@@ -9,7 +9,7 @@ A branch at position j of a frozen student rollout is the student's own view (pr
 response_ids[:j]) with one of the teacher's alternatives forced as token j; the student then
 continues on its own (greedy, or sampled at a temperature) for at most max_new_tokens, and the
 branch is viable when the response text it ends up with (spine prefix + alternative +
-continuation) states the record's answer. `viability.py` runs this over a file of contexts.
+continuation) states the record's answer. `commands/viability.py` runs this over a file of contexts.
 """
 
 from __future__ import annotations

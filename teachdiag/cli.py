@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import sys
 
@@ -28,23 +27,11 @@ from teachdiag.errors import InputError
 
 
 def _probe(cfg, argv: list[str]) -> None:
-    from teachdiag.runner import run_probe, summary_lines
+    from teachdiag.commands.probe import run_probe, summary_lines
 
     out = run_probe(cfg, argv)
-    if _rank() != 0:  # under torchrun, one summary
-        return
-    step = json.loads((out / "run.json").read_text())["step"]
-    if "lr_auto" in step:  # --lr auto: the sweep that chose the lr, next to the table
-        import pandas as pd
-
-        from teachdiag.analysis import plots
-        from teachdiag.calibrate import BAND, MAX_NEGATIVE
-
-        fig = plots.calibration(pd.DataFrame(step["lr_auto"]["summary"]), step["lr"],
-                                f"--lr auto for {cfg.student}: loss {cfg.loss}, step {cfg.optimizer}",
-                                band=BAND, max_negative=MAX_NEGATIVE)
-        plots.save(fig, out, "calibration")
-    print("\n".join(summary_lines(out)))
+    if _rank() == 0:  # under torchrun, one summary
+        print("\n".join(summary_lines(out)))
 
 
 def _rank() -> int:
@@ -52,31 +39,31 @@ def _rank() -> int:
 
 
 def _calibrate(cfg, argv: list[str]) -> None:
-    from teachdiag.calibrate import run_calibrate
+    from teachdiag.commands.calibrate import run_calibrate
 
     print("\n".join(run_calibrate(cfg, argv)[1]))
 
 
 def _viability(cfg, argv: list[str]) -> None:
-    from teachdiag.viability import run_viability, summary_lines
+    from teachdiag.commands.viability import run_viability, summary_lines
 
     print("\n".join(summary_lines(run_viability(cfg, argv))))
 
 
 def _rollout(cfg, argv: list[str]) -> None:
-    from teachdiag.rollout import run_rollout
+    from teachdiag.commands.rollout import run_rollout
 
     run_rollout(cfg)
 
 
 def _analyze(cfg, argv: list[str]) -> None:
-    from teachdiag.analysis.command import run_analyze
+    from teachdiag.commands.analyze import run_analyze
 
     run_analyze(cfg)
 
 
 def _train(cfg, argv: list[str]) -> None:
-    from teachdiag.train import run_train
+    from teachdiag.commands.train import run_train
 
     run_train(cfg, argv)
 
@@ -85,15 +72,15 @@ def _train(cfg, argv: list[str]) -> None:
 # command's module is imported only when that command runs or shows its --help: importing all of
 # them (torch, transformers, scipy, seaborn) took seconds before `teachdiag --version` could answer.
 COMMANDS = {
-    "probe": ("teachdiag.runner", "ProbeConfig", _probe, "single-step probe on frozen contexts -> tokens.csv"),
-    "rollout": ("teachdiag.rollout", "RolloutConfig", _rollout, "sample frozen student rollouts -> contexts JSONL"),
+    "probe": ("teachdiag.commands.probe", "ProbeConfig", _probe, "single-step probe on frozen contexts -> tokens.csv"),
+    "rollout": ("teachdiag.commands.rollout", "RolloutConfig", _rollout, "sample frozen student rollouts -> contexts JSONL"),
     "analyze": ("teachdiag.analysis.options", "AnalyzeConfig", _analyze,
                 "statistics, tables and figures from tokens.csv"),
-    "calibrate": ("teachdiag.calibrate", "CalibrateConfig", _calibrate,
+    "calibrate": ("teachdiag.commands.calibrate", "CalibrateConfig", _calibrate,
                   "sweep the step size, pick an lr in the linear regime"),
-    "train": ("teachdiag.train", "TrainConfig", _train,
+    "train": ("teachdiag.commands.train", "TrainConfig", _train,
               "a small OPD trainer (selective masks) that makes θτ for the checkpoint gain"),
-    "viability": ("teachdiag.viability", "ViabilityConfig", _viability,
+    "viability": ("teachdiag.commands.viability", "ViabilityConfig", _viability,
                   "branch viability of a privileged teacher's alternatives -> viability.csv"),
 }
 

@@ -25,8 +25,8 @@ from teachdiag.adapters import adapter_base, adapter_weights, is_adapter, merge_
 from teachdiag.contexts import Context, check_token_ids, load_contexts, tokenize_text_records
 from teachdiag.demo import zoo
 from teachdiag.errors import InputError
-from teachdiag.provenance import config_sha256, model_record, vocab_rows  # noqa: F401  (run-record entries)
-from teachdiag.tokenizers import PROBE_TEXTS, TokenizerMatch, compare_tokenizers, tokenizer_fingerprint  # noqa: F401
+from teachdiag.provenance import vocab_rows
+from teachdiag.tokenizers import PROBE_TEXTS, TokenizerMatch, compare_tokenizers
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

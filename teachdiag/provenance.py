@@ -160,6 +160,7 @@ def run_header(command: str, argv: list[str] | None, options: dict, device, cfg,
         "teacher": model_record(cfg.teacher, teacher, cfg.dtype),
         "student": model_record(cfg.student, student, "float32"),
         "tokenizer": match.record(),
+        # none with `train --on-policy`, which samples its own from --prompts
         "contexts": {"path": str(cfg.contexts), "sha256": file_sha256(cfg.contexts), "n_contexts": len(ctxs),
-                     "encoding": encoding_summary(ctxs)},
+                     "encoding": encoding_summary(ctxs)} if cfg.contexts else None,
     }

@@ -3,7 +3,7 @@
     from synthetic import make_tokens            # inside tests/ (pytest puts tests/ on sys.path)
     make_tokens(n_ctx=40, n_pos=50, effect="teachability").to_csv("/tmp/demo_tokens.csv.gz", index=False)
 
-Columns follow the probe's tokens.csv contract (teachdiag.analysis.command.COLUMNS, with
+Columns follow the probe's tokens.csv contract (teachdiag.table.COLUMNS, with
 `finite`) plus the optional `response_length` that --protocol paper needs.
 The relative fkl gain is planted as slope · (planted score) + context effect + noise; the other
 gains follow from it (gain_fkl = rel_gain_fkl · fkl, ...).

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from reference import naive_probe
-from teachdiag.calibrate import choose_lr, in_regime, parse_lrs, summarize, sweep
+from teachdiag.calibration import choose_lr, in_regime, parse_lrs, summarize, sweep
 from teachdiag.cli import main
 from teachdiag.contexts import load_contexts, select_positions
 from teachdiag.errors import InputError
@@ -84,7 +84,11 @@ def test_ratio_tends_to_one_and_the_summary_follows_the_rule(tmp_path, pair, con
     i = GRID.index(lr)
     assert ok[i] and (i + 1 == len(GRID) or not ok[i + 1])  # the top of the run ...
     assert all(ok[GRID.index(min(g for g, o in zip(GRID, ok) if o)): i + 1])  # ... that starts lowest
-    assert rec["teacher"] == pair[0] and rec["student"] == pair[1] and rec["seed"] == 0
+    assert rec["teacher"]["name"] == pair[0] and rec["student"]["name"] == pair[1] and rec["seed"] == 0
+    # the run header every command writes: the weights by hash, as probe's run.json pins them
+    from teachdiag.provenance import weights_summary
+    assert rec["student"]["weights_sha256"] == weights_summary(pair[1])["sha256"] is not None
+    assert rec["contexts"]["path"] == str(contexts) and rec["command"].startswith("teachdiag calibrate")
     assert rec["options"]["loss"] == "reverse_kl" and "rule" in rec
     assert (out / "calibration.png").stat().st_size > 10_000
 
@@ -153,7 +157,7 @@ def test_help():
 
 
 def test_auto_lr_for_the_probe(pair, contexts):
-    from teachdiag.calibrate import auto_lr
+    from teachdiag.calibration import auto_lr
 
     teacher, student = load_model(pair[0], "teacher"), load_model(pair[1], "student")
     lr, summary = auto_lr(teacher, student, load_contexts(contexts), VOCAB, loss="reverse_kl",
@@ -184,3 +188,18 @@ def test_probe_lr_auto_bad_options_are_one_line(tmp_path, pair, contexts, capsys
                  "cpu", "--quiet", "--lr", "auto", "--out", str(tmp_path / "r"), *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and field in err and "Traceback" not in err
+
+
+def test_the_python_api_writes_what_the_cli_writes_for_lr_auto_and_calibrate(tmp_path, pair, contexts):
+    """The two front doors call the same run_* functions: teachdiag.run_probe(lr="auto") draws the
+    sweep's figure as `teachdiag probe --lr auto` does (before, only the CLI drew it), and
+    teachdiag.run_calibrate returns the summary calibration.json holds."""
+    import teachdiag
+
+    common = dict(teacher=pair[0], student=pair[1], contexts=str(contexts), device="cpu", seed=1)
+    summary = teachdiag.run_calibrate(out=str(tmp_path / "cal"), positions="6", **common)
+    record = json.loads((tmp_path / "cal/calibration.json").read_text())
+    assert summary.to_dict("records") == record["summary"] and len(summary) == 10
+    run = teachdiag.run_probe(out=str(tmp_path / "run"), lr="auto", auto_lr_positions=6, positions="5", **common)
+    assert run.record["step"]["lr"] == record["chosen_lr"]
+    assert (tmp_path / "run/calibration.png").is_file() and (tmp_path / "run/calibration.pdf").is_file()

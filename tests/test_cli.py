@@ -392,7 +392,7 @@ def test_top_k_of_the_whole_vocabulary_is_refused_before_any_model_loads(tmp_pat
 @pytest.mark.parametrize("argv, absent", [(["--version"], ["torch", "pandas", "transformers"]),
                                           (["--help"], ["torch", "pandas", "transformers"]),
                                           (["analyze", "--help"], ["torch", "matplotlib", "scipy"]),
-                                          (["probe", "--help"], ["teachdiag.train", "teachdiag.analysis.command"])])
+                                          (["probe", "--help"], ["teachdiag.commands.train", "teachdiag.commands.analyze"])])
 def test_version_and_help_import_only_what_they_show(argv, absent):
     """#21.10.7: every command took 6-9 s on a busy machine before its first line, `--version` too,
     because the CLI imported every command (torch, transformers, scipy, seaborn) to build its parser.

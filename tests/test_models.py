@@ -11,7 +11,8 @@ import torch
 
 from teachdiag.cli import main
 from teachdiag.errors import InputError
-from teachdiag.models import load_model, load_tokenizer, model_record
+from teachdiag.models import load_model, load_tokenizer
+from teachdiag.provenance import model_record
 from teachdiag.table import read_tokens
 
 

@@ -131,7 +131,7 @@ def test_a_run_begun_before_an_option_existed_resumes_with_the_value_it_had(tmp_
     signals=full, and is refused (naming the option) if asked to resume as topk."""
     from teachdiag.errors import InputError
     from teachdiag.runfolder import RunWriter
-    from teachdiag.runner import RESUME_KEYS
+    from teachdiag.commands.probe import RESUME_KEYS
 
     models = {"teacher": {"weights_sha256": "t"}, "student": {"weights_sha256": "s"}}
     old = {"options": {"top_k": 16, "loss": "reverse_kl"}, "contexts": {"sha256": "c"}, **models}
@@ -150,11 +150,11 @@ def test_a_second_run_on_a_folder_in_use_is_refused_naming_the_holder(tmp_path, 
     """#21.3: a probe started on a folder another probe is still loading models into is refused in one
     line naming the holder's pid (before, both computed everything and the folder could not be resumed);
     the first lets go when it ends, and a holder killed with SIGKILL leaves no stale lock."""
-    import teachdiag.runner as runner
+    import teachdiag.pair as opening  # where every command loads its pair
     from teachdiag.errors import InputError
 
     out, second = tmp_path / "r", {}
-    real = runner.load_models
+    real = opening.load_models
 
     def start_another_while_loading(*a, **k):  # the first run has --out, its models not yet loaded
         if not second:
@@ -163,7 +163,7 @@ def test_a_second_run_on_a_folder_in_use_is_refused_naming_the_holder(tmp_path, 
             second.update(rc=p.returncode, err=p.stderr.strip())
         return real(*a, **k)
 
-    monkeypatch.setattr(runner, "load_models", start_another_while_loading)
+    monkeypatch.setattr(opening, "load_models", start_another_while_loading)
     assert main(cmd(pair, contexts, out)) == 0
     assert second["rc"] == 2, second["err"]
     assert len(second["err"].splitlines()) == 1 and f"pid {os.getpid()}" in second["err"], second["err"]

@@ -10,7 +10,7 @@ from conftest import make_model, make_tokenizer
 from teachdiag.cli import main
 from teachdiag.errors import InputError
 from teachdiag.generation import read_prompts
-from teachdiag.rollout import RolloutConfig, run_rollout
+from teachdiag.commands.rollout import RolloutConfig, run_rollout
 
 CHAT = ("{% for m in messages %}{{ m.role }} {{ m.content }} {% endfor %}"
         "{% if add_generation_prompt %}assistant{% endif %}")
@@ -251,7 +251,7 @@ def test_killed_rollouts_never_look_finished_and_resume_checks_the_prompts(tiny,
     file; an edited prompt or a removed id is refused before any sampling, not kept stale or a KeyError."""
     import os
 
-    import teachdiag.rollout as ro
+    import teachdiag.commands.rollout as ro
     from teachdiag.contexts import load_contexts
 
     p = write_prompts(tmp_path / "p.jsonl")

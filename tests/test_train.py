@@ -18,7 +18,8 @@ from teachdiag.cli import main
 from teachdiag.contexts import load_contexts
 from teachdiag.scores import budget_count, keep_positions, paper_text_keep
 from teachdiag.selectors import ta_opd_mask
-from teachdiag.train import TrainConfig, make_optimizer, train_step
+from teachdiag.commands.train import TrainConfig, make_optimizer
+from teachdiag.training import train_step
 
 VOCAB = 68
 
@@ -286,7 +287,8 @@ def test_a_kill_at_any_point_of_a_save_resumes_to_the_uninterrupted_weights(tmp_
     of its renames (and while it writes), resume: the final weights and log equal one uninterrupted run."""
     import os
 
-    import teachdiag.train as train
+    import teachdiag.commands.train as train
+    import teachdiag.training as training
 
     monkeypatch.setattr(train, "SAVE_EVERY", 2)
     contexts = write_contexts(tmp_path / "c.jsonl", n=4)
@@ -300,7 +302,7 @@ def test_a_kill_at_any_point_of_a_save_resumes_to_the_uninterrupted_weights(tmp_
         return [line.rsplit(",", 1)[0] for line in (out / "train_log.csv").read_text().splitlines()]
 
     saves, renames, kill_at = [0], [0], [None]  # kill_at: (the save, the rename in it) to die before
-    real_save, real_replace, real_save_file = train._save, os.replace, train.save_file
+    real_save, real_replace, real_save_file = train.save_checkpoint, os.replace, training.save_file
 
     def counting_save(*a, **k):
         saves[0] += 1
@@ -318,9 +320,9 @@ def test_a_kill_at_any_point_of_a_save_resumes_to_the_uninterrupted_weights(tmp_
             raise Kill
         return real_save_file(*a, **k)
 
-    monkeypatch.setattr(train, "_save", counting_save)
+    monkeypatch.setattr(train, "save_checkpoint", counting_save)
     monkeypatch.setattr(os, "replace", replace)
-    monkeypatch.setattr(train, "save_file", save_file)
+    monkeypatch.setattr(training, "save_file", save_file)
     run(tmp_path / "full")
     n_renames = renames[0]  # in the last save, as in every save after the first
     assert saves[0] == 3 and n_renames >= 2

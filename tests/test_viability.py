@@ -13,13 +13,13 @@ import torch
 
 from conftest import N_WORDS
 from reference import full_logits, ref_signals
-from teachdiag import viability as vb
+from teachdiag.commands import viability as vb
 from teachdiag.branches import is_correct
 from teachdiag.cli import main
 from teachdiag.errors import InputError
 from teachdiag.models import load_model, load_tokenizer
 from teachdiag.table import VIABILITY_COLUMNS
-from teachdiag.viability import ViabilityConfig, run_viability
+from teachdiag.commands.viability import ViabilityConfig, run_viability
 
 EOS = N_WORDS
 

@@ -5,15 +5,16 @@
     correlations(t, ["rel_gain_fkl"], ["fkl", "teachability"], n_boot=1000)
 
 Modules: stats (the teachdiag protocol), paper (the paper's protocol), bootstrap, selection,
-minimum (smallest samples), instruments (agreement of runs), plots, report / paper_report,
-options (the command's options) and command (`teachdiag analyze`).
+minimum (smallest samples), instruments (agreement of runs), runs (reading tables and run
+folders), plots, report / paper_report, and options (the options of `teachdiag analyze`, whose
+run function is teachdiag/commands/analyze.py).
 
 The names below are imported on first use, so importing one module of the package (options, for
 `teachdiag analyze --help`) does not import scipy and seaborn through the others.
 """
 
 _NAMES = {"add_scores": "stats", "correlations": "stats", "gain_by_bin": "stats", "q3_gap": "stats",
-          "regressions": "stats", "load_run": "command", "load_tokens": "command", "run_analyze": "command"}
+          "regressions": "stats", "load_run": "runs", "load_tokens": "runs"}
 __all__ = list(_NAMES)
 
 

@@ -1,5 +1,5 @@
 """Options of `teachdiag analyze`, apart from the command so that `teachdiag analyze --help` reads
-them without importing the statistics (scipy) and figures (matplotlib, seaborn) of command.py.
+them without importing the statistics (scipy) and figures (matplotlib, seaborn) of commands/analyze.py.
 
     from teachdiag.analysis.options import AnalyzeConfig
     AnalyzeConfig(runs=["runs/r1"], protocol="paper")

@@ -29,7 +29,7 @@ from teachdiag.analysis.report import markdown_table, run_line
 
 def analyze_paper(runs: Sequence[dict], out: pathlib.Path, fig_dir: pathlib.Path, n_boot: int,
                   seed: int, log: Callable[[str], None]) -> pathlib.Path:
-    """Every statistic of the paper protocol for each run (dicts from command.load_run); returns
+    """Every statistic of the paper protocol for each run (dicts from runs.load_run); returns
     the summary.md path. Raises InputError for a table without response_length."""
     parts: dict[str, list[pd.DataFrame]] = {k: [] for k in ("regressions", "q3", "bins", "selection")}
     scored = {}
@@ -58,7 +58,7 @@ def analyze_paper(runs: Sequence[dict], out: pathlib.Path, fig_dir: pathlib.Path
     titles = {r["name"]: r["title"] for r in runs}
     written = plots.save(plots.beta_gap(t9, titles), fig_dir, "paper_betas")
     png = [p for p in written if p.suffix == ".png"][0]
-    rel = os.path.relpath(png, out)  # the link works from out/, as in command.py
+    rel = os.path.relpath(png, out)  # the link works from out/, as in commands/analyze.py
     md = ["# teachdiag analysis: the paper's protocol", "", "## Data", ""]
     md += [run_line(r) for r in runs]
     md += ["", "Gains: G_KLf = (fkl − fkl_after) / (fkl + 1e-12), the paper's relative forward-KL drop; "

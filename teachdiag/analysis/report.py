@@ -202,7 +202,7 @@ def run_label(name: str, options: dict | None) -> str:
 
 
 def run_line(r: dict) -> str:
-    """The summary.md bullet describing one run (dict from command.load_run)."""
+    """The summary.md bullet describing one run (dict from runs.load_run)."""
     t = r.get("table")
     inst = (f", instrument = {', '.join(sorted(set(t['instrument'])))}"
             if t is not None and "instrument" in t.columns else "")

@@ -1,7 +1,7 @@
 """Statistics of DESIGN "Analysis" on a probe table (tokens.csv), from the CSV alone (no torch).
 
     from teachdiag.analysis.stats import add_scores, correlations, regressions, q3_gap, gain_by_bin
-    from teachdiag.analysis.command import load_tokens          # checks columns, drops finite == 0 rows
+    from teachdiag.analysis.runs import load_tokens             # checks columns, drops finite == 0 rows
     df = add_scores(load_tokens("runs/r1/tokens.csv")[0], seed=0)
     correlations(df, gains=["rel_gain_fkl"], signals=["fkl", "teachability"], n_boot=1000)
     regressions(df, "rel_gain_fkl"); q3_gap(df, "rel_gain_fkl"); gain_by_bin(df, "fkl", "rel_gain_fkl")

@@ -6,7 +6,7 @@
     rows = probe.run_context(student_ids, n_prompt, teacher_logits, positions)
     # the student is back at θ0, bit for bit, after every position
     pg = probe.position_gradient(prefix, teacher_logits_j, y_j)  # one backward at θ0 ...
-    row = probe.row(pg, probe.stepped_logits(pg, lr), lr)  # ... reused for any lr (calibrate.py)
+    row = probe.row(pg, probe.stepped_logits(pg, lr), lr)  # ... reused for any lr (calibration.py)
 
 For each position j, starting from θ0: forward the prefix prompt + response[:j] (causal, so
 nothing after j matters), take the loss against the fixed teacher distribution, one update
@@ -16,7 +16,7 @@ forward as the "after" ones, so gain = before − after compares like with like.
 
 Precision: the stepped parameters must be float32 or float64. A step of lr·d on bfloat16
 weights rounds to no change for most entries (8-bit mantissa), so the probe refuses them;
-the runner keeps the student in float32 whatever --dtype says about the teacher.
+the probe command keeps the student in float32 whatever --dtype says about the teacher.
 """
 
 from __future__ import annotations

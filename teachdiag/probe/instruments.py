@@ -6,7 +6,7 @@
     for group in inst.groups(by_ctx, todo):
         rows = inst.run(teacher, ctxs, by_ctx, group, device, progress)   # {context: [row, ...]}
 
-Every instrument has the same four members, so the runner never asks which one it holds:
+Every instrument has the same four members, so the probe command never asks which one it holds:
   name                     the tokens.csv `instrument` column (per_position, shared, checkpoint)
   groups(by_ctx, todo)     the contexts computed together, in file order (a shared step's group also
                            holds contexts already done: they take part in its step)

@@ -3,7 +3,7 @@
     from teachdiag.probe.signals import signals_from_logits, probe_loss, clipped_fkl
     s = signals_from_logits(student_logits, teacher_logits, token_ids, k=16)   # dict of (P,)
     s["fkl"], s["compat_mass"], s["union_fkl"], ...
-    clipped_fkl(student_logits, teacher_logits, clip=0.05)   # (P,) the OPSD training loss (train.py)
+    clipped_fkl(student_logits, teacher_logits, clip=0.05)   # (P,) the OPSD training loss (training.py)
 
 teachability and incompat need the whole run's quantiles, so they live in table.py.
 

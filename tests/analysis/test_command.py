@@ -14,7 +14,9 @@ import pandas as pd
 import pytest
 
 from synthetic import make_tokens
-from teachdiag.analysis.command import COLUMNS, AnalyzeConfig, load_run, load_tokens, run_analyze
+from teachdiag.analysis.runs import COLUMNS, load_run, load_tokens
+from teachdiag.analysis.options import AnalyzeConfig
+from teachdiag.commands.analyze import run_analyze
 from teachdiag.errors import InputError
 
 TABLES = ["correlations.csv", "regressions.csv", "q3.csv", "selection.csv", "summary.md",
@@ -170,7 +172,7 @@ def test_config_follows_the_cli_convention():
 
 
 def test_analysis_path_never_imports_torch():
-    code = ("import sys, teachdiag.analysis.command, teachdiag.analysis.stats, teachdiag.analysis.plots, "
+    code = ("import sys, teachdiag.commands.analyze, teachdiag.analysis.runs, teachdiag.analysis.stats, teachdiag.analysis.plots, "
             "teachdiag.analysis.report, teachdiag.analysis.selection, teachdiag.analysis.paper, "
             "teachdiag.analysis.paper_report, teachdiag.analysis.paper_command; assert 'torch' not in sys.modules")
     root = pathlib.Path(__file__).resolve().parents[1]
@@ -178,7 +180,7 @@ def test_analysis_path_never_imports_torch():
 
 
 def test_titles_of_lr_auto_and_checkpoint_runs():
-    from teachdiag.analysis.command import describe
+    from teachdiag.analysis.runs import describe
 
     t = pd.DataFrame({"instrument": ["per_position"]})
     opts = {"optimizer": "normalized", "lr": "auto", "loss": "reverse_kl"}

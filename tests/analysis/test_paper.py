@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 from synthetic import make_tokens
 from teachdiag.analysis import paper as P
-from teachdiag.analysis.command import AnalyzeConfig, run_analyze
+from teachdiag.analysis.options import AnalyzeConfig
+from teachdiag.commands.analyze import run_analyze
 from teachdiag.errors import InputError
 from teachdiag.scores import budget_count, quantile_normalize
 

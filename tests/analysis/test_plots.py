@@ -11,7 +11,7 @@ import pandas as pd
 
 import teachdiag.analysis.plots as plots
 from synthetic import make_tokens
-from teachdiag.analysis.command import DECILE_SCORES
+from teachdiag.analysis.runs import DECILE_SCORES
 from teachdiag.analysis.options import AnalyzeConfig
 from teachdiag.analysis.stats import add_scores, gain_by_bin
 
@@ -24,7 +24,7 @@ def texts(fig) -> list[str]:
 
 
 def test_titles_name_the_models_not_the_folder_timestamp(tmp_path, monkeypatch):
-    from teachdiag.analysis.command import run_analyze
+    from teachdiag.commands.analyze import run_analyze
 
     run = tmp_path / "20261203-051500"  # the default --out of probe: runs/<date-time>
     run.mkdir()

@@ -203,7 +203,8 @@ def test_real_teacher_greedy_continuation(real_teacher, prompt):
 @pytest.mark.slow
 @needs_package
 def test_real_student_loads_and_is_healed(real_teacher):
-    from teachdiag.models import load_model, load_tokenizer, tokenizer_fingerprint
+    from teachdiag.models import load_model, load_tokenizer
+    from teachdiag.tokenizers import tokenizer_fingerprint
 
     tok, teacher = real_teacher
     s_tok, student = load_tokenizer(zoo.STUDENT), load_model(zoo.STUDENT)

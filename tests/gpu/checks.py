@@ -21,7 +21,7 @@ from teachdiag.contexts import load_contexts
 from teachdiag.probe.exact import SingleStepProbe
 from teachdiag.probe.fast import BatchedProbe
 from teachdiag.probe.forward import teacher_logits
-from teachdiag.runner import ProbeConfig, run_probe
+from teachdiag.commands.probe import ProbeConfig, run_probe
 from teachdiag.table import read_tokens
 
 VOCAB = 68  # the test tokenizer's length (conftest)

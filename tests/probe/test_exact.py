@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from reference import naive_probe
 from teachdiag.probe.exact import SingleStepProbe, select_params
-from teachdiag.runner import ProbeConfig, run_probe
+from teachdiag.commands.probe import ProbeConfig, run_probe
 from teachdiag.table import read_tokens
 from teachdiag.errors import InputError
 

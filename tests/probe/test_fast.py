@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 from conftest import make_model
 from reference import naive_probe
 from teachdiag.probe.exact import SingleStepProbe
-from teachdiag.runner import ProbeConfig, run_probe
+from teachdiag.commands.probe import ProbeConfig, run_probe
 from teachdiag.table import read_tokens
 from teachdiag.probe.fast import BatchedProbe, HeadProbe, TopBlocksProbe, make_probe
 from teachdiag.errors import UnsupportedModel

@@ -212,7 +212,7 @@ def test_linear_mode_run_equals_the_exact_runs_first_order_column(tmp_path, pair
     """--mode linear batches positions across contexts and writes the exact run's first-order
     column and signals; the measured columns stay empty and analyze needs --gain gain_first_order."""
     from teachdiag.cli import main
-    from teachdiag.runner import ProbeConfig, run_probe
+    from teachdiag.commands.probe import ProbeConfig, run_probe
     from teachdiag.table import read_tokens
 
     def run(name, **kw):

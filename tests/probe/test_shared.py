@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import write_contexts
 from reference import full_logits, ref_signals, reference_loss
-from teachdiag.runner import ProbeConfig, run_probe
+from teachdiag.commands.probe import ProbeConfig, run_probe
 from teachdiag.table import read_tokens
 
 VOCAB = 68

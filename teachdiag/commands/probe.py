@@ -1,6 +1,6 @@
 """`teachdiag probe`: contexts → signals → single-step probe → tokens.csv + run.json.
 
-    from teachdiag.runner import ProbeConfig, run_probe
+    from teachdiag.commands.probe import ProbeConfig, run_probe
     run_probe(ProbeConfig(teacher="T", student="S", contexts="rollouts.jsonl", out="runs/r1"))
 
 The teacher runs once per context (every probed position from one forward); the student is
@@ -21,12 +21,13 @@ import torch
 
 from teachdiag import __version__, distributed
 from teachdiag.contexts import Context, by_context, parse_positions, select_positions
-from teachdiag.calibrate import RULE, auto_lr
+from teachdiag.calibration import BAND, MAX_NEGATIVE, RULE, auto_lr
 from teachdiag.errors import InputError, UnsupportedModel
 from teachdiag.probe.instruments import make_instrument
-from teachdiag.probe.signals import LOSSES, SIGNAL_MODES, keep_mask
-from teachdiag.models import (load_inputs, load_model, load_models, model_record, resolve_device)
-from teachdiag.provenance import run_header
+from teachdiag.probe.signals import LOSSES, SIGNAL_MODES
+from teachdiag.models import load_model, resolve_device
+from teachdiag.pair import open_pair, read_inputs
+from teachdiag.provenance import model_record
 from teachdiag.config import (DEMO_POSITIONS, ContextOptions, DeviceOptions, PairOptions, StepOptions,
                               check_positive, fill_embedded, parse_lr)
 from teachdiag.flags import opt
@@ -171,11 +172,11 @@ def run_probe(cfg: ProbeConfig, argv: list[str] | None = None) -> Path:
     rank, world, local_rank = distributed.init()
     cfg = resolve_defaults(cfg)
     device = distributed.rank_device(resolve_device(cfg.device), local_rank, world)
-    ctxs, s_tok, match = load_inputs(cfg)
+    inputs = read_inputs(cfg)
     writer = RunWriter(cfg.out, overwrite=cfg.overwrite, resume=cfg.resume, rank=rank)
-    vocab = match.vocab  # the longer tokenizer: every id of either is below it (logits are cut there)
-    teacher, student = load_models(cfg, device, ctxs, vocab)
-    keep = keep_mask(match.shared_ids, vocab, device)  # None: identical tokenizers
+    pair = open_pair(cfg, device, inputs)
+    teacher, student, ctxs, s_tok, vocab, keep = (pair.teacher, pair.student, pair.contexts, pair.tokenizer,
+                                                  pair.vocab, pair.keep)  # keep None: identical tokenizers
     n_stepped = sum(p.numel() for _, p in select_params(student, cfg.params))  # before --lr auto sweeps
     lr, lr_auto = (cfg.lr, None) if cfg.lr != "auto" else _auto_lr(cfg, writer, teacher, student, ctxs,
                                                                     vocab, device, rank, keep)
@@ -184,7 +185,7 @@ def run_probe(cfg: ProbeConfig, argv: list[str] | None = None) -> Path:
     by_ctx = by_context(picks)
 
     record = {"teachdiag": __version__, "cite": PAPER,
-              **run_header("probe", argv, asdict(cfg), device, cfg, teacher, student, match, ctxs)}
+              **pair.header("probe", argv, asdict(cfg))}
     record["contexts"]["n_positions_available"] = sum(len(c.response_ids) for c in ctxs)
     record.update({
         "world_size": world,
@@ -245,9 +246,23 @@ def run_probe(cfg: ProbeConfig, argv: list[str] | None = None) -> Path:
                       wall_s=round(wall, 3), probe_s=round(probe_s, 3),
                       positions_per_s=round(n_new / max(probe_s, 1e-9), 4))
         writer.finish(record, order=[ctxs[c].id for c in by_ctx])
+        if lr_auto:  # the sweep that chose the lr, drawn beside the table (CLI and Python API alike)
+            _draw_lr_auto(cfg, writer.out, lr, lr_auto)
     distributed.barrier()  # the other ranks return once tokens.csv exists
     distributed.close()
     return writer.out
+
+
+def _draw_lr_auto(cfg: ProbeConfig, out: Path, lr: float, lr_auto: dict) -> None:
+    """calibration.png/.pdf: the --lr auto sweep's median gain/first-order ratio per lr, the chosen lr marked."""
+    import pandas as pd
+
+    from teachdiag.analysis import plots
+
+    fig = plots.calibration(pd.DataFrame(lr_auto["summary"]), lr,
+                            f"--lr auto for {cfg.student}: loss {cfg.loss}, step {cfg.optimizer}",
+                            band=BAND, max_negative=MAX_NEGATIVE)
+    plots.save(fig, out, "calibration")
 
 
 def summary_lines(out: Path) -> list[str]:

@@ -1,39 +1,30 @@
-"""`teachdiag calibrate`: sweep the step size on a sample of positions and pick the largest lr
-that still stays in the linear regime (measured gain ≈ first-order prediction lr·⟨g, d⟩).
+"""The step-size sweep: the largest lr that still stays in the linear regime (measured gain ≈ the
+first-order prediction lr·⟨g, d⟩). `teachdiag calibrate` and `probe --lr auto` both call it.
 
-    teachdiag calibrate --positions 24 --optimizer normalized --out calib/   # embedded pair, demo rollouts
-    teachdiag calibrate --teacher T --student S --contexts r.jsonl --lrs 1e-5,1e-4,1e-3,1e-2
-    python -c "from teachdiag.calibrate import *; run_calibrate(CalibrateConfig(positions='16'))"
+    from teachdiag.calibration import sweep, summarize, choose_lr, auto_lr
+    table = sweep(teacher, student, ctxs, picks, [1e-4, 1e-3, 1e-2], vocab)   # one row per position × lr
+    lr = choose_lr(summarize(table))                                          # or None: no lr in regime
+    lr, summary = auto_lr(teacher, student, ctxs, vocab, loss="reverse_kl", optimizer="normalized",
+                          params="all", seed=0, positions=64)
 
 Each sampled position costs one forward + backward at θ0 and one forward per lr: the gradient is
 computed once and reused for the whole grid (SingleStepProbe.position_gradient), and θ0 is
-copied back bit for bit after every step. Writes calibration.csv (one row per position × lr),
-calibration.json (chosen lr, rule, per-lr summary) and calibration.png/.pdf to --out.
+copied back bit for bit after every step.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import sys
-import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from teachdiag import __version__
-from teachdiag.contexts import Context, by_context, parse_positions, select_positions
+from teachdiag.contexts import Context, by_context, select_positions
 from teachdiag.errors import InputError
-from teachdiag.config import (ContextOptions, DeviceOptions, PairOptions, StepOptions, check_positive,
-                              fill_embedded)
-from teachdiag.flags import opt
-from teachdiag.models import load_inputs, load_models, resolve_device
-from teachdiag.probe.exact import SingleStepProbe, parse_params
+from teachdiag.probe.exact import SingleStepProbe
 from teachdiag.probe.forward import teacher_logits
-from teachdiag.probe.signals import keep_mask, token_logprob
+from teachdiag.probe.signals import token_logprob
 from teachdiag.probe.steps import RULES
 from teachdiag.progress import progress
 
@@ -43,18 +34,6 @@ RULE = (f"largest lr of the lowest run of consecutive in-regime lrs; in regime: 
         f"in [{BAND[0]}, {BAND[1]}] and < {MAX_NEGATIVE:.0%} negative gains")
 GAIN = {"reverse_kl": "gain_rkl: drop of KL(p_S || p_T)", "forward_kl": "gain_fkl: drop of KL(p_T || p_S)",
         "sampled_token": "drop of the surrogate -c*log p_S(y) with c = log p_T(y) - log p_S(y) frozen at θ0"}
-
-
-@dataclass
-class CalibrateConfig(DeviceOptions, StepOptions, ContextOptions, PairOptions):  # listed last-shown first
-    """Options of `teachdiag calibrate` (each field's help is its --help text; --lr is not used)."""
-
-    out: str = opt("folder for calibration.csv, .json and .png (files are replaced)", "calib")
-    lrs: str = opt("comma-separated step sizes, e.g. 1e-5,1e-4,1e-3 (empty: 10 log-spaced values from "
-                   "1e-3x to 1e3x the step rule's default lr)", "")
-
-
-CALIBRATE_POSITIONS = 64  # cost: N backward + N × len(lrs) forwards
 
 
 def parse_lrs(text: str, optimizer: str) -> list[float]:
@@ -175,52 +154,3 @@ def auto_lr(teacher, student, ctxs: list[Context], vocab: int, *, loss: str, opt
     return lr, summary
 
 
-# ---------------------------------------------------------------------------- the command
-
-def run_calibrate(cfg: CalibrateConfig, argv: list[str] | None = None) -> tuple[Path, list[str]]:
-    """Sweep, write the three files, return (out folder, summary lines). Raises InputError on bad
-    input, and (after writing the files) when no lr of the grid is in the linear regime."""
-    t0 = time.time()
-    lrs = parse_lrs(cfg.lrs, cfg.optimizer)
-    fill_embedded(cfg)
-    cfg.positions = cfg.positions or str(CALIBRATE_POSITIONS)
-    check_positive(top_k=cfg.top_k)
-    parse_params(cfg.params)
-    device = resolve_device(cfg.device)
-    ctxs, _, match = load_inputs(cfg)
-    vocab = match.vocab  # the longer tokenizer: every id of either is below it
-    teacher, student = load_models(cfg, device, ctxs, vocab)
-    picks = select_positions(ctxs, parse_positions(cfg.positions), cfg.seed)
-    table = sweep(teacher, student, ctxs, picks, lrs, vocab, cfg.loss, cfg.optimizer, cfg.params, device,
-                  cfg.quiet, cfg.top_k, keep=keep_mask(match.shared_ids, vocab, device))
-    summary = summarize(table)
-    lr = choose_lr(summary)
-
-    from teachdiag.analysis import plots
-
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "calibration.csv", index=False, float_format="%.17g")
-    record = {"teachdiag": __version__, "chosen_lr": lr, "rule": RULE, "band": list(BAND),
-              "max_negative_share": MAX_NEGATIVE, "gain": GAIN[cfg.loss],
-              "summary": json.loads(summary.to_json(orient="records")), "options": asdict(cfg),
-              "teacher": cfg.teacher, "student": cfg.student, "seed": cfg.seed, "n_positions": len(picks),
-              "command": " ".join(["teachdiag", "calibrate", *(argv if argv is not None else sys.argv[2:])]),
-              "device": str(device), "wall_s": round(time.time() - t0, 3)}
-    (out / "calibration.json").write_text(json.dumps(record, indent=2) + "\n")
-    title = f"{Path(cfg.student).name} ← {Path(cfg.teacher).name}: loss {cfg.loss}, step {cfg.optimizer}"
-    plots.save(plots.calibration(summary, lr, title, band=BAND, max_negative=MAX_NEGATIVE), out, "calibration")
-
-    lo, hi = summary.iloc[0], summary.iloc[-1]
-    lines = [f"wrote {out / 'calibration.csv'}, calibration.json and calibration.png",
-             f"{len(picks)} positions x {len(lrs)} lrs ({cfg.loss}, {cfg.optimizer}): median gain/first-order "
-             f"{lo.median_ratio:.3f} at lr {lo.lr:.3g} ... {hi.median_ratio:.3f} at lr {hi.lr:.3g}"]
-    if lr is None:
-        raise InputError(f"no lr in the linear regime ({RULE}); see {out / 'calibration.csv'} and try "
-                         "smaller --lrs or more --positions", field="--lrs")
-    row = summary[summary["lr"] == lr].iloc[0]
-    lines.append(f"chosen lr = {lr:.3g}: median ratio {row.median_ratio:.3f}, {row.share_negative:.1%} negative "
-                 f"gains (largest lr in the linear regime, see calibration.json)")
-    if lr == lrs[-1]:
-        lines.append("note: that is the largest lr of the grid; the linear regime may go further (larger --lrs)")
-    return out, lines

@@ -3,7 +3,7 @@
     teachdiag rollout --student smollm2-135m-pruned --prompts teachdiag/demo/data/prompts.jsonl --out rollouts.jsonl
     teachdiag rollout --prompts teachdiag/demo/data/prompts.jsonl --out r.jsonl --teacher-prompts --max-new-tokens 192
 
-    from teachdiag.rollout import RolloutConfig, run_rollout
+    from teachdiag.commands.rollout import RolloutConfig, run_rollout
     run_rollout(RolloutConfig(student="path/to/model", prompts="p.jsonl", out="r.jsonl"))
 
 Prompt records (JSONL, one object a line): `id`, exactly one of `prompt` (str) or `messages`

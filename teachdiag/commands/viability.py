@@ -4,7 +4,7 @@
     teachdiag viability --teacher T --student S --contexts rollouts.jsonl --positions 400 --out runs/v
     teachdiag analyze runs/v                     # AUROC of each predictor with context-clustered CIs
 
-    from teachdiag.viability import ViabilityConfig, run_viability
+    from teachdiag.commands.viability import ViabilityConfig, run_viability
     out = run_viability(ViabilityConfig(positions="64", out="runs/v"))
 
 In on-policy self-distillation the teacher is the student's own weights seeing a privileged
@@ -26,6 +26,7 @@ protocol and the solve rate of the rollouts themselves. The run folder is crash-
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -42,11 +43,12 @@ from teachdiag.contexts import Context, by_context, parse_positions, select_posi
 from teachdiag.demo import SELFDISTILL_MODEL, SELFDISTILL_ROLLOUTS
 from teachdiag.errors import InputError
 from teachdiag.flags import opt
-from teachdiag.models import load_inputs, load_models, resolve_device
+from teachdiag.models import resolve_device
+from teachdiag.pair import open_pair, read_inputs
 from teachdiag.probe.forward import teacher_logits, view_logits
-from teachdiag.probe.signals import SIGNALS, keep_mask, signals_from_logits
+from teachdiag.probe.instruments import consecutive
+from teachdiag.probe.signals import SIGNALS, signals_from_logits
 from teachdiag.progress import progress
-from teachdiag.provenance import run_header
 from teachdiag.generation import stop_ids
 from teachdiag.runfolder import RunWriter, releases_locks
 from teachdiag.scores import teachability_scores
@@ -177,16 +179,9 @@ def rows_of(cfg: ViabilityConfig, prep: dict, greedy: list[tuple[list[int], str]
 def groups(by_ctx: dict[int, list[int]], alternatives: int, batch: int) -> list[list[int]]:
     """Contexts in file order, cut into groups of at least `batch` branches (the last may be short):
     a group's continuations are generated together. Fixed by the run's positions alone, so a
-    resumed run generates each group as the uninterrupted run did."""
-    out: list[list[int]] = [[]]
-    n = 0
-    for c, js in by_ctx.items():
-        if n >= batch:
-            out.append([])
-            n = 0
-        out[-1].append(c)
-        n += len(js) * alternatives
-    return [g for g in out if g]
+    resumed run generates each group as the uninterrupted run did. n positions make n·alternatives
+    branches, so "at least batch branches" is "at least ceil(batch / alternatives) positions"."""
+    return consecutive(list(by_ctx), by_ctx, math.ceil(batch / alternatives))
 
 
 def run_group(cfg: ViabilityConfig, group: list[int], g: int, ctxs: list[Context], by_ctx: dict[int, list[int]],
@@ -215,7 +210,8 @@ def run_viability(cfg: ViabilityConfig, argv: list[str] | None = None) -> Path:
     t_start = time.time()
     cfg = fill_defaults(cfg)
     device = resolve_device(cfg.device)
-    ctxs, tok, match = load_inputs(cfg)
+    inputs = read_inputs(cfg)
+    ctxs, tok, match = inputs
     temperature_source = "--temperature"
     if cfg.temperature < 0:
         cfg.temperature, temperature_source = rollout_temperature(ctxs)
@@ -225,13 +221,13 @@ def run_viability(cfg: ViabilityConfig, argv: list[str] | None = None) -> Path:
     writer = RunWriter(cfg.out, overwrite=cfg.overwrite, resume=cfg.resume, columns=COLUMNS,
                        text_columns=TEXT_COLUMNS, table=TABLE, key=("context_id", "position", "alt_rank"))
     vocab = match.vocab
-    teacher, student = load_models(cfg, device, ctxs, vocab)
-    keep = keep_mask(match.shared_ids, vocab, device)
+    pair = open_pair(cfg, device, inputs)
+    teacher, student, keep = pair.teacher, pair.student, pair.keep
     eos_ids, pad_id = stop_ids(student, tok)
     solved = [is_correct(tok.decode(c.response_ids, skip_special_tokens=True), a, cfg.verifier)
               for c, a in zip(ctxs, answers)]
     record = {"teachdiag": __version__, "cite": PAPER,
-              **run_header("viability", argv, asdict(cfg), device, cfg, teacher, student, match, ctxs)}
+              **pair.header("viability", argv, asdict(cfg))}
     record["contexts"].update(solve_rate=float(np.mean(solved)) if solved else None, n_solved=int(np.sum(solved)))
     record.update({
         "positions": {"requested": cfg.positions, "probed": len(picks), "contexts_probed": len(by_ctx)},
