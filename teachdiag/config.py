@@ -89,12 +89,13 @@ class DeviceOptions:
 
 # ---------------------------------------------------------------------------- checks shared by commands
 
-def fill_embedded(cfg) -> bool:
-    """Fill teacher/student/contexts with the embedded demo when none is given; True if so.
-    Giving some but not all of the three is an input error."""
+def fill_embedded(cfg, demo: dict[str, str] = EMBEDDED) -> bool:
+    """Fill teacher/student/contexts with an embedded demo (the distillation pair by default;
+    viability passes its self-distillation setting) when none is given; True if so. Giving some
+    but not all of the three is an input error."""
     given = [bool(cfg.teacher), bool(cfg.student), bool(cfg.contexts)]
     if not any(given):
-        cfg.teacher, cfg.student, cfg.contexts = EMBEDDED["teacher"], EMBEDDED["student"], EMBEDDED["contexts"]
+        cfg.teacher, cfg.student, cfg.contexts = demo["teacher"], demo["student"], demo["contexts"]
         return True
     if not all(given):
         raise InputError("give --teacher, --student and --contexts together (or none, for the demo)",

@@ -131,8 +131,9 @@ LOCK = ".teachdiag.lock"  # in a folder some teachdiag process is writing; the f
 _held: dict[tuple[int, int], object] = {}  # (device, inode) of a lock file -> its open file, while held
 
 
-def lock_folder(folder: Path, field: str = "--out") -> None:
-    """Make this process the only teachdiag writer of `folder`: an exclusive flock on
+def lock_folder(folder: Path, field: str = "--out", name: str = LOCK) -> None:
+    """Make this process the only teachdiag writer of `folder` (or, with `name`, of one output in it:
+    rollout locks folder/.<file>.lock): an exclusive flock on
     folder/.teachdiag.lock, held until release_locks() (a command's end) or the process's end; the
     OS releases it when the process dies, so a kill -9 leaves no stale lock (the file stays and
     means nothing). Taken again by this process (even after the folder was renamed): a no-op.
@@ -142,7 +143,7 @@ def lock_folder(folder: Path, field: str = "--out") -> None:
         import fcntl
     except ImportError:  # not POSIX
         return
-    f = open(Path(folder) / LOCK, "a+", encoding="utf-8")
+    f = open(Path(folder) / name, "a+", encoding="utf-8")
     st = os.fstat(f.fileno())
     if (st.st_dev, st.st_ino) in _held:  # flock would refuse this process its own lock through a new file
         f.close()
@@ -153,8 +154,10 @@ def lock_folder(folder: Path, field: str = "--out") -> None:
         f.seek(0)
         holder = f.read().strip() or "unknown"
         f.close()
-        raise InputError(f"another teachdiag process (pid {holder}) is writing to this folder; wait for it "
-                         "to end (or stop it, then --resume)", field=field, file=str(folder)) from None
+        what = "folder" if name == LOCK else "file"
+        raise InputError(f"another teachdiag process (pid {holder}) is writing to this {what}; wait for it "
+                         "to end (or stop it, then --resume)", field=field,
+                         file=str(folder if name == LOCK else Path(folder) / name[1:-len(".lock")])) from None
     except OSError:  # no locks on this file system (ENOLCK, EINVAL)
         f.close()
         return

@@ -397,3 +397,26 @@ def test_sampled_token_frequencies_follow_softmax_of_logits_over_temperature(tin
     if temperature == 50.0:
         assert np.abs(p_t - 1 / len(p_t)).max() < 0.5 / len(p_t)  # near-uniform, and so are the counts
         assert (counts > 0).sum() >= 60
+
+
+def test_a_second_rollout_into_the_same_out_is_refused_naming_the_first(tiny, tmp_path):
+    """Two rollouts appending to one <out>.partial would interleave their records: while one holds
+    --out, another is refused before it reads or writes anything, and its error names the holder.
+    The lock is the process's: once the holder ends, the same --out is free again."""
+    import subprocess
+    import sys
+
+    prompts, out = write_prompts(tmp_path / "p.jsonl"), tmp_path / "r.jsonl"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from teachdiag.runfolder import lock_folder; "
+                               f"lock_folder(Path({str(tmp_path)!r}), name='.r.jsonl.lock'); print('held', flush=True); "
+                               "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(InputError, match=f"pid {holder.pid}") as err:
+            rollout(tiny, prompts, out)
+        assert err.value.file == str(out) and not out.exists() and not (tmp_path / "r.jsonl.partial").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert len(rollout(tiny, prompts, out)) == len(RECORDS)  # a killed holder leaves no stale lock

@@ -28,7 +28,8 @@ fsynced; --out itself appears only when every batch is done, rewritten atomicall
 so a killed rollout leaves nothing that passes for finished contexts. An existing non-empty --out
 (or .partial) is refused unless --overwrite (start again) or --resume (skip the ids already
 written, after cutting a torn last line; a record whose id left --prompts or whose prompt changed
-is refused before any sampling). Progress: a bar on a terminal; off one (SLURM, nohup), a plain line
+is refused before any sampling). One rollout at a time writes an --out: a second one is refused in
+one line naming the first one's pid (a flock on <folder>/.<out name>.lock). Progress: a bar on a terminal; off one (SLURM, nohup), a plain line
 every 30 s on stderr. The last line says how many records were written where.
 """
 
@@ -46,7 +47,7 @@ from teachdiag.errors import InputError
 from teachdiag.progress import progress
 from teachdiag.flags import opt
 from teachdiag.generation import generate_batch, read_prompts, stop_ids
-from teachdiag.runfolder import _atomic_write, _fsync_write, disk_faults
+from teachdiag.runfolder import _atomic_write, _fsync_write, check_writable, disk_faults, lock_folder, releases_locks
 
 DEFAULT_STUDENT = "smollm2-135m-pruned"
 from teachdiag.demo import DEMO_PROMPTS  # noqa: E402
@@ -161,6 +162,7 @@ def _check_resumed(found: list[tuple[int, dict]], source: Path, expected: dict[s
                                  **where)
 
 
+@releases_locks  # the file lock is let go when it ends, however
 def run_rollout(cfg: RolloutConfig) -> Path:
     """Sample `cfg.samples` responses per prompt record and write frozen contexts to `cfg.out`.
 
@@ -173,6 +175,9 @@ def run_rollout(cfg: RolloutConfig) -> Path:
 
     _validate(cfg)
     records = read_prompts(cfg.prompts, need_teacher=cfg.teacher_prompts)
+    out_path = Path(cfg.out)
+    check_writable(out_path.parent)
+    lock_folder(out_path.parent, name=f".{out_path.name}.lock")  # before <out> or <out>.partial is read
     device = resolve_device(cfg.device)
     tok = load_tokenizer(cfg.student, "student", trust_remote_code=cfg.trust_remote_code)
     sampling = {"model": cfg.student, "temperature": cfg.temperature, "top_p": cfg.top_p,
@@ -200,8 +205,7 @@ def run_rollout(cfg: RolloutConfig) -> Path:
                               "teacher_prompt_ids": teacher_ids[i]} for i, s in items}
     _check_resumed(found, source, expected, cfg.prompts)
     done = {rec["id"] for _, rec in found}
-    out_path, partial = Path(cfg.out), partial_path(cfg.out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
+    partial = partial_path(cfg.out)
     model = load_model(cfg.student, "student", dtype="float32", device=device,
                        trust_remote_code=cfg.trust_remote_code)
     if not cfg.resume:  # --overwrite, or a new file: only once the model has loaded

@@ -38,7 +38,7 @@ import torch
 
 from teachdiag import __version__
 from teachdiag.branches import VERIFIERS, alternatives, answer_matches, continue_forced, final_answer, is_correct
-from teachdiag.config import ContextOptions, DeviceOptions, PairOptions, check_positive
+from teachdiag.config import ContextOptions, DeviceOptions, PairOptions, check_positive, fill_embedded
 from teachdiag.contexts import Context, by_context, parse_positions, select_positions
 from teachdiag.demo import SELFDISTILL_MODEL, SELFDISTILL_ROLLOUTS
 from teachdiag.errors import InputError
@@ -54,6 +54,8 @@ from teachdiag.runfolder import RunWriter, releases_locks
 from teachdiag.scores import teachability_scores
 from teachdiag.table import RUN, VIABILITY as TABLE, VIABILITY_COLUMNS as COLUMNS, \
     VIABILITY_TEXT_COLUMNS as TEXT_COLUMNS, pos_norm, read_tokens
+# the embedded self-distillation setting: teacher = student, the teacher seeing a worked solution
+SELFDISTILL = {"teacher": SELFDISTILL_MODEL, "student": SELFDISTILL_MODEL, "contexts": str(SELFDISTILL_ROLLOUTS)}
 PAPER = "Liu et al., When Are Teacher Tokens Reliable? Position-Weighted On-Policy Self-Distillation, arXiv 2605.21606"
 # options a --resume must repeat: they fix the rows, and batch fixes the groups and so the samples
 SAME_RUN = ("teacher", "student", "contexts", "positions", "max_response_tokens", "seed", "raw_text", "top_k",
@@ -90,14 +92,8 @@ class ViabilityConfig(DeviceOptions, ContextOptions, PairOptions):
 def fill_defaults(cfg: ViabilityConfig) -> ViabilityConfig:
     """None of teacher/student/contexts: the embedded self-distillation setting (teacher = student =
     SmolLM2-135M-Instruct, the teacher seeing a worked solution), 256 positions, its temperature."""
-    given = [bool(cfg.teacher), bool(cfg.student), bool(cfg.contexts)]
-    if not any(given):
-        cfg.teacher = cfg.student = SELFDISTILL_MODEL
-        cfg.contexts = str(SELFDISTILL_ROLLOUTS)
+    if fill_embedded(cfg, SELFDISTILL):
         cfg.positions = cfg.positions or "256"
-    elif not all(given):
-        raise InputError("give --teacher, --student and --contexts together (or none, for the demo)",
-                         field="--teacher/--student/--contexts")
     cfg.positions = cfg.positions or "all"
     if not cfg.out:
         cfg.out = str(Path("runs") / datetime.now().strftime("viability-%Y%m%d-%H%M%S"))
