@@ -156,7 +156,7 @@ class HeadProbe(SingleStepProbe):
         grad_norm = dn * hn  # ‖δ·hᵀ‖ = ‖δ‖·‖h‖
         r = self.rule
         if r.elementwise is None:
-            scale = torch.tensor([r.scale(float(n)) for n in grad_norm], dtype=torch.float64)
+            scale = torch.tensor([r.scale(float(n)) for n in grad_norm], dtype=torch.float64, device=hn.device)
             dz = ((hn**2) * scale)[:, None].float() * delta
             return dz, grad_norm.tolist(), r.first_order_from(grad_norm).tolist()
         dz, inner = torch.empty_like(delta), torch.zeros_like(dn)
