@@ -15,6 +15,7 @@ by teachability and C tercile, the Q3 gap) and redraws out/monitor/trajectory.pn
 
 Cost of a check: one teacher forward, one θ0 forward and one forward of the training student per
 bank context, no gradient; every probed position of the bank is scored (bank.n_positions). The
+bank keeps the teacher and θ0 in memory beside training, on bank.device (the model's). The
 model is scored as it is (eval mode for the check, then back): a student trained in bfloat16 gives
 bfloat16 logits, where the probe of its saved float32 copy would not.
 """

@@ -35,6 +35,7 @@ import torch
 from trl import DistillationTrainer
 from trl.experimental.gkd import GKDTrainer
 
+from teachdiag.errors import InputError
 from teachdiag.integrations.select import Selection, selection_stats
 from teachdiag.selectors import response_signals
 
@@ -84,6 +85,8 @@ class TAOPDDistillationTrainer(TAOPDMixin, DistillationTrainer):
         out = super()._generate_and_score_completions(inputs)
         if not self.model.training:
             return out
+        if any(k in out for k in ("pixel_values", "image_grid_thw", "mm_token_type_ids", "num_images")):
+            raise InputError("TA-OPD selection scores text-only batches; this one has images", field="train_dataset")
         completion = out["completion_mask"].bool()  # (G, C), right-padded completions
         valid = completion & out["tool_mask"].bool() if "tool_mask" in out else completion
         keep = self.select(self._scored_pieces(out), valid)  # (G, C)
