@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from scipy import stats as sstats
 
 from teachdiag.analysis import plots
@@ -98,6 +99,8 @@ def plot_trajectory(traj: pd.DataFrame, gain: str = "gain_fkl"):
     ax.set_title("Q3 (H below median, D above): high-C − low-C tercile", fontsize=9)
     ax.set_xlabel("training step")
     ax.set_ylabel("difference of mean relative fkl drop (fraction of fkl)")
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     return fig
 
 

@@ -16,9 +16,10 @@ kept in `selection_log`. Evaluation losses are left unmasked: they measure disti
 
 - TAOPDDistillationTrainer (trl.DistillationTrainer, on-policy, a completion mask). The rollout batch
   is the generation batch (gradient_accumulation_steps micro-batches, generated at once): after
-  generation the student (the weights the loss will see) and the teacher score its completions, the
-  rule picks over the whole batch, and the kept positions go into `tool_mask`, which TRL 1.16 reads
-  only as a loss mask (loss_mask = completion_mask · tool_mask; attention still sees every token).
+  generation the student (the weights the loss will see) and the teacher score its completions,
+  the rule picks over the whole batch (each process's own, under several processes), and the kept
+  positions go into `tool_mask`, which TRL 1.16 reads only as a loss mask (loss_mask =
+  completion_mask · tool_mask; attention still sees every token).
   num_items_in_batch becomes the global kept count, so TRL's sum / num_items_in_batch is the loss
   normalised by the kept positions, gradient accumulation included. Cost: one extra no-grad
   forward of each model over the generation batch (TRL's own loss never forms full logits).
@@ -29,6 +30,8 @@ kept in `selection_log`. Evaluation losses are left unmasked: they measure disti
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -50,7 +53,7 @@ class TAOPDMixin:
         self.selection_log: list[dict] = []
         super().__init__(*args, **kwargs)
 
-    def select(self, pieces: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    def select(self, pieces: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
                valid: torch.Tensor) -> torch.Tensor:
         """(B, T) bool: the positions the loss keeps. pieces: (student_logits (b, T, V), teacher_logits
         (b, T, V), response (b, T) bool) for consecutive rows of the batch, scored piece by piece so

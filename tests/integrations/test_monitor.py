@@ -50,6 +50,7 @@ def max_difference(a: pd.DataFrame, b: pd.DataFrame) -> float:
     return float(np.nanmax(np.abs(x - y)))
 
 
+@pytest.mark.slow
 def test_a_check_equals_the_probe_of_the_same_checkpoint(pair, tmp_path):
     teacher, student = pair
     contexts = write_contexts(tmp_path / "bank.jsonl", n=6)
