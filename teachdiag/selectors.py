@@ -3,6 +3,7 @@
     import teachdiag
     keep = teachdiag.ta_opd_mask(student_logits, teacher_logits, response_mask, budget=0.05)   # (B, T) bool
     loss = (per_token_loss * keep).sum() / keep.sum()          # normalised by the kept positions
+    sig = teachdiag.selectors.response_signals(student_logits, teacher_logits, response_mask)  # (N,) arrays
 
 For a verl / TRL-style batch: student_logits and teacher_logits are (B, T, V) at the response
 positions (teacher logits on the student's own tokens, same vocabulary), response_mask (B, T) is 1
@@ -26,7 +27,7 @@ import torch
 from teachdiag.probe.signals import signals_from_logits
 from teachdiag.scores import KEEP_RULES, SELECTORS, keep_positions
 
-__all__ = ["SELECTORS", "KEEP_RULES", "keep_positions", "ta_opd_mask"]
+__all__ = ["SELECTORS", "KEEP_RULES", "keep_positions", "response_signals", "ta_opd_mask"]
 
 
 def ta_opd_mask(student_logits: torch.Tensor, teacher_logits: torch.Tensor, response_mask: torch.Tensor,
@@ -43,6 +44,21 @@ def ta_opd_mask(student_logits: torch.Tensor, teacher_logits: torch.Tensor, resp
     exactly: rule="paper_text", signals="full"."""
     if selector not in SELECTORS:
         raise ValueError(f"unknown selector {selector!r}; one of {SELECTORS}")
+    sig = response_signals(student_logits, teacher_logits, response_mask, k, chunk, signals)
+    where = response_mask.bool().nonzero(as_tuple=False)  # (N, 2) row-major, the rows of sig
+    valid = None if loss_mask is None else loss_mask.bool()[where[:, 0], where[:, 1]].cpu().numpy()
+    keep = keep_positions(sig, selector, budget, valid, rule, seed, normalize_over)
+    mask = torch.zeros(response_mask.shape, dtype=torch.bool, device=response_mask.device)
+    mask[where[:, 0], where[:, 1]] = torch.from_numpy(keep).to(mask.device)
+    return mask
+
+
+def response_signals(student_logits: torch.Tensor, teacher_logits: torch.Tensor, response_mask: torch.Tensor,
+                     k: int = 16, chunk: int = 512, signals: str = "topk") -> dict[str, np.ndarray]:
+    """The (N,) signal arrays keep_positions reads, one row per response token of (B, T) response_mask
+    in row-major order: topk_entropy, union_fkl, compat_mass, fkl (float64), sample (the row b),
+    position (index among b's response tokens) and response_length. What ta_opd_mask selects from;
+    a trainer that scores its batch in pieces concatenates these (sample offset by the rows before)."""
     on = response_mask.bool()  # (B, T)
     where = on.nonzero(as_tuple=False)  # (N, 2) row-major
     s = student_logits.detach()[where[:, 0], where[:, 1]]  # (N, V)
@@ -56,8 +72,4 @@ def ta_opd_mask(student_logits: torch.Tensor, teacher_logits: torch.Tensor, resp
     # the index among the row's response tokens and their number (left padding is fine)
     sig["position"] = (on.long().cumsum(1) - 1)[where[:, 0], where[:, 1]].cpu().numpy()
     sig["response_length"] = on.sum(1)[where[:, 0]].cpu().numpy()
-    valid = None if loss_mask is None else loss_mask.bool()[where[:, 0], where[:, 1]].cpu().numpy()
-    keep = keep_positions(sig, selector, budget, valid, rule, seed, normalize_over)
-    mask = torch.zeros(response_mask.shape, dtype=torch.bool, device=response_mask.device)
-    mask[where[:, 0], where[:, 1]] = torch.from_numpy(keep).to(mask.device)
-    return mask
+    return sig

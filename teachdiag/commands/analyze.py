@@ -29,6 +29,7 @@ from teachdiag.analysis.bank import describe_bank
 from teachdiag.analysis.instruments import agreement
 from teachdiag.analysis.options import AnalyzeConfig
 from teachdiag.analysis.runs import CONTRASTS, DECILE_SCORES, add_response_lengths, describe, load_run
+from teachdiag.analysis.trajectory import analyze_monitor, monitor_folder
 from teachdiag.analysis.viability import analyze_viability, is_viability_run
 from teachdiag.errors import InputError
 from teachdiag.runfolder import check_writable
@@ -54,6 +55,8 @@ def run_analyze(cfg: AnalyzeConfig) -> pathlib.Path:
     first = pathlib.Path(cfg.runs[0])
     out = pathlib.Path(cfg.out) if cfg.out else (first if first.is_dir() else first.parent) / "analysis"
     fig_dir = pathlib.Path(cfg.figures) if cfg.figures else out / "figures"
+    if all(monitor_folder(r) for r in cfg.runs):  # a live monitor's steps (analysis/trajectory.py)
+        return analyze_monitor(cfg.runs, out, fig_dir, cfg.bootstrap, cfg.seed, _log)
     kinds = {is_viability_run(r) for r in cfg.runs}
     if kinds == {True}:  # `teachdiag viability` runs: AUROC of each predictor (analysis/viability.py)
         for flag, value, default in (("protocol", cfg.protocol, "teachdiag"), ("gain", cfg.gain, "rel_gain_fkl"),

@@ -1,0 +1,182 @@
+"""A live fixed-bank monitor: every N steps, the checkpoint gain of the training student against
+θ0 (the same teacher) on a frozen bank of rollouts: the paper's fixed-context diagnostic while a run goes.
+
+    from teachdiag.integrations.monitor import FixedBank, MonitorCallback, monitor_step
+    bank = FixedBank.load(teacher="T", student="S", contexts="bank.jsonl", positions="200")  # θ0 = S, kept frozen
+    monitor_step(model, step=50, bank=bank, out="runs/opd")        # from any training loop
+    trainer = DistillationTrainer(..., callbacks=[MonitorCallback(bank, out="runs/opd", every=50)])
+
+Each check writes out/monitor/step_<n>/tokens.csv and run.json, exactly what `teachdiag probe
+--student-after <the step's weights>` writes for the same bank (probe/instruments.py's checkpoint
+instrument, the probe's rows and teachability normalisation; `teachdiag analyze` reads the folder
+like any run), adds the step's row to out/monitor/trajectory.csv (analysis/trajectory.py: gains
+by teachability and C tercile, the Q3 gap) and redraws out/monitor/trajectory.png.
+`teachdiag analyze out/monitor` recomputes the trajectory with bootstrap CIs.
+
+Cost of a check: one teacher forward, one θ0 forward and one forward of the training student per
+bank context, no gradient; every probed position of the bank is scored (bank.n_positions). The
+bank keeps the teacher and θ0 in memory beside training, on bank.device (the model's). The
+model is scored as it is (eval mode for the check, then back): a student trained in bfloat16 gives
+bfloat16 logits, where the probe of its saved float32 copy would not.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from transformers import TrainerCallback
+
+from teachdiag.analysis.trajectory import COLUMNS, TRAJECTORY, plot_trajectory, trajectory_row
+from teachdiag.analysis import plots
+from teachdiag.config import ContextOptions, PairOptions, fill_embedded
+from teachdiag.contexts import Context, by_context, parse_positions, select_positions
+from teachdiag.errors import InputError
+from teachdiag.models import resolve_device
+from teachdiag.pair import open_pair
+from teachdiag.probe.instruments import make_instrument
+from teachdiag.probe.signals import SIGNAL_MODES
+from teachdiag.scores import teachability_scores
+from teachdiag.table import COLUMNS as TOKEN_COLUMNS
+from teachdiag.table import RUN, TOKENS, rows_to_csv
+
+MONITOR = "monitor"
+
+
+@dataclass
+class BankOptions(ContextOptions, PairOptions):
+    """What a bank is loaded from: the probe's own options (config.py), so the same values select
+    the same contexts, positions and vocabulary as `teachdiag probe`."""
+
+    top_k: int = 16
+    signals: str = "full"
+    device: str = "auto"
+
+
+@dataclass
+class FixedBank:
+    """The frozen rollouts, the teacher and θ0 (the student before training, float32, never stepped)."""
+
+    teacher: torch.nn.Module
+    theta0: torch.nn.Module
+    contexts: list[Context]
+    by_ctx: dict[int, list[int]]  # context index -> its scored positions, as the probe picks them
+    vocab: int
+    tokenizer: object
+    device: torch.device
+    keep: torch.Tensor | None = None  # the ids both tokenizers agree on (None: identical)
+    top_k: int = 16
+    signals: str = "full"
+    options: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, teacher: str = "", student: str = "", contexts: str = "", positions: str = "all",
+             seed: int = 0, top_k: int = 16, signals: str = "full", max_response_tokens: int = 0,
+             device: str = "auto", dtype: str = "float32", trust_remote_code: bool = False) -> FixedBank:
+        """Load as `teachdiag probe` does (same arguments, same meaning; none of teacher, student,
+        contexts: the embedded demo pair). `student` is θ0: the weights training starts from."""
+        if signals not in SIGNAL_MODES:
+            raise InputError(f"{signals!r} is not one of {', '.join(SIGNAL_MODES)}", field="signals")
+        cfg = BankOptions(teacher=teacher, student=student, contexts=contexts, positions=positions, seed=seed,
+                          top_k=top_k, signals=signals, max_response_tokens=max_response_tokens, device=device,
+                          dtype=dtype, trust_remote_code=trust_remote_code)
+        fill_embedded(cfg)
+        pair = open_pair(cfg, resolve_device(device))  # the probe's own loader (pair.py)
+        picks = select_positions(pair.contexts, parse_positions(positions), seed)
+        return cls(pair.teacher, pair.student, pair.contexts, by_context(picks), pair.vocab, pair.tokenizer,
+                   pair.device, pair.keep, top_k, signals, asdict(cfg))
+
+    @property
+    def n_positions(self) -> int:
+        return sum(len(p) for p in self.by_ctx.values())
+
+
+def score(model: torch.nn.Module, bank: FixedBank) -> pd.DataFrame:
+    """tokens.csv's table for `model` as θτ against the bank's θ0: the probe's checkpoint rows, in
+    file order, teachability and incompat normalised over the finite rows (runfolder.RunWriter.finish)."""
+    inst = make_instrument("checkpoint", student=bank.theta0, after=model, vocab=bank.vocab, top_k=bank.top_k,
+                           keep=bank.keep, signals=bank.signals)
+    rows = []
+    for c, positions in bank.by_ctx.items():
+        ctx = bank.contexts[c]
+        got = inst.run(bank.teacher, bank.contexts, bank.by_ctx, [c], bank.device, lambda n, phase: None)[c]
+        for j, row in zip(positions, got):
+            tok = ctx.response_ids[j]
+            row.update(context_id=ctx.id, position=j, token_id=tok, token=bank.tokenizer.decode([tok]),
+                       response_length=len(ctx.response_ids), instrument=inst.name)
+        rows += got
+    df = pd.DataFrame(rows, columns=TOKEN_COLUMNS)
+    finite = df["finite"].to_numpy() == 1
+    teach, incompat = np.full(len(df), np.nan), np.full(len(df), np.nan)
+    teach[finite], incompat[finite] = teachability_scores(df.loc[finite, "union_fkl"].to_numpy(),
+                                                          df.loc[finite, "compat_mass"].to_numpy())
+    df["teachability"], df["incompat"] = teach, incompat
+    return df
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")  # a reader never sees half a file
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def monitor_step(model: torch.nn.Module, step: int, bank: FixedBank, out: str | Path) -> dict:
+    """Score `model` (the student at training step `step`) on the bank and write out/monitor/step_<step>/
+    (tokens.csv, run.json), the trajectory row and figure (module docstring). Returns the row."""
+    device = next(model.parameters()).device
+    if (device.type, device.index or 0) != (bank.device.type, bank.device.index or 0):
+        raise InputError(f"the model is on {device}, the bank's models on {bank.device}; load the bank with "
+                         f"device={str(device)!r}", field="device")
+    folder = Path(out) / MONITOR
+    step_dir = folder / f"step_{int(step)}"
+    step_dir.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    t0 = time.time()
+    try:
+        model.eval()  # no dropout while scoring
+        df = score(model, bank)
+    finally:
+        model.train(was_training)
+    seconds = time.time() - t0
+
+    rows = df.to_dict("records")
+    for r in rows:  # plain floats, written repr-exact as every tokens.csv (table.rows_to_csv)
+        for c, v in r.items():
+            r[c] = float(v) if isinstance(v, (float, np.floating)) else v
+    _write(step_dir / TOKENS, rows_to_csv(rows, header=True))
+    record = {"command": "teachdiag.integrations.monitor.monitor_step", "complete": True,
+              "monitor": {"step": int(step), "seconds": round(seconds, 3), "positions": len(df)},
+              "options": bank.options, "top_k": bank.top_k, "signals": bank.signals,
+              "step": {"instrument": "checkpoint", "probe": "CheckpointScore",
+                       "theta1": f"the training student at step {int(step)}; θ0 the bank's student"}}
+    _write(step_dir / RUN, json.dumps(record, indent=2, default=str) + "\n")
+
+    row = dict(trajectory_row(df, step), seconds=round(seconds, 3))
+    row["positions_per_s"] = len(df) / seconds if seconds > 0 else math.nan
+    path = folder / TRAJECTORY
+    old = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=[*COLUMNS, "seconds", "positions_per_s"])
+    traj = pd.concat([old[old["step"] != int(step)], pd.DataFrame([row])], ignore_index=True).sort_values("step")
+    _write(path, traj.to_csv(index=False))
+    plots.save(plot_trajectory(traj), folder, "trajectory")
+    return row
+
+
+class MonitorCallback(TrainerCallback):
+    """A transformers TrainerCallback (TRL's trainers are Trainers): monitor_step every `every`
+    optimizer steps, on the main process (the other ranks wait at their next collective)."""
+
+    def __init__(self, bank: FixedBank, out: str | Path, every: int = 10) -> None:
+        if every < 1:
+            raise InputError(f"must be >= 1, got {every}", field="every")
+        self.bank, self.out, self.every = bank, out, every
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every == 0 and state.is_world_process_zero:
+            monitor_step(model, state.global_step, self.bank, self.out)
+        return control
