@@ -5,6 +5,7 @@ signal arrays, and the numbers logged about what was kept.
     sel = Selection(selector="teachability", budget=0.05)   # settings, checked when made
     keep = sel.keep(sig, valid)                             # (N,) bool: scores.keep_positions
     selection_stats(sig, keep, valid, sel)                  # kept, positions, teachability/C kept vs all
+    where, rows = response_rows(response_mask)              # (N, 2) and sample / position / response_length
 
 `sig` holds (N,) arrays, one row per response token of a rollout batch (selectors.response_signals
 from logits, or probe/topk.served_signals from top-K lists): topk_entropy, union_fkl, compat_mass,
@@ -19,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from teachdiag.errors import InputError
 from teachdiag.probe.signals import SIGNAL_MODES
@@ -58,6 +60,19 @@ class Selection:
             raise InputError("the fkl selector needs full distributions; top-K lists give no fkl",
                              field="selector")
         return keep_positions(sig, self.selector, self.budget, valid, self.rule, self.seed, self.normalize_over)
+
+
+def response_rows(response_mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
+    """(where, rows) of a (B, T) response mask: where (N, 2), its nonzero positions in row-major
+    order (the rows of sig), and rows, their sample (the row b), position (index among b's
+    response tokens; left padding is fine) and response_length, as selectors.response_signals
+    numbers them."""
+    on = response_mask.bool()  # (B, T)
+    where = on.nonzero(as_tuple=False)
+    rows = {"sample": where[:, 0].cpu().numpy(),
+            "position": (on.long().cumsum(1) - 1)[where[:, 0], where[:, 1]].cpu().numpy(),
+            "response_length": on.sum(1)[where[:, 0]].cpu().numpy()}
+    return where, rows
 
 
 def selection_stats(sig: dict, keep: np.ndarray, valid: np.ndarray | None, sel: Selection) -> dict[str, float]:
