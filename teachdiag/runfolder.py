@@ -31,7 +31,7 @@ import pandas as pd
 
 from teachdiag.errors import InputError
 from teachdiag.provenance import WEIGHT_KEYS
-from teachdiag.scores import teachability_scores
+from teachdiag.scores import teachability_columns
 from teachdiag.table import COLUMNS, RUN, TEXT_COLUMNS, TOKENS, all_parts, part_files, read_tokens, rows_to_csv
 
 
@@ -354,11 +354,8 @@ class RunWriter:
         `order`: every context id of the run in single-process order.
         """
         df = self.merged_rows(order)
-        finite = df["finite"].to_numpy() == 1
-        teach, incompat = np.full(len(df), np.nan), np.full(len(df), np.nan)
-        teach[finite], incompat[finite] = teachability_scores(
-            df.loc[finite, "union_fkl"].to_numpy(), df.loc[finite, "compat_mass"].to_numpy())
-        df["teachability"], df["incompat"] = teach, incompat
+        df["teachability"], df["incompat"] = teachability_columns(df["union_fkl"], df["compat_mass"],
+                                                                  df["finite"].to_numpy() == 1)
         return self.finish_table(record, df)
 
     def finish_table(self, record: dict, df: pd.DataFrame) -> pd.DataFrame:

@@ -81,6 +81,16 @@ def teachability_scores(union_fkl, compat_mass, eps: float = 0.0,
     return d * c, d * (1.0 - c)
 
 
+def teachability_columns(union_fkl, compat_mass, finite) -> tuple[np.ndarray, np.ndarray]:
+    """tokens.csv's teachability and incompat columns: teachability_scores normalised over the rows
+    where `finite` ((N,) bool) holds, NaN on the others (runfolder.RunWriter.finish, the monitor)."""
+    finite = np.asarray(finite, dtype=bool)
+    teach, incompat = np.full(len(finite), np.nan), np.full(len(finite), np.nan)
+    teach[finite], incompat[finite] = teachability_scores(np.asarray(union_fkl)[finite],
+                                                          np.asarray(compat_mass)[finite])
+    return teach, incompat
+
+
 def peer_scores(topk_entropy, union_fkl, teachability, eps: float = 0.0,
                 nonfinite: float = np.nan) -> dict[str, np.ndarray]:
     """The analysis's peer scores over the rows given: entropy H̃, divergence D̃, tip H̃ ∨ D̃ and

@@ -327,6 +327,12 @@ def tercile_gap(g: np.ndarray, high: np.ndarray, low: np.ndarray, codes: np.ndar
     return est, ci, note, n_ctx
 
 
+def terciles(x: np.ndarray) -> np.ndarray:
+    """0 / 1 / 2 (low / mid / high) of each value of x by average rank: ties stay together."""
+    r = stats.rankdata(x) if len(x) else np.zeros(0)
+    return np.where(r <= len(x) / 3, 0, np.where(r > 2 * len(x) / 3, 2, 1))
+
+
 def q3_gap(df: pd.DataFrame, gain: str, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
     """Q3 (H below its median, D above its median): does compat_mass C matter at fixed H, D?
 
@@ -345,8 +351,8 @@ def q3_gap(df: pd.DataFrame, gain: str, n_boot: int = 1000, seed: int = 0) -> pd
     in_q3 = (h < np.median(h)) & (d > np.median(d)) if len(sub) else np.zeros(0, bool)
     q = sub[in_q3]
     g, codes = q[gain].to_numpy(float), pd.factorize(q["context_id"])[0]
-    r = stats.rankdata(q["compat_mass"]) if len(q) else np.zeros(0)
-    low, high = r <= len(q) / 3, r > 2 * len(q) / 3
+    third = terciles(q["compat_mass"].to_numpy(float))
+    low, high = third == 0, third == 2
     rows = []
     est, ci, note, n_ctx = tercile_gap(g, high, low, codes, n_boot, seed,
                                        f"each Q3 tercile (Q3 has {len(q)} of {len(sub)} positions)")

@@ -10,8 +10,9 @@ A row: step; positions (rows) and finite (rows used); the mean fkl at θ0 and at
 the mean gain_fkl (nats) and rel_gain_fkl; both gains' means within the low / mid / high tercile
 of teachability and of compat_mass C; and the Q3 tercile gap of both gains (H below its median, D
 above it: high-C minus low-C tercile, stats.q3_gap), with its cluster-bootstrap CI when n_boot > 0.
-Terciles are of average ranks over the step's finite rows, as in q3_gap. Teachability and C are
-θ0's, so every step splits the same positions: the columns follow fixed groups of tokens.
+Terciles are of average ranks over the step's finite rows (stats.terciles, q3_gap's rule).
+Teachability and C are θ0's, so every step splits the same positions: the columns follow fixed
+groups of tokens.
 numpy/pandas/scipy only, like the rest of analysis/.
 """
 
@@ -27,10 +28,9 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
-from scipy import stats as sstats
 
 from teachdiag.analysis import plots
-from teachdiag.analysis.stats import add_scores, q3_gap
+from teachdiag.analysis.stats import add_scores, q3_gap, terciles
 from teachdiag.errors import InputError
 from teachdiag.table import TOKENS, read_tokens
 
@@ -42,12 +42,6 @@ COLUMNS = (["step", "positions", "finite", "fkl", "fkl_after", *GAINS]
            + [f"{g}_{s}_{t}" for g in GAINS for s in SPLITS for t in TERCILES]
            + [f"q3_{g}{x}" for g in GAINS for x in ("", "_ci_low", "_ci_high")])
 STEP_DIR = re.compile(r"step_(\d+)")
-
-
-def terciles(x: np.ndarray) -> np.ndarray:
-    """0 / 1 / 2 (low / mid / high) of each value of x by average rank: ties stay together."""
-    r = sstats.rankdata(x) if len(x) else np.zeros(0)
-    return np.where(r <= len(x) / 3, 0, np.where(r > 2 * len(x) / 3, 2, 1))
 
 
 def trajectory_row(table: pd.DataFrame, step: int, n_boot: int = 0, seed: int = 0) -> dict:

@@ -24,6 +24,7 @@ from teachdiag.contexts import Context, by_context, parse_positions, select_posi
 from teachdiag.calibration import BAND, MAX_NEGATIVE, RULE, auto_lr
 from teachdiag.errors import InputError, UnsupportedModel
 from teachdiag.probe.instruments import make_instrument
+from teachdiag.probe.rows import label_rows
 from teachdiag.probe.signals import LOSSES, SIGNAL_MODES
 from teachdiag.models import load_model, resolve_device
 from teachdiag.pair import open_pair, read_inputs
@@ -221,12 +222,8 @@ def run_probe(cfg: ProbeConfig, argv: list[str] | None = None) -> Path:
         for group in groups:
             results = inst.run(teacher, ctxs, by_ctx, group, device, advance)
             for c in [c for c in group if c in left]:  # a shared group also steps with finished contexts
-                ctx, rows = ctxs[c], results[c]
-                for j, row in zip(by_ctx[c], rows):
-                    tok = ctx.response_ids[j]
-                    row.update(context_id=ctx.id, position=j, token_id=tok, token=s_tok.decode([tok]),
-                               response_length=len(ctx.response_ids), instrument=inst.name)
-                writer.append_context(ctx.id, rows)
+                ctx = ctxs[c]
+                writer.append_context(ctx.id, label_rows(results[c], ctx, by_ctx[c], s_tok.decode, inst.name))
     except UnsupportedModel as exc:  # found on the first context; finished contexts stay saved
         bar.close()
         exc.message += " (finished contexts are saved in the run folder)"

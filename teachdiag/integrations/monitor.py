@@ -8,8 +8,8 @@
 
 Each check writes out/monitor/step_<n>/tokens.csv and run.json, exactly what `teachdiag probe
 --student-after <the step's weights>` writes for the same bank (probe/instruments.py's checkpoint
-instrument, the probe's rows and teachability normalisation; `teachdiag analyze` reads the folder
-like any run), adds the step's row to out/monitor/trajectory.csv (analysis/trajectory.py: gains
+instrument, probe/rows.label_rows and scores.teachability_columns as the probe uses them;
+`teachdiag analyze` reads the folder like any run), adds the step's row to out/monitor/trajectory.csv (analysis/trajectory.py: gains
 by teachability and C tercile, the Q3 gap) and redraws out/monitor/trajectory.png.
 `teachdiag analyze out/monitor` recomputes the trajectory with bootstrap CIs.
 
@@ -41,8 +41,9 @@ from teachdiag.errors import InputError
 from teachdiag.models import resolve_device
 from teachdiag.pair import open_pair
 from teachdiag.probe.instruments import make_instrument
+from teachdiag.probe.rows import label_rows
 from teachdiag.probe.signals import SIGNAL_MODES
-from teachdiag.scores import teachability_scores
+from teachdiag.scores import teachability_columns
 from teachdiag.table import COLUMNS as TOKEN_COLUMNS
 from teachdiag.table import RUN, TOKENS, rows_to_csv
 
@@ -99,24 +100,16 @@ class FixedBank:
 
 def score(model: torch.nn.Module, bank: FixedBank) -> pd.DataFrame:
     """tokens.csv's table for `model` as θτ against the bank's θ0: the probe's checkpoint rows, in
-    file order, teachability and incompat normalised over the finite rows (runfolder.RunWriter.finish)."""
+    file order, teachability and incompat normalised over the finite rows as the probe's are."""
     inst = make_instrument("checkpoint", student=bank.theta0, after=model, vocab=bank.vocab, top_k=bank.top_k,
                            keep=bank.keep, signals=bank.signals)
     rows = []
     for c, positions in bank.by_ctx.items():
-        ctx = bank.contexts[c]
         got = inst.run(bank.teacher, bank.contexts, bank.by_ctx, [c], bank.device, lambda n, phase: None)[c]
-        for j, row in zip(positions, got):
-            tok = ctx.response_ids[j]
-            row.update(context_id=ctx.id, position=j, token_id=tok, token=bank.tokenizer.decode([tok]),
-                       response_length=len(ctx.response_ids), instrument=inst.name)
-        rows += got
+        rows += label_rows(got, bank.contexts[c], positions, bank.tokenizer.decode, inst.name)
     df = pd.DataFrame(rows, columns=TOKEN_COLUMNS)
-    finite = df["finite"].to_numpy() == 1
-    teach, incompat = np.full(len(df), np.nan), np.full(len(df), np.nan)
-    teach[finite], incompat[finite] = teachability_scores(df.loc[finite, "union_fkl"].to_numpy(),
-                                                          df.loc[finite, "compat_mass"].to_numpy())
-    df["teachability"], df["incompat"] = teach, incompat
+    df["teachability"], df["incompat"] = teachability_columns(df["union_fkl"], df["compat_mass"],
+                                                              df["finite"].to_numpy() == 1)
     return df
 
 
