@@ -18,6 +18,9 @@ bank context, no gradient; every probed position of the bank is scored (bank.n_p
 bank keeps the teacher and θ0 in memory beside training, on bank.device (the model's). The
 model is scored as it is (eval mode for the check, then back): a student trained in bfloat16 gives
 bfloat16 logits, where the probe of its saved float32 copy would not.
+
+Processes: single, or DDP through MonitorCallback (every rank scores, rank 0 writes); FSDP and
+DeepSpeed are refused (refuse_sharded), as the model a callback is handed holds shards there.
 """
 
 from __future__ import annotations
@@ -119,16 +122,23 @@ def _write(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def monitor_step(model: torch.nn.Module, step: int, bank: FixedBank, out: str | Path) -> dict:
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether a and b are one device; "cuda" without an index is the current CUDA device."""
+    def index(d: torch.device) -> int:
+        if d.index is not None:
+            return d.index
+        return torch.cuda.current_device() if d.type == "cuda" else 0
+    return a.type == b.type and index(a) == index(b)
+
+
+def monitor_step(model: torch.nn.Module, step: int, bank: FixedBank, out: str | Path, write: bool = True) -> dict:
     """Score `model` (the student at training step `step`) on the bank and write out/monitor/step_<step>/
-    (tokens.csv, run.json), the trajectory row and figure (module docstring). Returns the row."""
+    (tokens.csv, run.json), the trajectory row and figure (module docstring). Returns the row.
+    write=False scores and returns the row only: what a rank that is not the writer does."""
     device = next(model.parameters()).device
-    if (device.type, device.index or 0) != (bank.device.type, bank.device.index or 0):
+    if not same_device(device, bank.device):
         raise InputError(f"the model is on {device}, the bank's models on {bank.device}; load the bank with "
                          f"device={str(device)!r}", field="device")
-    folder = Path(out) / MONITOR
-    step_dir = folder / f"step_{int(step)}"
-    step_dir.mkdir(parents=True, exist_ok=True)
     was_training = model.training
     t0 = time.time()
     try:
@@ -137,39 +147,65 @@ def monitor_step(model: torch.nn.Module, step: int, bank: FixedBank, out: str | 
     finally:
         model.train(was_training)
     seconds = time.time() - t0
+    row = dict(trajectory_row(df, step), seconds=round(seconds, 3))
+    row["positions_per_s"] = len(df) / seconds if seconds > 0 else math.nan
+    if write:
+        save_check(Path(out) / MONITOR, int(step), df, row, bank)
+    return row
 
+
+def save_check(folder: Path, step: int, df: pd.DataFrame, row: dict, bank: FixedBank) -> None:
+    """Write one check: folder/step_<step>/ (tokens.csv, run.json), its row of folder/trajectory.csv
+    (replacing an older row of the same step) and folder/trajectory.png."""
+    step_dir = folder / f"step_{step}"
+    step_dir.mkdir(parents=True, exist_ok=True)
     rows = df.to_dict("records")
     for r in rows:  # plain floats, written repr-exact as every tokens.csv (table.rows_to_csv)
         for c, v in r.items():
             r[c] = float(v) if isinstance(v, (float, np.floating)) else v
     _write(step_dir / TOKENS, rows_to_csv(rows, header=True))
     record = {"command": "teachdiag.integrations.monitor.monitor_step", "complete": True,
-              "monitor": {"step": int(step), "seconds": round(seconds, 3), "positions": len(df)},
+              "monitor": {"step": step, "seconds": row["seconds"], "positions": len(df)},
               "options": bank.options, "top_k": bank.top_k, "signals": bank.signals,
               "step": {"instrument": "checkpoint", "probe": "CheckpointScore",
-                       "theta1": f"the training student at step {int(step)}; θ0 the bank's student"}}
+                       "theta1": f"the training student at step {step}; θ0 the bank's student"}}
     _write(step_dir / RUN, json.dumps(record, indent=2, default=str) + "\n")
 
-    row = dict(trajectory_row(df, step), seconds=round(seconds, 3))
-    row["positions_per_s"] = len(df) / seconds if seconds > 0 else math.nan
     path = folder / TRAJECTORY
     old = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=[*COLUMNS, "seconds", "positions_per_s"])
-    traj = pd.concat([old[old["step"] != int(step)], pd.DataFrame([row])], ignore_index=True).sort_values("step")
+    traj = pd.concat([old[old["step"] != step], pd.DataFrame([row])], ignore_index=True).sort_values("step")
     _write(path, traj.to_csv(index=False))
     plots.save(plot_trajectory(traj), folder, "trajectory")
-    return row
+
+
+def refuse_sharded(args) -> None:
+    """MonitorCallback is tested single-process and its forwards are plain ones: refuse FSDP and
+    DeepSpeed (args: TrainingArguments), where the model it is handed holds shards."""
+    kind = getattr(getattr(args, "distributed_state", None), "distributed_type", None)
+    if getattr(args, "fsdp", None) or getattr(args, "deepspeed", None) or kind in ("FSDP", "DEEPSPEED"):
+        raise InputError("MonitorCallback runs single-process or under DDP only, not FSDP or DeepSpeed; save "
+                         "checkpoints and score them with `teachdiag probe --student-after` instead",
+                         field="accelerator")
 
 
 class MonitorCallback(TrainerCallback):
     """A transformers TrainerCallback (TRL's trainers are Trainers): monitor_step every `every`
-    optimizer steps, on the main process (the other ranks wait at their next collective)."""
+    optimizer steps. Under DDP every process scores the whole bank, so all of them spend the same
+    time away from training and meet at the next gradient all-reduce together (a rank-0-only check
+    would leave the others waiting there, against the NCCL watchdog's timeout); the world's process
+    zero writes. Single process or DDP only (refuse_sharded); each process loads its bank on its
+    own device (FixedBank.load(..., device=str(training_args.device)))."""
 
     def __init__(self, bank: FixedBank, out: str | Path, every: int = 10) -> None:
         if every < 1:
             raise InputError(f"must be >= 1, got {every}", field="every")
         self.bank, self.out, self.every = bank, out, every
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        refuse_sharded(args)
+        return control
+
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step % self.every == 0 and state.is_world_process_zero:
-            monitor_step(model, state.global_step, self.bank, self.out)
+        if state.global_step % self.every == 0:
+            monitor_step(model, state.global_step, self.bank, self.out, write=state.is_world_process_zero)
         return control

@@ -5,6 +5,7 @@ analyze` reads it, and the TrainerCallback does the same inside a real TRL run."
 from __future__ import annotations
 
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -77,6 +78,30 @@ def test_a_check_equals_the_probe_of_the_same_checkpoint(pair, tmp_path):
     assert np.allclose(again["gain_fkl_teachability_high"], traj["gain_fkl_teachability_high"])
     assert (out / "trajectory.md").is_file() and (out / "figures" / "trajectory.png").is_file()
     teachdiag.analyze(str(folder / "step_3"), bootstrap=0)  # a step folder is an ordinary run
+
+
+def test_ranks_other_than_zero_score_without_writing_and_sharded_runs_are_refused(pair, tmp_path, monkeypatch):
+    from teachdiag.integrations import monitor
+
+    teacher, student = pair
+    bank = FixedBank.load(teacher, student, str(write_contexts(tmp_path / "b.jsonl", n=2)), device="cpu")
+    scored = []
+    real = monitor.score
+    monkeypatch.setattr(monitor, "score", lambda model, bank: scored.append(1) or real(model, bank))
+    callback = MonitorCallback(bank, tmp_path / "run", every=2)
+    for step, rank0 in ((1, False), (2, False)):  # rank 1 of a DDP run: it checks at step 2, in step with rank 0
+        callback.on_step_end(None, SimpleNamespace(global_step=step, is_world_process_zero=rank0), None,
+                             model=trained(student))
+    assert scored == [1] and not (tmp_path / "run").exists()
+    callback.on_step_end(None, SimpleNamespace(global_step=4, is_world_process_zero=True), None, model=trained(student))
+    assert pd.read_csv(tmp_path / "run" / "monitor" / TRAJECTORY)["step"].tolist() == [4]
+
+    plain = SimpleNamespace(fsdp="", deepspeed=None, distributed_state=SimpleNamespace(distributed_type="MULTI_GPU"))
+    callback.on_train_begin(plain, None, None)  # DDP: accepted
+    for args in (SimpleNamespace(fsdp="full_shard", deepspeed=None), SimpleNamespace(fsdp="", deepspeed="z3.json"),
+                 SimpleNamespace(distributed_state=SimpleNamespace(distributed_type="FSDP"))):
+        with pytest.raises(InputError, match="DDP only"):
+            callback.on_train_begin(args, None, None)
 
 
 def test_a_model_on_another_device_is_refused(pair, tmp_path):
