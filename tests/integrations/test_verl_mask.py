@@ -1,14 +1,19 @@
 """The verl response_mask on verl's tensor layout (no verl installed): top-K tensors built as
 verl.trainer.distillation builds them (the teacher at the sorted union of both top-Ks, a repeated
-id -inf), right-padded responses, and token-mean aggregation as core_algos.agg_loss computes it."""
+id -inf), nested over whole sequences and cut to the right-padded responses as verl cuts them, and a
+mask whose count token-mean aggregation (core_algos.agg_loss) can divide by."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from teachdiag.integrations.verl import Selection, response_mask_from_logits, response_mask_from_topk
+from teachdiag.errors import InputError
+from teachdiag.integrations.verl import (Selection, response_mask_from_logits, response_mask_from_topk,
+                                         response_slice, teacher_at_student_ids)
 from teachdiag.selectors import ta_opd_mask
 
 B, T, V, K = 3, 7, 50, 4
@@ -85,13 +90,71 @@ def test_topk_lb_and_logits_and_loss_mask():
     assert torch.equal(full.bool(), expected) and not full[0, 2:5].any()
 
 
-def test_token_mean_over_the_new_response_mask_is_the_kept_mean():
-    """core_algos.agg_loss, token-mean: masked_sum(loss_mat, mask) / (batch_num_tokens · dp_size), with
-    batch_num_tokens the mask's sum over the data-parallel group (one rank here)."""
+def test_every_sample_keeps_a_trainable_position_so_the_token_mean_has_a_denominator():
+    """agg_loss's token-mean divides by the mask's count: the mask stays inside the loss mask, and the
+    released rule's fill keeps one position of every sample that has a trainable one, beyond the budget."""
     s, t, response_mask = batch(3)
-    mask, _ = response_mask_from_logits(s, t, response_mask, Selection(budget=0.2, top_k=K))
-    loss_mat = torch.rand(B, T, generator=torch.Generator().manual_seed(4))
-    token_mean = (loss_mat * mask).sum() / (mask.sum() * 1 + 1e-8)
-    kept = mask.bool()
-    assert token_mean.item() == pytest.approx(loss_mat[kept].mean().item(), rel=1e-6)
-    assert 0 < kept.sum() < response_mask.sum()
+    loss_mask = response_mask.clone()
+    loss_mask[1] = 0
+    loss_mask[1, 2] = 1  # sample 1: one trainable position (the rest e.g. tool output)
+    mask, metrics = response_mask_from_logits(s, t, response_mask, Selection(budget=0.05, top_k=K), loss_mask)
+    assert not (mask.bool() & ~loss_mask.bool()).any() and mask[1, 2] == 1
+    assert (mask.sum(1) >= 1).all() and mask.sum() > math.ceil(0.05 * loss_mask.sum())
+    assert metrics["ta_opd/kept"] == mask.sum() and metrics["ta_opd/positions"] == loss_mask.sum()
+
+
+def test_teacher_at_the_student_ids_in_chunks_equals_the_whole_comparison():
+    s, t, response_mask = batch(4)
+    _, s_lp, s_ids, t_lp, t_ids = verl_stages(s, t)
+    on = response_mask.bool()
+    s_ids, t_ids, t_lp = s_ids[on], t_ids[on], t_lp[on]  # (N, K), (N, 2K): repeated ids are -inf
+    same = (s_ids[:, :, None] == t_ids[:, None, :]) & torch.isfinite(t_lp)[:, None, :]  # (N, K, 2K) at once
+    whole = torch.where(same, t_lp[:, None, :], -math.inf).amax(-1)
+    assert torch.isfinite(whole).all()  # verl's union holds every student id
+    for chunk in (1, 3, len(s_ids), 10**6):
+        assert torch.equal(teacher_at_student_ids(s_ids, t_ids, t_lp, chunk=chunk), whole)
+    t_lp = t_lp.clone()
+    t_lp[0] = -math.inf  # a position the teacher gave nothing for
+    assert torch.isinf(teacher_at_student_ids(s_ids, t_ids, t_lp, chunk=2)[0]).all()
+
+
+PROMPT_LENGTHS = (3, 5, 2)  # left padding to 5 before each prompt
+
+
+def verl_batch(seed: int = 0):
+    """A driver batch as verl holds it: prompts left-padded, responses right-padded, and the stage
+    tensors nested over each unpadded prompt + response (entry i predicting token i + 1), with the
+    (B, T, V) logits the response positions were made from."""
+    s, t, response_mask = batch(seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    width = max(PROMPT_LENGTHS)
+    attention = torch.zeros(B, width + T, dtype=torch.long)
+    seq_s, seq_t = [], []
+    for b, (p, r) in enumerate(zip(PROMPT_LENGTHS, LENGTHS)):
+        attention[b, width - p : width + r] = 1
+        z_s, z_t = 3 * torch.randn(p + r, V, generator=g), 3 * torch.randn(p + r, V, generator=g)
+        # entry p − 1 + j predicts response token j
+        z_s[p - 1 : p - 1 + r], z_t[p - 1 : p - 1 + r] = s[b, :r], t[b, :r]
+        seq_s.append(z_s)
+        seq_t.append(z_t)
+    _, s_lp, s_ids, t_lp, t_ids = verl_stages(torch.cat(seq_s)[None], torch.cat(seq_t)[None])  # (1, Σ L, ·)
+    offsets = torch.tensor([0, *torch.tensor([p + r for p, r in zip(PROMPT_LENGTHS, LENGTHS)]).cumsum(0).tolist()])
+    nest = lambda x: torch.nested.nested_tensor_from_jagged(x[0], offsets)  # noqa: E731
+    data = {"prompts": torch.zeros(B, width, dtype=torch.long), "responses": torch.zeros(B, T, dtype=torch.long),
+            "attention_mask": attention, "response_mask": response_mask, "loss_mask": response_mask.clone(),
+            "old_log_prob_topk_log_probs": nest(s_lp), "old_log_prob_topk_indices": nest(s_ids),
+            "ref_log_prob_topk_log_probs": nest(t_lp), "ref_log_prob_topk_indices": nest(t_ids)}
+    return data, s, t
+
+
+def test_response_slice_cuts_nested_stage_tensors_to_the_response():
+    data, s, t = verl_batch()
+    _, s_lp, s_ids, t_lp, t_ids = verl_stages(s, t)  # the same tensors, made at the response positions
+    on = data["response_mask"].bool()
+    for key, want in (("old_log_prob_topk_log_probs", s_lp), ("old_log_prob_topk_indices", s_ids),
+                      ("ref_log_prob_topk_log_probs", t_lp), ("ref_log_prob_topk_indices", t_ids)):
+        got = response_slice(data[key], data["attention_mask"], data["prompts"].shape[1])
+        assert got.shape == want.shape and torch.equal(got[on], want[on]) and (got[~on] == 0).all(), key
+        assert response_slice(want, data["attention_mask"], data["prompts"].shape[1]) is want  # sliced already
+    with pytest.raises(InputError, match="tokens"):  # one token short of what the attention mask holds
+        response_slice(data["old_log_prob_topk_indices"].values()[1:], data["attention_mask"], max(PROMPT_LENGTHS))
