@@ -9,8 +9,9 @@
 Each check writes out/monitor/step_<n>/tokens.csv and run.json, exactly what `teachdiag probe
 --student-after <the step's weights>` writes for the same bank (probe/instruments.py's checkpoint
 instrument, probe/rows.label_rows and scores.teachability_columns as the probe uses them;
-`teachdiag analyze` reads the folder like any run), adds the step's row to out/monitor/trajectory.csv (analysis/trajectory.py: gains
-by teachability and C tercile, the Q3 gap) and redraws out/monitor/trajectory.png.
+`teachdiag analyze` reads the folder like any run), adds the step's row to
+out/monitor/trajectory.csv (analysis/trajectory.py: gains by teachability and C tercile, the Q3
+gap) and redraws out/monitor/trajectory.png.
 `teachdiag analyze out/monitor` recomputes the trajectory with bootstrap CIs.
 
 Cost of a check: one teacher forward, one θ0 forward and one forward of the training student per
