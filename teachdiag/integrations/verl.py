@@ -19,9 +19,9 @@ verl's conventions, as read in volcengine/verl for this module (no verl is impor
   forward_backward_batch sets batch_num_tokens to the sum of the batch's loss_mask (or
   response_mask) over the data-parallel group. So a response_mask holding only the kept positions
   masks the loss and makes the denominator the global kept count: the TA-OPD loss, normalised by
-  the kept positions. The legacy worker (workers/actor/dp_actor.py) instead takes the token-mean
-  within each micro-batch and weighs micro-batches by their rows, so there each micro-batch's loss
-  is divided by its own kept count.
+  the kept positions. The legacy worker (workers/actor/dp_actor, DataParallelPPOActor) instead
+  takes the token-mean within each micro-batch and weighs micro-batches by their rows, so there
+  each micro-batch's loss is divided by its own kept count.
 - verl.trainer.distillation (the top-K distillation losses): the student's own top-K
   (stage old_log_prob: old_log_prob_topk_log_probs / _indices, (tokens, K)); the teacher's
   log-probabilities at the union of the student's top-K and its own top-K (stage ref_log_prob:
