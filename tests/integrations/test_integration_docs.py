@@ -79,28 +79,26 @@ def test_trl_snippets_run(trl_pair, tmp_path, monkeypatch):
 
 
 def test_slime_snippet_runs():
-    from test_slime_hook import ARGS, make_batch
+    from test_slime_hook import ARGS, make_batch, masks
 
     env = run(snippets("slime")[0], {}, {})
-    samples, *_ = make_batch()
+    samples, s, t, response = make_batch(k=16)
     env["post_process_rewards"](ARGS, samples)
-    assert all(len(x.loss_mask) == x.response_length and sum(x.loss_mask) >= 1 for x in samples)
+    assert torch.equal(masks(samples), ta_opd_mask(s, t, response, budget=0.05, k=16, signals="topk_lb"))
     assert env["post_process_rewards"].log[-1]["kept"] == sum(sum(x.loss_mask) for x in samples)
+    assert callable(env["reward_func"])
 
 
 def test_verl_snippet_runs():
-    from test_verl_mask import batch, verl_stages
+    from test_verl_mask import verl_batch
 
     env = run(snippets("verl")[0], {}, {})
-    s, t, response_mask = batch()
-    _, s_lp, s_ids, t_lp, t_ids = verl_stages(s, t, k=16)
-    data = SimpleNamespace(batch={"old_log_prob_topk_log_probs": s_lp, "old_log_prob_topk_indices": s_ids,
-                                  "ref_log_prob_topk_log_probs": t_lp, "ref_log_prob_topk_indices": t_ids,
-                                  "response_mask": response_mask, "loss_mask": response_mask.clone()})
-    metrics = env["ta_opd_response_mask"](data)
+    data, s, t = verl_batch(k=16)  # the stage tensors nested over whole sequences, as the driver holds them
+    response_mask = data["response_mask"]
+    metrics = env["ta_opd_response_mask"](SimpleNamespace(batch=data))
     expected = ta_opd_mask(s, t, response_mask, budget=0.05, k=16, signals="topk")
-    assert torch.equal(data.batch["response_mask"].bool(), expected)
-    assert torch.equal(data.batch["loss_mask"], data.batch["response_mask"])
+    assert torch.equal(data["response_mask"].bool(), expected) and expected.sum() < response_mask.sum()
+    assert torch.equal(data["loss_mask"], data["response_mask"]) and data["response_mask_full"] is response_mask
     assert metrics["ta_opd/kept"] == expected.sum()
 
 

@@ -121,7 +121,7 @@ def test_teacher_at_the_student_ids_in_chunks_equals_the_whole_comparison():
 PROMPT_LENGTHS = (3, 5, 2)  # left padding to 5 before each prompt
 
 
-def verl_batch(seed: int = 0):
+def verl_batch(seed: int = 0, k: int = K):
     """A driver batch as verl holds it: prompts left-padded, responses right-padded, and the stage
     tensors nested over each unpadded prompt + response (entry i predicting token i + 1), with the
     (B, T, V) logits the response positions were made from."""
@@ -137,7 +137,7 @@ def verl_batch(seed: int = 0):
         z_s[p - 1 : p - 1 + r], z_t[p - 1 : p - 1 + r] = s[b, :r], t[b, :r]
         seq_s.append(z_s)
         seq_t.append(z_t)
-    _, s_lp, s_ids, t_lp, t_ids = verl_stages(torch.cat(seq_s)[None], torch.cat(seq_t)[None])  # (1, Σ L, ·)
+    _, s_lp, s_ids, t_lp, t_ids = verl_stages(torch.cat(seq_s)[None], torch.cat(seq_t)[None], k)  # (1, Σ L, ·)
     offsets = torch.tensor([0, *torch.tensor([p + r for p, r in zip(PROMPT_LENGTHS, LENGTHS)]).cumsum(0).tolist()])
     nest = lambda x: torch.nested.nested_tensor_from_jagged(x[0], offsets)  # noqa: E731
     data = {"prompts": torch.zeros(B, width, dtype=torch.long), "responses": torch.zeros(B, T, dtype=torch.long),
