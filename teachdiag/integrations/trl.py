@@ -42,7 +42,8 @@ the config gives the loss.
   divided by their count, per micro-batch (GKD generates per micro-batch, so that is the rollout
   batch); with gradient accumulation the micro-batch losses are averaged. The selection reads the
   logits of GKD's own loss forward (train mode: with dropout where the model has any), so it adds
-  no forward and runs under whatever parallelism GKD does.
+  no forward and calls no model itself: nothing in it depends on how the model is sharded (tested
+  single-process only).
 """
 
 from __future__ import annotations
@@ -131,8 +132,8 @@ class TAOPDDistillationTrainer(TAOPDMixin, DistillationTrainer):
         """The scoring forward calls the unwrapped models: under FSDP or DeepSpeed they hold shards."""
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
             raise InputError("TAOPDDistillationTrainer runs single-process or under DDP only, not FSDP or "
-                             "DeepSpeed (its scoring forward calls the unwrapped models); TAOPDGKDTrainer runs "
-                             "under both", field="accelerator")
+                             "DeepSpeed (its scoring forward calls the unwrapped models); TAOPDGKDTrainer "
+                             "selects inside GKD's own loss forward instead", field="accelerator")
 
     def _generate_and_score_completions(self, inputs):
         out = super()._generate_and_score_completions(inputs)
