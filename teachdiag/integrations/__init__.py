@@ -7,6 +7,7 @@
 
 Modules: select (the selection's settings, its rule on signal arrays, the rows of a response
 mask, what is logged about it), trl, slime, verl (one per trainer) and monitor (the checkpoint gain
-of the current student against θ0 on a frozen bank, every N steps). Only trl.py needs its trainer installed; slime.py and verl.py
-work on the tensors and objects those trainers hand over, so neither is imported here.
+of the current student against θ0 on a frozen bank, every N steps). Only trl.py needs its trainer
+installed; slime.py and verl.py work on the tensors and objects those trainers hand over, so
+neither is imported here.
 """
