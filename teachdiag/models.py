@@ -37,9 +37,12 @@ def resolve_device(device: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError("CUDA was requested but torch sees no GPU", field="--device")
-    if device not in ("cpu",) and not device.startswith("cuda"):
+    if not device.startswith(("cpu", "cuda")):
         raise InputError(f"unknown device {device!r} (auto, cpu, cuda)", field="--device")
-    return torch.device(device)
+    try:  # "cpu:0" as a Trainer's args.device prints it is the CPU too
+        return torch.device(device)
+    except RuntimeError:
+        raise InputError(f"unknown device {device!r} (auto, cpu, cuda[:N])", field="--device") from None
 
 
 def _check_exists(name_or_path: str, what: str) -> str:
