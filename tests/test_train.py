@@ -97,6 +97,126 @@ def test_train_step_equals_hand_written_adamw(tmp_path, pair, loss, select):
         torch.testing.assert_close(q.detach().double(), want, rtol=1e-6, atol=1e-7, msg=name)
 
 
+def reference_train_step(student, teacher, ctxs, batch, vocab, *, loss, select, budget, top_k, optimizer, device,
+                         seed=0, select_rule="released", select_signals="topk", keep=None, kl_clip=0.05,
+                         loss_temperature=1.0, pw=None):
+    """training.train_step as it was before it held one context's teacher logits at a time: every
+    context's (R, V) teacher logits first, then the scores, then the losses (the reference the
+    streaming step must equal)."""
+    from teachdiag.probe.forward import teacher_logits
+    from teachdiag.probe.signals import signals_from_logits
+    from teachdiag.scores import position_weight
+    from teachdiag.training import opd_loss
+
+    views = []
+    for c in batch:
+        ctx = ctxs[c]
+        positions = list(range(len(ctx.response_ids)))
+        n = len(ctx.prompt_ids)
+        ids = torch.tensor(ctx.prompt_ids + ctx.response_ids[:-1], device=device)
+        at = torch.arange(n - 1, n - 1 + len(positions), device=device)
+        y = torch.tensor(ctx.response_ids, device=device)
+        views.append((ids, at, y, teacher_logits(teacher, ctx, positions, vocab, device)))
+
+    def logits(ids, at):
+        return student(input_ids=ids[None], logits_to_keep=at, use_cache=False).logits[0, :, :vocab].float()
+
+    sig = {k: [] for k in ("topk_entropy", "union_fkl", "compat_mass", "fkl")}
+    with torch.no_grad():
+        for ids, at, y, t in views:
+            s = signals_from_logits(logits(ids, at), t, y, top_k, keep=keep, mode=select_signals)
+            for k in sig:
+                sig[k].append(s[k].cpu().numpy())
+    sample = np.concatenate([np.full(len(v[2]), i) for i, v in enumerate(views)])
+    flat = {k: np.concatenate(v) for k, v in sig.items()}
+    flat["position"] = np.concatenate([np.arange(len(v[2])) for v in views])
+    flat["response_length"] = np.concatenate([np.full(len(v[2]), len(v[2])) for v in views])
+    flat["sample"] = sample
+    valid = (torch.cat([keep[v[2]] for v in views]).cpu().numpy() if loss == "sampled_token" and keep is not None
+             else np.ones(len(sample), bool))
+    if select_rule == "paper_text":
+        kept = keep_positions(flat, select, budget, rule=select_rule, seed=seed) & valid
+    else:
+        kept = keep_positions(flat, select, budget, valid, rule=select_rule, seed=seed)
+    n_kept = int(kept.sum())
+    n_seqs = sum(bool(m.any()) for m in np.split(kept, np.cumsum([len(v[2]) for v in views])[:-1]))
+    optimizer.zero_grad(set_to_none=True)
+    total, a = 0.0, 0
+    for ids, at, y, t in views:
+        kept_here = kept[a : a + len(y)]
+        mask = torch.from_numpy(kept_here).to(device)
+        a += len(y)
+        if not mask.any():
+            continue
+        with torch.enable_grad():
+            per = opd_loss(logits(ids, at)[mask], t[mask], y[mask], loss, keep, kl_clip, loss_temperature)
+            if pw is None:
+                part = per.sum() / n_kept
+            else:
+                w = position_weight(np.flatnonzero(kept_here), len(y), *pw)
+                part = (per * torch.from_numpy(w).to(per)).sum() / (len(y) * n_seqs)
+            part.backward()
+        total += part.item()
+    optimizer.step()
+    return {"loss": total, "kept": n_kept, "positions": len(sample), "mean_fkl": float(flat["fkl"].mean())}
+
+
+STEP_CASES = {  # loss, select, options: each path of train_step (at once or two passes, cached or re-run teacher)
+    "sampled_token, teachability": ("sampled_token", "teachability", {}),
+    "sampled_token, all, keep": ("sampled_token", "all", {"keep": "drop"}),
+    "sampled_token, position, keep, pw": ("sampled_token", "position", {"keep": "drop", "pw": (0.25, 0.3, 0.1)}),
+    "reverse_kl, teachability": ("reverse_kl", "teachability", {}),
+    "reverse_kl, entropy, paper_text, full": ("reverse_kl", "entropy", {"select_rule": "paper_text",
+                                                                          "select_signals": "full"}),
+    "clipped_fkl, all, pw": ("clipped_fkl", "all", {"pw": (0.25, 0.3, 0.1), "loss_temperature": 1.1}),
+}
+
+
+@pytest.mark.parametrize("case", list(STEP_CASES))
+def test_train_step_equals_the_whole_batch_logits_algorithm_bit_for_bit(tmp_path, pair, monkeypatch, case):
+    """Three AdamW steps of train_step (one context's teacher logits alive at a time) and of the
+    reference that holds the batch's: the same log rows and the same weights and AdamW moments, to
+    the last bit. And no teacher forward while another context's logits are still alive, with one
+    teacher forward a context where the loss allows it (sampled_token, or --select all), two else."""
+    import weakref
+
+    import teachdiag.training as training
+
+    loss, select, options = STEP_CASES[case]
+    options = dict(options)
+    ctxs = load_contexts(write_contexts(tmp_path / "c.jsonl", n=6))
+    if options.get("keep"):  # ids 5 and 7 "disagree" between the tokenizers; context 1 samples only them
+        ctxs[1].response_ids = [5, 7, 5, 5]
+        keep = torch.ones(VOCAB, dtype=torch.bool)
+        keep[[5, 7]] = False
+        options["keep"] = keep
+    teacher = load(pair[0])
+    models = [load(pair[1]), load(pair[1])]
+    opts = [make_optimizer(m, TrainConfig(lr=1e-3)) for m in models]
+    alive, forwards = [], [0]
+    real = training.teacher_logits
+
+    def watched(*a, **k):
+        assert all(r() is None for r in alive), "a context's teacher logits outlived it"
+        forwards[0] += 1
+        t = real(*a, **k)
+        alive.append(weakref.ref(t))
+        return t
+
+    monkeypatch.setattr(training, "teacher_logits", watched)
+    for step, batch in enumerate(([0, 1, 2], [3, 4, 5], [1, 3, 5])):
+        forwards[0] = 0
+        kw = dict(loss=loss, select=select, budget=0.25, top_k=16, device="cpu", seed=step, **options)
+        got = train_step(models[0], teacher, ctxs, batch, VOCAB, optimizer=opts[0], **kw)
+        want = reference_train_step(models[1], teacher, ctxs, batch, VOCAB, optimizer=opts[1], **kw)
+        assert got == want, step
+        assert forwards[0] == (3 if loss == "sampled_token" or select == "all" else 6), forwards[0]
+    for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+        assert torch.equal(p, q), name
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(opts[0].state[p][k], opts[1].state[q][k]), (name, k)
+
+
 def test_ta_opd_mask_on_trainer_style_tensors():
     torch.manual_seed(0)
     s, t = torch.randn(3, 7, 40) * 3, torch.randn(3, 7, 40) * 3

@@ -241,6 +241,7 @@ def run_train(cfg: TrainConfig, argv: list[str] | None = None) -> Path:
                          select_rule=cfg.select_rule, select_signals=cfg.select_signals,
                          keep=keep, kl_clip=cfg.kl_clip, loss_temperature=cfg.loss_temperature,
                          pw=(cfg.pw_min, cfg.pw_tau, cfg.pw_scale) if cfg.position_weight else None)
+        optimizer.zero_grad(set_to_none=True)  # the gradient is spent: not held through the save
         row = {"step": step + 1, **row, "seconds": round(time.time() - t0, 3)}
         with disk_faults(out, "the last save is kept; free space or fix permissions, then rerun with --resume"):
             _fsync_write(log_path, ",".join(str(row[c]) for c in LOG_COLUMNS) + "\n")  # on disk before any save
