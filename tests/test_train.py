@@ -410,13 +410,12 @@ def test_a_kill_at_any_point_of_a_save_resumes_to_the_uninterrupted_weights(tmp_
     import teachdiag.commands.train as train
     import teachdiag.training as training
 
-    monkeypatch.setattr(train, "SAVE_EVERY", 2)
     contexts = write_contexts(tmp_path / "c.jsonl", n=4)
 
     def run(out, resume=False):
         return train.run_train(TrainConfig(teacher=pair[0], student=pair[1], contexts=str(contexts), device="cpu",
                                            quiet=True, loss="reverse_kl", lr=3e-3, batch=2, steps=6, out=str(out),
-                                           resume=resume))
+                                           resume=resume, save_every=2))
 
     def log(out):  # the log without its timings
         return [line.rsplit(",", 1)[0] for line in (out / "train_log.csv").read_text().splitlines()]
@@ -513,3 +512,25 @@ def test_resume_without_a_complete_saved_step_is_refused_not_restarted(tmp_path,
     assert main([*args, "--overwrite"]) == 0
     assert not (tmp_path / "a" / "optimizer.safetensors").exists()
     assert json.loads((tmp_path / "a" / "train.json").read_text())["steps_done"] == 2
+
+
+def test_save_every_saves_every_n_steps_and_the_last(tmp_path, pair, monkeypatch):
+    """--save-every N saves every N steps and the last; 0: the last only; negative: refused."""
+    import teachdiag.commands.train as train
+
+    contexts = write_contexts(tmp_path / "c.jsonl", n=4)
+    saved = []
+    real_save = train.save_checkpoint
+
+    def counting_save(out, student, tok, optimizer, record, *a):
+        saved.append(record["steps_done"])
+        return real_save(out, student, tok, optimizer, record, *a)
+
+    monkeypatch.setattr(train, "save_checkpoint", counting_save)
+    args = ["train", "--teacher", pair[0], "--student", pair[1], "--contexts", str(contexts), "--device", "cpu",
+            "--quiet", "--lr", "1e-3", "--batch", "2", "--steps", "5"]
+    for every, want in (("2", [2, 4, 5]), ("0", [5]), ("1", [1, 2, 3, 4, 5])):
+        saved.clear()
+        assert main([*args, "--save-every", every, "--out", str(tmp_path / f"every{every}")]) == 0
+        assert saved == want, every
+    assert main([*args, "--save-every", "-1", "--out", str(tmp_path / "bad")]) == 2
