@@ -30,6 +30,7 @@ from teachdiag.scores import keep_positions, position_weight
 
 TRAIN_LOSSES = ("sampled_token", "reverse_kl", "clipped_fkl")
 MODEL, STATE = "model", "train_state"  # <out>/model/train_state/: the optimizer and step of those weights
+MASTER = "weights.safetensors"  # in train_state/: the float32 weights, when model/ holds them rounded
 
 
 def batches(n_contexts: int, batch: int, steps: int, seed: int) -> list[list[int]]:
@@ -186,22 +187,71 @@ def load_optimizer(student, optimizer, path: Path) -> None:
             optimizer.state[p]["step"] = tensors[f"{name}.step"]
 
 
-def save_checkpoint(out: Path, student, tok, optimizer, record: dict) -> None:
+def save_checkpoint(out: Path, student, tok, optimizer, record: dict, dtype: torch.dtype = torch.float32) -> None:
     """One complete set, the weights, the AdamW state and the train record (steps_done), written
     together into model.tmp/ (the record last) and published as model/ by one folder swap
     (runfolder.publish_folder): the three can never disagree, and a kill at any point leaves a
-    complete set that recover_checkpoint finds. train.json beside it is a copy for people."""
+    complete set that recover_checkpoint finds. train.json beside it is a copy for people.
+
+    dtype: of model/'s weights. The student trains in float32; with a narrower dtype model/ holds
+    the weights rounded (a copy to serve or probe) and train_state/weights.safetensors the float32
+    weights themselves, which --resume reads (load_master): AdamW's updates at lr 1e-6 are far
+    below a bf16 ulp, so weights resumed from the rounded copy would not be the uninterrupted run's.
+
+    Disk: the new set is written beside the last one and the last is deleted only after the swap,
+    so from the second save on a save needs two sets for a moment: 2 × 12 bytes a parameter in
+    float32 (weights, AdamW's two moments), 2 × 14 with a bfloat16 model/ (its float32 master
+    added). Less is not crash-safe: every file of a set changes at every step (the moments too),
+    so nothing of the last set can be kept, and writing over it in place would leave, at a kill,
+    a mix of two steps and no complete set. checkpoint_bytes gives a set's size."""
     tmp = out / (MODEL + ".tmp")
     discard_tree(tmp)
-    student.save_pretrained(tmp)
+    if dtype == torch.float32:
+        student.save_pretrained(tmp)
+    else:
+        rounded: dict = {}  # one copy per tensor, so tied weights stay one tensor (saved once)
+        state = {}
+        for name, v in student.state_dict().items():
+            key = (v.data_ptr(), tuple(v.shape))
+            if key not in rounded:
+                rounded[key] = v.to(dtype) if v.is_floating_point() else v
+            state[name] = rounded[key]
+        student.save_pretrained(tmp, state_dict=state)
+        del rounded, state
+        config = json.loads((tmp / "config.json").read_text())  # save_pretrained writes the model's own dtype
+        config["dtype"] = str(dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     tok.save_pretrained(tmp)
     (tmp / STATE).mkdir()
+    if dtype != torch.float32:
+        save_file({name: p.detach().cpu().contiguous() for name, p in student.named_parameters()},
+                  str(tmp / STATE / MASTER))
     save_file(_optimizer_tensors(student, optimizer), str(tmp / STATE / "optimizer.safetensors"))
     text = json.dumps(record, indent=2, default=str) + "\n"
     fsync_tree(tmp)  # the weights on disk before the record that says they are (a power cut, not only a kill)
     _atomic_write(tmp / STATE / "train.json", text)  # last: its presence marks the set complete
     publish_folder(tmp, out / MODEL)
     _atomic_write(out / "train.json", text)
+
+
+def checkpoint_bytes(student, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of one saved set's tensors: the weights in `dtype`, AdamW's two float32 moments and,
+    when `dtype` is narrower than float32, the float32 master (save_checkpoint); tied weights once."""
+    n = sum(p.numel() for p in student.parameters())  # parameters() yields a tied tensor once
+    return n * (dtype.itemsize + 8 + (4 if dtype != torch.float32 else 0))
+
+
+def load_master(student, folder: Path) -> bool:
+    """Copy a saved set's float32 master weights (folder/train_state/weights.safetensors) into the
+    student; False when the set has none: its model/ weights are float32 and are the master."""
+    path = folder / STATE / MASTER
+    if not path.is_file():
+        return False
+    tensors = load_file(str(path))
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            p.copy_(tensors[name])
+    return True
 
 
 def _saved_record(folder: Path) -> dict | None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import write_contexts
+from conftest import save_pair, write_contexts
 from reference import ref_signals
 from reference_ta_opd import ref_keep, ref_served_row
 from teachdiag.cli import main
@@ -402,9 +402,12 @@ class Kill(BaseException):
     """A kill -9 at an injected point: nothing after it runs (not an Exception, so nothing catches it)."""
 
 
-def test_a_kill_at_any_point_of_a_save_resumes_to_the_uninterrupted_weights(tmp_path, pair, monkeypatch):
+@pytest.mark.parametrize("save_dtype", ["auto", "bfloat16"])
+def test_a_kill_at_any_point_of_a_save_resumes_to_the_uninterrupted_weights(tmp_path, pair, monkeypatch, save_dtype):
     """#21.1: weights, optimizer state and step are one set. Kill the second of three saves before each
-    of its renames (and while it writes), resume: the final weights and log equal one uninterrupted run."""
+    of its renames (and while it writes), resume: the final weights and log equal one uninterrupted run.
+    With a bf16 model/ the set also holds the float32 weights, which resume reads: the same float32
+    weights at the end as the uninterrupted run, not the rounded ones."""
     import os
 
     import teachdiag.commands.train as train
@@ -415,7 +418,12 @@ def test_a_kill_at_any_point_of_a_save_resumes_to_the_uninterrupted_weights(tmp_
     def run(out, resume=False):
         return train.run_train(TrainConfig(teacher=pair[0], student=pair[1], contexts=str(contexts), device="cpu",
                                            quiet=True, loss="reverse_kl", lr=3e-3, batch=2, steps=6, out=str(out),
-                                           resume=resume, save_every=2))
+                                           resume=resume, save_every=2, save_dtype=save_dtype))
+
+    def weights(out):  # the float32 weights the run ended with: the master beside a bf16 model/
+        model = load(out / "model")
+        assert training.load_master(model, out / "model") == (save_dtype == "bfloat16")
+        return model
 
     def log(out):  # the log without its timings
         return [line.rsplit(",", 1)[0] for line in (out / "train_log.csv").read_text().splitlines()]
@@ -445,7 +453,7 @@ def test_a_kill_at_any_point_of_a_save_resumes_to_the_uninterrupted_weights(tmp_
     run(tmp_path / "full")
     n_renames = renames[0]  # in the last save, as in every save after the first
     assert saves[0] == 3 and n_renames >= 2
-    want = load(tmp_path / "full" / "model")
+    want = weights(tmp_path / "full")
     for k in range(n_renames + 1):
         out = tmp_path / f"killed{k}"
         saves[0], kill_at[0] = 0, (2, k)
@@ -453,7 +461,7 @@ def test_a_kill_at_any_point_of_a_save_resumes_to_the_uninterrupted_weights(tmp_
             run(out)
         kill_at[0] = None
         run(out, resume=True)
-        got = load(out / "model")
+        got = weights(out)
         for (name, p), q in zip(want.named_parameters(), got.parameters()):
             torch.testing.assert_close(q, p, rtol=0, atol=0, msg=f"killed before rename {k}: {name}")
         assert log(out) == log(tmp_path / "full"), k
@@ -534,3 +542,41 @@ def test_save_every_saves_every_n_steps_and_the_last(tmp_path, pair, monkeypatch
         assert main([*args, "--save-every", every, "--out", str(tmp_path / f"every{every}")]) == 0
         assert saved == want, every
     assert main([*args, "--save-every", "-1", "--out", str(tmp_path / "bad")]) == 2
+
+
+def test_a_bf16_model_folder_keeps_its_float32_weights_beside_for_resume(tmp_path, pair):
+    """--save-dtype bfloat16: model/ in bf16 (tied weights once, its config saying so, loadable as θτ
+    in float32), the float32 weights in train_state/, which model/'s round; the default (float32)
+    keeps no second copy."""
+    from safetensors import safe_open
+
+    from teachdiag.provenance import weights_summary
+    from teachdiag.training import checkpoint_bytes, load_master
+
+    _, student = save_pair(tmp_path / "p", student_tied=True)  # lm_head and the embedding: one tensor
+    contexts = write_contexts(tmp_path / "c.jsonl", n=4)
+    args = ["train", "--teacher", pair[0], "--student", student, "--contexts", str(contexts), "--device", "cpu",
+            "--quiet", "--lr", "1e-3", "--batch", "2", "--steps", "2"]
+    assert main([*args, "--out", str(tmp_path / "f32")]) == 0
+    assert not (tmp_path / "f32" / "model" / "train_state" / "weights.safetensors").exists()
+    assert weights_summary(str(tmp_path / "f32" / "model"))["source_dtype"] == "float32"
+    assert json.loads((tmp_path / "f32" / "train.json").read_text())["save_dtype"] == "float32"  # auto
+
+    out = tmp_path / "bf16"
+    assert main([*args, "--save-dtype", "bfloat16", "--out", str(out)]) == 0
+    n_params = sum(p.numel() for p in load(student).parameters())  # the tied tensor once
+    assert weights_summary(str(out / "model"))["source_dtypes"] == {"bfloat16": n_params}
+    assert json.loads((out / "model" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert json.loads((out / "train.json").read_text())["save_dtype"] == "bfloat16"
+    rounded, master = load(out / "model"), load(out / "model")  # as probe --student-after loads it: float32
+    assert load_master(master, out / "model")
+    assert rounded.lm_head.weight is rounded.model.embed_tokens.weight
+    off_grid = 0
+    for (name, r), m in zip(rounded.named_parameters(), master.parameters()):
+        assert torch.equal(r, m.to(torch.bfloat16).float()), name
+        off_grid += int((r != m).sum())
+    assert off_grid > n_params / 2  # the trained weights are not bf16 numbers: --resume needs the copy
+    with safe_open(out / "model" / "train_state" / "weights.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
+    set_bytes = sum(f.stat().st_size for f in (out / "model").rglob("*.safetensors"))
+    assert abs(set_bytes - checkpoint_bytes(master, torch.bfloat16)) < 0.05 * set_bytes  # headers aside

@@ -20,11 +20,11 @@ student does; cheap on a CPU). With --on-policy each step samples fresh response
 student for `--batch` records of --prompts (seeded per step, as `teachdiag rollout` samples), which
 is OPD proper: the trained-on tokens are the student's own.
 
-Writes to --out: model/ (a loadable float32 folder with the tokenizer; model/train_state/ holds the
-AdamW state and the train record of those very weights, for --resume), saved every --save-every
-steps and at the last, train_log.csv (one row a step: loss, kept and total positions, mean fkl of
-the batch before the step, seconds) and train.json (options, versions, progress: a copy of the
-saved set's record).
+Writes to --out: model/ (a loadable folder with the tokenizer, float32 unless --save-dtype bfloat16;
+model/train_state/ holds the AdamW state and the train record of those very weights, and their
+float32 copy when model/ is bf16, for --resume), saved every --save-every steps and at the last,
+train_log.csv (one row a step: loss, kept and total positions, mean fkl of the batch before the
+step, seconds) and train.json (options, versions, progress: a copy of the saved set's record).
 """
 
 from __future__ import annotations
@@ -51,10 +51,14 @@ from teachdiag.probe.signals import SIGNAL_MODES
 from teachdiag.progress import progress
 from teachdiag.runfolder import _atomic_write, _fsync_write, claim_folder, discard_tree, disk_faults, releases_locks
 from teachdiag.scores import KEEP_RULES, SELECTORS
-from teachdiag.training import (MODEL, STATE, TRAIN_LOSSES, batches, load_optimizer, recover_checkpoint,
+from teachdiag.training import (MODEL, STATE, TRAIN_LOSSES, batches, load_master, load_optimizer, recover_checkpoint,
                                 save_checkpoint, train_step)
 
 LOG_COLUMNS = ["step", "loss", "kept", "positions", "mean_fkl", "seconds"]
+# --save-dtype: auto is float32 because the student trains in float32 and model/ is read as θτ by
+# `probe --student-after`: rounded to a bf16 source's grid, an update smaller than half an ulp
+# (at lr 1e-6 most of them, for tens of steps) would put θτ back on θ0 and the gain with it
+SAVE_DTYPES = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -103,6 +107,10 @@ class TrainConfig(DeviceOptions, ContextOptions, PairOptions):  # --help lists p
     save_every: int = opt("steps between saves of model/ (the last step is always saved; 0: only the last). "
                           "A killed run resumes from its last save: 1 loses no finished step, for one save "
                           "(about 12 bytes a parameter written) a step", 10)
+    save_dtype: str = opt("dtype of model/'s weights: auto (float32, the trained weights exactly, whatever the "
+                          "student's dtype on disk: a bf16 copy rounds lr-1e-6 updates back to θ0), float32, or "
+                          "bfloat16 (a copy half the size; train_state/ then keeps the float32 weights for "
+                          "--resume)", "auto", choices=list(SAVE_DTYPES))
     resume: bool = opt("continue the run in --out from its last saved step", False)
     overwrite: bool = opt("replace an existing non-empty --out", False)
 
@@ -168,6 +176,8 @@ def _check(cfg: TrainConfig) -> None:
              (0 < cfg.budget <= 1, "--budget", f"must be in (0, 1], got {cfg.budget}"),
              (cfg.loss in TRAIN_LOSSES, "--loss", f"must be one of {', '.join(TRAIN_LOSSES)}, got {cfg.loss!r}"),
              (cfg.save_every >= 0, "--save-every", f"must be >= 0 (0: only the last step), got {cfg.save_every}"),
+             (cfg.save_dtype in SAVE_DTYPES, "--save-dtype", f"must be one of {', '.join(SAVE_DTYPES)}, got "
+                                                             f"{cfg.save_dtype!r}"),
              (cfg.kl_clip > 0, "--kl-clip", f"must be > 0 (inf: no cap), got {cfg.kl_clip}"),
              (0 < cfg.loss_temperature < math.inf, "--loss-temperature", f"must be > 0, got {cfg.loss_temperature}"),
              (0 <= cfg.pw_min <= 1, "--pw-min", f"must be in [0, 1], got {cfg.pw_min}"),
@@ -212,16 +222,19 @@ def run_train(cfg: TrainConfig, argv: list[str] | None = None) -> Path:
     saved = recover_checkpoint(out) if cfg.resume and out.is_dir() else None
     if saved is not None:
         before = asdict(TrainConfig()) | saved["options"]  # options added since that run: their defaults
-        free = ("resume", "overwrite", "steps", "out", "quiet", "threads", "save_every")  # where and how it runs
+        free = ("resume", "overwrite", "steps", "out", "quiet", "threads", "save_every",
+                "save_dtype")  # where and how it runs, not what (resume reads the float32 weights either way)
         differ = [k for k in asdict(cfg) if k not in free and before.get(k) != getattr(cfg, k)]
         if differ:
             raise InputError("options differ from the run being resumed: " + ", ".join(
                 f"{k} ({before.get(k)!r} vs {getattr(cfg, k)!r})" for k in differ), field="--resume", file=str(out))
         start = int(saved["steps_done"])
         _truncate_log(log_path, start)  # steps logged after the last save are taken again
-        # safetensors only, never the hub (models.load_model): a pytorch_model.bin there would be unpickled
-        weights = load_model(str((out / MODEL).resolve()), "resume", "float32", "cpu")
-        student.load_state_dict(weights.state_dict())
+        if not load_master(student, out / MODEL):  # no float32 master: model/'s weights are float32 themselves
+            # safetensors only, never the hub (models.load_model): a pytorch_model.bin there would be unpickled
+            weights = load_model(str((out / MODEL).resolve()), "resume", "float32", "cpu")
+            student.load_state_dict(weights.state_dict())
+            del weights
         load_optimizer(student, optimizer, out / MODEL / STATE / "optimizer.safetensors")
     else:
         if cfg.resume and (out / "optimizer.safetensors").is_file():
@@ -238,8 +251,9 @@ def run_train(cfg: TrainConfig, argv: list[str] | None = None) -> Path:
         for old in ("train.json", "optimizer.safetensors"):  # the latter: a 0.2 folder's AdamW state
             (out / old).unlink(missing_ok=True)
         _atomic_write(log_path, ",".join(LOG_COLUMNS) + "\n")
+    save_dtype = SAVE_DTYPES[cfg.save_dtype]
     record = {"teachdiag": __version__, **pair.header("train", argv, asdict(cfg)), "n_contexts": len(ctxs),
-              "torch": torch.__version__, "steps_done": start}
+              "torch": torch.__version__, "save_dtype": str(save_dtype).removeprefix("torch."), "steps_done": start}
     bar = progress(cfg.steps, "train", "step", cfg.quiet, initial=start)
     for step in range(start, cfg.steps):
         t0 = time.time()
@@ -259,7 +273,7 @@ def run_train(cfg: TrainConfig, argv: list[str] | None = None) -> Path:
         if _saves_at(step + 1, cfg):  # a killed run resumes from the last save
             with disk_faults(out, "the last complete save is kept; free space or fix permissions, then rerun "
                                   "with --resume"):
-                save_checkpoint(out, student, tok, optimizer, dict(record, steps_done=step + 1))
+                save_checkpoint(out, student, tok, optimizer, dict(record, steps_done=step + 1), save_dtype)
     bar.close()
     student.requires_grad_(False)
     print(f"wrote {out / 'model'} after {cfg.steps} steps, {log_path}", file=sys.stderr)
