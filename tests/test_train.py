@@ -580,3 +580,23 @@ def test_a_bf16_model_folder_keeps_its_float32_weights_beside_for_resume(tmp_pat
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
     set_bytes = sum(f.stat().st_size for f in (out / "model").rglob("*.safetensors"))
     assert abs(set_bytes - checkpoint_bytes(master, torch.bfloat16)) < 0.05 * set_bytes  # headers aside
+
+
+def test_a_disk_without_room_for_two_sets_is_refused_before_the_first_step(tmp_path, pair, monkeypatch, capsys):
+    """A save writes the next set beside the last: a disk that cannot hold two is refused in one line
+    before any step is spent, not at the second save."""
+    import shutil
+    from types import SimpleNamespace
+
+    import teachdiag.commands.train as train
+
+    contexts = write_contexts(tmp_path / "c.jsonl", n=4)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: SimpleNamespace(total=10**12, used=10**12, free=1000))
+    steps = []
+    monkeypatch.setattr(train, "train_step", lambda *a, **k: steps.append(1))
+    capsys.readouterr()
+    assert main(["train", "--teacher", pair[0], "--student", pair[1], "--contexts", str(contexts), "--device", "cpu",
+                 "--quiet", "--batch", "2", "--steps", "2", "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "GB free needed for the checkpoints" in err, err
+    assert not steps

@@ -25,11 +25,14 @@ model/train_state/ holds the AdamW state and the train record of those very weig
 float32 copy when model/ is bf16, for --resume), saved every --save-every steps and at the last,
 train_log.csv (one row a step: loss, kept and total positions, mean fkl of the batch before the
 step, seconds) and train.json (options, versions, progress: a copy of the saved set's record).
+A save needs two sets on disk for a moment (about 24 bytes a parameter in float32; checked
+before the first step), so that a kill at any point leaves a complete one.
 """
 
 from __future__ import annotations
 
 import math
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -51,8 +54,8 @@ from teachdiag.probe.signals import SIGNAL_MODES
 from teachdiag.progress import progress
 from teachdiag.runfolder import _atomic_write, _fsync_write, claim_folder, discard_tree, disk_faults, releases_locks
 from teachdiag.scores import KEEP_RULES, SELECTORS
-from teachdiag.training import (MODEL, STATE, TRAIN_LOSSES, batches, load_master, load_optimizer, recover_checkpoint,
-                                save_checkpoint, train_step)
+from teachdiag.training import (MODEL, STATE, TRAIN_LOSSES, batches, checkpoint_bytes, load_master, load_optimizer,
+                                recover_checkpoint, save_checkpoint, train_step)
 
 LOG_COLUMNS = ["step", "loss", "kept", "positions", "mean_fkl", "seconds"]
 # --save-dtype: auto is float32 because the student trains in float32 and model/ is read as θτ by
@@ -160,6 +163,22 @@ def _saves_at(steps_done: int, cfg: TrainConfig) -> bool:
     return steps_done == cfg.steps or (cfg.save_every > 0 and steps_done % cfg.save_every == 0)
 
 
+def _check_disk(out: Path, student, dtype: torch.dtype, start: int, cfg: TrainConfig) -> None:
+    """Refuse now, not at a save hours in, a disk that cannot hold what the saves need at their peak:
+    each save writes the next set beside the last (training.save_checkpoint), so the first needs
+    one set free and, once it has replaced what --out held (a resumed run's set), each later one
+    needs one more."""
+    one = checkpoint_bytes(student, dtype)
+    saves = sum(_saves_at(s, cfg) for s in range(start + 1, cfg.steps + 1))
+    have = sum(f.stat().st_size for f in (out / MODEL).rglob("*") if f.is_file()) if (out / MODEL).is_dir() else 0
+    need = one if saves == 1 else 2 * one - have
+    free = shutil.disk_usage(out).free
+    if saves and free < need:
+        raise InputError(f"{need / 1e9:.1f} GB free needed for the checkpoints ({one / 1e9:.1f} GB a set; a save "
+                         f"writes the next set beside the last), {free / 1e9:.1f} GB free", field="--out",
+                         file=str(out))
+
+
 def _truncate_log(path: Path, steps: int) -> None:
     """Keep the header and the first `steps` rows of train_log.csv."""
     lines = path.read_text().splitlines(keepends=True) if path.is_file() else [",".join(LOG_COLUMNS) + "\n"]
@@ -252,6 +271,7 @@ def run_train(cfg: TrainConfig, argv: list[str] | None = None) -> Path:
             (out / old).unlink(missing_ok=True)
         _atomic_write(log_path, ",".join(LOG_COLUMNS) + "\n")
     save_dtype = SAVE_DTYPES[cfg.save_dtype]
+    _check_disk(out, student, save_dtype, start, cfg)
     record = {"teachdiag": __version__, **pair.header("train", argv, asdict(cfg)), "n_contexts": len(ctxs),
               "torch": torch.__version__, "save_dtype": str(save_dtype).removeprefix("torch."), "steps_done": start}
     bar = progress(cfg.steps, "train", "step", cfg.quiet, initial=start)
