@@ -105,11 +105,10 @@ def train_step(student, teacher, ctxs, batch: list[int], vocab: int, *, loss: st
     def teacher_rows(i):  # (R, V) float32: one teacher forward of context i
         return teacher_logits(teacher, contexts[i], list(range(lengths[i])), vocab, device)
 
-    kept = n_kept = n_seqs = None
+    kept = n_kept = n_seqs = None  # (N,) bool, the kept rows; their number; B', the sequences with one
 
-    def mask_and_counts(kept_rows):
-        per_ctx = np.split(kept_rows, ends[:-1])
-        return kept_rows, int(kept_rows.sum()), sum(bool(m.any()) for m in per_ctx)  # B': sequences with a kept row
+    def counts(rows: np.ndarray) -> tuple[int, int]:
+        return int(rows.sum()), sum(bool(m.any()) for m in np.split(rows, ends[:-1]))
 
     def backward(i, t, lp_t) -> float:
         """Context i's share of the batch loss, back-propagated; t: its (R, V) teacher logits, or
@@ -135,7 +134,8 @@ def train_step(student, teacher, ctxs, batch: list[int], vocab: int, *, loss: st
 
     at_once = select == "all"  # the mask is the trainable rows: each context's backward right after its scoring
     if at_once:
-        kept, n_kept, n_seqs = mask_and_counts(valid.copy())
+        kept = valid
+        n_kept, n_seqs = counts(kept)
     sig = {k: [] for k in SCORES}  # per context: (R,) float64 numpy
     lp_teacher = []  # per context: (R,) float64 log p_T(y), all that sampled_token's loss needs of the teacher
     total = 0.0
@@ -156,10 +156,10 @@ def train_step(student, teacher, ctxs, batch: list[int], vocab: int, *, loss: st
     flat["sample"] = np.concatenate([np.full(n, i) for i, n in enumerate(lengths)])
     if not at_once:
         if select_rule == "paper_text":  # as teachdiag 0.2: select over every row, then drop the untrainable
-            rows = keep_positions(flat, select, budget, rule=select_rule, seed=seed) & valid
+            kept = keep_positions(flat, select, budget, rule=select_rule, seed=seed) & valid
         else:  # the released rule counts, ranks and fills among the trainable rows (its loss mask)
-            rows = keep_positions(flat, select, budget, valid, rule=select_rule, seed=seed)
-        kept, n_kept, n_seqs = mask_and_counts(rows)
+            kept = keep_positions(flat, select, budget, valid, rule=select_rule, seed=seed)
+        n_kept, n_seqs = counts(kept)
         for i in range(len(views)):  # the second pass: each context's loss and backward
             if kept[ends[i] - lengths[i] : ends[i]].any():
                 t = None if loss == "sampled_token" else teacher_rows(i)  # (R, V) again: the full-row losses
