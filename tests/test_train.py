@@ -204,6 +204,7 @@ def test_train_step_equals_the_whole_batch_logits_algorithm_bit_for_bit(tmp_path
         return t
 
     monkeypatch.setattr(training, "teacher_logits", watched)
+    monkeypatch.setattr(training, "ROWS", 2)  # responses of 4 to 7 tokens: a context's rows in several chunks
     for step, batch in enumerate(([0, 1, 2], [3, 4, 5], [1, 3, 5])):
         forwards[0] = 0
         kw = dict(loss=loss, select=select, budget=0.25, top_k=16, device="cpu", seed=step, **options)
