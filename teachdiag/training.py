@@ -19,15 +19,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from teachdiag.probe.forward import teacher_logits
-from teachdiag.probe.signals import clipped_fkl, probe_loss, signals_from_logits
+from teachdiag.probe.signals import (at_token, clipped_fkl, probe_loss, restrict, signals_from_logits,
+                                     token_index)
 from teachdiag.runfolder import _atomic_write, discard_tree, fsync_tree, publish_folder
 from teachdiag.scores import keep_positions, position_weight
 
 TRAIN_LOSSES = ("sampled_token", "reverse_kl", "clipped_fkl")
 MODEL, STATE = "model", "train_state"  # <out>/model/train_state/: the optimizer and step of those weights
+MASTER = "weights.safetensors"  # in train_state/: the float32 weights, when model/ holds them rounded
 
 
 def batches(n_contexts: int, batch: int, steps: int, seed: int) -> list[list[int]]:
@@ -47,6 +50,23 @@ def opd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, token_i
     return probe_loss(student_logits, teacher_logits, token_ids, loss, reduce=False, keep=keep)
 
 
+SCORES = ("topk_entropy", "union_fkl", "compat_mass", "fkl")  # what keep_positions reads of the signals
+# rows of a context's scoring at a time: signals_from_logits makes ~10 float64 (rows, V) arrays,
+# 0.4 GB at V = 151,936, not the 1.6 GB of R = 192 rows at once (measured). It works row by row,
+# so the numbers do not depend on it (the tests run it at 2). The loss is not cut: the backward
+# through the model after it, whose tied (V, H) embedding takes two gradients, peaks higher anyway
+ROWS = 32
+
+
+def sampled_token_loss(student_logits: torch.Tensor, teacher_logprob: torch.Tensor, token_ids: torch.Tensor,
+                       keep: torch.Tensor | None = None) -> torch.Tensor:
+    """(P,) float64 sampled-token loss −sg(log p_T(y) − log p_S(y))·log p_S(y) from the teacher's
+    log p_T(y) alone ((P,) float64, the signals' teacher_logprob): probe_loss(..., "sampled_token",
+    reduce=False) op for op, without the teacher's (P, V) logits."""
+    lp_s = at_token(F.log_softmax(restrict(student_logits, keep), -1), token_index(token_ids, keep))
+    return -(teacher_logprob - lp_s).detach() * lp_s
+
+
 def train_step(student, teacher, ctxs, batch: list[int], vocab: int, *, loss: str, select: str, budget: float,
                top_k: int, optimizer: torch.optim.Optimizer, device, seed: int = 0, select_rule: str = "released",
                select_signals: str = "topk",
@@ -58,61 +78,106 @@ def train_step(student, teacher, ctxs, batch: list[int], vocab: int, *, loss: st
     loss live there, and sampled_token cannot train on a sampled token outside them.
     pw: None (loss = Σ kept ℓ_t / number kept), or (w_min, tau, scale) of PW-OPSD's position weight:
     loss = (1/B') Σ_b Σ_t w_t ℓ_t m_t / L_b, L_b the response length of sequence b, m_t its kept
-    mask, B' the sequences with a kept position (the paper's per-sequence mean, then batch mean)."""
-    views = []  # per context: ids (T,), at (R,) the indices predicting y, y (R,), teacher logits (R, V)
-    for c in batch:
-        ctx = ctxs[c]
-        positions = list(range(len(ctx.response_ids)))
-        n = len(ctx.prompt_ids)
-        ids = torch.tensor(ctx.prompt_ids + ctx.response_ids[:-1], device=device)
-        at = torch.arange(n - 1, n - 1 + len(positions), device=device)
-        y = torch.tensor(ctx.response_ids, device=device)
-        views.append((ids, at, y, teacher_logits(teacher, ctx, positions, vocab, device)))
+    mask, B' the sequences with a kept position (the paper's per-sequence mean, then batch mean).
 
-    def logits(ids, at):
+    Memory: one context's (R, V) teacher logits at a time, never the batch's, and its scores
+    ROWS rows at a time. A first pass scores each context (teacher and student forwards, no
+    gradient) and keeps only (R,) arrays; the selector then picks over the whole batch; a second
+    pass takes each context's loss and backward.
+    Of the teacher, sampled_token needs only log p_T(y), kept from the first pass; reverse_kl and
+    clipped_fkl need whole rows, so the teacher runs again on each context with a kept position:
+    those two losses cost twice the teacher forwards of holding the batch's logits, unless
+    select="all", whose mask needs no scores, so each context's loss follows its scoring at once
+    (one teacher forward). The numbers are those of holding the batch's logits, bit for bit on
+    CPU (tests/test_train.py keeps that algorithm as the reference).
+    """
+    optimizer.zero_grad(set_to_none=True)  # the last step's gradient is not held through this one's scoring
+    contexts = [ctxs[c] for c in batch]
+    lengths = [len(ctx.response_ids) for ctx in contexts]
+    ends = np.cumsum(lengths)  # context i's rows are ends[i] - lengths[i] : ends[i] of the batch's rows
+    views = []  # per context: ids (T,) the student's input, at (R,) the indices predicting y, y (R,)
+    for ctx in contexts:
+        n = len(ctx.prompt_ids)
+        views.append((torch.tensor(ctx.prompt_ids + ctx.response_ids[:-1], device=device),
+                      torch.arange(n - 1, n - 1 + len(ctx.response_ids), device=device),
+                      torch.tensor(ctx.response_ids, device=device)))
+    # sampled_token cannot train where the sampled token is outside the shared ids (its loss is NaN)
+    valid = (torch.cat([keep[y] for _, _, y in views]).cpu().numpy() if loss == "sampled_token" and keep is not None
+             else np.ones(int(ends[-1]), bool))
+
+    def logits(ids, at):  # (R, V) float32 student logits at the response positions
         return student(input_ids=ids[None], logits_to_keep=at, use_cache=False).logits[0, :, :vocab].float()
 
-    # the selector's scores at θ (no gradient), over the whole batch
-    sig = {k: [] for k in ("topk_entropy", "union_fkl", "compat_mass", "fkl")}
-    with torch.no_grad():
-        for ids, at, y, t in views:
-            s = signals_from_logits(logits(ids, at), t, y, top_k, keep=keep, mode=select_signals)
-            for k in sig:
-                sig[k].append(s[k].cpu().numpy())
-    sample = np.concatenate([np.full(len(v[2]), i) for i, v in enumerate(views)])
-    flat = {k: np.concatenate(v) for k, v in sig.items()}
-    flat["position"] = np.concatenate([np.arange(len(v[2])) for v in views])  # (N,) j within its response
-    flat["response_length"] = np.concatenate([np.full(len(v[2]), len(v[2])) for v in views])
-    flat["sample"] = sample
-    # sampled_token cannot train where the sampled token is outside the shared ids (its loss is NaN)
-    valid = (torch.cat([keep[v[2]] for v in views]).cpu().numpy() if loss == "sampled_token" and keep is not None
-             else np.ones(len(sample), bool))
-    if select_rule == "paper_text":  # as teachdiag 0.2: select over every row, then drop the untrainable
-        kept = keep_positions(flat, select, budget, rule=select_rule, seed=seed) & valid
-    else:  # the released rule counts, ranks and fills among the trainable rows (its loss mask)
-        kept = keep_positions(flat, select, budget, valid, rule=select_rule, seed=seed)
-    n_kept = int(kept.sum())
-    n_seqs = sum(bool(m.any()) for m in np.split(kept, np.cumsum([len(v[2]) for v in views])[:-1]))  # B'
+    def teacher_rows(i):  # (R, V) float32: one teacher forward of context i
+        return teacher_logits(teacher, contexts[i], list(range(lengths[i])), vocab, device)
 
-    optimizer.zero_grad(set_to_none=True)
-    total, a = 0.0, 0
-    for ids, at, y, t in views:
-        kept_here = kept[a : a + len(y)]
+    kept = n_kept = n_seqs = None  # (N,) bool, the kept rows; their number; B', the sequences with one
+
+    def counts(rows: np.ndarray) -> tuple[int, int]:
+        return int(rows.sum()), sum(bool(m.any()) for m in np.split(rows, ends[:-1]))
+
+    def backward(i, t, lp_t) -> float:
+        """Context i's share of the batch loss, back-propagated; t: its (R, V) teacher logits, or
+        None for sampled_token, which reads lp_t, its (R,) log p_T(y)."""
+        ids, at, y = views[i]
+        kept_here = kept[ends[i] - lengths[i] : ends[i]]
         mask = torch.from_numpy(kept_here).to(device)
-        a += len(y)
         if not mask.any():
-            continue
+            return 0.0
         with torch.enable_grad():
-            per = opd_loss(logits(ids, at)[mask], t[mask], y[mask], loss, keep, kl_clip, loss_temperature)  # (kept,)
+            z = logits(ids, at)[mask]  # (kept, V)
+            if t is None:
+                per = sampled_token_loss(z, lp_t[mask], y[mask], keep)  # (kept,)
+            else:
+                per = opd_loss(z, t[mask], y[mask], loss, keep, kl_clip, loss_temperature)  # (kept,)
             if pw is None:
                 part = per.sum() / n_kept  # normalised by the kept positions of the whole batch
             else:  # the whole response's length, whatever the selector kept of it
                 w = position_weight(np.flatnonzero(kept_here), len(y), *pw)  # (kept,)
                 part = (per * torch.from_numpy(w).to(per)).sum() / (len(y) * n_seqs)
             part.backward()
-        total += part.item()  # .item(): part still carries its graph's grad_fn
+        return part.item()  # .item(): part still carries its graph's grad_fn
+
+    at_once = select == "all"  # the mask is the trainable rows: each context's backward right after its scoring
+    if at_once:
+        kept = valid
+        n_kept, n_seqs = counts(kept)
+    sig = {k: [] for k in SCORES}  # per context: (R,) float64 numpy
+    lp_teacher = []  # per context: (R,) float64 log p_T(y), all that sampled_token's loss needs of the teacher
+    total = 0.0
+    for i, (ids, at, y) in enumerate(views):  # the first pass: the selector's scores at θ, no gradient
+        t = teacher_rows(i)  # (R, V)
+        with torch.no_grad():
+            z = logits(ids, at)  # (R, V)
+            parts = [signals_from_logits(z[a : a + ROWS], t[a : a + ROWS], y[a : a + ROWS], top_k, keep=keep,
+                                         mode=select_signals) for a in range(0, len(y), ROWS)]
+            del z
+        for k in sig:
+            sig[k].append(torch.cat([p[k] for p in parts]).cpu().numpy())
+        lp_teacher.append(torch.cat([p["teacher_logprob"] for p in parts]))
+        if loss == "sampled_token":
+            t = None  # all its loss needs of the teacher is in lp_teacher: the rows go before the backward
+        if at_once:
+            total += backward(i, t, lp_teacher[i])
+        del t  # before the next context's forward: one context's logits alive at a time
+
+    flat = {k: np.concatenate(v) for k, v in sig.items()}
+    flat["position"] = np.concatenate([np.arange(n) for n in lengths])  # (N,) j within its response
+    flat["response_length"] = np.concatenate([np.full(n, n) for n in lengths])
+    flat["sample"] = np.concatenate([np.full(n, i) for i, n in enumerate(lengths)])
+    if not at_once:
+        if select_rule == "paper_text":  # as teachdiag 0.2: select over every row, then drop the untrainable
+            kept = keep_positions(flat, select, budget, rule=select_rule, seed=seed) & valid
+        else:  # the released rule counts, ranks and fills among the trainable rows (its loss mask)
+            kept = keep_positions(flat, select, budget, valid, rule=select_rule, seed=seed)
+        n_kept, n_seqs = counts(kept)
+        for i in range(len(views)):  # the second pass: each context's loss and backward
+            if kept[ends[i] - lengths[i] : ends[i]].any():
+                t = None if loss == "sampled_token" else teacher_rows(i)  # (R, V) again: the full-row losses
+                total += backward(i, t, lp_teacher[i])
+                del t
     optimizer.step()
-    return {"loss": total, "kept": n_kept, "positions": len(sample), "mean_fkl": float(flat["fkl"].mean())}
+    return {"loss": total, "kept": n_kept, "positions": int(ends[-1]), "mean_fkl": float(flat["fkl"].mean())}
 
 
 def _optimizer_tensors(student, optimizer) -> dict[str, torch.Tensor]:
@@ -133,22 +198,71 @@ def load_optimizer(student, optimizer, path: Path) -> None:
             optimizer.state[p]["step"] = tensors[f"{name}.step"]
 
 
-def save_checkpoint(out: Path, student, tok, optimizer, record: dict) -> None:
+def save_checkpoint(out: Path, student, tok, optimizer, record: dict, dtype: torch.dtype = torch.float32) -> None:
     """One complete set, the weights, the AdamW state and the train record (steps_done), written
     together into model.tmp/ (the record last) and published as model/ by one folder swap
     (runfolder.publish_folder): the three can never disagree, and a kill at any point leaves a
-    complete set that recover_checkpoint finds. train.json beside it is a copy for people."""
+    complete set that recover_checkpoint finds. train.json beside it is a copy for people.
+
+    dtype: of model/'s weights. The student trains in float32; with a narrower dtype model/ holds
+    the weights rounded (a copy to serve or probe) and train_state/weights.safetensors the float32
+    weights themselves, which --resume reads (load_master): AdamW's updates at lr 1e-6 are far
+    below a bf16 ulp, so weights resumed from the rounded copy would not be the uninterrupted run's.
+
+    Disk: the new set is written beside the last one and the last is deleted only after the swap,
+    so from the second save on a save needs two sets for a moment: 2 × 12 bytes a parameter in
+    float32 (weights, AdamW's two moments), 2 × 14 with a bfloat16 model/ (its float32 master
+    added). Less is not crash-safe: every file of a set changes at every step (the moments too),
+    so nothing of the last set can be kept, and writing over it in place would leave, at a kill,
+    a mix of two steps and no complete set. checkpoint_bytes gives a set's size."""
     tmp = out / (MODEL + ".tmp")
     discard_tree(tmp)
-    student.save_pretrained(tmp)
+    if dtype == torch.float32:
+        student.save_pretrained(tmp)
+    else:
+        rounded: dict = {}  # one copy per tensor, so tied weights stay one tensor (saved once)
+        state = {}
+        for name, v in student.state_dict().items():
+            key = (v.data_ptr(), tuple(v.shape))
+            if key not in rounded:
+                rounded[key] = v.to(dtype) if v.is_floating_point() else v
+            state[name] = rounded[key]
+        student.save_pretrained(tmp, state_dict=state)
+        del rounded, state
+        config = json.loads((tmp / "config.json").read_text())  # save_pretrained writes the model's own dtype
+        config["dtype"] = str(dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     tok.save_pretrained(tmp)
     (tmp / STATE).mkdir()
+    if dtype != torch.float32:
+        save_file({name: p.detach().cpu().contiguous() for name, p in student.named_parameters()},
+                  str(tmp / STATE / MASTER))
     save_file(_optimizer_tensors(student, optimizer), str(tmp / STATE / "optimizer.safetensors"))
     text = json.dumps(record, indent=2, default=str) + "\n"
     fsync_tree(tmp)  # the weights on disk before the record that says they are (a power cut, not only a kill)
     _atomic_write(tmp / STATE / "train.json", text)  # last: its presence marks the set complete
     publish_folder(tmp, out / MODEL)
     _atomic_write(out / "train.json", text)
+
+
+def checkpoint_bytes(student, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of one saved set's tensors: the weights in `dtype`, AdamW's two float32 moments and,
+    when `dtype` is narrower than float32, the float32 master (save_checkpoint); tied weights once."""
+    n = sum(p.numel() for p in student.parameters())  # parameters() yields a tied tensor once
+    return n * (dtype.itemsize + 8 + (4 if dtype != torch.float32 else 0))
+
+
+def load_master(student, folder: Path) -> bool:
+    """Copy a saved set's float32 master weights (folder/train_state/weights.safetensors) into the
+    student; False when the set has none: its model/ weights are float32 and are the master."""
+    path = folder / STATE / MASTER
+    if not path.is_file():
+        return False
+    tensors = load_file(str(path))
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            p.copy_(tensors[name])
+    return True
 
 
 def _saved_record(folder: Path) -> dict | None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import write_contexts
+from conftest import save_pair, write_contexts
 from reference import ref_signals
 from reference_ta_opd import ref_keep, ref_served_row
 from teachdiag.cli import main
@@ -95,6 +95,127 @@ def test_train_step_equals_hand_written_adamw(tmp_path, pair, loss, select):
         v_hat = state["exp_avg_sq"].double() / (1 - 0.98)
         want = p.detach().double() * (1 - 1e-3 * 0.1) - 1e-3 * g_t / (v_hat.sqrt() + 1e-8)
         torch.testing.assert_close(q.detach().double(), want, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def reference_train_step(student, teacher, ctxs, batch, vocab, *, loss, select, budget, top_k, optimizer, device,
+                         seed=0, select_rule="released", select_signals="topk", keep=None, kl_clip=0.05,
+                         loss_temperature=1.0, pw=None):
+    """training.train_step as it was before it held one context's teacher logits at a time: every
+    context's (R, V) teacher logits first, then the scores, then the losses (the reference the
+    streaming step must equal)."""
+    from teachdiag.probe.forward import teacher_logits
+    from teachdiag.probe.signals import signals_from_logits
+    from teachdiag.scores import position_weight
+    from teachdiag.training import opd_loss
+
+    views = []
+    for c in batch:
+        ctx = ctxs[c]
+        positions = list(range(len(ctx.response_ids)))
+        n = len(ctx.prompt_ids)
+        ids = torch.tensor(ctx.prompt_ids + ctx.response_ids[:-1], device=device)
+        at = torch.arange(n - 1, n - 1 + len(positions), device=device)
+        y = torch.tensor(ctx.response_ids, device=device)
+        views.append((ids, at, y, teacher_logits(teacher, ctx, positions, vocab, device)))
+
+    def logits(ids, at):
+        return student(input_ids=ids[None], logits_to_keep=at, use_cache=False).logits[0, :, :vocab].float()
+
+    sig = {k: [] for k in ("topk_entropy", "union_fkl", "compat_mass", "fkl")}
+    with torch.no_grad():
+        for ids, at, y, t in views:
+            s = signals_from_logits(logits(ids, at), t, y, top_k, keep=keep, mode=select_signals)
+            for k in sig:
+                sig[k].append(s[k].cpu().numpy())
+    sample = np.concatenate([np.full(len(v[2]), i) for i, v in enumerate(views)])
+    flat = {k: np.concatenate(v) for k, v in sig.items()}
+    flat["position"] = np.concatenate([np.arange(len(v[2])) for v in views])
+    flat["response_length"] = np.concatenate([np.full(len(v[2]), len(v[2])) for v in views])
+    flat["sample"] = sample
+    valid = (torch.cat([keep[v[2]] for v in views]).cpu().numpy() if loss == "sampled_token" and keep is not None
+             else np.ones(len(sample), bool))
+    if select_rule == "paper_text":
+        kept = keep_positions(flat, select, budget, rule=select_rule, seed=seed) & valid
+    else:
+        kept = keep_positions(flat, select, budget, valid, rule=select_rule, seed=seed)
+    n_kept = int(kept.sum())
+    n_seqs = sum(bool(m.any()) for m in np.split(kept, np.cumsum([len(v[2]) for v in views])[:-1]))
+    optimizer.zero_grad(set_to_none=True)
+    total, a = 0.0, 0
+    for ids, at, y, t in views:
+        kept_here = kept[a : a + len(y)]
+        mask = torch.from_numpy(kept_here).to(device)
+        a += len(y)
+        if not mask.any():
+            continue
+        with torch.enable_grad():
+            per = opd_loss(logits(ids, at)[mask], t[mask], y[mask], loss, keep, kl_clip, loss_temperature)
+            if pw is None:
+                part = per.sum() / n_kept
+            else:
+                w = position_weight(np.flatnonzero(kept_here), len(y), *pw)
+                part = (per * torch.from_numpy(w).to(per)).sum() / (len(y) * n_seqs)
+            part.backward()
+        total += part.item()
+    optimizer.step()
+    return {"loss": total, "kept": n_kept, "positions": len(sample), "mean_fkl": float(flat["fkl"].mean())}
+
+
+STEP_CASES = {  # loss, select, options: each path of train_step (at once or two passes, cached or re-run teacher)
+    "sampled_token, teachability": ("sampled_token", "teachability", {}),
+    "sampled_token, all, keep": ("sampled_token", "all", {"keep": "drop"}),
+    "sampled_token, position, keep, pw": ("sampled_token", "position", {"keep": "drop", "pw": (0.25, 0.3, 0.1)}),
+    "reverse_kl, teachability": ("reverse_kl", "teachability", {}),
+    "reverse_kl, entropy, paper_text, full": ("reverse_kl", "entropy", {"select_rule": "paper_text",
+                                                                          "select_signals": "full"}),
+    "clipped_fkl, all, pw": ("clipped_fkl", "all", {"pw": (0.25, 0.3, 0.1), "loss_temperature": 1.1}),
+}
+
+
+@pytest.mark.parametrize("case", list(STEP_CASES))
+def test_train_step_equals_the_whole_batch_logits_algorithm_bit_for_bit(tmp_path, pair, monkeypatch, case):
+    """Three AdamW steps of train_step (one context's teacher logits alive at a time) and of the
+    reference that holds the batch's: the same log rows and the same weights and AdamW moments, to
+    the last bit. And no teacher forward while another context's logits are still alive, with one
+    teacher forward a context where the loss allows it (sampled_token, or --select all), two else."""
+    import weakref
+
+    import teachdiag.training as training
+
+    loss, select, options = STEP_CASES[case]
+    options = dict(options)
+    ctxs = load_contexts(write_contexts(tmp_path / "c.jsonl", n=6))
+    if options.get("keep"):  # ids 5 and 7 "disagree" between the tokenizers; context 1 samples only them
+        ctxs[1].response_ids = [5, 7, 5, 5]
+        keep = torch.ones(VOCAB, dtype=torch.bool)
+        keep[[5, 7]] = False
+        options["keep"] = keep
+    teacher = load(pair[0])
+    models = [load(pair[1]), load(pair[1])]
+    opts = [make_optimizer(m, TrainConfig(lr=1e-3)) for m in models]
+    alive, forwards = [], [0]
+    real = training.teacher_logits
+
+    def watched(*a, **k):
+        assert all(r() is None for r in alive), "a context's teacher logits outlived it"
+        forwards[0] += 1
+        t = real(*a, **k)
+        alive.append(weakref.ref(t))
+        return t
+
+    monkeypatch.setattr(training, "teacher_logits", watched)
+    monkeypatch.setattr(training, "ROWS", 2)  # responses of 4 to 7 tokens: a context's rows in several chunks
+    for step, batch in enumerate(([0, 1, 2], [3, 4, 5], [1, 3, 5])):
+        forwards[0] = 0
+        kw = dict(loss=loss, select=select, budget=0.25, top_k=16, device="cpu", seed=step, **options)
+        got = train_step(models[0], teacher, ctxs, batch, VOCAB, optimizer=opts[0], **kw)
+        want = reference_train_step(models[1], teacher, ctxs, batch, VOCAB, optimizer=opts[1], **kw)
+        assert got == want, step
+        assert forwards[0] == (3 if loss == "sampled_token" or select == "all" else 6), forwards[0]
+    for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+        assert torch.equal(p, q), name
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(opts[0].state[p][k], opts[1].state[q][k]), (name, k)
 
 
 def test_ta_opd_mask_on_trainer_style_tensors():
@@ -282,21 +403,28 @@ class Kill(BaseException):
     """A kill -9 at an injected point: nothing after it runs (not an Exception, so nothing catches it)."""
 
 
-def test_a_kill_at_any_point_of_a_save_resumes_to_the_uninterrupted_weights(tmp_path, pair, monkeypatch):
+@pytest.mark.parametrize("save_dtype", ["auto", "bfloat16"])
+def test_a_kill_at_any_point_of_a_save_resumes_to_the_uninterrupted_weights(tmp_path, pair, monkeypatch, save_dtype):
     """#21.1: weights, optimizer state and step are one set. Kill the second of three saves before each
-    of its renames (and while it writes), resume: the final weights and log equal one uninterrupted run."""
+    of its renames (and while it writes), resume: the final weights and log equal one uninterrupted run.
+    With a bf16 model/ the set also holds the float32 weights, which resume reads: the same float32
+    weights at the end as the uninterrupted run, not the rounded ones."""
     import os
 
     import teachdiag.commands.train as train
     import teachdiag.training as training
 
-    monkeypatch.setattr(train, "SAVE_EVERY", 2)
     contexts = write_contexts(tmp_path / "c.jsonl", n=4)
 
     def run(out, resume=False):
         return train.run_train(TrainConfig(teacher=pair[0], student=pair[1], contexts=str(contexts), device="cpu",
                                            quiet=True, loss="reverse_kl", lr=3e-3, batch=2, steps=6, out=str(out),
-                                           resume=resume))
+                                           resume=resume, save_every=2, save_dtype=save_dtype))
+
+    def weights(out):  # the float32 weights the run ended with: the master beside a bf16 model/
+        model = load(out / "model")
+        assert training.load_master(model, out / "model") == (save_dtype == "bfloat16")
+        return model
 
     def log(out):  # the log without its timings
         return [line.rsplit(",", 1)[0] for line in (out / "train_log.csv").read_text().splitlines()]
@@ -326,7 +454,7 @@ def test_a_kill_at_any_point_of_a_save_resumes_to_the_uninterrupted_weights(tmp_
     run(tmp_path / "full")
     n_renames = renames[0]  # in the last save, as in every save after the first
     assert saves[0] == 3 and n_renames >= 2
-    want = load(tmp_path / "full" / "model")
+    want = weights(tmp_path / "full")
     for k in range(n_renames + 1):
         out = tmp_path / f"killed{k}"
         saves[0], kill_at[0] = 0, (2, k)
@@ -334,7 +462,7 @@ def test_a_kill_at_any_point_of_a_save_resumes_to_the_uninterrupted_weights(tmp_
             run(out)
         kill_at[0] = None
         run(out, resume=True)
-        got = load(out / "model")
+        got = weights(out)
         for (name, p), q in zip(want.named_parameters(), got.parameters()):
             torch.testing.assert_close(q, p, rtol=0, atol=0, msg=f"killed before rename {k}: {name}")
         assert log(out) == log(tmp_path / "full"), k
@@ -393,3 +521,83 @@ def test_resume_without_a_complete_saved_step_is_refused_not_restarted(tmp_path,
     assert main([*args, "--overwrite"]) == 0
     assert not (tmp_path / "a" / "optimizer.safetensors").exists()
     assert json.loads((tmp_path / "a" / "train.json").read_text())["steps_done"] == 2
+
+
+def test_save_every_saves_every_n_steps_and_the_last(tmp_path, pair, monkeypatch):
+    """--save-every N saves every N steps and the last; 0: the last only; negative: refused."""
+    import teachdiag.commands.train as train
+
+    contexts = write_contexts(tmp_path / "c.jsonl", n=4)
+    saved = []
+    real_save = train.save_checkpoint
+
+    def counting_save(out, student, tok, optimizer, record, *a):
+        saved.append(record["steps_done"])
+        return real_save(out, student, tok, optimizer, record, *a)
+
+    monkeypatch.setattr(train, "save_checkpoint", counting_save)
+    args = ["train", "--teacher", pair[0], "--student", pair[1], "--contexts", str(contexts), "--device", "cpu",
+            "--quiet", "--lr", "1e-3", "--batch", "2", "--steps", "5"]
+    for every, want in (("2", [2, 4, 5]), ("0", [5]), ("1", [1, 2, 3, 4, 5])):
+        saved.clear()
+        assert main([*args, "--save-every", every, "--out", str(tmp_path / f"every{every}")]) == 0
+        assert saved == want, every
+    assert main([*args, "--save-every", "-1", "--out", str(tmp_path / "bad")]) == 2
+
+
+def test_a_bf16_model_folder_keeps_its_float32_weights_beside_for_resume(tmp_path, pair):
+    """--save-dtype bfloat16: model/ in bf16 (tied weights once, its config saying so, loadable as θτ
+    in float32), the float32 weights in train_state/, which model/'s round; the default (float32)
+    keeps no second copy."""
+    from safetensors import safe_open
+
+    from teachdiag.provenance import weights_summary
+    from teachdiag.training import checkpoint_bytes, load_master
+
+    _, student = save_pair(tmp_path / "p", student_tied=True)  # lm_head and the embedding: one tensor
+    contexts = write_contexts(tmp_path / "c.jsonl", n=4)
+    args = ["train", "--teacher", pair[0], "--student", student, "--contexts", str(contexts), "--device", "cpu",
+            "--quiet", "--lr", "1e-3", "--batch", "2", "--steps", "2"]
+    assert main([*args, "--out", str(tmp_path / "f32")]) == 0
+    assert not (tmp_path / "f32" / "model" / "train_state" / "weights.safetensors").exists()
+    assert weights_summary(str(tmp_path / "f32" / "model"))["source_dtype"] == "float32"
+    assert json.loads((tmp_path / "f32" / "train.json").read_text())["save_dtype"] == "float32"  # auto
+
+    out = tmp_path / "bf16"
+    assert main([*args, "--save-dtype", "bfloat16", "--out", str(out)]) == 0
+    n_params = sum(p.numel() for p in load(student).parameters())  # the tied tensor once
+    assert weights_summary(str(out / "model"))["source_dtypes"] == {"bfloat16": n_params}
+    assert json.loads((out / "model" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert json.loads((out / "train.json").read_text())["save_dtype"] == "bfloat16"
+    rounded, master = load(out / "model"), load(out / "model")  # as probe --student-after loads it: float32
+    assert load_master(master, out / "model")
+    assert rounded.lm_head.weight is rounded.model.embed_tokens.weight
+    off_grid = 0
+    for (name, r), m in zip(rounded.named_parameters(), master.parameters()):
+        assert torch.equal(r, m.to(torch.bfloat16).float()), name
+        off_grid += int((r != m).sum())
+    assert off_grid > n_params / 2  # the trained weights are not bf16 numbers: --resume needs the copy
+    with safe_open(out / "model" / "train_state" / "weights.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
+    set_bytes = sum(f.stat().st_size for f in (out / "model").rglob("*.safetensors"))
+    assert abs(set_bytes - checkpoint_bytes(master, torch.bfloat16)) < 0.05 * set_bytes  # headers aside
+
+
+def test_a_disk_without_room_for_two_sets_is_refused_before_the_first_step(tmp_path, pair, monkeypatch, capsys):
+    """A save writes the next set beside the last: a disk that cannot hold two is refused in one line
+    before any step is spent, not at the second save."""
+    import shutil
+    from types import SimpleNamespace
+
+    import teachdiag.commands.train as train
+
+    contexts = write_contexts(tmp_path / "c.jsonl", n=4)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: SimpleNamespace(total=10**12, used=10**12, free=1000))
+    steps = []
+    monkeypatch.setattr(train, "train_step", lambda *a, **k: steps.append(1))
+    capsys.readouterr()
+    assert main(["train", "--teacher", pair[0], "--student", pair[1], "--contexts", str(contexts), "--device", "cpu",
+                 "--quiet", "--batch", "2", "--steps", "2", "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "GB free needed for the checkpoints" in err, err
+    assert not steps

@@ -20,15 +20,19 @@ student does; cheap on a CPU). With --on-policy each step samples fresh response
 student for `--batch` records of --prompts (seeded per step, as `teachdiag rollout` samples), which
 is OPD proper: the trained-on tokens are the student's own.
 
-Writes to --out: model/ (a loadable float32 folder with the tokenizer; model/train_state/ holds the
-AdamW state and the train record of those very weights, for --resume), train_log.csv (one row a
-step: loss, kept and total positions, mean fkl of the batch before the step, seconds) and
-train.json (options, versions, progress: a copy of the saved set's record).
+Writes to --out: model/ (a loadable folder with the tokenizer, float32 unless --save-dtype bfloat16;
+model/train_state/ holds the AdamW state and the train record of those very weights, and their
+float32 copy when model/ is bf16, for --resume), saved every --save-every steps and at the last,
+train_log.csv (one row a step: loss, kept and total positions, mean fkl of the batch before the
+step, seconds) and train.json (options, versions, progress: a copy of the saved set's record).
+A save needs two sets on disk for a moment (about 24 bytes a parameter in float32; checked
+before the first step), so that a kill at any point leaves a complete one.
 """
 
 from __future__ import annotations
 
 import math
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -50,10 +54,14 @@ from teachdiag.probe.signals import SIGNAL_MODES
 from teachdiag.progress import progress
 from teachdiag.runfolder import _atomic_write, _fsync_write, claim_folder, discard_tree, disk_faults, releases_locks
 from teachdiag.scores import KEEP_RULES, SELECTORS
-from teachdiag.training import (MODEL, STATE, TRAIN_LOSSES, batches, load_optimizer, recover_checkpoint,
-                                save_checkpoint, train_step)
+from teachdiag.training import (MODEL, STATE, TRAIN_LOSSES, batches, checkpoint_bytes, load_master, load_optimizer,
+                                recover_checkpoint, save_checkpoint, train_step)
 
 LOG_COLUMNS = ["step", "loss", "kept", "positions", "mean_fkl", "seconds"]
+# --save-dtype: auto is float32 because the student trains in float32 and model/ is read as θτ by
+# `probe --student-after`: rounded to a bf16 source's grid, an update smaller than half an ulp
+# (at lr 1e-6 most of them, for tens of steps) would put θτ back on θ0 and the gain with it
+SAVE_DTYPES = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -99,6 +107,13 @@ class TrainConfig(DeviceOptions, ContextOptions, PairOptions):  # --help lists p
                        "its prompts]", "", show_default=False)
     max_new_tokens: int = opt("--on-policy: longest sampled response, in tokens", 192)
     temperature: float = opt("--on-policy: sampling temperature (1.0: the student's own distribution)", 1.0)
+    save_every: int = opt("steps between saves of model/ (the last step is always saved; 0: only the last). "
+                          "A killed run resumes from its last save: 1 loses no finished step, for one save "
+                          "(about 12 bytes a parameter written) a step", 10)
+    save_dtype: str = opt("dtype of model/'s weights: auto (float32, the trained weights exactly, whatever the "
+                          "student's dtype on disk: a bf16 copy rounds lr-1e-6 updates back to θ0), float32, or "
+                          "bfloat16 (a copy half the size; train_state/ then keeps the float32 weights for "
+                          "--resume)", "auto", choices=list(SAVE_DTYPES))
     resume: bool = opt("continue the run in --out from its last saved step", False)
     overwrite: bool = opt("replace an existing non-empty --out", False)
 
@@ -143,7 +158,27 @@ def make_optimizer(student, cfg: TrainConfig) -> torch.optim.AdamW:
                              weight_decay=cfg.weight_decay, eps=1e-8)
 
 
-SAVE_EVERY = 10  # steps between saves (and the last step)
+def _saves_at(steps_done: int, cfg: TrainConfig) -> bool:
+    """Whether the step that makes `steps_done` is saved: every --save-every, and the last."""
+    return steps_done == cfg.steps or (cfg.save_every > 0 and steps_done % cfg.save_every == 0)
+
+
+def _check_disk(out: Path, student, dtype: torch.dtype, start: int, cfg: TrainConfig) -> None:
+    """Refuse now, not at a save hours in, a disk that cannot hold what the saves need at their peak:
+    each save writes the next set beside the last (training.save_checkpoint), so the first needs
+    one set free and, once it has replaced what --out held (a resumed run's set), each later one
+    needs one more."""
+    one = checkpoint_bytes(student, dtype)
+    saves = sum(_saves_at(s, cfg) for s in range(start + 1, cfg.steps + 1))
+    have = sum(f.stat().st_size for f in (out / MODEL).rglob("*") if f.is_file()) if (out / MODEL).is_dir() else 0
+    need = one if saves == 1 else 2 * one - have
+    free = shutil.disk_usage(out).free
+    if saves and free < need:
+        raise InputError(f"{need / 1e9:.1f} GB free needed for the checkpoints ({one / 1e9:.1f} GB a set; a save "
+                         f"writes the next set beside the last), {free / 1e9:.1f} GB free", field="--out",
+                         file=str(out))
+
+
 def _truncate_log(path: Path, steps: int) -> None:
     """Keep the header and the first `steps` rows of train_log.csv."""
     lines = path.read_text().splitlines(keepends=True) if path.is_file() else [",".join(LOG_COLUMNS) + "\n"]
@@ -159,6 +194,9 @@ def _check(cfg: TrainConfig) -> None:
              (cfg.temperature >= 0, "--temperature", f"must be >= 0 (0: greedy), got {cfg.temperature}"),
              (0 < cfg.budget <= 1, "--budget", f"must be in (0, 1], got {cfg.budget}"),
              (cfg.loss in TRAIN_LOSSES, "--loss", f"must be one of {', '.join(TRAIN_LOSSES)}, got {cfg.loss!r}"),
+             (cfg.save_every >= 0, "--save-every", f"must be >= 0 (0: only the last step), got {cfg.save_every}"),
+             (cfg.save_dtype in SAVE_DTYPES, "--save-dtype", f"must be one of {', '.join(SAVE_DTYPES)}, got "
+                                                             f"{cfg.save_dtype!r}"),
              (cfg.kl_clip > 0, "--kl-clip", f"must be > 0 (inf: no cap), got {cfg.kl_clip}"),
              (0 < cfg.loss_temperature < math.inf, "--loss-temperature", f"must be > 0, got {cfg.loss_temperature}"),
              (0 <= cfg.pw_min <= 1, "--pw-min", f"must be in [0, 1], got {cfg.pw_min}"),
@@ -203,16 +241,19 @@ def run_train(cfg: TrainConfig, argv: list[str] | None = None) -> Path:
     saved = recover_checkpoint(out) if cfg.resume and out.is_dir() else None
     if saved is not None:
         before = asdict(TrainConfig()) | saved["options"]  # options added since that run: their defaults
-        free = ("resume", "overwrite", "steps", "out", "quiet", "threads")  # where and how it runs, not what
+        free = ("resume", "overwrite", "steps", "out", "quiet", "threads", "save_every",
+                "save_dtype")  # where and how it runs, not what (resume reads the float32 weights either way)
         differ = [k for k in asdict(cfg) if k not in free and before.get(k) != getattr(cfg, k)]
         if differ:
             raise InputError("options differ from the run being resumed: " + ", ".join(
                 f"{k} ({before.get(k)!r} vs {getattr(cfg, k)!r})" for k in differ), field="--resume", file=str(out))
         start = int(saved["steps_done"])
         _truncate_log(log_path, start)  # steps logged after the last save are taken again
-        # safetensors only, never the hub (models.load_model): a pytorch_model.bin there would be unpickled
-        weights = load_model(str((out / MODEL).resolve()), "resume", "float32", "cpu")
-        student.load_state_dict(weights.state_dict())
+        if not load_master(student, out / MODEL):  # no float32 master: model/'s weights are float32 themselves
+            # safetensors only, never the hub (models.load_model): a pytorch_model.bin there would be unpickled
+            weights = load_model(str((out / MODEL).resolve()), "resume", "float32", "cpu")
+            student.load_state_dict(weights.state_dict())
+            del weights
         load_optimizer(student, optimizer, out / MODEL / STATE / "optimizer.safetensors")
     else:
         if cfg.resume and (out / "optimizer.safetensors").is_file():
@@ -229,8 +270,10 @@ def run_train(cfg: TrainConfig, argv: list[str] | None = None) -> Path:
         for old in ("train.json", "optimizer.safetensors"):  # the latter: a 0.2 folder's AdamW state
             (out / old).unlink(missing_ok=True)
         _atomic_write(log_path, ",".join(LOG_COLUMNS) + "\n")
+    save_dtype = SAVE_DTYPES[cfg.save_dtype]
+    _check_disk(out, student, save_dtype, start, cfg)
     record = {"teachdiag": __version__, **pair.header("train", argv, asdict(cfg)), "n_contexts": len(ctxs),
-              "torch": torch.__version__, "steps_done": start}
+              "torch": torch.__version__, "save_dtype": str(save_dtype).removeprefix("torch."), "steps_done": start}
     bar = progress(cfg.steps, "train", "step", cfg.quiet, initial=start)
     for step in range(start, cfg.steps):
         t0 = time.time()
@@ -241,15 +284,16 @@ def run_train(cfg: TrainConfig, argv: list[str] | None = None) -> Path:
                          select_rule=cfg.select_rule, select_signals=cfg.select_signals,
                          keep=keep, kl_clip=cfg.kl_clip, loss_temperature=cfg.loss_temperature,
                          pw=(cfg.pw_min, cfg.pw_tau, cfg.pw_scale) if cfg.position_weight else None)
+        optimizer.zero_grad(set_to_none=True)  # the gradient is spent: not held through the save
         row = {"step": step + 1, **row, "seconds": round(time.time() - t0, 3)}
         with disk_faults(out, "the last save is kept; free space or fix permissions, then rerun with --resume"):
             _fsync_write(log_path, ",".join(str(row[c]) for c in LOG_COLUMNS) + "\n")  # on disk before any save
         bar.update()
         bar.set_postfix(loss=f"{row['loss']:.4f}", fkl=f"{row['mean_fkl']:.3f}")
-        if step + 1 == cfg.steps or (step + 1) % SAVE_EVERY == 0:  # a killed run resumes from the last save
+        if _saves_at(step + 1, cfg):  # a killed run resumes from the last save
             with disk_faults(out, "the last complete save is kept; free space or fix permissions, then rerun "
                                   "with --resume"):
-                save_checkpoint(out, student, tok, optimizer, dict(record, steps_done=step + 1))
+                save_checkpoint(out, student, tok, optimizer, dict(record, steps_done=step + 1), save_dtype)
     bar.close()
     student.requires_grad_(False)
     print(f"wrote {out / 'model'} after {cfg.steps} steps, {log_path}", file=sys.stderr)
