@@ -49,7 +49,7 @@ from teachdiag.errors import InputError
 from teachdiag.flags import opt
 from teachdiag.generation import generate_batch, read_prompts, stop_ids
 from teachdiag.models import load_model, resolve_device
-from teachdiag.pair import open_pair
+from teachdiag.pair import open_pair, read_inputs
 from teachdiag.probe.signals import SIGNAL_MODES
 from teachdiag.progress import progress
 from teachdiag.runfolder import _atomic_write, _fsync_write, claim_folder, discard_tree, disk_faults, releases_locks
@@ -226,10 +226,11 @@ def run_train(cfg: TrainConfig, argv: list[str] | None = None) -> Path:
         raise InputError("give an output folder", field="--out")
     if cfg.positions:
         raise InputError("train uses every response position; choose with --select and --budget", field="--positions")
+    device = resolve_device(cfg.device)
+    inputs = read_inputs(cfg)  # a bad tokenizer pair or --top-k is refused before --out is made
     out = Path(cfg.out)
     claim_folder(out, cfg.overwrite, cfg.resume)  # one trainer per folder, before anything in it is read
-    device = resolve_device(cfg.device)
-    pair = open_pair(cfg, device)
+    pair = open_pair(cfg, device, inputs)
     teacher, student, ctxs, tok, vocab, keep = pair.teacher, pair.student, pair.contexts, pair.tokenizer, pair.vocab, pair.keep
     student.train(False)  # no dropout: the step is the OPD gradient, nothing random
     optimizer = make_optimizer(student, cfg)
