@@ -24,8 +24,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from teachdiag.analysis.bootstrap import (CELLS, bootstrap_weights, count_chunks, group_mean_draws,
-                                         kendall_influence, percentile_ci, rank_groups, weighted_ranks)
+from teachdiag.analysis.bootstrap import (context_sums, count_chunks, group_mean_draws, kendall_influence,
+                                         percentile_ci, rank_groups, spearman_draws, weighted_sums)
 from teachdiag.analysis.minimum import MIN_CORR, MIN_GROUP, ci_note, ols_floor, too_few
 from teachdiag.scores import peer_scores, position_weight, quantile_normalize
 
@@ -68,53 +68,54 @@ def add_scores(df: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
 METHODS = ("spearman", "pearson", "kendall")
 
 
-def _point(x: np.ndarray, g: np.ndarray) -> tuple[dict, np.ndarray | None]:
+def _point(x: np.ndarray, g: np.ndarray, inv: tuple | None = None,
+           ranks: tuple | None = None) -> tuple[dict, np.ndarray | None]:
+    """Point estimates of the three methods and Kendall's influence values (None if no tau).
+    inv, ranks: (np.unique's inverse, scipy's average ranks) of x and of g, when the caller has
+    them: each column is then sorted once, not once per pair."""
     if len(x) < MIN_CORR or np.ptp(x) == 0 or np.ptp(g) == 0:
         return {m: np.nan for m in METHODS}, None
-    tau, psi = kendall_influence(x, g)
-    return {"spearman": stats.spearmanr(x, g)[0], "pearson": stats.pearsonr(x, g)[0],
-            "kendall": tau}, psi
+    tau, psi = kendall_influence(x, g, *(inv or (None, None)))
+    if ranks is None:
+        rho = stats.spearmanr(x, g)[0]
+    else:  # scipy.stats.spearmanr's own arithmetic: np.corrcoef of the two columns of ranks
+        rho = np.corrcoef(np.column_stack(ranks), rowvar=False)[1, 0]
+    return {"spearman": rho, "pearson": stats.pearsonr(x, g)[0], "kendall": tau}, psi
 
 
 def _boot_block(X: np.ndarray, G: np.ndarray, codes: np.ndarray, est: dict, psi: dict,
-                n_boot: int, seed: int, progress: str | None) -> dict:
-    """Bootstrap draws {(gain j, signal i, method): (n_boot,)} for signals X (n, S), gains G (n, k)."""
+                n_boot: int, seed: int, progress: str | None, inv: list | None = None) -> dict:
+    """Bootstrap draws {(gain j, signal i, method): (n_boot,)} for signals X (n, S), gains G (n, k);
+    inv: np.unique's inverse of each column of X then G, if known."""
     S, k = X.shape[1], G.shape[1]
     n = len(X)
     V = np.column_stack([X, G])
     V = V - V.mean(0)  # centre first: fewer digits lost in the moments
+    VV = V * V
     pairs = [(i, j) for j in range(k) for i in range(S)]
     cross = np.column_stack([V[:, i] * V[:, S + j] for i, j in pairs])  # (n, S k)
     Psi = np.column_stack([psi[p] if psi[p] is not None else np.zeros(n) for p in pairs])
-    rx = [rank_groups(X[:, i], codes) for i in range(S)]
-    rg = [rank_groups(G[:, j], codes) for j in range(k)]
-    out = {(j, i, m): [] for i, j in pairs for m in METHODS}
-    chunks = count_chunks(codes, n_boot, seed)
-    if progress:
-        from tqdm import tqdm  # progress only; a dependency of the package anyway
-        chunks = tqdm(chunks, desc=progress, leave=False,
-                      total=-(-n_boot // max(1, CELLS // n)))
+    inv = inv or [None] * (S + k)
+    rx = [rank_groups(X[:, i], codes, inv[i]) for i in range(S)]
+    rg = [rank_groups(G[:, j], codes, inv[S + j]) for j in range(k)]
+    out = {(j, i, m): [] for i, j in pairs for m in ("pearson", "kendall")}
+    mats = [V, VV, cross, Psi]
+    per_context = context_sums(codes, mats)
+    chunks = list(count_chunks(codes, n_boot, seed))
+    rho = spearman_draws(np.concatenate(chunks), codes, rx, rg, progress)  # (n_boot, S, k)
     for counts in chunks:
-        W = counts[:, codes]  # (b, n)
-        sw = W.sum(1)
-        m1, m2, mc = W @ V / sw[:, None], W @ (V * V) / sw[:, None], W @ cross / sw[:, None]
+        sw, (sV, sVV, sc, sPsi) = weighted_sums(counts, codes, mats, per_context)
+        m1, m2, mc = sV / sw[:, None], sVV / sw[:, None], sc / sw[:, None]
         var = m2 - m1 * m1
-        tau = (n / sw)[:, None] * (W @ Psi)  # first-order Kendall shift, (b, S k)
-        RG = [weighted_ranks(counts, r) for r in rg]
-        WRG = [W * r for r in RG]
-        vg = [np.einsum("bn,bn->b", wr, r) for wr, r in zip(WRG, RG)]
-        for i in range(S):
-            R = weighted_ranks(counts, rx[i])
-            vx = np.einsum("bn,bn->b", W * R, R)
-            for j in range(k):
-                c = pairs.index((i, j))
-                with np.errstate(invalid="ignore", divide="ignore"):
-                    out[j, i, "spearman"].append(np.einsum("bn,bn->b", WRG[j], R) / np.sqrt(vx * vg[j]))
-                    out[j, i, "pearson"].append((mc[:, c] - m1[:, i] * m1[:, S + j])
-                                                / np.sqrt(var[:, i] * var[:, S + j]))
-                kd = est[j, i]["kendall"] + tau[:, c] if psi[i, j] is not None else np.full(len(W), np.nan)
-                out[j, i, "kendall"].append(kd)
-    return {key: np.concatenate(v) for key, v in out.items()}
+        tau = (n / sw)[:, None] * sPsi  # first-order Kendall shift, (b, S k)
+        for c, (i, j) in enumerate(pairs):
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out[j, i, "pearson"].append((mc[:, c] - m1[:, i] * m1[:, S + j])
+                                            / np.sqrt(var[:, i] * var[:, S + j]))
+            kd = est[j, i]["kendall"] + tau[:, c] if psi[i, j] is not None else np.full(len(counts), np.nan)
+            out[j, i, "kendall"].append(kd)
+    return {**{(j, i, "spearman"): rho[:, i, j] for i, j in pairs},
+            **{key: np.concatenate(v) for key, v in out.items()}}
 
 
 def correlations(df: pd.DataFrame, gains: Sequence[str] = GAINS, signals: Sequence[str] = SIGNALS,
@@ -136,16 +137,22 @@ def correlations(df: pd.DataFrame, gains: Sequence[str] = GAINS, signals: Sequen
         sub = df[ok[block[0]]]
         codes = pd.factorize(sub["context_id"])[0]
         X, G = sub[signals].to_numpy(float), sub[block].to_numpy(float)
+        # each column's value ranks, sorted once: the points and the bootstrap ranks share them
+        cols = np.column_stack([X, G]).T
+        inv = [np.unique(col, return_inverse=True)[1] for col in cols]
+        ranks = [stats.rankdata(col) for col in cols]
         est, psi = {}, {}
+        S = len(signals)
         for j in range(len(block)):
-            for i in range(len(signals)):
-                est[j, i], psi[i, j] = _point(X[:, i], G[:, j])
+            for i in range(S):
+                est[j, i], psi[i, j] = _point(X[:, i], G[:, j], (inv[i], inv[S + j]),
+                                              (ranks[i], ranks[S + j]))
         draws = {}
         n_ctx = int(codes.max()) + 1 if len(sub) else 0
         note = too_few(len(sub), MIN_CORR, "a correlation") or ci_note(n_ctx, n_boot)
         if not note:
             draws = _boot_block(X, G, codes, est, psi, n_boot, seed,
-                                f"bootstrap {','.join(block)}" if progress else None)
+                                f"bootstrap {','.join(block)}" if progress else None, inv)
         empty = np.array([])
 
         def why(*ests):  # a NaN estimate on enough rows: a constant signal or gain
@@ -231,15 +238,19 @@ def ols_models(df: pd.DataFrame, gain: str, models: dict[str, list[str]],
             q = V.shape[1]
             prods = (V[:, :, None] * V[:, None, :]).reshape(len(V), q * q)
 
-            def fit(W):  # W (b, n) -> {model: (coefs (b, p), r2 (b,))}
-                sw = W.sum(1)[:, None]
-                mean, second = (W @ V) / sw, ((W @ prods) / sw).reshape(len(W), q, q)
+            def fit(sw, sV, sprods):  # Σw (b,), Σw·V, Σw·prods -> {model: (coefs (b, p), r2 (b,))}
+                sw = sw[:, None]
+                mean, second = sV / sw, (sprods / sw).reshape(len(sw), q, q)
                 return {m: ols_std(mean, second, [names.index(t) for t in models[m]], q - 1)
                         for m in fitted}
 
-            point = fit(np.ones((1, n)))
+            ones = np.ones((1, n))
+            point = fit(ones.sum(1), ones @ V, ones @ prods)
             if not cinote:
-                boot = [fit(W) for W in bootstrap_weights(codes, n_boot, seed)]
+                per_context = context_sums(codes, [V, prods])
+                boot = [fit(sw, *sums) for sw, sums in
+                        (weighted_sums(c, codes, [V, prods], per_context)
+                         for c in count_chunks(codes, n_boot, seed))]
 
         def draws(m, k, j=None):
             return np.concatenate([b[m][k][:, j] if j is not None else b[m][k] for b in boot]) \
