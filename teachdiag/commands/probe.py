@@ -159,7 +159,7 @@ def _instrument(cfg: ProbeConfig, student, lr: float, vocab: int, device, world:
     return make_instrument(kind, student=student, params=cfg.params, loss=cfg.loss, optimizer=cfg.optimizer,
                            lr=lr, vocab=vocab, top_k=cfg.top_k, keep=keep, signals=cfg.signals, batch=cfg.batch,
                            shared_batch=cfg.shared_batch, first_order=not cfg.skip_first_order,
-                           cache_dir=str(out), **extra)
+                           cache_dir=str(out), resume=cfg.resume, **extra)
 
 
 @releases_locks  # the folder lock it takes is let go when it ends, however

@@ -8,8 +8,8 @@
 
 Every instrument has the same four members, so the probe command never asks which one it holds:
   name                     the tokens.csv `instrument` column (per_position, shared, checkpoint)
-  groups(by_ctx, todo)     the contexts computed together, in file order (a shared step's group also
-                           holds contexts already done: they take part in its step)
+  groups(by_ctx, todo)     the contexts whose rows are computed together, in file order, all of todo
+                           (a shared step is still taken over done contexts too: they are in its loss)
   work(by_ctx, groups)     progress-bar units for those groups
   run(...)                 {context: rows of its positions, ascending}, advancing progress(n, phase)
   record()                 what run.json says about how θ1 was reached
@@ -19,6 +19,7 @@ here and one entry in INSTRUMENTS.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -29,8 +30,13 @@ from teachdiag.probe.fast import make_probe
 from teachdiag.probe.forward import teacher_logits
 from teachdiag.probe.linear import first_order_rows
 from teachdiag.probe.shared import SharedStep
+from teachdiag.probe.stepfile import check_free_space
 
 Progress = Callable[[int, str], None]
+# a shared step's rows come out in groups of at least this many positions: a crash loses at most one
+# group's re-scoring, and a step whose rows fit in one group is never saved (2,048 positions ≈ 10
+# contexts of 192: seconds on a GPU, minutes at 0.5B on a CPU)
+ROW_GROUP = 2048
 
 
 def consecutive(todo: list[int], by_ctx: dict[int, list[int]], size: int) -> list[list[int]]:
@@ -129,27 +135,82 @@ class Linear:
 
 
 class Shared:
-    """One step on the mean loss of a group of contexts (shared.py), every position re-scored."""
+    """One step on the mean loss of a group of contexts (shared.py), every position re-scored.
+
+    A step's rows come out in row groups of >= ROW_GROUP positions, each written by the runner as
+    it finishes. When a step has more than one row group left, its ∇L and θ0 signals are saved in
+    the run folder after pass 1 (shared_step.<k>.safetensors, 4 bytes per stepped parameter, free
+    space checked before any work), so --resume rebuilds θ1 from it and re-scores only the
+    contexts not yet written; the file goes once the step's last rows are out. A step with a single
+    row group (a small --shared-batch) is simply taken again by a resume, as one context is."""
 
     name = "shared"
 
-    def __init__(self, step: SharedStep, group_size: int, first_order: bool) -> None:
+    def __init__(self, step: SharedStep, group_size: int, first_order: bool, folder: str | None = None,
+                 resume: bool = False) -> None:
+        """folder: the run folder (None: never save the step); resume: a saved step may be used."""
         self.step, self.size, self.first_order = step, group_size, first_order
+        self.folder, self.resume = (Path(folder) if folder else None), resume
+        self.plan: dict[tuple[int, ...], dict] = {}  # row group -> its step (see groups)
+        self.held: int | None = None  # the step SharedStep holds now
+
+    def _file(self, k: int) -> Path:
+        return self.folder / f"shared_step.{k}.safetensors"
 
     def groups(self, by_ctx: dict[int, list[int]], todo: list[int]) -> list[list[int]]:
-        """The groups (--shared-batch contexts, or all) that still have work: each is stepped with
-        every one of its contexts, done or not, so a resumed group takes the same step."""
+        """Row groups of the contexts left, in file order. Each is re-scored by its step, which is
+        computed over every context of its --shared-batch group (or of the run), done or not, or
+        loaded from a step saved by the interrupted run. Removes saved steps no longer needed and
+        refuses (one line) to start when the disk cannot take the one to be saved."""
         order, left = list(by_ctx), set(todo)
         size = self.size or len(order)
-        chunks = [order[a : a + size] for a in range(0, len(order), size)]
-        return [g for g in chunks if left.intersection(g)]
+        self.plan, out, need, keep = {}, [], 0, set()
+        for k, a in enumerate(range(0, len(order), size)):
+            contexts = order[a : a + size]
+            rows = consecutive([c for c in contexts if c in left], by_ctx, ROW_GROUP)
+            if not rows:
+                continue
+            load = bool(self.folder and self.resume and self.step.matches(self._file(k), contexts, by_ctx))
+            save = bool(self.folder) and len(rows) > 1 and not load
+            keep |= {self._file(k).name} if load else set()
+            need = max(need, self.step.saved_bytes(contexts, by_ctx) if save else 0)
+            for i, g in enumerate(rows):
+                self.plan[tuple(g)] = {"step": k, "contexts": contexts, "load": load, "save": save,
+                                       "last": i == len(rows) - 1}
+            out += rows
+        if self.folder:
+            for f in self.folder.glob("shared_step.*.safetensors*"):  # an earlier run's, or a finished step's
+                if f.name not in keep:
+                    f.unlink(missing_ok=True)
+            if need:
+                check_free_space(self.folder, need)
+        return out
 
     def work(self, by_ctx: dict[int, list[int]], groups: list[list[int]]) -> int:
-        return 2 * positions_in(by_ctx, groups)  # two passes over every context of a group
+        """Pass 2 over the groups, pass 1 over every context of each step not loaded."""
+        steps = {self.plan[tuple(g)]["step"]: self.plan[tuple(g)] for g in groups}
+        first = sum(len(by_ctx[c]) for p in steps.values() if not p["load"] for c in p["contexts"])
+        return first + positions_in(by_ctx, groups)
 
     def run(self, teacher, ctxs: list[Context], by_ctx: dict[int, list[int]], group: list[int], device,
             progress: Progress) -> dict[int, list[dict]]:
-        return self.step.run(teacher, ctxs, by_ctx, group, device, progress)
+        plan = self.plan[tuple(group)]
+        k, contexts = plan["step"], plan["contexts"]
+        if self.held != k:
+            self.step.release()
+            self.held = None
+            if not (plan["load"] and self.step.load(self._file(k), contexts, by_ctx, device)):
+                self.step.gradient(teacher, ctxs, by_ctx, contexts, device, progress)
+                if plan["save"]:
+                    self.step.save(self._file(k), contexts, by_ctx)
+            self.held = k
+        rows = self.step.rescore(teacher, ctxs, by_ctx, group, device, progress)
+        if plan["last"]:  # every row of this step is out: the runner writes these next
+            self.step.release()
+            self.held = None
+            if self.folder:
+                self._file(k).unlink(missing_ok=True)
+        return rows
 
     def record(self) -> dict:
         batch = f"each group of {self.size} contexts" if self.size else "all probed positions"
@@ -168,10 +229,10 @@ def _linear(student, params, loss, optimizer, lr, vocab, top_k=16, keep=None, si
 
 
 def _shared(student, params, loss, optimizer, lr, vocab, top_k=16, keep=None, signals="full", shared_batch=0,
-            first_order=True, cache_dir=None, **_):
-    step = SharedStep(student, params, loss, optimizer, lr, vocab, top_k, first_order=first_order,
-                      cache_dir=cache_dir, keep=keep, signals=signals)
-    return Shared(step, shared_batch, first_order)
+            first_order=True, cache_dir=None, resume=False, **_):
+    step = SharedStep(student, params, loss, optimizer, lr, vocab, top_k, first_order=first_order, keep=keep,
+                      signals=signals)
+    return Shared(step, shared_batch, first_order, cache_dir, resume)
 
 
 def _checkpoint(student, vocab, after, top_k=16, keep=None, signals="full", after_record=None, **_):
@@ -186,7 +247,8 @@ INSTRUMENTS = {"per_position": _per_position, "linear": _linear, "shared": _shar
 def make_instrument(kind: str, **kwargs):
     """The instrument of `kind` (INSTRUMENTS), built from keyword arguments: student, params, loss,
     optimizer, lr, vocab, top_k, keep, signals, and per kind batch (linear), shared_batch /
-    first_order / cache_dir (shared), after / after_record (checkpoint)."""
+    first_order / cache_dir (the run folder, where a shared step is saved) / resume (shared),
+    after / after_record (checkpoint)."""
     if kind not in INSTRUMENTS:
         raise ValueError(f"unknown instrument {kind!r}; one of {tuple(INSTRUMENTS)}")
     return INSTRUMENTS[kind](**kwargs)

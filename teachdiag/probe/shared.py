@@ -2,39 +2,47 @@
 
     from teachdiag.probe.shared import SharedStep
     step = SharedStep(student, params="all", loss="reverse_kl", optimizer="normalized", lr=1e-2, vocab=V)
-    rows = step.run(teacher, ctxs, by_ctx, group)      # {context index: rows}, θ0 restored bit for bit
+    rows = step.run(teacher, ctxs, by_ctx, group, device)   # {context index: rows}, θ0 restored bit for bit
+    # or in parts, as the instrument drives it (rows per group of contexts, the step saved for --resume):
+    step.gradient(teacher, ctxs, by_ctx, group, device)     # pass 1 over the step's contexts
+    step.save(path, group, by_ctx)                          # ∇L and the θ0 signals (probe/stepfile.py)
+    rows = step.rescore(teacher, ctxs, by_ctx, some, device)  # pass 2, any part of the group, any order
+    step.release()
 
 The per-position probe asks how much a position can teach itself (θ1 = θ0 − lr·d(∇ℓ_j)). The
 paper's gain asks how much position t improves when the student is trained on everything: its
 Proposition 1, G_t ≈ η·⟨∇L, ∇ℓ_t⟩ with L the mean loss over the batch. Here:
 
-1. θ0: one teacher forward per context of the group, then one student forward + backward per
-   context; the gradient of L = mean over the group's positions of ℓ_t accumulates in float32.
-   The signals before the step come from the same forward. A position whose loss cannot be
-   finite (non-finite teacher logits; sampled_token at a y outside the shared ids) is left out of
-   L before its loss is computed: a NaN row's backward would give NaN·0 = NaN in every entry of
-   ∇L. Their number is `n_skipped`; their rows are not finite anyway.
-2. one step θ1 = θ0 − lr·scale·d(g) with the step rule of probe/steps.py (g = ∇L).
-3. θ0 again, forward-mode: ⟨∇ℓ_t, scale·d⟩ = ⟨∂ℓ_t/∂z_t, ż_t⟩ for every position t at once: one
-   torch.func.jvp per context gives the logits' derivative ż along d (attention switched to eager:
-   sdpa has no forward-mode derivative), and ∂ℓ_t/∂z_t is kept from pass 1's backward. So
-   gain_first_order = lr·⟨∇ℓ_t, scale·d⟩. Then θ1: every position re-scored against the teacher
-   logits of pass 1, kept (with ∂ℓ/∂z) in a temporary file (positions × vocabulary float32: 10 GB
-   each for the 51,600 demo positions, deleted at once; the same floats a second teacher forward
-   would give).
-4. θ0 copied back from a saved copy (bit for bit).
+1. θ0, per context: a teacher forward, a student forward, ∂ℓ/∂z from the float64 loss a chunk of
+   positions at a time (signals.loss_grad), one backward; ∇L of L = mean of ℓ_t over the group's
+   usable positions accumulates in float32, and the signals before the step come from the same
+   forward. A position whose loss cannot be finite (non-finite teacher logits; sampled_token at a
+   y outside the shared ids) is left out before its loss is computed: a NaN row's backward would
+   give NaN·0 = NaN in every entry of ∇L. Their number is `n_skipped`; their rows are not finite.
+   The loss is divided by the group's number of positions as it goes and ∇L rescaled once at the
+   end when some were left out, so with none left out ∇L is bit for bit ∇(Σℓ/n).
+2. one step θ1 = θ0 − lr·scale·d(g) with the step rule of probe/steps.py (g = ∇L), applied in place
+   to the weights and undone by copying θ0 back from a copy made after pass 1.
+3. again per context: the teacher's logits from a second forward (the same floats; nothing of
+   positions × vocabulary size is kept between the passes), then at θ0, forward-mode, ⟨∇ℓ_t,
+   scale·d⟩ = scale·⟨∂ℓ_t/∂z_t, ż_t⟩ for every position at once: one torch.func.jvp gives the θ0
+   logits z and their derivative ż along d (attention switched to eager: sdpa has no forward-mode
+   derivative), and ∂ℓ_t/∂z_t comes from that z. gain_first_order = lr·⟨∇ℓ_t, scale·d⟩. Then θ1:
+   every position re-scored, θ0 copied back (bit for bit).
 
-Cost per context: one teacher forward, student forward + backward, one JVP to the logits (≈ 3.5
-eager forwards on CPU), one forward. grad_norm is ‖∇L‖, the same for every row of a group.
+Memory: 12 bytes per stepped float32 parameter in pass 3 (weights, the θ0 copy, ∇L turned into d
+in place; the jvp takes d itself as its tangent and the scale multiplies its result), 8 in pass 1
+(no θ0 copy yet). Cost per context: two teacher forwards, student forward + backward, one JVP to
+the logits (≈ 3.5 eager forwards on CPU), one forward. grad_norm is ‖∇L‖, the same for every row
+of a group.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
-import tempfile
-
-import numpy as np
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -44,7 +52,8 @@ from teachdiag.contexts import Context
 from teachdiag.probe.exact import select_params
 from teachdiag.probe.forward import teacher_logits
 from teachdiag.probe.rows import make_row
-from teachdiag.probe.signals import kls_from_logits, probe_loss, signals_from_logits
+from teachdiag.probe.signals import SIGNALS, kls_from_logits, loss_grad, row_dot, signals_from_logits
+from teachdiag.probe.stepfile import load_tensors, read_header, save_tensors
 from teachdiag.probe.steps import apply_step, global_norm, rule
 
 
@@ -62,51 +71,118 @@ def eager_attention(model: nn.Module):
         model.set_attn_implementation(old)
 
 
-class TeacherCache:
-    """(P, V) float32 tensors per key (a context's teacher logits, its ∂ℓ/∂z) in one temporary file,
-    deleted when closed."""
-
-    def __init__(self, folder: str | None = None) -> None:
-        self.file = tempfile.TemporaryFile(dir=folder, prefix=".teacher-logits-")
-        self.where: dict = {}
-
-    def put(self, c, t: torch.Tensor) -> None:
-        a = t.detach().to("cpu", torch.float32).numpy()
-        self.file.seek(0, 2)
-        self.where[c] = (self.file.tell(), a.shape)
-        a.tofile(self.file)
-
-    def get(self, c, device) -> torch.Tensor:
-        offset, shape = self.where[c]
-        self.file.seek(offset)
-        a = np.fromfile(self.file, dtype=np.float32, count=shape[0] * shape[1]).reshape(shape)
-        return torch.from_numpy(a).to(device)
-
-    def close(self) -> None:
-        self.file.close()
-
-
 class SharedStep:
-    """Holds θ0 of the stepped parameters; `run` takes one shared step for a group of contexts."""
+    """Holds one shared step (∇L, the θ0 signals of its contexts); `run` takes it for a group of contexts."""
 
     def __init__(self, model: nn.Module, params: str, loss: str, optimizer: str, lr: float, vocab: int,
-                 top_k: int = 16, first_order: bool = True, cache_dir: str | None = None,
-                 keep: torch.Tensor | None = None, signals: str = "full") -> None:
+                 top_k: int = 16, first_order: bool = True, keep: torch.Tensor | None = None,
+                 signals: str = "full") -> None:
         """keep: None, or bool (vocab,): the ids both tokenizers agree on (signals.py); signals:
         where H, D, C come from (signals.SIGNAL_MODES)."""
         self.model, self.loss, self.lr, self.vocab, self.top_k = model, loss, float(lr), vocab, top_k
-        self.keep, self.signals = keep, signals
+        self.keep, self.signals, self.first_order = keep, signals, first_order
         self.rule = rule(optimizer)
         self.named = select_params(model, params)
         self.params = [p for _, p in self.named]
         for name, p in self.named:
             if p.dtype not in (torch.float32, torch.float64):
                 raise ValueError(f"stepped parameter {name} is {p.dtype}; keep the student in float32")
-        self.theta0 = [p.detach().clone() for p in self.params]
-        self.first_order = first_order
-        self.cache_dir = cache_dir  # where pass 1's teacher logits wait for pass 2 (None: the temp folder)
-        self.grad_norm = math.nan  # ‖∇L‖ of the last group
-        self.n_skipped = 0  # positions of the last group left out of L (their loss is not finite)
+        self.grads: list[torch.Tensor] | None = None  # ∇L of the held step (d(∇L) once stepped: in place)
+        self.directions: list[torch.Tensor] | None = None
+        self.scale = 1.0
+        self.theta0: list[torch.Tensor] | None = None  # copied when the step is first applied
+        self.before: dict[int, tuple[dict[str, torch.Tensor], torch.Tensor]] = {}  # c -> signals (P,), ok (P,)
+        self.grad_norm = math.nan  # ‖∇L‖ of the held step
+        self.n_skipped = 0  # positions of the held step left out of L (their loss is not finite)
+
+    def run(self, teacher, ctxs: list[Context], by_ctx: dict[int, list[int]], group: list[int],
+            device, progress=None) -> dict[int, list[dict]]:
+        """Rows of every position of the group's contexts, after ONE step on their mean loss.
+
+        progress: an optional callable(n_positions, phase) for a progress bar."""
+        try:
+            self.gradient(teacher, ctxs, by_ctx, group, device, progress)
+            return self.rescore(teacher, ctxs, by_ctx, group, device, progress)
+        finally:
+            self.release()
+
+    def gradient(self, teacher, ctxs: list[Context], by_ctx: dict[int, list[int]], group: list[int],
+                 device, progress=None) -> None:
+        """Pass 1: ∇L over the group's positions and the signals before the step (module docstring, 1)."""
+        self.release()
+        n_total = sum(len(by_ctx[c]) for c in group)
+        n_used = 0
+        for p in self.params:
+            p.grad = None
+            p.requires_grad_(True)
+        try:
+            for c in group:
+                ctx, positions = ctxs[c], by_ctx[c]
+                t = teacher_logits(teacher, ctx, positions, self.vocab, device)  # (P, V)
+                ids, keep, y = self._view(ctx, positions, device)
+                use = self._usable(t, y)
+                n_used += int(use.sum())
+                with torch.enable_grad():
+                    z = self._logits(ids, keep)  # (P, V), its graph reaches the stepped parameters
+                    if use.any():  # gradients accumulate over contexts
+                        z.backward(self._delta(z.detach(), t, y, use, n_total))
+                z = z.detach()
+                sig = signals_from_logits(z, t, y, self.top_k, self.keep, self.signals)
+                ok = torch.isfinite(z).all(1) & torch.isfinite(t).all(1)
+                self.before[c] = ({k: v.cpu() for k, v in sig.items()}, ok.cpu())
+                if progress:
+                    progress(len(positions), "gradient")
+        except BaseException:  # nothing half-accumulated stays on the student
+            for p in self.params:
+                p.grad = None
+            raise
+        finally:
+            for p in self.params:
+                p.requires_grad_(False)
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        for p in self.params:
+            p.grad = None
+        if 0 < n_used < n_total:  # the mean is over the usable positions only
+            for g in grads:
+                g.mul_(n_total / n_used)
+        self.grads, self.n_skipped = grads, n_total - n_used
+        self.grad_norm = global_norm(grads)
+
+    def rescore(self, teacher, ctxs: list[Context], by_ctx: dict[int, list[int]], group: list[int],
+                device, progress=None) -> dict[int, list[dict]]:
+        """Pass 2 for the contexts of `group` (all of them stepped by the held step): their rows."""
+        if self.directions is None:  # adam overwrites ∇L with its direction: no second copy
+            self.directions, self.scale = self.rule.direction(self.grads, self.grad_norm)
+            self.grads = None
+        if self.theta0 is None:
+            self.theta0 = [p.detach().clone() for p in self.params]
+        rows: dict[int, list[dict]] = {}
+        for c in group:
+            ctx, positions = ctxs[c], by_ctx[c]
+            t = teacher_logits(teacher, ctx, positions, self.vocab, device)  # (P, V), as in pass 1
+            ids, keep, y = self._view(ctx, positions, device)
+            g_dot_d = self._directional(ids, keep, t, y) if self.first_order else [math.nan] * len(positions)
+            try:  # θ1, re-score, back to θ0
+                apply_step(self.params, self.directions, self.lr, self.scale)
+                with torch.no_grad():
+                    z1 = self._logits(ids, keep)  # (P, V)
+            finally:
+                self.restore()
+            after = kls_from_logits(z1, t, self.keep)
+            sig, ok = self.before[c]
+            ok = (ok & torch.isfinite(z1).all(1).cpu()).tolist()
+            sig = {k: v.tolist() for k, v in sig.items()}
+            fkl1, rkl1 = after["fkl"].tolist(), after["rkl"].tolist()
+            rows[c] = [make_row({k: v[i] for k, v in sig.items()}, fkl1[i], rkl1[i], self.grad_norm,
+                                self.lr * g_dot_d[i], ok[i]) for i in range(len(positions))]
+            if progress:
+                progress(len(positions), "re-score")
+        return rows
+
+    def release(self) -> None:
+        """Let go of the held step (θ0 is in the weights whenever this can be called)."""
+        self.grads = self.directions = self.theta0 = None
+        self.before = {}
 
     def _logits(self, ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """(P, V) float32 student logits at sequence indices `keep` of ids (T,)."""
@@ -130,97 +206,22 @@ class SharedStep:
             use &= self.keep[y]
         return use
 
-    def run(self, teacher, ctxs: list[Context], by_ctx: dict[int, list[int]], group: list[int],
-            device, progress=None) -> dict[int, list[dict]]:
-        """Rows of every position of the group's contexts, after ONE step on their mean loss.
+    def _delta(self, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor, use: torch.Tensor, divisor: int) -> torch.Tensor:
+        """(P, V) ∂(Σ_t ℓ_t / divisor)/∂z over the usable rows (chunked: signals.loss_grad); 0 elsewhere."""
+        if use.all():
+            return loss_grad(z, t, y, self.loss, self.keep, divisor)
+        delta = torch.zeros_like(z)
+        delta[use] = loss_grad(z[use], t[use], y[use], self.loss, self.keep, divisor)  # rows chosen before the loss
+        return delta
 
-        progress: an optional callable(n_positions, phase) for a progress bar."""
-        before: dict[int, tuple[dict, list[bool]]] = {}
-        for p in self.params:
-            p.grad = None
-        cache = TeacherCache(self.cache_dir)
-        try:
-            # 1. θ0: the teacher first, so the mean is over the positions that can enter L ...
-            n_total = n_used = 0
-            for c in group:
-                ctx, positions = ctxs[c], by_ctx[c]
-                t = teacher_logits(teacher, ctx, positions, self.vocab, device)  # (P, V)
-                cache.put(c, t)
-                n_total += len(positions)
-                n_used += int(self._usable(t, self._view(ctx, positions, device)[2]).sum())
-            self.n_skipped = n_total - n_used
-            # ... then the gradient of the mean loss, and the signals before the step
-            for p in self.params:
-                p.requires_grad_(True)
-            for c in group:
-                ctx, positions = ctxs[c], by_ctx[c]
-                t = cache.get(c, device)
-                ids, keep, y = self._view(ctx, positions, device)
-                use = self._usable(t, y)
-                rows = slice(None) if use.all() else use  # rows chosen BEFORE the loss exists
-                with torch.enable_grad():
-                    z = self._logits(ids, keep)  # (P, V)
-                    if self.first_order:
-                        z.retain_grad()
-                    if use.any():  # grads accumulate over contexts
-                        (probe_loss(z[rows], t[rows], y[rows], self.loss, keep=self.keep) / n_used).backward()
-                if self.first_order:  # ∂ℓ_t/∂z_t (rows are independent in L, each weighted 1/n_used)
-                    delta = z.grad * n_used if z.grad is not None else torch.zeros_like(z)
-                    cache.put(("delta", c), delta.masked_fill(~use[:, None], float("nan")))
-                z = z.detach()
-                sig = {k: v.tolist() for k, v in signals_from_logits(z, t, y, self.top_k, self.keep, self.signals).items()}
-                ok = (torch.isfinite(z).all(1) & torch.isfinite(t).all(1)).tolist()
-                before[c] = (sig, ok)
-                if progress:
-                    progress(len(positions), "gradient")
-            for p in self.params:
-                p.requires_grad_(False)
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-            for p in self.params:
-                p.grad = None
-            self.grad_norm = global_norm(grads)
-            directions, scale = self.rule.direction(grads, self.grad_norm)
-            tangents = ({n: d * scale for (n, _), d in zip(self.named, directions)}  # once per group
-                        if self.first_order else None)
-
-            rows: dict[int, list[dict]] = {}
-            for c in group:
-                ctx, positions = ctxs[c], by_ctx[c]
-                t = cache.get(c, device)
-                ids, keep, y = self._view(ctx, positions, device)
-                # 3. first order at θ0: ⟨∇ℓ_t, scale·d⟩ = ⟨∂ℓ_t/∂z_t, ż_t⟩, ż from one forward-mode pass
-                g_dot_d = (self._directional(ids, keep, cache.get(("delta", c), device), tangents)
-                           if self.first_order else [math.nan] * len(positions))
-                # 2. θ1, re-score, back to θ0
-                try:
-                    apply_step(self.params, directions, self.lr, scale)
-                    with torch.no_grad():
-                        z1 = self._logits(ids, keep)
-                finally:
-                    self.restore()
-                after = kls_from_logits(z1, t, self.keep)
-                sig, ok = before[c]
-                ok1 = torch.isfinite(z1).all(1).tolist()
-                fkl1, rkl1 = after["fkl"].tolist(), after["rkl"].tolist()
-                rows[c] = [make_row({k: v[i] for k, v in sig.items()}, fkl1[i], rkl1[i], self.grad_norm,
-                                    self.lr * g_dot_d[i], ok[i] and ok1[i]) for i in range(len(positions))]
-                if progress:
-                    progress(len(positions), "re-score")
-            return rows
-        finally:
-            cache.close()
-            for p in self.params:
-                p.requires_grad_(False)
-                p.grad = None
-            self.restore()
-
-    def _directional(self, ids, keep, delta: torch.Tensor, tangents: dict) -> list[float]:
+    def _directional(self, ids, keep, t: torch.Tensor, y: torch.Tensor) -> list[float]:
         """⟨∇ℓ_t(θ0), scale·d⟩ for each position of one context, float64 list (nats per unit lr).
 
-        By the chain rule it is ⟨∂ℓ_t/∂z_t, ż_t⟩ with ż = J_z·(scale·d), the logits' directional
-        derivative: one forward-mode pass to the logits (not through the float64 loss), and δ =
-        ∂ℓ_t/∂z_t (P, V) kept from the gradient pass (NaN on rows left out of L)."""
+        By the chain rule it is scale·⟨∂ℓ_t/∂z_t, ż_t⟩ with ż = J_z·d, the logits' directional
+        derivative: one forward-mode pass to the logits (not through the float64 loss) that also
+        returns the θ0 logits z, from which ∂ℓ_t/∂z_t is taken (NaN on rows left out of L)."""
         primals = {n: p.detach() for n, p in self.named}
+        tangents = {n: d for (n, _), d in zip(self.named, self.directions)}  # d itself, not a scaled copy
 
         def logits(stepped: dict) -> torch.Tensor:
             z = functional_call(self.model, stepped, (), {"input_ids": ids[None], "logits_to_keep": keep,
@@ -228,11 +229,62 @@ class SharedStep:
             return z.logits[0, :, : self.vocab].float()
 
         with eager_attention(self.model), torch.no_grad():
-            _, dz = jvp(logits, (primals,), (tangents,))  # (P, V)
-        return (delta.double() * dz.double()).sum(-1).tolist()
+            z, dz = jvp(logits, (primals,), (tangents,))  # (P, V) each
+        use = self._usable(t, y)
+        delta = self._delta(z, t, y, use, 1).masked_fill_(~use[:, None], math.nan)  # each row's own ∂ℓ_t/∂z_t
+        return (row_dot(delta, dz) * self.scale).tolist()
 
     @torch.no_grad()
     def restore(self) -> None:
         """Copy θ0 back into the stepped parameters (exact, bit for bit)."""
-        for p, p0 in zip(self.params, self.theta0):
+        for p, p0 in zip(self.params, self.theta0 or []):
             p.copy_(p0)
+
+    # --- the held step saved for --resume (probe/stepfile.py) ---
+
+    def _meta(self, group: list[int], by_ctx: dict[int, list[int]]) -> dict[str, str]:
+        """What a saved step must agree on to be this step: its contexts, their positions, loss, parameters."""
+        return {"contexts": json.dumps(group), "positions": json.dumps([len(by_ctx[c]) for c in group]),
+                "loss": self.loss, "params": json.dumps([n for n, _ in self.named])}
+
+    def saved_bytes(self, group: list[int], by_ctx: dict[int, list[int]]) -> int:
+        """The size of save()'s file for `group`: ∇L, and per position the signals (float64) and ok."""
+        n = sum(len(by_ctx[c]) for c in group)
+        return sum(p.numel() * p.element_size() for p in self.params) + n * (8 * len(SIGNALS) + 1) + 2**16
+
+    def save(self, path: Path, group: list[int], by_ctx: dict[int, list[int]]) -> None:
+        """Write the held step (after gradient(), before rescore()) to `path`, atomically."""
+        tensors = {f"grad.{n}": g for (n, _), g in zip(self.named, self.grads)}
+        for k in self.before[group[0]][0]:
+            tensors[f"before.{k}"] = torch.cat([self.before[c][0][k] for c in group])  # (P_group,)
+        tensors["before.ok"] = torch.cat([self.before[c][1] for c in group]).to(torch.uint8)
+        save_tensors(path, tensors, dict(self._meta(group, by_ctx), n_skipped=str(self.n_skipped)))
+
+    def matches(self, path: Path, group: list[int], by_ctx: dict[int, list[int]]) -> bool:
+        """Whether `path` holds this step for `group` (same contexts, positions, loss, parameters)."""
+        got = read_header(path)
+        if got is None:
+            return False
+        entries, meta = got[0], got[1]
+        same = all(meta.get(k) == v for k, v in self._meta(group, by_ctx).items())
+        return same and all(entries.get(f"grad.{n}") == (p.dtype, tuple(p.shape)) for n, p in self.named)
+
+    def load(self, path: Path, group: list[int], by_ctx: dict[int, list[int]], device) -> bool:
+        """Hold the step saved at `path` (as gradient() would have left it); False if it is unusable."""
+        if not self.matches(path, group, by_ctx):
+            return False
+        got = load_tensors(path, "cpu")
+        if got is None:
+            return False
+        self.release()
+        self.grads = [got.pop(f"grad.{n}").to(p.device) for n, p in self.named]
+        ok = got.pop("before.ok").bool()
+        sig = {k[len("before."):]: v for k, v in got.items()}
+        a = 0
+        for c in group:
+            b = a + len(by_ctx[c])
+            self.before[c] = ({k: v[a:b] for k, v in sig.items()}, ok[a:b])
+            a = b
+        self.n_skipped = int(read_header(path)[1]["n_skipped"])
+        self.grad_norm = global_norm(self.grads)
+        return True

@@ -18,6 +18,12 @@ are selected (index_select) before any softmax, so a dropped id has no probabili
 receives an exact zero gradient. A sampled token outside keep has no log-probability in that
 space: its logprobs are NaN (the row is then not finite and left out of every statistic).
 student_dropped_mass / teacher_dropped_mass say how much of each full softmax was dropped.
+
+Chunks: the float64 passes (signals, the KLs after a step, a loss's gradient) run over at most
+chunk_rows(V) positions at a time, so a context's float64 peak is about CHUNK_BYTES whatever its
+length: at V = 151,936 a (192, V) float64 tensor is 233 MB and the signals hold ~8 at once. Every
+quantity is per row, so chunking changes no number: bitwise equal with one torch thread; with
+several, torch may split a short chunk's row sums across threads (≈ 1e-16 relative).
 """
 
 from __future__ import annotations
@@ -37,6 +43,24 @@ LOSSES = ("reverse_kl", "forward_kl", "sampled_token")
 # side's top-K lists as a served teacher returns them, C exact (the teacher asked at the student's
 # ids) or from the teacher's own list only (topk_lb, a lower bound)
 SIGNAL_MODES = ("full", "topk", "topk_lb")
+# the float64 temporaries of one chunk of positions stay under about CHUNK_BYTES: signals_from_logits
+# holds up to LIVE (rows, V) float64 tensors at once (two log-softmaxes, two exps, kl's terms)
+CHUNK_BYTES = 256 * 2**20
+LIVE = 8
+
+
+def chunk_rows(vocab: int) -> int:
+    """Positions per chunk of the float64 passes: 27 at V = 151,936, 85 at V = 49,152."""
+    return max(1, CHUNK_BYTES // (LIVE * 8 * vocab))
+
+
+def _chunks(n_rows: int, vocab: int) -> list[slice]:
+    step = chunk_rows(vocab)
+    return [slice(a, a + step) for a in range(0, n_rows, step)] or [slice(0, 0)]  # no rows: one empty chunk
+
+
+def _cat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 def keep_mask(shared_ids: list[int] | None, vocab: int, device=None) -> torch.Tensor | None:
@@ -109,10 +133,17 @@ def signals_from_logits(student_logits: torch.Tensor, teacher_logits: torch.Tens
     student_logits, teacher_logits: (P, V); token_ids: (P,) the sampled tokens y_j; keep: None or
     bool (V,), the ids both tokenizers agree on (module docstring); mode: SIGNAL_MODES, where
     topk_entropy, union_fkl and compat_mass come from (the rest are always full-vocabulary).
-    Returns float64 tensors of shape (P,) on the logits' device.
+    Returns float64 tensors of shape (P,) on the logits' device, computed chunk_rows(V) rows at a time.
     """
     if mode not in SIGNAL_MODES:
         raise ValueError(f"unknown signals mode {mode!r}; one of {SIGNAL_MODES}")
+    return _cat([_signals(student_logits[r], teacher_logits[r], token_ids[r], k, keep, mode)
+                 for r in _chunks(len(student_logits), student_logits.shape[-1])])
+
+
+def _signals(student_logits: torch.Tensor, teacher_logits: torch.Tensor, token_ids: torch.Tensor, k: int,
+             keep: torch.Tensor | None, mode: str) -> dict[str, torch.Tensor]:
+    """signals_from_logits on one chunk of rows (C, V)."""
     log_s = F.log_softmax(restrict(student_logits, keep), -1)  # (P, V'), V' = V when keep is None
     log_t = F.log_softmax(restrict(teacher_logits, keep), -1)  # (P, V')
     y = token_index(token_ids, keep)  # (P,), -1 outside keep
@@ -157,10 +188,18 @@ def signals_from_logits(student_logits: torch.Tensor, teacher_logits: torch.Tens
 def kls_from_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                     keep: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Only fkl and rkl, (P,) float64, by the same arithmetic as signals_from_logits: what a
-    re-scored student needs after a step (the rest of the signals come from θ0)."""
-    log_s = F.log_softmax(restrict(student_logits, keep), -1)
-    log_t = F.log_softmax(restrict(teacher_logits, keep), -1)
-    return {"fkl": kl(log_t, log_s), "rkl": kl(log_s, log_t)}
+    re-scored student needs after a step (the rest of the signals come from θ0). Chunked as it is."""
+    parts = []
+    for r in _chunks(len(student_logits), student_logits.shape[-1]):
+        log_s = F.log_softmax(restrict(student_logits[r], keep), -1)  # (C, V')
+        log_t = F.log_softmax(restrict(teacher_logits[r], keep), -1)
+        parts.append({"fkl": kl(log_t, log_s), "rkl": kl(log_s, log_t)})
+    return _cat(parts)
+
+
+def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(P,) float64 Σ_v a[i, v]·b[i, v] of two (P, V) tensors, summed in float64 a chunk at a time."""
+    return torch.cat([(a[r].double() * b[r].double()).sum(-1) for r in _chunks(len(a), a.shape[-1])])
 
 
 def probe_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -172,7 +211,9 @@ def probe_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     bool (V,) (module docstring): the loss lives on the kept ids, renormalised, and a dropped id's
     logit gets a zero gradient. sampled_token at a y outside keep is NaN: callers that sum over
     positions must leave such rows out first (probe/shared.py).
-    reduce=False gives the (P,) per-position losses instead of their sum.
+    reduce=False gives the (P,) per-position losses instead of their sum. Not chunked: its autograd
+    graph keeps every row's float64 tensors until the backward; loss_grad is the bounded way to
+    the gradient with respect to the logits.
     """
     log_s = F.log_softmax(restrict(student_logits, keep), -1)
     log_t = F.log_softmax(restrict(teacher_logits.detach(), keep), -1)
@@ -187,6 +228,21 @@ def probe_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     else:
         raise ValueError(f"unknown loss {loss!r}; one of {LOSSES}")
     return per.sum() if reduce else per
+
+
+def loss_grad(student_logits: torch.Tensor, teacher_logits: torch.Tensor, token_ids: torch.Tensor,
+              loss: str, keep: torch.Tensor | None = None, divisor: int = 1) -> torch.Tensor:
+    """(P, V) ∂(probe_loss / divisor)/∂z, in the logits' dtype: the gradient probe_loss's backward
+    would leave on z, bit for bit, computed chunk_rows(V) rows at a time (each row's loss depends on
+    its own row only), so no float64 graph of every position exists at once. The caller passes it on
+    with z.backward(grad). Rows whose loss is not finite must be left out first, as for probe_loss."""
+    out = torch.empty_like(student_logits)
+    for r in _chunks(len(student_logits), student_logits.shape[-1]):
+        z = student_logits[r].detach().requires_grad_(True)  # (C, V) a leaf: the graph ends here
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(probe_loss(z, teacher_logits[r], token_ids[r], loss, keep=keep) / divisor, z)
+        out[r] = grad
+    return out
 
 
 def clipped_fkl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, clip: float = 0.05,

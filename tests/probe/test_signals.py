@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from reference import ref_signals
-from teachdiag.probe.signals import SIGNALS, clipped_fkl, entropy, kl, probe_loss, signals_from_logits
+from teachdiag.probe import signals as signals_module
+from teachdiag.probe.signals import (SIGNALS, chunk_rows, clipped_fkl, entropy, keep_mask, kl, kls_from_logits, loss_grad,
+                                     probe_loss, row_dot, signals_from_logits)
 from teachdiag.scores import position_weight, quantile_normalize, teachability_scores
 
 
@@ -77,6 +79,57 @@ def test_probe_losses():
     torch.testing.assert_close(s.grad, s2.grad)
     with pytest.raises(ValueError):
         probe_loss(s, t, y, "nope")
+
+
+@pytest.fixture
+def one_thread():
+    """Bitwise comparisons: with several threads torch may split a short chunk's row sums (1e-16 off)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("mode", ["full", "topk"])
+@pytest.mark.parametrize("with_keep", [False, True])
+def test_chunked_float64_passes_equal_one_pass(monkeypatch, one_thread, mode, with_keep):
+    """A cap small enough for 3 rows a chunk (P = 11: chunks of 3, 3, 3, 2) against one chunk of
+    every row: the signals, the KLs after, each loss's gradient and the row dot are bit for bit the same."""
+    g = torch.Generator().manual_seed(3)
+    P, V = 11, 500
+    s, t = torch.randn(P, V, generator=g) * 3, torch.randn(P, V, generator=g) * 3
+    y = torch.randint(0, V, (P,), generator=g)
+    keep = keep_mask([i for i in range(V) if i % 7], V) if with_keep else None
+    y[y % 7 == 0] += 1  # sampled tokens inside keep: sampled_token's loss stays finite
+
+    def everything():
+        out = dict(signals_from_logits(s, t, y, 16, keep, mode))
+        out |= {f"{k}_after": v for k, v in kls_from_logits(s, t, keep).items()}
+        out |= {f"grad_{loss}": loss_grad(s, t, y, loss, keep, divisor=P) for loss in ("reverse_kl", "forward_kl",
+                                                                                   "sampled_token")}
+        out["dot"] = row_dot(s, t)
+        return out
+
+    monkeypatch.setattr(signals_module, "CHUNK_BYTES", 10**12)
+    assert chunk_rows(V) >= P
+    whole = everything()
+    monkeypatch.setattr(signals_module, "CHUNK_BYTES", 3 * signals_module.LIVE * 8 * V)
+    assert chunk_rows(V) == 3
+    chunked = everything()
+    for name in whole:
+        assert torch.equal(whole[name], chunked[name]), name
+    for loss in ("reverse_kl", "forward_kl", "sampled_token"):  # the gradient probe_loss's own backward leaves
+        z = s.clone().requires_grad_(True)
+        (probe_loss(z, t, y, loss, keep=keep) / P).backward()
+        assert torch.equal(z.grad, chunked[f"grad_{loss}"]), loss
+    assert torch.equal(chunked["dot"], (s.double() * t.double()).sum(-1))
+
+
+def test_chunk_cap_at_qwen_vocabulary():
+    assert chunk_rows(151_936) == 27 and chunk_rows(49_152) == 85 and chunk_rows(10**9) == 1
+    assert chunk_rows(151_936) * signals_module.LIVE * 8 * 151_936 <= signals_module.CHUNK_BYTES
+    empty = signals_from_logits(torch.zeros(0, 50), torch.zeros(0, 50), torch.zeros(0, dtype=torch.long), 4)
+    assert set(empty) == set(SIGNALS) and all(v.shape == (0,) for v in empty.values())
 
 
 def ref_clipped_fkl(s, t, clip, temperature):
