@@ -1,5 +1,5 @@
 """Run by test_ddp.py under torchrun (2 ranks, gloo on CPU): TAOPDDistillationTrainer with a
-MonitorCallback for 3 steps; each rank prints its selection log as one JSON line."""
+MonitorCallback for 3 steps; each rank writes its selection log to <root>/rank<r>.json."""
 
 from __future__ import annotations
 
@@ -27,5 +27,6 @@ trainer = TAOPDDistillationTrainer(model=AutoModelForCausalLM.from_pretrained(st
                                    selection=Selection(budget=0.3),
                                    callbacks=[MonitorCallback(bank, root / "run", every=1)])
 trainer.train()
-print(json.dumps({"rank": int(os.environ["RANK"]), "processes": trainer.accelerator.num_processes,
-                  "log": trainer.selection_log}), flush=True)
+# a file per rank: two ranks printing to one pipe can run their lines together
+(root / f"rank{os.environ['RANK']}.json").write_text(json.dumps({
+    "rank": int(os.environ["RANK"]), "processes": trainer.accelerator.num_processes, "log": trainer.selection_log}))

@@ -32,8 +32,7 @@ def test_two_ranks_select_on_their_own_batches_and_rank_zero_writes_the_monitor(
                           str(HERE / "ddp_run.py"), str(tmp_path)], env=env, capture_output=True, text=True,
                          timeout=600)
     assert got.returncode == 0, got.stderr[-3000:]
-    ranks = sorted((json.loads(line) for line in got.stdout.splitlines() if line.startswith('{"rank"')),
-                   key=lambda r: r["rank"])
+    ranks = sorted((json.loads(f.read_text()) for f in tmp_path.glob("rank*.json")), key=lambda r: r["rank"])
     assert [r["rank"] for r in ranks] == [0, 1] and all(r["processes"] == 2 for r in ranks)
     for r in ranks:  # 3 steps, each selected over that rank's 2 prompts × 6 completion tokens at most
         assert [x["step"] for x in r["log"]] == [1, 2, 3]
