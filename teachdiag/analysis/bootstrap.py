@@ -1,12 +1,15 @@
-"""Cluster bootstrap over contexts, as integer row weights, and a first-order Kendall tau.
+"""Cluster bootstrap over contexts: resamples as context counts, the sums every moment is made of,
+Spearman's rho in each resample, and a first-order Kendall tau.
 
-    from teachdiag.analysis.bootstrap import bootstrap_weights, kendall_influence
-    for W in bootstrap_weights(codes, n_boot=1000, seed=0):   # W: (chunk, rows) resample counts
-        ...
+    from teachdiag.analysis.bootstrap import context_sums, count_chunks, weighted_sums
+    per_context = context_sums(codes, [X])        # None for tables up to DENSE_ROWS rows
+    for counts in count_chunks(codes, n_boot=1000, seed=0):      # (chunk, contexts) counts
+        sw, (sX,) = weighted_sums(counts, codes, [X], per_context)   # Σ w, Σ w·X per resample
 
 Positions of one rollout are not independent, so every resample draws whole contexts
 (`codes` = the context index of each row) with replacement. A resample is a vector of row
-weights, so statistics become weighted moments computed for a chunk of resamples at once.
+weights (the number of times the row's context was drawn), so statistics become weighted
+moments computed for a chunk of resamples at once.
 """
 
 from __future__ import annotations
@@ -16,14 +19,28 @@ from collections.abc import Iterator
 import numpy as np
 
 CELLS = 2_000_000  # resamples x rows held at once (16 MB a float array)
+# Tables up to DENSE_ROWS rows sum each resample over its rows, W @ X with (b, n) row weights in
+# chunks of CELLS // n resamples: the sums this package has always made. BLAS adds in an order set by
+# the shapes, so those tables keep every digit of the numbers published from them. Beyond, each
+# resample's sums are counts @ (per-context sums of X), made once: linear in rows, where W @ X read
+# the whole table once per chunk and a 576k-row table (3 resamples a chunk) took time in rows².
+# Chunks then hold MIN_CHUNK resamples (CELLS // n would be fewer).
+MIN_CHUNK = 32
+DENSE_ROWS = CELLS // MIN_CHUNK  # 62,500
+
+
+def chunk_size(n_rows: int) -> int:
+    """Resamples a chunk for a table of n_rows rows: ~CELLS row weights, at least MIN_CHUNK."""
+    return max(MIN_CHUNK, CELLS // max(1, n_rows))
 
 
 def count_chunks(codes: np.ndarray, n_boot: int, seed: int) -> Iterator[np.ndarray]:
     """Yield (b, G) chunks of context counts, n_boot rows in all: each row is one resample of the
-    G contexts (codes (n,) int in 0..G-1) drawn with replacement. Chunks hold ~CELLS row weights."""
+    G contexts (codes (n,) int in 0..G-1) drawn with replacement. Chunks of chunk_size(n) rows;
+    the draws are made at once, so they do not depend on the chunking."""
     n_ctx = int(codes.max()) + 1
     counts = np.random.default_rng(seed).multinomial(n_ctx, np.full(n_ctx, 1.0 / n_ctx), size=n_boot)
-    step = max(1, CELLS // max(1, len(codes)))
+    step = chunk_size(len(codes))
     for lo in range(0, n_boot, step):
         yield counts[lo:lo + step].astype(float)
 
@@ -32,6 +49,33 @@ def bootstrap_weights(codes: np.ndarray, n_boot: int, seed: int) -> Iterator[np.
     """Yield (b, n) row-weight chunks: weight = times the row's context was drawn (count_chunks)."""
     for counts in count_chunks(codes, n_boot, seed):
         yield counts[:, codes]
+
+
+def context_sums(codes: np.ndarray, mats: list[np.ndarray]) -> list[np.ndarray] | None:
+    """What weighted_sums needs for a table over DENSE_ROWS rows, made once: rows per context (G,),
+    then for each M (n, cols) of mats its sums over each context's rows (G, cols). None for a
+    smaller table, summed row by row as always (see DENSE_ROWS)."""
+    if len(codes) <= DENSE_ROWS:
+        return None
+    n_ctx = int(codes.max()) + 1
+    sums = [np.bincount(codes, minlength=n_ctx).astype(float)]
+    for M in mats:
+        S = np.empty((n_ctx, M.shape[1]))
+        for j in range(M.shape[1]):
+            S[:, j] = np.bincount(codes, weights=M[:, j], minlength=n_ctx)
+        sums.append(S)
+    return sums
+
+
+def weighted_sums(counts: np.ndarray, codes: np.ndarray, mats: list[np.ndarray],
+                  per_context: list[np.ndarray] | None) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(Σ w (b,), [Σ w·M (b, cols) for M in mats]) in each resample (counts (b, G)), w being each
+    row's weight: counts @ per_context (context_sums(codes, mats)), or where that is None,
+    W @ M with the (b, n) row weights."""
+    if per_context is not None:
+        return counts @ per_context[0], [counts @ S for S in per_context[1:]]
+    W = counts[:, codes]
+    return W.sum(1), [W @ M for M in mats]
 
 
 def percentile_ci(draws: np.ndarray) -> tuple[float, float]:
@@ -117,7 +161,14 @@ def group_mean_draws(values: np.ndarray, groups: np.ndarray, codes: np.ndarray, 
     if n_boot <= 0 or len(values) == 0:
         return np.zeros((0, len(M)))
     out = []
-    for W in bootstrap_weights(codes, n_boot, seed):  # (b, n)
+    mats = [values[:, None] * M.T, M.T]  # each group's values and rows
+    per_context = context_sums(codes, mats)
+    for counts in count_chunks(codes, n_boot, seed):
         with np.errstate(invalid="ignore", divide="ignore"):
-            out.append(((W * values) @ M.T) / (W @ M.T))
+            if per_context is None:  # the row sums as always made (see DENSE_ROWS)
+                W = counts[:, codes]
+                out.append(((W * values) @ M.T) / (W @ M.T))
+            else:
+                _, (total, rows) = weighted_sums(counts, codes, mats, per_context)
+                out.append(total / rows)
     return np.concatenate(out)

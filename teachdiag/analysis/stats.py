@@ -24,8 +24,9 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from teachdiag.analysis.bootstrap import (CELLS, bootstrap_weights, count_chunks, group_mean_draws,
-                                         kendall_influence, percentile_ci, rank_groups, weighted_ranks)
+from teachdiag.analysis.bootstrap import (chunk_size, context_sums, count_chunks, group_mean_draws,
+                                         kendall_influence, percentile_ci, rank_groups, weighted_ranks,
+                                         weighted_sums)
 from teachdiag.analysis.minimum import MIN_CORR, MIN_GROUP, ci_note, ols_floor, too_few
 from teachdiag.scores import peer_scores, position_weight, quantile_normalize
 
@@ -83,23 +84,25 @@ def _boot_block(X: np.ndarray, G: np.ndarray, codes: np.ndarray, est: dict, psi:
     n = len(X)
     V = np.column_stack([X, G])
     V = V - V.mean(0)  # centre first: fewer digits lost in the moments
+    VV = V * V
     pairs = [(i, j) for j in range(k) for i in range(S)]
     cross = np.column_stack([V[:, i] * V[:, S + j] for i, j in pairs])  # (n, S k)
     Psi = np.column_stack([psi[p] if psi[p] is not None else np.zeros(n) for p in pairs])
     rx = [rank_groups(X[:, i], codes) for i in range(S)]
     rg = [rank_groups(G[:, j], codes) for j in range(k)]
     out = {(j, i, m): [] for i, j in pairs for m in METHODS}
+    mats = [V, VV, cross, Psi]
+    per_context = context_sums(codes, mats)
     chunks = count_chunks(codes, n_boot, seed)
     if progress:
         from tqdm import tqdm  # progress only; a dependency of the package anyway
-        chunks = tqdm(chunks, desc=progress, leave=False,
-                      total=-(-n_boot // max(1, CELLS // n)))
+        chunks = tqdm(chunks, desc=progress, leave=False, total=-(-n_boot // chunk_size(n)))
     for counts in chunks:
-        W = counts[:, codes]  # (b, n)
-        sw = W.sum(1)
-        m1, m2, mc = W @ V / sw[:, None], W @ (V * V) / sw[:, None], W @ cross / sw[:, None]
+        sw, (sV, sVV, sc, sPsi) = weighted_sums(counts, codes, mats, per_context)
+        m1, m2, mc = sV / sw[:, None], sVV / sw[:, None], sc / sw[:, None]
         var = m2 - m1 * m1
-        tau = (n / sw)[:, None] * (W @ Psi)  # first-order Kendall shift, (b, S k)
+        tau = (n / sw)[:, None] * sPsi  # first-order Kendall shift, (b, S k)
+        W = counts[:, codes]  # (b, n): the Spearman ranks below are per row
         RG = [weighted_ranks(counts, r) for r in rg]
         WRG = [W * r for r in RG]
         vg = [np.einsum("bn,bn->b", wr, r) for wr, r in zip(WRG, RG)]
@@ -231,15 +234,19 @@ def ols_models(df: pd.DataFrame, gain: str, models: dict[str, list[str]],
             q = V.shape[1]
             prods = (V[:, :, None] * V[:, None, :]).reshape(len(V), q * q)
 
-            def fit(W):  # W (b, n) -> {model: (coefs (b, p), r2 (b,))}
-                sw = W.sum(1)[:, None]
-                mean, second = (W @ V) / sw, ((W @ prods) / sw).reshape(len(W), q, q)
+            def fit(sw, sV, sprods):  # Σw (b,), Σw·V, Σw·prods -> {model: (coefs (b, p), r2 (b,))}
+                sw = sw[:, None]
+                mean, second = sV / sw, (sprods / sw).reshape(len(sw), q, q)
                 return {m: ols_std(mean, second, [names.index(t) for t in models[m]], q - 1)
                         for m in fitted}
 
-            point = fit(np.ones((1, n)))
+            ones = np.ones((1, n))
+            point = fit(ones.sum(1), ones @ V, ones @ prods)
             if not cinote:
-                boot = [fit(W) for W in bootstrap_weights(codes, n_boot, seed)]
+                per_context = context_sums(codes, [V, prods])
+                boot = [fit(sw, *sums) for sw, sums in
+                        (weighted_sums(c, codes, [V, prods], per_context)
+                         for c in count_chunks(codes, n_boot, seed))]
 
         def draws(m, k, j=None):
             return np.concatenate([b[m][k][:, j] if j is not None else b[m][k] for b in boot]) \

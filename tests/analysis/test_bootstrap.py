@@ -1,0 +1,68 @@
+"""The bootstrap's arithmetic at scale: chunks and per-context sums.
+
+    python -m pytest -q tests/analysis/test_bootstrap.py
+
+Tables of researchers' sizes (57,600 rows a pair) must give the numbers small tables always gave,
+so the fast paths are checked against the plain definitions on small inputs: bit for bit where the
+arithmetic is exact (integer ranks), to rounding where the order of addition changes (context sums).
+"""
+
+import numpy as np
+import pandas as pd
+
+from synthetic import make_tokens
+from teachdiag.analysis import bootstrap as B
+from teachdiag.analysis import selection as L
+from teachdiag.analysis import stats as A
+
+
+
+def _table(n: int, n_ctx: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """codes, signals (n, 4) and gains (n, 2), with ties (small integers, a constant) and without."""
+    rng = np.random.default_rng(seed)
+    codes = pd.factorize(rng.integers(0, n_ctx, n))[0]
+    X = np.column_stack([rng.integers(0, 5, n), rng.standard_normal(n), rng.integers(0, 3 * n, n),
+                         np.zeros(n)]).astype(float)
+    G = np.column_stack([X[:, 0] + rng.standard_normal(n), rng.integers(0, 3, n)]).astype(float)
+    return codes, X, G
+
+
+def test_chunks_hold_at_least_min_chunk_resamples_and_the_draws_stay():
+    small, big = np.arange(1000) % 50, np.arange(200_000) % 50
+    assert [len(c) for c in B.count_chunks(small, 5000, 0)][0] == B.CELLS // 1000
+    sizes = [len(c) for c in B.count_chunks(big, 100, 0)]
+    assert sizes == [B.MIN_CHUNK] * 3 + [100 - 3 * B.MIN_CHUNK]  # CELLS alone: 10 a chunk
+    # same contexts, same seed: the same resamples, however they are chunked
+    assert np.array_equal(np.concatenate(list(B.count_chunks(big, 100, 0))),
+                          np.concatenate(list(B.count_chunks(small, 100, 0))))
+
+
+def test_context_sums_only_for_big_tables_and_equal_the_row_sums(monkeypatch):
+    codes, X, _ = _table(400, 25, 5)
+    assert B.context_sums(codes, [X]) is None  # small: summed row by row, as always
+    monkeypatch.setattr(B, "DENSE_ROWS", 100)
+    per_context = B.context_sums(codes, [X])
+    for counts in B.count_chunks(codes, 64, 5):
+        sw, (sX,) = B.weighted_sums(counts, codes, [X], per_context)
+        rw, (rX,) = B.weighted_sums(counts, codes, [X], None)
+        assert np.array_equal(sw, rw)  # integer counts: exact either way
+        np.testing.assert_allclose(sX, rX, rtol=1e-12, atol=1e-9)
+
+
+def test_every_statistic_by_context_sums_equals_the_row_sums(monkeypatch):
+    """correlations, OLS, Q3, bins and the TA-OPD CIs on the per-context path (forced on a small
+    table) equal the row-sum path to rounding."""
+    df = A.add_scores(make_tokens(n_ctx=30, n_pos=20, seed=6))
+
+    def run():
+        return [A.correlations(df, gains=["rel_gain_fkl"], signals=["fkl", "teachability", "position"],
+                               n_boot=100), A.regressions(df, "rel_gain_fkl", n_boot=100),
+                A.q3_gap(df, "rel_gain_fkl", n_boot=100), A.gain_by_bin(df, "fkl", "rel_gain_fkl", n_boot=100),
+                L.ta_opd_selection(df, "rel_gain_fkl", n_boot=100)]
+
+    rows = run()
+    monkeypatch.setattr(B, "DENSE_ROWS", 0)
+    for old, new in zip(rows, run()):
+        num = old.select_dtypes("number").columns
+        pd.testing.assert_frame_equal(old.drop(columns=num), new.drop(columns=num))
+        np.testing.assert_allclose(new[num].to_numpy(float), old[num].to_numpy(float), rtol=1e-9, atol=1e-12)
