@@ -86,22 +86,79 @@ def percentile_ci(draws: np.ndarray) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def rank_groups(x: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """What weighted_ranks needs for x (n,): value-group index, contexts in x order, group starts."""
-    _, inv = np.unique(x, return_inverse=True)
+def rank_groups(x: np.ndarray, codes: np.ndarray) -> tuple:
+    """What spearman_draws needs for x (n,): the value index of each row (np.unique's inverse),
+    the contexts of the rows in value order, and where each value's run of rows ends in that order
+    (None when no two rows tie)."""
+    inv = np.unique(x, return_inverse=True)[1]
     order = np.argsort(inv, kind="stable")
-    starts = np.r_[0, np.flatnonzero(np.diff(inv[order])) + 1]
-    return inv, codes[order], starts
+    ends = np.r_[np.flatnonzero(np.diff(inv[order])), len(inv) - 1]
+    return inv, codes[order], ends if len(ends) < len(inv) else None
 
 
-def weighted_ranks(counts: np.ndarray, groups: tuple) -> np.ndarray:
-    """Centred mid-ranks (b, n) of each resample: row i counted W[b, i] times, ties averaged, as
-    scipy.stats.rankdata on the resampled array gives them, minus their mean (N + 1) / 2."""
-    inv, codes_sorted, starts = groups
-    w = counts[:, codes_sorted]  # gather from the small (b, G) array: cache friendly
-    wu = np.add.reduceat(w, starts, axis=1) if len(starts) < w.shape[1] else w  # (b, values)
-    mid = np.cumsum(wu, axis=1) - (wu - 1) / 2 - (wu.sum(1, keepdims=True) + 1) / 2
-    return mid[:, inv]
+def spearman_draws(counts: np.ndarray, codes: np.ndarray, xs: list[tuple], gs: list[tuple],
+                   progress: str | None = None) -> np.ndarray:
+    """Spearman correlations (b, S, k) of each of S signals with each of k gains (their rank_groups)
+    in each resample (counts (b, G)), as scipy.stats.spearmanr gives them on the resampled rows.
+
+    In integers: a row counted w times is w tied copies, so twice its centred mid-rank,
+    D = 2·(weight below its value) + (weight of its value) − N, is an integer, and so are
+    Σ w·D_x·D_g (one float64 matrix product per resample, exact while its sums stay under 2^53:
+    resamples of under ~300k rows) and Σ w·D² = (N³ − Σ_v w_v³) / 3 (w_v: the weight of value v,
+    the tie correction; without ties Σ_v w_v³ = Σ_contexts size·count³). D is twice the rank,
+    and 2·2 / √(4·4) cancels exactly in floating point, so where the old per-row float sums were
+    exact too (tables under ~300k rows) the correlations are the same to the bit, however the
+    resamples are chunked. Per rank vector and resample: a few integer passes over the rows.
+    Give it every resample at once: its buffers are made once (a tqdm bar if `progress`)."""
+    groups = [*xs, *gs]
+    S, q, n = len(xs), len(groups), len(codes)
+    sizes = np.bincount(codes, minlength=counts.shape[1])
+    out = np.empty((len(counts), S, q - S))
+    step = max(1, CELLS // (q * n))  # resamples at once: small tables vectorize, big ones go one by one
+    # every buffer made once and written in place: fresh arrays cost page faults that took longer
+    # than the arithmetic
+    m0 = min(step, len(counts))
+    D, W = np.empty((m0, q, n)), np.empty((m0, n))  # D: the signals' D, then the gains' w·D
+    N_all = counts.astype(np.int64) @ sizes  # rows in each resample
+    ints = np.int32 if 2 * N_all.max() < 2**31 else np.int64  # int32: half the memory traffic
+    w, below, d = (np.empty((m0, n), ints) for _ in range(3))
+    # Σ w·D² in int64 while N³ < 2^63 (resamples under 2M rows), else in float64 (rounded)
+    kind = np.int64 if N_all.max() < 2**21 else np.float64
+    starts = range(0, len(counts), step)
+    if progress:
+        from tqdm import tqdm  # progress only; a dependency of the package anyway
+        starts = tqdm(starts, desc=progress, leave=False)
+    for lo in starts:
+        c = counts[lo:lo + step]
+        m, N = len(c), N_all[lo:lo + step]
+        cw, Nw = c.astype(ints), N.astype(ints)[:, None]
+        wi, bi, di = w[:m], below[:m], d[:m]
+        cubes_untied = c.astype(kind) ** 3 @ sizes.astype(kind)
+        np.take(c, codes, axis=1, out=W[:m], mode="clip")
+        var = np.empty((m, q))
+        for a, (inv, codes_sorted, ends) in enumerate(groups):
+            np.take(cw, codes_sorted, axis=1, out=wi, mode="clip")  # row weights in value order
+            at = np.cumsum(wi, axis=1, out=di)  # weight at or below each row's value
+            if ends is not None:  # ties: one entry per value, at its last row
+                at = np.take(at, ends, axis=1, out=wi[:, :len(ends)], mode="clip")
+            b = bi[:, :at.shape[1]]  # 2·below + w_v = (at or below) + below, per value
+            b[:, 0] = at[:, 0]
+            np.add(at[:, 1:], at[:, :-1], out=b[:, 1:])
+            if ends is None:
+                cubes = cubes_untied
+            else:  # the weight of each value, w_v = (at or below) − below
+                cubes = np.power(np.diff(at, axis=1, prepend=0), 3, dtype=kind).sum(1)
+            var[:, a] = (N.astype(kind) ** 3 - cubes) // 3
+            b -= Nw  # centred: D = 2·below + w_v − N
+            r = np.take(b, inv, axis=1, out=di, mode="clip")  # in table order
+            if a < S:
+                D[:m, a] = r  # float64 for BLAS
+            else:
+                np.multiply(r, W[:m], out=D[:m, a])  # a gain's D enters only as w·D
+        num = np.matmul(D[:m, :S], D[:m, S:].transpose(0, 2, 1))  # Σ w·D_x·D_g, (m, S, k)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[lo:lo + step] = num / np.sqrt(var[:, :S, None] * var[:, None, S:])
+    return out
 
 
 # ---------------------------------------------------------------- Kendall tau-b, first order

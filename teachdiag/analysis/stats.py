@@ -24,9 +24,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from teachdiag.analysis.bootstrap import (chunk_size, context_sums, count_chunks, group_mean_draws,
-                                         kendall_influence, percentile_ci, rank_groups, weighted_ranks,
-                                         weighted_sums)
+from teachdiag.analysis.bootstrap import (context_sums, count_chunks, group_mean_draws, kendall_influence,
+                                         percentile_ci, rank_groups, spearman_draws, weighted_sums)
 from teachdiag.analysis.minimum import MIN_CORR, MIN_GROUP, ci_note, ols_floor, too_few
 from teachdiag.scores import peer_scores, position_weight, quantile_normalize
 
@@ -90,34 +89,24 @@ def _boot_block(X: np.ndarray, G: np.ndarray, codes: np.ndarray, est: dict, psi:
     Psi = np.column_stack([psi[p] if psi[p] is not None else np.zeros(n) for p in pairs])
     rx = [rank_groups(X[:, i], codes) for i in range(S)]
     rg = [rank_groups(G[:, j], codes) for j in range(k)]
-    out = {(j, i, m): [] for i, j in pairs for m in METHODS}
+    out = {(j, i, m): [] for i, j in pairs for m in ("pearson", "kendall")}
     mats = [V, VV, cross, Psi]
     per_context = context_sums(codes, mats)
-    chunks = count_chunks(codes, n_boot, seed)
-    if progress:
-        from tqdm import tqdm  # progress only; a dependency of the package anyway
-        chunks = tqdm(chunks, desc=progress, leave=False, total=-(-n_boot // chunk_size(n)))
+    chunks = list(count_chunks(codes, n_boot, seed))
+    rho = spearman_draws(np.concatenate(chunks), codes, rx, rg, progress)  # (n_boot, S, k)
     for counts in chunks:
         sw, (sV, sVV, sc, sPsi) = weighted_sums(counts, codes, mats, per_context)
         m1, m2, mc = sV / sw[:, None], sVV / sw[:, None], sc / sw[:, None]
         var = m2 - m1 * m1
         tau = (n / sw)[:, None] * sPsi  # first-order Kendall shift, (b, S k)
-        W = counts[:, codes]  # (b, n): the Spearman ranks below are per row
-        RG = [weighted_ranks(counts, r) for r in rg]
-        WRG = [W * r for r in RG]
-        vg = [np.einsum("bn,bn->b", wr, r) for wr, r in zip(WRG, RG)]
-        for i in range(S):
-            R = weighted_ranks(counts, rx[i])
-            vx = np.einsum("bn,bn->b", W * R, R)
-            for j in range(k):
-                c = pairs.index((i, j))
-                with np.errstate(invalid="ignore", divide="ignore"):
-                    out[j, i, "spearman"].append(np.einsum("bn,bn->b", WRG[j], R) / np.sqrt(vx * vg[j]))
-                    out[j, i, "pearson"].append((mc[:, c] - m1[:, i] * m1[:, S + j])
-                                                / np.sqrt(var[:, i] * var[:, S + j]))
-                kd = est[j, i]["kendall"] + tau[:, c] if psi[i, j] is not None else np.full(len(W), np.nan)
-                out[j, i, "kendall"].append(kd)
-    return {key: np.concatenate(v) for key, v in out.items()}
+        for c, (i, j) in enumerate(pairs):
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out[j, i, "pearson"].append((mc[:, c] - m1[:, i] * m1[:, S + j])
+                                            / np.sqrt(var[:, i] * var[:, S + j]))
+            kd = est[j, i]["kendall"] + tau[:, c] if psi[i, j] is not None else np.full(len(counts), np.nan)
+            out[j, i, "kendall"].append(kd)
+    return {**{(j, i, "spearman"): rho[:, i, j] for i, j in pairs},
+            **{key: np.concatenate(v) for key, v in out.items()}}
 
 
 def correlations(df: pd.DataFrame, gains: Sequence[str] = GAINS, signals: Sequence[str] = SIGNALS,

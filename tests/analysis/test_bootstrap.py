@@ -1,4 +1,4 @@
-"""The bootstrap's arithmetic at scale: chunks and per-context sums.
+"""The bootstrap's arithmetic at scale: Spearman in integers, chunks and per-context sums.
 
     python -m pytest -q tests/analysis/test_bootstrap.py
 
@@ -9,6 +9,8 @@ arithmetic is exact (integer ranks), to rounding where the order of addition cha
 
 import numpy as np
 import pandas as pd
+import pytest
+from scipy import stats
 
 from synthetic import make_tokens
 from teachdiag.analysis import bootstrap as B
@@ -25,6 +27,53 @@ def _table(n: int, n_ctx: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.nd
                          np.zeros(n)]).astype(float)
     G = np.column_stack([X[:, 0] + rng.standard_normal(n), rng.integers(0, 3, n)]).astype(float)
     return codes, X, G
+
+
+def _spearman_by_rows(counts, codes, x, g):
+    """The earlier code's Spearman draws: mid-ranks per row, moments summed in float64 over the rows."""
+    def ranks(v):
+        _, inv = np.unique(v, return_inverse=True)
+        order = np.argsort(inv, kind="stable")
+        starts = np.r_[0, np.flatnonzero(np.diff(inv[order])) + 1]
+        wu = np.add.reduceat(counts[:, codes[order]], starts, axis=1)
+        mid = np.cumsum(wu, axis=1) - (wu - 1) / 2 - (wu.sum(1, keepdims=True) + 1) / 2
+        return mid[:, inv]
+
+    W, R, RG = counts[:, codes], ranks(x), ranks(g)
+    vx, vg = np.einsum("bn,bn->b", W * R, R), np.einsum("bn,bn->b", W * RG, RG)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.einsum("bn,bn->b", W * RG, R) / np.sqrt(vx * vg)
+
+
+@pytest.mark.parametrize("n, n_ctx, seed", [(7, 3, 0), (300, 40, 1), (2000, 90, 2)])
+def test_spearman_draws_equal_the_row_sums_bit_for_bit(n, n_ctx, seed):
+    codes, X, G = _table(n, n_ctx, seed)
+    counts = np.concatenate(list(B.count_chunks(codes, 200, seed)))
+    rho = B.spearman_draws(counts, codes, [B.rank_groups(x, codes) for x in X.T],
+                           [B.rank_groups(g, codes) for g in G.T])
+    for i in range(X.shape[1]):
+        for j in range(G.shape[1]):
+            assert np.array_equal(rho[:, i, j], _spearman_by_rows(counts, codes, X[:, i], G[:, j]),
+                                  equal_nan=True), (i, j)
+    assert np.isnan(rho[:, 3]).all()  # the constant signal
+
+
+def test_spearman_draws_do_not_depend_on_the_chunking(monkeypatch):
+    codes, X, G = _table(500, 30, 3)
+    counts = np.concatenate(list(B.count_chunks(codes, 50, 3)))
+    xs, gs = [B.rank_groups(x, codes) for x in X.T], [B.rank_groups(g, codes) for g in G.T]
+    together = B.spearman_draws(counts, codes, xs, gs)  # 50 resamples at once
+    monkeypatch.setattr(B, "CELLS", 1)  # one resample at a time, as for a 576k-row table
+    assert np.array_equal(B.spearman_draws(counts, codes, xs, gs), together, equal_nan=True)
+
+
+def test_spearman_draws_equal_scipy_on_the_resampled_rows():
+    codes, X, G = _table(150, 12, 4)
+    counts = next(B.count_chunks(codes, 5, 4))
+    rho = B.spearman_draws(counts, codes, [B.rank_groups(X[:, 0], codes)], [B.rank_groups(G[:, 0], codes)])
+    for b in range(5):
+        rep = np.repeat(np.arange(len(codes)), counts[b, codes].astype(int))
+        assert rho[b, 0, 0] == pytest.approx(stats.spearmanr(X[rep, 0], G[rep, 0])[0], abs=1e-12)
 
 
 def test_chunks_hold_at_least_min_chunk_resamples_and_the_draws_stay():
