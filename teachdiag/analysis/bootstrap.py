@@ -86,11 +86,12 @@ def percentile_ci(draws: np.ndarray) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def rank_groups(x: np.ndarray, codes: np.ndarray) -> tuple:
-    """What spearman_draws needs for x (n,): the value index of each row (np.unique's inverse),
-    the contexts of the rows in value order, and where each value's run of rows ends in that order
-    (None when no two rows tie)."""
-    inv = np.unique(x, return_inverse=True)[1]
+def rank_groups(x: np.ndarray, codes: np.ndarray, inv: np.ndarray | None = None) -> tuple:
+    """What spearman_draws needs for x (n,): the value index of each row (np.unique's inverse;
+    pass it as inv if already computed), the contexts of the rows in value order, and where each
+    value's run of rows ends in that order (None when no two rows tie)."""
+    if inv is None:
+        inv = np.unique(x, return_inverse=True)[1]
     order = np.argsort(inv, kind="stable")
     ends = np.r_[np.flatnonzero(np.diff(inv[order])), len(inv) - 1]
     return inv, codes[order], ends if len(ends) < len(inv) else None
@@ -164,40 +165,80 @@ def spearman_draws(counts: np.ndarray, codes: np.ndarray, xs: list[tuple], gs: l
 # ---------------------------------------------------------------- Kendall tau-b, first order
 
 def _count_earlier_smaller(r: np.ndarray) -> np.ndarray:
-    """c_i = #{j < i : r_j < r_i} for int ranks r (n,), by a bottom-up merge sort: O(n log² n)."""
+    """c_i = #{j < i : r_j < r_i} for int ranks r (n,), by a bottom-up merge sort: O(n log² n).
+    Each level merges pairs of sorted runs with one stable sort, and an entry of a right run gains
+    the left-run entries merged before it: a running count, no binary searches (equal values put
+    the right run's entry first, so only smaller ones count)."""
     n = len(r)
-    m = int(r.max()) + 1 if n else 1
-    out, perm, w = np.zeros(n, np.int64), np.arange(n), 1
-    while w < n:  # runs of w original indices, each sorted by r, merged pairwise
-        pair = perm // (2 * w)
-        right = (perm // w) % 2 == 1
-        key = pair * m + r[perm]
-        left = key[~right]  # globally sorted: pairs ascend, each left run is sorted
-        out[perm[right]] += (np.searchsorted(left, key[right])
-                             - np.searchsorted(left, pair[right] * m))
-        perm, w = perm[np.argsort(key, kind="stable")], 2 * w
+    m2 = 2 * (int(r.max()) + 1) if n else 2
+    place = np.arange(n)
+    perm, v2, count = place.copy(), 2 * r.astype(np.int64), np.zeros(n, np.int64)  # in merged order
+    w, bits = 1, 0
+    while w < n:  # runs of w original indices (bit `bits` of the index tells which), sorted by r
+        left = (perm & w) == 0
+        key = (place >> (bits + 1)) * m2  # the pair of runs: they stay apart
+        key += v2
+        key += left
+        o = np.argsort(key, kind="stable")
+        left = left[o]
+        lefts = np.cumsum(left)  # left entries at or before each place
+        # less those before the pair: the count at the last place of the previous pair
+        before = np.r_[0, lefts[2 * w - 1::2 * w]][place >> (bits + 1)]
+        count = count[o]
+        count += np.where(left, 0, lefts - before)
+        perm, v2, w, bits = perm[o], v2[o], 2 * w, bits + 1
+    out = np.empty(n, np.int64)
+    out[perm] = count
     return out
 
 
-def kendall_influence(x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+def _run_edges(*keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each place of a sorted order (keys: columns in that order), the first and the last
+    place of its run of places equal in every key."""
+    n = len(keys[0])
+    change = np.zeros(max(n - 1, 0), bool)
+    for k in keys:
+        change |= k[1:] != k[:-1]
+    first = np.r_[0, np.flatnonzero(change) + 1]
+    last = np.r_[first[1:] - 1, n - 1]
+    return np.repeat(first, last - first + 1), np.repeat(last, last - first + 1)
+
+
+def kendall_influence(x: np.ndarray, y: np.ndarray, rx: np.ndarray | None = None,
+                      ry: np.ndarray | None = None) -> tuple[float, np.ndarray]:
     """Kendall tau-b of (x, y) and its influence values psi (n,), sum 0: for row weights w,
-    tau(w) ≈ tau + (n / Σw) · Σ w_i psi_i. O(n log² n), ties handled as scipy's tau-b."""
+    tau(w) ≈ tau + (n / Σw) · Σ w_i psi_i. O(n log² n), ties handled as scipy's tau-b.
+    rx, ry: np.unique's inverse of x and y, when the caller has them (one sort per column, not
+    per pair)."""
     n = len(x)
-    rx, ry = np.unique(x, return_inverse=True)[1], np.unique(y, return_inverse=True)[1]
+    rx = np.unique(x, return_inverse=True)[1] if rx is None else rx
+    ry = np.unique(y, return_inverse=True)[1] if ry is None else ry
     mx, my = int(rx.max()) + 1, int(ry.max()) + 1
     cx, cy = np.bincount(rx, minlength=mx), np.bincount(ry, minlength=my)
     # strict dominance N(<,<): sort x ascending, y descending so equal-x rows never count
-    order = np.lexsort((-ry, rx))
+    if mx == n:  # no ties in x: its ranks are a permutation, and the order is their inverse
+        order = np.empty(n, np.int64)
+        order[rx] = np.arange(n)
+    else:  # one integer sort; rows equal in both may come in any order, none counts the other
+        order = np.argsort(rx * my + (my - 1 - ry))
     both_lt = np.empty(n, np.int64)
     both_lt[order] = _count_earlier_smaller(ry[order])
     x_lt = (np.cumsum(cx) - cx)[rx]
     x_gt = n - x_lt - cx[rx]
     y_lt = (np.cumsum(cy) - cy)[ry]
-    kyx = np.sort(ry * mx + rx)  # rows keyed by (y, x)
-    xlt_yeq = np.searchsorted(kyx, ry * mx + rx) - np.searchsorted(kyx, ry * mx)
-    xgt_yeq = np.searchsorted(kyx, (ry + 1) * mx) - np.searchsorted(kyx, ry * mx + rx + 1)
-    kxy = np.sort(rx * my + ry)
-    xeq_ylt = np.searchsorted(kxy, rx * my + ry) - np.searchsorted(kxy, rx * my)
+    # rows tied in y with a smaller / greater x, rows tied in x with a smaller y (none without
+    # ties), from where each row's run of equal values begins and ends in a sorted order
+    xlt_yeq = xgt_yeq = xeq_ylt = 0
+    if mx < n:  # in `order`, the x-tied rows with smaller y follow the row's own (x, y) run
+        sx, sy = rx[order], ry[order]
+        xeq_ylt = np.empty(n, np.int64)
+        xeq_ylt[order] = _run_edges(sx)[1] - _run_edges(sx, sy)[1]
+    if my < n:
+        by_y = np.argsort(ry * mx + rx)
+        ty, tx = ry[by_y], rx[by_y]
+        (y_first, y_last), (yx_first, yx_last) = _run_edges(ty), _run_edges(ty, tx)
+        xlt_yeq, xgt_yeq = np.empty(n, np.int64), np.empty(n, np.int64)
+        xlt_yeq[by_y], xgt_yeq[by_y] = yx_first - y_first, y_last - yx_last
     # s_i = Σ_j sign(x_i - x_j) sign(y_i - y_j), from the cell counts above
     s = 4 * both_lt + x_gt - x_lt - 2 * y_lt + 2 * xeq_ylt - xgt_yeq + xlt_yeq
     ax, ay = (n - cx[rx]).astype(float), (n - cy[ry]).astype(float)  # untied partners

@@ -68,17 +68,25 @@ def add_scores(df: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
 METHODS = ("spearman", "pearson", "kendall")
 
 
-def _point(x: np.ndarray, g: np.ndarray) -> tuple[dict, np.ndarray | None]:
+def _point(x: np.ndarray, g: np.ndarray, inv: tuple | None = None,
+           ranks: tuple | None = None) -> tuple[dict, np.ndarray | None]:
+    """Point estimates of the three methods and Kendall's influence values (None if no tau).
+    inv, ranks: (np.unique's inverse, scipy's average ranks) of x and of g, when the caller has
+    them: each column is then sorted once, not once per pair."""
     if len(x) < MIN_CORR or np.ptp(x) == 0 or np.ptp(g) == 0:
         return {m: np.nan for m in METHODS}, None
-    tau, psi = kendall_influence(x, g)
-    return {"spearman": stats.spearmanr(x, g)[0], "pearson": stats.pearsonr(x, g)[0],
-            "kendall": tau}, psi
+    tau, psi = kendall_influence(x, g, *(inv or (None, None)))
+    if ranks is None:
+        rho = stats.spearmanr(x, g)[0]
+    else:  # scipy.stats.spearmanr's own arithmetic: np.corrcoef of the two columns of ranks
+        rho = np.corrcoef(np.column_stack(ranks), rowvar=False)[1, 0]
+    return {"spearman": rho, "pearson": stats.pearsonr(x, g)[0], "kendall": tau}, psi
 
 
 def _boot_block(X: np.ndarray, G: np.ndarray, codes: np.ndarray, est: dict, psi: dict,
-                n_boot: int, seed: int, progress: str | None) -> dict:
-    """Bootstrap draws {(gain j, signal i, method): (n_boot,)} for signals X (n, S), gains G (n, k)."""
+                n_boot: int, seed: int, progress: str | None, inv: list | None = None) -> dict:
+    """Bootstrap draws {(gain j, signal i, method): (n_boot,)} for signals X (n, S), gains G (n, k);
+    inv: np.unique's inverse of each column of X then G, if known."""
     S, k = X.shape[1], G.shape[1]
     n = len(X)
     V = np.column_stack([X, G])
@@ -87,8 +95,9 @@ def _boot_block(X: np.ndarray, G: np.ndarray, codes: np.ndarray, est: dict, psi:
     pairs = [(i, j) for j in range(k) for i in range(S)]
     cross = np.column_stack([V[:, i] * V[:, S + j] for i, j in pairs])  # (n, S k)
     Psi = np.column_stack([psi[p] if psi[p] is not None else np.zeros(n) for p in pairs])
-    rx = [rank_groups(X[:, i], codes) for i in range(S)]
-    rg = [rank_groups(G[:, j], codes) for j in range(k)]
+    inv = inv or [None] * (S + k)
+    rx = [rank_groups(X[:, i], codes, inv[i]) for i in range(S)]
+    rg = [rank_groups(G[:, j], codes, inv[S + j]) for j in range(k)]
     out = {(j, i, m): [] for i, j in pairs for m in ("pearson", "kendall")}
     mats = [V, VV, cross, Psi]
     per_context = context_sums(codes, mats)
@@ -128,16 +137,22 @@ def correlations(df: pd.DataFrame, gains: Sequence[str] = GAINS, signals: Sequen
         sub = df[ok[block[0]]]
         codes = pd.factorize(sub["context_id"])[0]
         X, G = sub[signals].to_numpy(float), sub[block].to_numpy(float)
+        # each column's value ranks, sorted once: the points and the bootstrap ranks share them
+        cols = np.column_stack([X, G]).T
+        inv = [np.unique(col, return_inverse=True)[1] for col in cols]
+        ranks = [stats.rankdata(col) for col in cols]
         est, psi = {}, {}
+        S = len(signals)
         for j in range(len(block)):
-            for i in range(len(signals)):
-                est[j, i], psi[i, j] = _point(X[:, i], G[:, j])
+            for i in range(S):
+                est[j, i], psi[i, j] = _point(X[:, i], G[:, j], (inv[i], inv[S + j]),
+                                              (ranks[i], ranks[S + j]))
         draws = {}
         n_ctx = int(codes.max()) + 1 if len(sub) else 0
         note = too_few(len(sub), MIN_CORR, "a correlation") or ci_note(n_ctx, n_boot)
         if not note:
             draws = _boot_block(X, G, codes, est, psi, n_boot, seed,
-                                f"bootstrap {','.join(block)}" if progress else None)
+                                f"bootstrap {','.join(block)}" if progress else None, inv)
         empty = np.array([])
 
         def why(*ests):  # a NaN estimate on enough rows: a constant signal or gain

@@ -1,4 +1,4 @@
-"""The bootstrap's arithmetic at scale: Spearman in integers, chunks and per-context sums.
+"""The bootstrap's arithmetic at scale: Spearman in integers, per-context sums, the Kendall counts.
 
     python -m pytest -q tests/analysis/test_bootstrap.py
 
@@ -10,6 +10,8 @@ arithmetic is exact (integer ranks), to rounding where the order of addition cha
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy import stats
 
 from synthetic import make_tokens
@@ -115,3 +117,37 @@ def test_every_statistic_by_context_sums_equals_the_row_sums(monkeypatch):
         num = old.select_dtypes("number").columns
         pd.testing.assert_frame_equal(old.drop(columns=num), new.drop(columns=num))
         np.testing.assert_allclose(new[num].to_numpy(float), old[num].to_numpy(float), rtol=1e-9, atol=1e-12)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.integers(0, 6), min_size=1, max_size=80))
+def test_count_earlier_smaller_by_brute_force(values):
+    r = np.array(values)
+    expect = [sum(r[j] < r[i] for j in range(i)) for i in range(len(r))]
+    assert B._count_earlier_smaller(r).tolist() == expect
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 4), st.integers(0, 3)), min_size=2, max_size=60))
+def test_kendall_influence_s_by_brute_force(pairs):
+    """psi from the O(n²) definition s_i = Σ_j sign(x_i − x_j) sign(y_i − y_j), ties in both."""
+    x, y = np.array(pairs, dtype=float).T
+    tau, psi = B.kendall_influence(x, y)
+    s = (np.sign(x[:, None] - x[None]) * np.sign(y[:, None] - y[None])).sum(1)
+    ax, ay = (x[:, None] != x[None]).sum(1), (y[:, None] != y[None]).sum(1)
+    if ax.sum() == 0 or ay.sum() == 0:
+        assert np.isnan(tau)
+        return
+    root = np.sqrt(ax.sum() * ay.sum())
+    np.testing.assert_allclose(psi, 2 * s / root - s.sum() / root * (ax / ax.sum() + ay / ay.sum()), atol=1e-12)
+    rx, ry = np.unique(x, return_inverse=True)[1], np.unique(y, return_inverse=True)[1]
+    tau2, psi2 = B.kendall_influence(x, y, rx, ry)  # ranks given: the same numbers
+    assert tau2 == tau and np.array_equal(psi2, psi)
+
+
+def test_point_spearman_from_given_ranks_equals_scipy_bit_for_bit():
+    codes, X, G = _table(500, 20, 7)
+    for x in X.T[:3]:
+        inv = (np.unique(x, return_inverse=True)[1], np.unique(G[:, 0], return_inverse=True)[1])
+        est, _ = A._point(x, G[:, 0], inv, (stats.rankdata(x), stats.rankdata(G[:, 0])))
+        assert est["spearman"] == stats.spearmanr(x, G[:, 0])[0]
