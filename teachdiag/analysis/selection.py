@@ -41,13 +41,19 @@ def selectors_for(df: pd.DataFrame, selectors: Mapping[str, str] = SELECTORS) ->
     return {name: col for name, col in selectors.items() if col in df.columns and df[col].notna().any()}
 
 
-def select_top(scores: np.ndarray, k: int) -> np.ndarray:
-    """Boolean mask (n,) of the k highest scores; ties to the lower index; NaN ranks last."""
+def top_order(scores: np.ndarray) -> np.ndarray:
+    """Row indices, highest score first; ties to the lower index; NaN ranks last."""
     s = np.asarray(scores, dtype=float)
     key = np.where(np.isnan(s), -np.inf, s)
     nan_last = np.isnan(s)  # below -inf scores too
-    order = np.lexsort((np.arange(len(s)), -key, nan_last))  # last key is primary
-    mask = np.zeros(len(s), dtype=bool)
+    return np.lexsort((np.arange(len(s)), -key, nan_last))  # last key is primary
+
+
+def select_top(scores: np.ndarray, k: int, order: np.ndarray | None = None) -> np.ndarray:
+    """Boolean mask (n,) of the k highest scores; ties to the lower index; NaN ranks last.
+    order: top_order(scores), when the caller keeps it for several k."""
+    order = top_order(scores) if order is None else order
+    mask = np.zeros(len(order), dtype=bool)
     mask[order[:k]] = True
     return mask
 
@@ -84,13 +90,14 @@ def selection_table(df: pd.DataFrame, gain: str, budgets: Sequence[float] = BUDG
     g = t[gain].to_numpy(float)
     total = g.sum()
     cols = {**selectors_for(t, selectors), "oracle": gain}
+    scores = {name: t[col].to_numpy(float) for name, col in cols.items()}
+    orders = {name: top_order(s) for name, s in scores.items()}  # one sort each, for every budget
     rows = []
     for rho in budgets:
         k = budget_count(len(t), rho, "ceil")
-        oracle = select_top(g, k)
-        for name, col in cols.items():
-            s = t[col].to_numpy(float)
-            mask = select_top(s, k)
+        oracle = select_top(g, k, orders["oracle"])
+        for name, s in scores.items():
+            mask = select_top(s, k, orders[name])
             kept = g[mask]
             rows.append((gain, rho, name, len(t), k,
                          kept.mean() if k else np.nan, np.median(kept) if k else np.nan,
@@ -125,16 +132,18 @@ def ta_opd_selection(df: pd.DataFrame, gain: str, budgets: Sequence[float] = BUD
     ctx = pd.factorize(t["context_id"])[0]
     has_len = "response_length" in t.columns and np.isfinite(t["response_length"].to_numpy(float)).all()
     names = [s for s in TA_OPD_SELECTORS if (s != "position" or has_len) and (s != "fkl" or t["fkl"].notna().all())]
-    groups = [np.flatnonzero((ctx >= b) & (ctx < b + batch)) for b in range(0, ctx.max() + 1 if len(t) else 0, batch)]
+    # each batch's rows (ascending) and signals, once for every budget; one sort, not a pass per batch
+    order = np.argsort(ctx // batch, kind="stable")
+    groups = np.split(order, np.flatnonzero(np.diff(ctx[order] // batch)) + 1) if len(t) else []
+    cols = {k: t[k].to_numpy(float) for k in ("topk_entropy", "union_fkl", "compat_mass", "fkl")}
+    cols |= {"position": t["position"].to_numpy(),
+             "response_length": t["response_length"].to_numpy(float) if has_len else np.zeros(len(t))}
+    signals = [{"sample": ctx[idx], **{k: v[idx] for k, v in cols.items()}} for idx in groups]
     total, rows = g.sum(), []
     for rho in budgets:
         masks = {name: np.zeros(len(t), bool) for name in [*names, "oracle"]}
         budget_k = 0
-        for i, idx in enumerate(groups):
-            part = t.iloc[idx]
-            sig = {k: part[k].to_numpy(float) for k in ("topk_entropy", "union_fkl", "compat_mass", "fkl")}
-            sig |= {"sample": ctx[idx], "position": part["position"].to_numpy(),
-                    "response_length": part["response_length"].to_numpy(float) if has_len else np.zeros(len(idx))}
+        for i, (idx, sig) in enumerate(zip(groups, signals)):
             for name in names:
                 masks[name][idx] = keep_positions(sig, name, rho, seed=seed + i)
             k = budget_count(len(idx), rho, "released")

@@ -20,7 +20,6 @@ from teachdiag.analysis import selection as L
 from teachdiag.analysis import stats as A
 
 
-
 def _table(n: int, n_ctx: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """codes, signals (n, 4) and gains (n, 2), with ties (small integers, a constant) and without."""
     rng = np.random.default_rng(seed)
@@ -151,3 +150,11 @@ def test_point_spearman_from_given_ranks_equals_scipy_bit_for_bit():
         inv = (np.unique(x, return_inverse=True)[1], np.unique(G[:, 0], return_inverse=True)[1])
         est, _ = A._point(x, G[:, 0], inv, (stats.rankdata(x), stats.rankdata(G[:, 0])))
         assert est["spearman"] == stats.spearmanr(x, G[:, 0])[0]
+
+
+def test_select_top_with_a_kept_order_is_select_top():
+    s = np.array([3.0, np.nan, 1.0, 3.0, -np.inf, 2.0])
+    order = L.top_order(s)
+    for k in range(len(s) + 1):
+        assert np.array_equal(L.select_top(s, k, order), L.select_top(s, k))
+    assert L.select_top(s, 3).tolist() == [True, False, False, True, False, True]
