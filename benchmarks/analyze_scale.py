@@ -107,8 +107,7 @@ def committed_runs(work: pathlib.Path) -> list[tuple[str, list[str]]]:
             if not (runs / name / link).exists():
                 (runs / name / link).symlink_to(data / target)
     for name in ("demo_heldout", "demo_heldout_released"):  # one gain_<selector>/ run per selector
-        gains = pd.read_csv(data / name / "heldout_gains.csv.gz", dtype={"context_id": str},
-                            float_precision="round_trip")
+        gains = pd.read_csv(data / name / "heldout_gains.csv.gz", dtype={"context_id": str})
         for sel, part in gains.groupby("selector", sort=False):
             csv = runs / name / f"gain_{sel}" / "tokens.csv"
             if not csv.exists():
