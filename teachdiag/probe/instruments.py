@@ -171,9 +171,9 @@ class Shared:
             if not rows:
                 continue
             load = bool(self.folder and self.resume and self.step.matches(self._file(k), contexts, by_ctx))
-            save = bool(self.folder) and len(rows) > 1 and not load
+            save = bool(self.folder) and len(rows) > 1  # a step taken again (load failed) is saved again
             keep |= {self._file(k).name} if load else set()
-            need = max(need, self.step.saved_bytes(contexts, by_ctx) if save else 0)
+            need = max(need, self.step.saved_bytes(contexts, by_ctx) if save and not load else 0)
             for i, g in enumerate(rows):
                 self.plan[tuple(g)] = {"step": k, "contexts": contexts, "load": load, "save": save,
                                        "last": i == len(rows) - 1}
