@@ -29,38 +29,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from teachdiag.durable import _atomic_write, _fsync_dir, _fsync_write  # noqa: F401  (callers import them from here too)
 from teachdiag.errors import InputError
 from teachdiag.provenance import WEIGHT_KEYS
 from teachdiag.scores import teachability_columns
 from teachdiag.table import COLUMNS, RUN, TEXT_COLUMNS, TOKENS, all_parts, part_files, read_tokens, rows_to_csv
-
-
-def _fsync_write(path: Path, text: str, mode: str = "a") -> None:
-    with open(path, mode, encoding="utf-8", newline="") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename or a new file in `folder` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    _fsync_write(tmp, text, mode="w")
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def fsync_tree(folder: Path) -> None:

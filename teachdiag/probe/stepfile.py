@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from teachdiag.durable import _fsync_dir
 from teachdiag.errors import InputError
 
 DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.uint8: "U8", torch.int64: "I64"}
@@ -110,17 +111,3 @@ def load_tensors(path: Path, device: torch.device | str) -> dict[str, torch.Tens
                 return None
             out[name] = t.to(device)
     return out
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename durable (a no-op where folders cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
