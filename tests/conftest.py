@@ -92,3 +92,12 @@ def llama_pair(tmp_path_factory) -> tuple[str, str]:
 @pytest.fixture
 def contexts(tmp_path) -> Path:
     return write_contexts(tmp_path / "ctx.jsonl")
+
+
+@pytest.fixture
+def one_thread():
+    """For bitwise comparisons: with several threads torch may split a short row sum differently (1e-16 off)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

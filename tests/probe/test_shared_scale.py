@@ -9,7 +9,6 @@ checked against the old numbers, not against numbers pasted in.
 
 import copy
 import errno
-import json
 import math
 import os
 
@@ -27,7 +26,7 @@ from teachdiag.probe.forward import teacher_logits
 from teachdiag.probe.instruments import make_instrument
 from teachdiag.probe.rows import make_row
 from teachdiag.probe.shared import SharedStep, eager_attention
-from teachdiag.probe.signals import keep_mask, kls_from_logits, probe_loss, signals_from_logits
+from teachdiag.probe.signals import kls_from_logits, probe_loss, signals_from_logits
 from teachdiag.probe.steps import apply_step, global_norm, rule
 from teachdiag.table import read_tokens
 
@@ -38,15 +37,6 @@ LR = {"sgd": 1e-2, "adam": 1e-4, "normalized": 1e-2}
 @pytest.fixture(scope="module")
 def models(pair):
     return tuple(AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval() for p in pair)
-
-
-@pytest.fixture
-def one_thread():
-    """Bit-for-bit comparisons: several threads may split a short row sum differently."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def old_shared_rows(student, teacher, ctxs, by_ctx, group, loss, optimizer, lr, keep=None):

@@ -81,15 +81,6 @@ def test_probe_losses():
         probe_loss(s, t, y, "nope")
 
 
-@pytest.fixture
-def one_thread():
-    """Bitwise comparisons: with several threads torch may split a short chunk's row sums (1e-16 off)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("mode", ["full", "topk"])
 @pytest.mark.parametrize("with_keep", [False, True])
 def test_chunked_float64_passes_equal_one_pass(monkeypatch, one_thread, mode, with_keep):
