@@ -115,6 +115,7 @@ def test_environment_faults_are_one_line_and_lose_nothing(tmp_path, pair, fault,
 
     import pandas as pd
 
+    import teachdiag.durable as durable
     import teachdiag.runfolder as runfolder
     from conftest import write_contexts
     from teachdiag.table import read_tokens
@@ -154,7 +155,8 @@ def test_environment_faults_are_one_line_and_lose_nothing(tmp_path, pair, fault,
         want = f"teachdiag: error: {tmp_path / 'ckpt'}: --out: exists and is not a folder"
         assert (tmp_path / "ckpt").read_text() == "precious"
     else:
-        monkeypatch.setattr(runfolder, "_fsync_write", failing_write)
+        for module in (runfolder, durable):  # appends are runfolder's; _atomic_write (the merge) is durable's
+            monkeypatch.setattr(module, "_fsync_write", failing_write)
         assert main([*probe, str(out)]) == 2
         want = f"teachdiag: error: {out}/"
         assert not (out / "tokens.csv").exists() and not (out / "tokens.csv.tmp").exists()
@@ -162,6 +164,7 @@ def test_environment_faults_are_one_line_and_lose_nothing(tmp_path, pair, fault,
     assert len(err.splitlines()) == 1 and err.startswith(want) and "Traceback" not in err, err
     if out.exists():
         assert os.strerror(code) in err and "--resume" in err
-        monkeypatch.setattr(runfolder, "_fsync_write", real)  # space freed
+        for module in (runfolder, durable):  # space freed
+            monkeypatch.setattr(module, "_fsync_write", real)
         assert main([*probe, str(out), "--resume"]) == 0
         pd.testing.assert_frame_equal(read_tokens(out / "tokens.csv"), read_tokens(tmp_path / "full/tokens.csv"))

@@ -52,7 +52,8 @@ def max_difference(a: pd.DataFrame, b: pd.DataFrame) -> float:
 
 
 @pytest.mark.slow
-def test_a_check_equals_the_probe_of_the_same_checkpoint(pair, tmp_path):
+def test_a_check_equals_the_probe_of_the_same_checkpoint(pair, tmp_path, one_thread):
+    # one thread for both: the probe runs with threads=1, and two threads may sum a row in another order (5e-7 off)
     teacher, student = pair
     contexts = write_contexts(tmp_path / "bank.jsonl", n=6)
     bank = FixedBank.load(teacher, student, str(contexts), device="cpu")
@@ -114,7 +115,7 @@ def test_a_model_on_another_device_is_refused(pair, tmp_path):
         MonitorCallback(bank, tmp_path, every=0)
 
 
-def test_the_callback_in_a_trl_run_matches_the_probe_of_its_final_weights(tmp_path):
+def test_the_callback_in_a_trl_run_matches_the_probe_of_its_final_weights(tmp_path, one_thread):
     pytest.importorskip("trl")
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
