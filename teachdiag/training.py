@@ -51,11 +51,6 @@ def opd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, token_i
 
 
 SCORES = ("topk_entropy", "union_fkl", "compat_mass", "fkl")  # what keep_positions reads of the signals
-# rows of a context's scoring at a time: signals_from_logits makes ~10 float64 (rows, V) arrays,
-# 0.4 GB at V = 151,936, not the 1.6 GB of R = 192 rows at once (measured). It works row by row,
-# so the numbers do not depend on it (the tests run it at 2). The loss is not cut: the backward
-# through the model after it, whose tied (V, H) embedding takes two gradients, peaks higher anyway
-ROWS = 32
 
 
 def sampled_token_loss(student_logits: torch.Tensor, teacher_logprob: torch.Tensor, token_ids: torch.Tensor,
@@ -80,8 +75,8 @@ def train_step(student, teacher, ctxs, batch: list[int], vocab: int, *, loss: st
     loss = (1/B') Σ_b Σ_t w_t ℓ_t m_t / L_b, L_b the response length of sequence b, m_t its kept
     mask, B' the sequences with a kept position (the paper's per-sequence mean, then batch mean).
 
-    Memory: one context's (R, V) teacher logits at a time, never the batch's, and its scores
-    ROWS rows at a time. A first pass scores each context (teacher and student forwards, no
+    Memory: one context's (R, V) teacher logits at a time, never the batch's (its scores' float64
+    passes run signals.chunk_rows(V) rows at a time). A first pass scores each context (teacher and student forwards, no
     gradient) and keeps only (R,) arrays; the selector then picks over the whole batch; a second
     pass takes each context's loss and backward.
     Of the teacher, sampled_token needs only log p_T(y), kept from the first pass; reverse_kl and
@@ -149,12 +144,11 @@ def train_step(student, teacher, ctxs, batch: list[int], vocab: int, *, loss: st
         t = teacher_rows(i)  # (R, V)
         with torch.no_grad():
             z = logits(ids, at)  # (R, V)
-            parts = [signals_from_logits(z[a : a + ROWS], t[a : a + ROWS], y[a : a + ROWS], top_k, keep=keep,
-                                         mode=select_signals) for a in range(0, len(y), ROWS)]
+            s = signals_from_logits(z, t, y, top_k, keep=keep, mode=select_signals)  # chunked inside: bounded float64
             del z
         for k in sig:
-            sig[k].append(torch.cat([p[k] for p in parts]).cpu().numpy())
-        lp_teacher.append(torch.cat([p["teacher_logprob"] for p in parts]))
+            sig[k].append(s[k].cpu().numpy())
+        lp_teacher.append(s["teacher_logprob"])
         if loss == "sampled_token":
             t = None  # all its loss needs of the teacher is in lp_teacher: the rows go before the backward
         if at_once:

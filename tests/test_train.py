@@ -204,7 +204,9 @@ def test_train_step_equals_the_whole_batch_logits_algorithm_bit_for_bit(tmp_path
         return t
 
     monkeypatch.setattr(training, "teacher_logits", watched)
-    monkeypatch.setattr(training, "ROWS", 2)  # responses of 4 to 7 tokens: a context's rows in several chunks
+    import teachdiag.probe.signals as signals
+    # two rows a chunk: responses of 4 to 7 tokens score in several chunks of signals' float64 passes
+    monkeypatch.setattr(signals, "CHUNK_BYTES", 2 * signals.LIVE * 8 * VOCAB)
     for step, batch in enumerate(([0, 1, 2], [3, 4, 5], [1, 3, 5])):
         forwards[0] = 0
         kw = dict(loss=loss, select=select, budget=0.25, top_k=16, device="cpu", seed=step, **options)
