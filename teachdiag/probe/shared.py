@@ -21,18 +21,20 @@ Proposition 1, G_t ≈ η·⟨∇L, ∇ℓ_t⟩ with L the mean loss over the ba
    give NaN·0 = NaN in every entry of ∇L. Their number is `n_skipped`; their rows are not finite.
    The loss is divided by the group's number of positions as it goes and ∇L rescaled once at the
    end when some were left out, so with none left out ∇L is bit for bit ∇(Σℓ/n).
-2. one step θ1 = θ0 − lr·scale·d(g) with the step rule of probe/steps.py (g = ∇L), applied in place
-   to the weights and undone by copying θ0 back from a copy made after pass 1.
+2. one step θ1 = θ0 − lr·scale·d(g) with the step rule of probe/steps.py (g = ∇L), taken module by
+   module inside each re-scoring forward (steps.stepped): a module's parameters are stepped in place
+   when its forward begins and copied back from a copy of that module alone when it ends, so the
+   weights are θ0 between forwards and no copy of the whole model's θ0 is ever made.
 3. again per context: the teacher's logits from a second forward (the same floats; nothing of
    positions × vocabulary size is kept between the passes), then at θ0, forward-mode, ⟨∇ℓ_t,
    scale·d⟩ = scale·⟨∂ℓ_t/∂z_t, ż_t⟩ for every position at once: one torch.func.jvp gives the θ0
    logits z and their derivative ż along d (attention switched to eager: sdpa has no forward-mode
    derivative), and ∂ℓ_t/∂z_t comes from that z. gain_first_order = lr·⟨∇ℓ_t, scale·d⟩. Then θ1:
-   every position re-scored, θ0 copied back (bit for bit).
+   every position re-scored, θ0 back bit for bit after each module.
 
-Memory: 12 bytes per stepped float32 parameter in pass 3 (weights, the θ0 copy, ∇L turned into d
-in place; the jvp takes d itself as its tangent and the scale multiplies its result), 8 in pass 1
-(no θ0 copy yet). Cost per context: two teacher forwards, student forward + backward, one JVP to
+Memory: 8 bytes per stepped float32 parameter in both passes (the weights, and ∇L turned into d in
+place; the jvp takes d itself as its tangent and the scale multiplies its result), plus one
+module's parameters copied while its θ1 forward runs (the largest is the embedding, V·d). Cost per context: two teacher forwards, student forward + backward, one JVP to
 the logits (≈ 3.5 eager forwards on CPU), one forward. grad_norm is ‖∇L‖, the same for every row
 of a group.
 """
@@ -54,7 +56,7 @@ from teachdiag.probe.forward import teacher_logits
 from teachdiag.probe.rows import make_row
 from teachdiag.probe.signals import SIGNALS, kls_from_logits, loss_grad, row_dot, signals_from_logits
 from teachdiag.probe.stepfile import load_tensors, read_header, save_tensors
-from teachdiag.probe.steps import apply_step, global_norm, rule
+from teachdiag.probe.steps import global_norm, rule, stepped
 
 
 @contextlib.contextmanager
@@ -90,7 +92,6 @@ class SharedStep:
         self.grads: list[torch.Tensor] | None = None  # ∇L of the held step (d(∇L) once stepped: in place)
         self.directions: list[torch.Tensor] | None = None
         self.scale = 1.0
-        self.theta0: list[torch.Tensor] | None = None  # copied when the step is first applied
         self.before: dict[int, tuple[dict[str, torch.Tensor], torch.Tensor]] = {}  # c -> signals (P,), ok (P,)
         self.grad_norm = math.nan  # ‖∇L‖ of the held step
         self.n_skipped = 0  # positions of the held step left out of L (their loss is not finite)
@@ -154,20 +155,14 @@ class SharedStep:
         if self.directions is None:  # adam overwrites ∇L with its direction: no second copy
             self.directions, self.scale = self.rule.direction(self.grads, self.grad_norm)
             self.grads = None
-        if self.theta0 is None:
-            self.theta0 = [p.detach().clone() for p in self.params]
         rows: dict[int, list[dict]] = {}
         for c in group:
             ctx, positions = ctxs[c], by_ctx[c]
             t = teacher_logits(teacher, ctx, positions, self.vocab, device)  # (P, V), as in pass 1
             ids, keep, y = self._view(ctx, positions, device)
             g_dot_d = self._directional(ids, keep, t, y) if self.first_order else [math.nan] * len(positions)
-            try:  # θ1, re-score, back to θ0
-                apply_step(self.params, self.directions, self.lr, self.scale)
-                with torch.no_grad():
-                    z1 = self._logits(ids, keep)  # (P, V)
-            finally:
-                self.restore()
+            with torch.no_grad(), stepped(self.model, self.named, self.directions, self.lr, self.scale):
+                z1 = self._logits(ids, keep)  # (P, V) at θ1; the weights are θ0 again when it returns
             after = kls_from_logits(z1, t, self.keep)
             sig, ok = self.before[c]
             ok = (ok & torch.isfinite(z1).all(1).cpu()).tolist()
@@ -181,7 +176,7 @@ class SharedStep:
 
     def release(self) -> None:
         """Let go of the held step (θ0 is in the weights whenever this can be called)."""
-        self.grads = self.directions = self.theta0 = None
+        self.grads = self.directions = None
         self.before = {}
 
     def _logits(self, ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -233,12 +228,6 @@ class SharedStep:
         use = self._usable(t, y)
         delta = self._delta(z, t, y, use, 1).masked_fill_(~use[:, None], math.nan)  # each row's own ∂ℓ_t/∂z_t
         return (row_dot(delta, dz) * self.scale).tolist()
-
-    @torch.no_grad()
-    def restore(self) -> None:
-        """Copy θ0 back into the stepped parameters (exact, bit for bit)."""
-        for p, p0 in zip(self.params, self.theta0 or []):
-            p.copy_(p0)
 
     # --- the held step saved for --resume (probe/stepfile.py) ---
 

@@ -12,7 +12,7 @@ interrupted run write the rest of its rows without a second pass over every cont
 
 The file is standard safetensors (safetensors.torch.load_file reads it), but written and read here
 tensor by tensor: safetensors' own save_file first turns every tensor into bytes, a second copy of
-∇L in memory, which is what the shared step's 12 bytes per parameter leave no room for. Written to
+∇L in memory, which is what the shared step's 8 bytes per parameter leave no room for. Written to
 <name>.tmp, fsynced, renamed, the folder fsynced: a kill leaves the old state or the new, never half.
 """
 

@@ -4,6 +4,8 @@
     r = rule("normalized")                       # StepRule: name, default_lr, elementwise, normalized
     d, scale = r.direction(grads, r.norm(grads)) # d may overwrite grads (adam): they are ours
     gain1 = lr * r.first_order(grads, norm)      # lr·⟨g, scale·d⟩, nats: call before direction()
+    with torch.no_grad(), stepped(model, named, d, lr, scale):
+        z1 = model(ids).logits                   # θ1's logits; the weights are θ0 again after each module
 
 A rule is an elementwise map g ↦ d(g) and an optional global scale 1/‖g‖:
 
@@ -20,10 +22,13 @@ with d = g it is ‖g‖² and never materialised.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
 
 ADAM_EPS = 1e-8
 
@@ -106,3 +111,85 @@ def apply_step(params: list[torch.Tensor], directions: list[torch.Tensor], lr: f
     with torch.no_grad():
         for p, d in zip(params, directions):
             p.add_(d, alpha=-lr * scale)
+
+
+class _Guard(TorchFunctionMode):
+    """Refuses any torch function that reads a stepped parameter while it holds θ0 (outside the
+    forward of a module that owns it): such a forward would mix θ0 and θ1 without a word."""
+
+    def __init__(self, names: dict[int, str], live: dict[int, int]) -> None:
+        super().__init__()
+        self.names, self.live = names, live
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") != "__get__":  # .shape, .dtype and the like read no values
+            for a in (*args, *kwargs.values()):
+                if isinstance(a, torch.Tensor) and id(a) in self.names and not self.live.get(id(a)):
+                    raise RuntimeError(f"parameter {self.names[id(a)]} is read outside the forward of the "
+                                       "module that holds it; the shared step cannot step it module by module")
+        return func(*args, **kwargs)
+
+
+class Stepped:
+    """What `stepped` did: peak_bytes, the most parameter bytes it held copied at once."""
+
+    peak_bytes: int = 0
+
+
+@contextlib.contextmanager
+def stepped(model: nn.Module, named: list[tuple[str, torch.Tensor]], directions: list[torch.Tensor], lr: float,
+            scale: float) -> Iterator[Stepped]:
+    """Forwards of `model` inside see θ1 = θ0 − lr·scale·d while its weights stay θ0 between modules.
+
+    Each module that holds stepped parameters has them stepped in place (apply_step's own add_, so
+    the same floats as stepping the whole model) when its forward begins, after a copy of their θ0,
+    and copied back when it ends: at no time is there a copy of more than the modules whose forward
+    is running (one at a time in a decoder; the tied embedding twice, never together), where stepping
+    the whole model in place needs a θ0 copy of all of it (4 bytes a float32 parameter). A parameter
+    a module reads while an ancestor already stepped it is not stepped twice. A stepped parameter
+    read outside its modules' forwards raises RuntimeError (_Guard). On leaving, however it is left,
+    every parameter is θ0 again, bit for bit."""
+    step = dict(zip((id(p) for _, p in named), directions))  # id(parameter) -> d
+    names = {id(p): n for n, p in named}
+    live: dict[int, int] = {}  # id(parameter) -> how many running forwards have it stepped (0 or 1)
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []  # (parameter, its θ0), innermost last
+    stats, held = Stepped(), [0]
+    counts: dict[int, list[int]] = {}  # id(module) -> parameters each of its running forwards stepped
+    hooks = []
+
+    def begin(module, args):
+        mine = [p for p in module._parameters.values() if p is not None and id(p) in step and not live.get(id(p))]
+        for p in mine:
+            live[id(p)] = 1
+            saved.append((p, p.detach().clone()))
+            held[0] += p.numel() * p.element_size()
+            with torch.no_grad():
+                p.add_(step[id(p)], alpha=-lr * scale)
+        stats.peak_bytes = max(stats.peak_bytes, held[0])
+        counts.setdefault(id(module), []).append(len(mine))
+
+    def end(module, args, output):
+        for _ in range(counts[id(module)].pop()):
+            _restore_last()
+        return output
+
+    def _restore_last():
+        p, p0 = saved.pop()
+        with torch.no_grad():
+            p.copy_(p0)
+        held[0] -= p.numel() * p.element_size()
+        live[id(p)] = 0  # last: from here on the guard refuses any read of p
+
+    for module in model.modules():
+        if any(p is not None and id(p) in step for p in module._parameters.values()):
+            hooks.append(module.register_forward_pre_hook(begin))
+            hooks.append(module.register_forward_hook(end))
+    try:
+        with _Guard(names, live):
+            yield stats
+    finally:
+        for h in hooks:
+            h.remove()
+        while saved:  # a forward that raised midway: its modules' θ0 back
+            _restore_last()

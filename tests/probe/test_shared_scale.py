@@ -1,4 +1,4 @@
-"""The shared step at scale: no positions × vocabulary file, 12 bytes per parameter, rows per group
+"""The shared step at scale: no positions × vocabulary file, 8 bytes per parameter, rows per group
 of contexts, a saved ∇L for --resume, and a full disk as one line.
 
 `old_shared_rows` is the shared step as teachdiag computed it before (teacher logits and ∂ℓ/∂z kept
@@ -7,6 +7,7 @@ scaled copy of d), written out from torch and teachdiag's building blocks, so th
 checked against the old numbers, not against numbers pasted in.
 """
 
+import contextlib
 import copy
 import errno
 import math
@@ -149,32 +150,42 @@ def test_rows_left_out_of_the_loss_stay_within_float_noise(models, tmp_path, one
                     assert b[k] == pytest.approx(a[k], rel=1e-5, abs=5e-7), k
 
 
-def test_twelve_bytes_per_parameter(models, tmp_path, monkeypatch):
-    """The step is applied from ∇L's own memory (d in place), and the JVP's tangent is that memory
-    too: beside the weights and the θ0 copy nothing of the parameters' size is made."""
+def test_eight_bytes_per_parameter(models, tmp_path, monkeypatch):
+    """The step is applied from ∇L's own memory (d in place), the JVP's tangent is that memory too,
+    and θ1 is taken module by module: beside the weights and d, nothing of the parameters' size is
+    made but the copy of the modules whose θ1 forward is running (never more than the largest)."""
     import teachdiag.probe.shared as shared_module
+    from teachdiag.probe import steps
 
     teacher, student = models
     ctxs, by_ctx = _contexts(tmp_path, 2)
     step = SharedStep(student, "all", "reverse_kl", "adam", 1e-4, VOCAB)
     step.gradient(teacher, ctxs, by_ctx, list(by_ctx), "cpu")
-    assert step.theta0 is None  # pass 1 needs no copy of θ0
     grad_ptrs = [g.data_ptr() for g in step.grads]
-    seen = []
-    real_jvp = shared_module.jvp
+    seen, peaks = [], []
+    real_jvp, real_stepped = shared_module.jvp, steps.stepped
 
     def spy(f, primals, tangents):
         seen.append([t.data_ptr() for t in tangents[0].values()])
         return real_jvp(f, primals, tangents)
 
+    @contextlib.contextmanager
+    def spy_stepped(*args):
+        with real_stepped(*args) as stats:
+            yield stats
+        peaks.append(stats.peak_bytes)
+
     monkeypatch.setattr(shared_module, "jvp", spy)
+    monkeypatch.setattr(shared_module, "stepped", spy_stepped)
     theta0 = copy.deepcopy(student.state_dict())
     step.rescore(teacher, ctxs, by_ctx, list(by_ctx), "cpu")
     assert [d.data_ptr() for d in step.directions] == grad_ptrs and step.grads is None
     assert seen and all(s == grad_ptrs for s in seen)
+    largest = max(sum(p.numel() * 4 for p in m.parameters(recurse=False)) for m in student.modules())
+    assert len(peaks) == len(by_ctx) and all(0 < peak <= largest for peak in peaks)
     assert all(torch.equal(theta0[k], v) for k, v in student.state_dict().items())
     step.release()
-    assert step.theta0 is None and step.directions is None
+    assert step.directions is None
 
 
 def _instrument(student, tmp_path, resume=False, **kw):
