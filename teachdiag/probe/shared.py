@@ -52,7 +52,7 @@ from torch.func import functional_call, jvp
 
 from teachdiag.contexts import Context
 from teachdiag.probe.exact import select_params
-from teachdiag.probe.forward import teacher_logits
+from teachdiag.probe.forward import teacher_logits, trim_heap
 from teachdiag.probe.rows import make_row
 from teachdiag.probe.signals import SIGNALS, kls_from_logits, loss_grad, row_dot, signals_from_logits
 from teachdiag.probe.stepfile import load_tensors, read_header, save_tensors
@@ -131,6 +131,8 @@ class SharedStep:
                 sig = signals_from_logits(z, t, y, self.top_k, self.keep, self.signals)
                 ok = torch.isfinite(z).all(1) & torch.isfinite(t).all(1)
                 self.before[c] = ({k: v.cpu() for k, v in sig.items()}, ok.cpu())
+                del t, z, sig
+                trim_heap()
                 if progress:
                     progress(len(positions), "gradient")
         except BaseException:  # nothing half-accumulated stays on the student
@@ -170,6 +172,8 @@ class SharedStep:
             fkl1, rkl1 = after["fkl"].tolist(), after["rkl"].tolist()
             rows[c] = [make_row({k: v[i] for k, v in sig.items()}, fkl1[i], rkl1[i], self.grad_norm,
                                 self.lr * g_dot_d[i], ok[i]) for i in range(len(positions))]
+            del t, z1, after
+            trim_heap()
             if progress:
                 progress(len(positions), "re-score")
         return rows
