@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from teachdiag.probe.forward import teacher_logits
+from teachdiag.probe.forward import teacher_logits, trim_heap
 from teachdiag.probe.signals import (at_token, clipped_fkl, probe_loss, restrict, signals_from_logits,
                                      token_index)
 from teachdiag.runfolder import _atomic_write, discard_tree, fsync_tree, publish_folder
@@ -154,6 +154,7 @@ def train_step(student, teacher, ctxs, batch: list[int], vocab: int, *, loss: st
         if at_once:
             total += backward(i, t, lp_teacher[i])
         del t  # before the next context's forward: one context's logits alive at a time
+        trim_heap()  # and the pages of what this context freed back to the OS (probe/forward.py)
 
     flat = {k: np.concatenate(v) for k, v in sig.items()}
     flat["position"] = np.concatenate([np.arange(n) for n in lengths])  # (N,) j within its response
@@ -170,6 +171,7 @@ def train_step(student, teacher, ctxs, batch: list[int], vocab: int, *, loss: st
                 t = None if loss == "sampled_token" else teacher_rows(i)  # (R, V) again: the full-row losses
                 total += backward(i, t, lp_teacher[i])
                 del t
+                trim_heap()
     optimizer.step()
     return {"loss": total, "kept": n_kept, "positions": int(ends[-1]), "mean_fkl": float(flat["fkl"].mean())}
 
