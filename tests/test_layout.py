@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1] / "teachdiag"
 FRONT = {"teachdiag.cli", "teachdiag.api", "teachdiag", "teachdiag.__main__"}  # the front doors may import commands
 # the data chain; a module may import its own rank or lower, never a higher one
 CHAIN = {"teachdiag.contexts": 0, "teachdiag.probe": 1, "teachdiag.table": 2, "teachdiag.scores": 2,
-         "teachdiag.runfolder": 2, "teachdiag.analysis": 3}
+         "teachdiag.runfolder": 2, "teachdiag.runtable": 2, "teachdiag.analysis": 3}
 
 
 def module_name(path: Path) -> str:
