@@ -118,4 +118,4 @@ def run_rollout(**options) -> Path:
     options.setdefault("quiet", True)
     cfg = RolloutConfig(**options)
     apply_threads(cfg.threads)
-    return _run(cfg)
+    return _run(cfg, [])

@@ -53,7 +53,7 @@ def _viability(cfg, argv: list[str]) -> None:
 def _rollout(cfg, argv: list[str]) -> None:
     from teachdiag.commands.rollout import run_rollout
 
-    run_rollout(cfg)
+    run_rollout(cfg, argv)
 
 
 def _analyze(cfg, argv: list[str]) -> None:

@@ -1,12 +1,13 @@
 """Writes that survive a kill or a power cut: flushed and fsynced files, renames made durable.
 
     from teachdiag.durable import _atomic_write, _fsync_write, _fsync_dir
-    _fsync_write(path, text)      # appended (mode "a"), on disk when it returns
+    _fsync_write(path, text)      # appended (mode "a"), on disk when it returns; text or bytes
     _atomic_write(path, text)     # whole: written beside as <name>.tmp, fsynced, renamed into place
     _fsync_dir(folder)            # a rename or a new file in folder made durable
 
-The run folder (runfolder.py) and the shared step's gradient file (probe/stepfile.py) both write
-this way; it sits below both in the chain of imports.
+Commands never call these: they write through the run output (runfolder.RunOutput), which adds
+the lock, the run record and one-line errors. The shared step's gradient file (probe/stepfile.py),
+a library-internal resume file, uses _fsync_dir directly; this module sits below both.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import os
 from pathlib import Path
 
 
-def _fsync_write(path: Path, text: str, mode: str = "a") -> None:
-    with open(path, mode, encoding="utf-8", newline="") as f:
+def _fsync_write(path: Path, text: str | bytes, mode: str = "a") -> None:
+    # bytes (a rendered figure) are written as they are; text as UTF-8 with its own line ends
+    binary = isinstance(text, bytes)
+    with open(path, mode + "b" if binary else mode, **({} if binary else {"encoding": "utf-8", "newline": ""})) as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
@@ -36,7 +39,7 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def _atomic_write(path: Path, text: str | bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     _fsync_write(tmp, text, mode="w")
     os.replace(tmp, path)

@@ -4,6 +4,7 @@
     rec = model_record("path/to/student", student, "float32")   # run.json's "student" entry
     weights_summary("path/to/folder")   # {"files", "sha256", "source_dtype", "source_dtypes"}
     code_version()                      # {"version": "0.1.0", "git_commit": "ab12..." | None}
+    command_header("rollout", argv, options, device)   # command line, options, device: every record's opening
 
 Why: a bfloat16 folder is upcast to float32 for stepping, and the config hash alone cannot tell it
 from the float32 folder it came from; the weights hash and the dtype on disk can. Only
@@ -142,21 +143,29 @@ def model_record(name: str, model, dtype_used: str) -> dict:
     return rec
 
 
-def run_header(command: str, argv: list[str] | None, options: dict, device, cfg, teacher, student, match,
-               ctxs: list) -> dict:
-    """The fields every command's run.json opens with: the command line, options, device, both models,
-    the tokenizer match and the contexts file (probe and viability add their own after these)."""
+def command_header(command: str, argv: list[str] | None, options: dict, device) -> dict:
+    """The fields every run record opens with, whatever models the command loads: the command line,
+    options and device (run_header adds the pair's; rollout adds its one student's model_record)."""
     import sys
 
     import torch
-
-    from teachdiag.contexts import encoding_summary
 
     return {
         "command": " ".join(["teachdiag", command, *(argv if argv is not None else sys.argv[2:])]),
         "options": options, "device": str(device),
         "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
                         else f"CPU, {torch.get_num_threads()} torch threads"),
+    }
+
+
+def run_header(command: str, argv: list[str] | None, options: dict, device, cfg, teacher, student, match,
+               ctxs: list) -> dict:
+    """The fields every command's run.json opens with: the command line, options, device, both models,
+    the tokenizer match and the contexts file (probe and viability add their own after these)."""
+    from teachdiag.contexts import encoding_summary
+
+    return {
+        **command_header(command, argv, options, device),
         "teacher": model_record(cfg.teacher, teacher, cfg.dtype),
         "student": model_record(cfg.student, student, "float32"),
         "tokenizer": match.record(),

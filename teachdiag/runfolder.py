@@ -1,39 +1,42 @@
-"""The run folder: tokens.csv (one row per probed position) and run.json (the run record).
+"""The run output: one writer through which every command writes what it leaves on disk.
 
-    from teachdiag.runfolder import RunWriter
-    w = RunWriter("runs/r1", overwrite=False)
-    w.start(record)                 # run.json with "complete": false
-    w.append_context("ctx-1", rows) # appended, flushed and fsynced: a killed run keeps it
-    df = w.finish(record, order)    # tokens.csv with teachability/incompat, "complete": true
+    from teachdiag.runfolder import RunOutput
+    out = RunOutput("runs/r1", record="run.json", overwrite=False, resume=False)  # claimed and locked
+    out.start(header)                    # the run record, "complete": false, before any work
+    out.append("log.csv", line)          # appended, flushed and fsynced: a killed run keeps it
+    out.cut("log.csv", n_bytes)          # a resume cuts a torn tail back to what is whole
+    out.write("table.csv", text)         # whole: <name>.tmp, fsynced, renamed into place
+    out.publish(tmp_folder, "model")     # a folder swapped in whole (train's checkpoint set)
+    out.finish(record)                   # the run record again, "complete": true, last
+    RunOutput.beside("r.jsonl", ".run.json")  # one file's output (rollout): r.jsonl.run.json, a lock of its own
 
-Rows are first appended to tokens.partial.csv, one write per finished context, and the byte
-length after each context goes to progress.jsonl; a crash can only tear the last context, which
-resume cuts off. tokens.csv appears only when the run is complete, because teachability and
-incompat are normalised over all rows of the run and would change with more rows.
-Under torchrun each rank appends to its own part (tokens.partial.rank<r>.csv, progress.rank<r>.jsonl)
-and rank 0 merges every part, in the single-process order, into tokens.csv.
+Every write turns a failing disk (full, read-only, gone) into one line naming the file and what
+survived (disk_faults), instead of a traceback. The record is the run header (provenance: command
+line, options, device, models with their weight hashes) plus what the command adds; it is written
+atomically, so a reader sees the old record or the new one, never half of one, and a record that
+says "complete": false (or none at all) means the other files are not to be trusted as finished.
+probe and viability write their tables through the table layer on top of this (runtable.py);
+train, rollout and calibrate use it directly. Only this module calls the durable.py primitives
+for a command (tests/test_layout.py holds every command to that).
+
+Also here: claim_folder and lock_folder (one writer per folder or file, by flock), check_writable,
+publish_folder / discard_tree / fsync_tree (folders replaced or removed so that a kill leaves a
+complete one), releases_locks (a command's locks end with it).
 """
 
 from __future__ import annotations
 
-import csv
 import functools
-import io
 import json
 import os
 import shutil
-from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-
-from teachdiag.durable import _atomic_write, _fsync_dir, _fsync_write  # noqa: F401  (callers import them from here too)
+# looked up here at each call (not bound in the writer), so a test can fail a write on purpose
+from teachdiag.durable import _atomic_write, _fsync_dir, _fsync_write
 from teachdiag.errors import InputError
 from teachdiag.provenance import WEIGHT_KEYS
-from teachdiag.scores import teachability_columns
-from teachdiag.table import COLUMNS, RUN, TEXT_COLUMNS, TOKENS, all_parts, part_files, read_tokens, rows_to_csv
 
 
 def fsync_tree(folder: Path) -> None:
@@ -77,9 +80,11 @@ def publish_folder(tmp: Path, final: Path) -> None:
 
 
 
+KEPT = "what was finished is kept; free space or fix permissions, then rerun with --resume"
+
+
 @contextmanager
-def disk_faults(where: Path, kept: str = "what was finished is kept; free space or fix permissions, then rerun "
-                                          "with --resume"):
+def disk_faults(where: Path, kept: str = KEPT):
     """Turn a failing write (disk full, a folder turned read-only, a vanished mount) into one line
     naming the file and what survived, instead of a traceback: the environment, not a bug."""
     try:
@@ -177,192 +182,138 @@ def claim_folder(out: Path, overwrite: bool, resume: bool, rank: int = 0) -> Non
                          "continue it", field="--out", file=str(out))
 
 
-class RunWriter:
-    """Owns one run folder (one rank's part of it); see the module docstring for the files."""
+class RunOutput:
+    """Owns one command's output: a folder (claimed, locked) or one file in a folder (locked by
+    name), its run record, and every write into it; see the module docstring."""
 
-    def __init__(self, out: str | Path, overwrite: bool = False, resume: bool = False, rank: int = 0,
-                 columns: list[str] = COLUMNS, text_columns: tuple[str, ...] = TEXT_COLUMNS,
-                 table: str = TOKENS, key: tuple[str, ...] = ("context_id", "position")) -> None:
-        """columns/text_columns/table/key: tokens.csv's by default; `teachdiag viability` writes
-        viability.csv (one row per position and alternative) through the same machinery."""
-        self.out, self.rank = Path(out), rank
-        self.columns, self.text_columns, self.table, self.key = columns, text_columns, table, list(key)
-        claim_folder(self.out, overwrite, resume, rank)
-        self.fresh = overwrite and not resume  # old files go in start(), once the models have loaded
-        self.partial, self.progress = part_files(self.out, rank)
+    def __init__(self, folder: str | Path, record: str = "run.json", *, overwrite: bool = False,
+                 resume: bool = False, rank: int = 0, claim: bool = True) -> None:
+        """claim: make `folder` this command's (claim_folder: a folder, writable, locked by rank 0,
+        empty unless overwrite or resume). False: the caller has locked what it writes (beside())."""
+        self.folder, self.record = Path(folder), record
+        self.kept = KEPT  # what a failing write says survived (faults() changes it for a stretch of work)
+        if claim:
+            claim_folder(self.folder, overwrite, resume, rank)
 
-    def repair(self, own_only: bool = False) -> None:
-        """Cut a torn last write off every part (rank 0, before any rank reads done_contexts),
-        or off this rank's own part (after Ctrl-C, which can land between its two writes)."""
-        with disk_faults(self.out):
-            self._repair(own_only)
+    @classmethod
+    def beside(cls, file: str | Path, suffix: str = ".run.json") -> "RunOutput":
+        """The output of a command that writes one file (rollout): its folder made and checked
+        writable, a lock of that file alone (<folder>/.<name>.lock, so two outputs in one folder do
+        not exclude each other), and the record <name><suffix> beside it. Whether the file may be
+        replaced or resumed is the command's to say: its format knows what a whole record is."""
+        file = Path(file)
+        check_writable(file.parent)
+        lock_folder(file.parent, name=f".{file.name}.lock")  # before the file or its record is read
+        return cls(file.parent, file.name + suffix, claim=False)
 
-    def _repair(self, own_only: bool) -> None:
-        seen: set[str] = set()  # a context found in an earlier part is not taken twice
-        for partial, progress in [(self.partial, self.progress)] if own_only else all_parts(self.out):
-            # no progress file: killed before its first context was recorded, so nothing counts
-            entries = _progress_entries(progress) if progress.exists() else []
-            data = partial.read_bytes() if partial.exists() else b""
-            entries = self._whole_contexts(data, entries, seen)
-            if partial.exists():  # never past its end (that would pad it with NUL bytes)
-                with open(partial, "r+b") as f:
-                    f.truncate(entries[-1]["bytes"] if entries else 0)
-            _atomic_write(progress, "".join(json.dumps(e) + "\n" for e in entries))
+    def path(self, name: str | Path) -> Path:
+        """Where `name` lives: a str is a name in the folder ("train_log.csv", "model/x.json"); a
+        Path is taken as it is (the caller built it from the folder, e.g. a table's part files)."""
+        return name if isinstance(name, Path) else self.folder / name
 
-    def _whole_contexts(self, data: bytes, entries: list[dict], seen: set[str]) -> list[dict]:
-        """The progress entries whose rows are really in `data` (a part's bytes), up to the first that
-        is not: its byte range must lie in the file, end a line, and hold rows of this table's columns,
-        all of that context and none twice. A damaged part (cut short, a row doubled, a context written
-        twice) is cut back to its last sound context, and what follows is computed again."""
-        header = (",".join(self.columns) + "\n").encode()
-        at_key, at_id = [self.columns.index(k) for k in self.key], self.columns.index("context_id")
-        keys: set[tuple] = set()
-        good, start = [], len(header)
-        if not data.startswith(header):
-            return []
-        for e in entries:
-            end = e.get("bytes") if isinstance(e, dict) else None
-            cid = e.get("id") if isinstance(e, dict) else None
-            if not (isinstance(end, int) and isinstance(cid, str) and start < end <= len(data)) or cid in seen:
-                break
-            segment = data[start:end]
-            try:
-                rows = list(csv.reader(io.StringIO(segment.decode("utf-8"), newline="")))
-            except (UnicodeDecodeError, csv.Error):
-                break
-            here = {tuple(r[i] for i in at_key) for r in rows if len(r) == len(self.columns)}
-            if (not segment.endswith(b"\n") or not rows or len(here) < len(rows) or here & keys
-                    or any(len(r) != len(self.columns) or r[at_id] != cid for r in rows)):
-                break
-            keys |= here
-            seen.add(cid)
-            good.append(e)
-            start = end
-        return good
-
-    def done_contexts(self) -> set[str]:
-        """Contexts finished by an earlier, interrupted run, on any rank (after repair())."""
-        return {e["id"] for _, progress in all_parts(self.out) if progress.exists()
-                for e in _progress_entries(progress)}
-
-    def start(self, record: dict) -> None:
-        """Rank 0: clear an --overwrite folder and write run.json with "complete": false."""
-        with disk_faults(self.out):
-            if self.fresh:
-                for partial, progress in all_parts(self.out):
-                    partial.unlink(missing_ok=True)
-                    progress.unlink(missing_ok=True)
-                (self.out / self.table).unlink(missing_ok=True)
-                (self.out / RUN).unlink(missing_ok=True)
-            self.write_record(dict(record, complete=False))
-
-    def check_resume(self, record: dict, same_options: tuple[str, ...],
-                     models: Callable[[dict], dict] = lambda r: {"teacher": r["teacher"], "student": r["student"]},
-                     added: dict | None = None) -> None:
-        """Refuse to --resume this folder into `record` unless it is an unfinished run of the same work:
-        the options in `same_options`, the models' weights (`models`: name -> run-record entry, or None
-        where a run has no such model), the contexts file and the table's columns all unchanged.
-        added: options newer than some run records, with the value those runs had."""
-        old_path = self.out / RUN
-        if not old_path.exists():
-            raise InputError("nothing to resume (no run.json)", field="--resume", file=str(self.out))
+    def previous(self, field: str = "--resume") -> dict | None:
+        """The run record already there (None when there is none); unreadable: one-line InputError."""
+        path = self.path(self.record)
+        if not path.is_file():
+            return None
         try:
-            old = json.loads(old_path.read_text())
-            old["options"], old["contexts"], models(old)
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
-            raise InputError("is not a teachdiag run record", field="--resume", file=str(old_path)) from None
-        for key in same_options:
-            was = old["options"].get(key, (added or {}).get(key))
-            if was != record["options"].get(key):
-                raise InputError(f"option {key} differs from the run being resumed "
-                                 f"({was!r} vs {record['options'].get(key)!r})",
-                                 field="--resume", file=str(old_path))
-        before, now = models(old), models(record)
+            old = json.loads(path.read_text())
+            if not isinstance(old, dict):
+                raise TypeError
+            return old
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError):
+            raise InputError("is not a teachdiag run record", field=field, file=str(path)) from None
+
+    def check_models(self, before: dict, now: dict) -> None:
+        """Refuse to continue a run whose models' weights changed: `before` and `now` map a role
+        (teacher, student) to its run-record entry (provenance.model_record), or None where a run
+        has no such model; an entry is the same model when every WEIGHT_KEYS field is equal."""
         for who in now:
             a, b = before.get(who), now[who]
             if a is not None and b is not None and any(a.get(k) != b.get(k) for k in WEIGHT_KEYS):
                 raise InputError(f"the {who} model differs from the run being resumed", field="--resume",
-                                 file=str(old_path))
-        if old["contexts"]["sha256"] != record["contexts"]["sha256"]:
-            raise InputError("the contexts file changed since the run began", field="--resume", file=str(old_path))
-        for partial, _ in all_parts(self.out):  # a part written by another version of the table
-            if partial.is_file() and partial.stat().st_size > 0:
-                with open(partial, encoding="utf-8", errors="replace") as f:
-                    if f.readline().rstrip("\n") != ",".join(self.columns):
-                        raise InputError("its columns differ from this version's; start a new run",
-                                         field="--resume", file=str(partial))
-        if old.get("complete") is True:
-            raise InputError("this run is already complete; nothing to resume", field="--resume",
-                             file=str(old_path))
+                                 file=str(self.path(self.record)))
 
-    def write_record(self, record: dict) -> None:
-        with disk_faults(self.out):
-            _atomic_write(self.out / RUN, json.dumps(record, indent=2, default=str) + "\n")
-
-    def append_context(self, context_id: str, rows: list[dict]) -> None:
-        with disk_faults(self.out):  # a torn write here is cut off by the next resume's repair()
-            header = not self.partial.exists() or self.partial.stat().st_size == 0
-            _fsync_write(self.partial, rows_to_csv(rows, header=header, columns=self.columns))
-            _fsync_write(self.progress, json.dumps({"id": context_id, "bytes": self.partial.stat().st_size}) + "\n")
-
-    def merged_rows(self, order: list[str]) -> pd.DataFrame:
-        """Every part's rows, contexts in `order` (the single-process order), each exactly once."""
-        parts = [read_tokens(p, self.columns, self.text_columns) for p, _ in all_parts(self.out)
-                 if p.exists() and p.stat().st_size > 0]
-        df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=self.columns)
-        rank = {cid: i for i, cid in enumerate(order)}
-        found = df.groupby("context_id", sort=False).size().index
-        missing, extra = set(order) - set(found), set(found) - set(order)
-        if missing or extra:  # never write a table that looks finished but is not this run's
-            raise RuntimeError(f"run parts do not match the run: {len(missing)} contexts missing, "
-                               f"{len(extra)} unexpected, in {self.out}")
-        if df.duplicated(self.key).any():
-            raise RuntimeError(f"a row ({', '.join(self.key)}) appears twice in the run parts in {self.out}")
-        # stable sort: within a context the rows keep their probe order (positions ascending)
-        return df.sort_values("context_id", key=lambda c: c.map(rank), kind="stable").reset_index(drop=True)
-
-    def finish(self, record: dict, order: list[str]) -> pd.DataFrame:
-        """Merge the parts, normalise teachability/incompat over all rows, write tokens.csv, mark complete.
-
-        `order`: every context id of the run in single-process order.
-        """
-        df = self.merged_rows(order)
-        df["teachability"], df["incompat"] = teachability_columns(df["union_fkl"], df["compat_mass"],
-                                                                  df["finite"].to_numpy() == 1)
-        return self.finish_table(record, df)
-
-    def finish_table(self, record: dict, df: pd.DataFrame) -> pd.DataFrame:
-        """Write the finished table (all of self.columns) atomically, mark run.json complete and
-        remove the parts."""
-        rows = df.to_dict("records")
-        for r in rows:  # pandas gives numpy scalars; CSV writing wants plain floats and ints
-            for c in self.columns:
-                v = r[c]
-                r[c] = float(v) if isinstance(v, (float, np.floating)) else v
-        table = self.out / self.table
+    @contextmanager
+    def faults(self, kept: str):
+        """A stretch of work whose failing writes say `kept` survived: the writer's own, and any
+        other code's in the block (e.g. save_pretrained writing a checkpoint) turned into one line too."""
+        before, self.kept = self.kept, kept
         try:
-            with disk_faults(self.out, "every part is kept; free space or fix permissions, then rerun with "
-                                       "--resume to merge them"):
-                _atomic_write(table, rows_to_csv(rows, header=True, columns=self.columns))
+            with disk_faults(self.folder, kept):
+                yield
+        finally:
+            self.kept = before
+
+    def write_record(self, record: dict, kept: str | None = None) -> None:
+        """The run record as given, written whole (start and finish add "complete")."""
+        self.write(self.record, json.dumps(record, indent=2, default=str) + "\n", kept)
+
+    def start(self, record: dict, kept: str | None = None) -> None:
+        """The run record with "complete": false: before the work, so a killed run says so."""
+        self.write_record(dict(record, complete=False), kept)
+
+    def finish(self, record: dict, kept: str | None = None) -> None:
+        """The run record with "complete": true: the last write, once every other file is in place."""
+        self.write_record(dict(record, complete=True), kept)
+
+    def append(self, name: str | Path, text: str, kept: str | None = None) -> None:
+        """Append to `name`, flushed and fsynced: on disk when it returns. A kill can tear only the
+        last append, which the command's resume cuts off (cut)."""
+        path = self.path(name)
+        with disk_faults(path, kept or self.kept):
+            _fsync_write(path, text)
+
+    def write(self, name: str | Path, data: str | bytes, kept: str | None = None) -> None:
+        """Replace `name` whole: written beside as <name>.tmp, fsynced, renamed into place. On a
+        failing write the .tmp is removed (half a file helps no one) and `kept` says what survived."""
+        path = self.path(name)
+        try:
+            with disk_faults(path, kept or self.kept):
+                _atomic_write(path, data)
         except InputError:
             try:
-                table.with_name(table.name + ".tmp").unlink(missing_ok=True)  # half a table helps no one
+                path.with_name(path.name + ".tmp").unlink(missing_ok=True)
             except OSError:
                 pass
             raise
-        self.write_record(dict(record, complete=True))
-        for partial, progress in all_parts(self.out):
-            partial.unlink(missing_ok=True)
-            progress.unlink(missing_ok=True)
-        return df
 
+    def cut(self, name: str | Path, length: int, kept: str | None = None) -> None:
+        """Cut `name` back to its first `length` bytes (a torn tail), never past its end (that would
+        pad it with NUL bytes); a file that is not there stays absent."""
+        path = self.path(name)
+        with disk_faults(path, kept or self.kept):
+            if path.exists():
+                with open(path, "r+b") as f:
+                    f.truncate(min(length, os.fstat(f.fileno()).st_size))
+                    os.fsync(f.fileno())
 
-def _progress_entries(progress: Path) -> list[dict]:
-    """The finished-context entries of one progress file, up to a torn line."""
-    entries = []
-    for line in progress.read_text().splitlines():
-        try:
-            entries.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # a torn progress line: the context it describes is redone
-    return entries
+    def move(self, name: str | Path, to: str | Path, kept: str | None = None) -> None:
+        """Rename `name` to `to` in the folder, durably."""
+        src, dst = self.path(name), self.path(to)
+        with disk_faults(src, kept or self.kept):
+            os.replace(src, dst)
+            _fsync_dir(dst.parent)
+
+    def remove(self, *names: str | Path, kept: str | None = None) -> None:
+        """Delete files (absent ones are fine) and folders (discard_tree: never half-deleted under their name)."""
+        for name in names:
+            path = self.path(name)
+            with disk_faults(path, kept or self.kept):
+                if path.is_dir() or path.with_name(path.name + ".trash").exists():  # and a killed removal's rest
+                    discard_tree(path)
+                else:
+                    path.unlink(missing_ok=True)
+
+    def publish(self, tmp: str | Path, name: str | Path, last: tuple[str, str] | None = None,
+                kept: str | None = None) -> None:
+        """Swap the complete folder `tmp` in as `name` (publish_folder: everything in it fsynced first;
+        a kill between its two renames leaves two complete folders, <name>.old and tmp).
+        last: (a path in tmp, its text), written whole after everything else in tmp is on disk, so its
+        presence marks the folder complete (train's set record)."""
+        src = self.path(tmp)
+        with disk_faults(self.path(name), kept or self.kept):
+            if last is not None:  # the rest on disk before the file that says it is complete
+                fsync_tree(src)
+                _atomic_write(src / last[0], last[1])
+            publish_folder(src, self.path(name))

@@ -83,7 +83,7 @@ def teachability_scores(union_fkl, compat_mass, eps: float = 0.0,
 
 def teachability_columns(union_fkl, compat_mass, finite) -> tuple[np.ndarray, np.ndarray]:
     """tokens.csv's teachability and incompat columns: teachability_scores normalised over the rows
-    where `finite` ((N,) bool) holds, NaN on the others (runfolder.RunWriter.finish, the monitor)."""
+    where `finite` ((N,) bool) holds, NaN on the others (runtable.RunWriter.finish, the monitor)."""
     finite = np.asarray(finite, dtype=bool)
     teach, incompat = np.full(len(finite), np.nan), np.full(len(finite), np.nan)
     teach[finite], incompat[finite] = teachability_scores(np.asarray(union_fkl)[finite],

@@ -6,7 +6,7 @@
     line_of_row(path, 41)                            # the line a data row starts on, for error messages
 
 No torch here: the analysis reads tables through this module on a laptop. The run folder that
-writes them crash-safely is runfolder.py; the run-level scores (teachability, incompat, the
+writes them crash-safely is runtable.py (on runfolder.RunOutput); the run-level scores (teachability, incompat, the
 selectors') are scores.py.
 """
 

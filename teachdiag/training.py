@@ -3,8 +3,10 @@
     from teachdiag.training import train_step, save_checkpoint, recover_checkpoint, load_optimizer
     row = train_step(student, teacher, ctxs, batch=[0, 1], vocab=V, loss="sampled_token", select="teachability",
                      budget=0.05, top_k=16, optimizer=opt, device="cpu")   # {"loss", "kept", "positions", "mean_fkl"}
-    save_checkpoint(out, student, tok, opt, record)    # model/ with train_state/, published by one folder swap
-    record = recover_checkpoint(out)                   # the newest complete set's record, or None
+    save_checkpoint(output, student, tok, opt, record) # model/ with train_state/, published by one folder swap
+    record = recover_checkpoint(output)                # the newest complete set's record, or None
+
+`output` is the train run's runfolder.RunOutput: the set is written and swapped in through it.
 
 A step scores every response position of the batch with teacher and student, keeps the positions
 the selector picks over the whole batch (scores.keep_positions) and takes one optimizer step on the
@@ -14,7 +16,6 @@ OPD loss of the kept positions, normalised by their number (DESIGN "The trainer 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from teachdiag.probe.forward import teacher_logits, trim_heap
 from teachdiag.probe.signals import (at_token, clipped_fkl, probe_loss, restrict, signals_from_logits,
                                      token_index)
-from teachdiag.runfolder import _atomic_write, discard_tree, fsync_tree, publish_folder
+from teachdiag.runfolder import RunOutput
 from teachdiag.scores import keep_positions, position_weight
 
 TRAIN_LOSSES = ("sampled_token", "reverse_kl", "clipped_fkl")
@@ -194,11 +195,12 @@ def load_optimizer(student, optimizer, path: Path) -> None:
             optimizer.state[p]["step"] = tensors[f"{name}.step"]
 
 
-def save_checkpoint(out: Path, student, tok, optimizer, record: dict, dtype: torch.dtype = torch.float32) -> None:
+def save_checkpoint(output: RunOutput, student, tok, optimizer, record: dict,
+                    dtype: torch.dtype = torch.float32) -> None:
     """One complete set, the weights, the AdamW state and the train record (steps_done), written
     together into model.tmp/ (the record last) and published as model/ by one folder swap
-    (runfolder.publish_folder): the three can never disagree, and a kill at any point leaves a
-    complete set that recover_checkpoint finds. train.json beside it is a copy for people.
+    (output.publish): the three can never disagree, and a kill at any point leaves a complete set
+    that recover_checkpoint finds. The run record beside it (train.json) is the command's to write.
 
     dtype: of model/'s weights. The student trains in float32; with a narrower dtype model/ holds
     the weights rounded (a copy to serve or probe) and train_state/weights.safetensors the float32
@@ -211,8 +213,8 @@ def save_checkpoint(out: Path, student, tok, optimizer, record: dict, dtype: tor
     added). Less is not crash-safe: every file of a set changes at every step (the moments too),
     so nothing of the last set can be kept, and writing over it in place would leave, at a kill,
     a mix of two steps and no complete set. checkpoint_bytes gives a set's size."""
-    tmp = out / (MODEL + ".tmp")
-    discard_tree(tmp)
+    tmp = output.path(MODEL + ".tmp")
+    output.remove(MODEL + ".tmp")  # a killed save's leftovers
     if dtype == torch.float32:
         student.save_pretrained(tmp)
     else:
@@ -234,11 +236,8 @@ def save_checkpoint(out: Path, student, tok, optimizer, record: dict, dtype: tor
         save_file({name: p.detach().cpu().contiguous() for name, p in student.named_parameters()},
                   str(tmp / STATE / MASTER))
     save_file(_optimizer_tensors(student, optimizer), str(tmp / STATE / "optimizer.safetensors"))
-    text = json.dumps(record, indent=2, default=str) + "\n"
-    fsync_tree(tmp)  # the weights on disk before the record that says they are (a power cut, not only a kill)
-    _atomic_write(tmp / STATE / "train.json", text)  # last: its presence marks the set complete
-    publish_folder(tmp, out / MODEL)
-    _atomic_write(out / "train.json", text)
+    # the record last, once the weights are on disk (a power cut, not only a kill): its presence marks the set complete
+    output.publish(MODEL + ".tmp", MODEL, last=(f"{STATE}/train.json", json.dumps(record, indent=2, default=str) + "\n"))
 
 
 def checkpoint_bytes(student, dtype: torch.dtype = torch.float32) -> int:
@@ -271,21 +270,21 @@ def _saved_record(folder: Path) -> dict | None:
         return None
 
 
-def recover_checkpoint(out: Path) -> dict | None:
-    """The train record of the newest complete set in `out`, made model/ again if a save was cut
-    between its two renames; leftovers of unfinished saves are removed. None: nothing saved yet."""
+def recover_checkpoint(output: RunOutput) -> dict | None:
+    """The train record of the newest complete set in the output's folder, made model/ again if a save
+    was cut between its two renames; leftovers of unfinished saves are removed. None: nothing saved yet."""
+    out = output.folder
     found = [(rec["steps_done"], folder) for folder in (out / MODEL, out / (MODEL + ".tmp"), out / (MODEL + ".old"))
              if (rec := _saved_record(folder)) is not None]
     if not found:
         return None
     _, best = max(found, key=lambda f: int(f[0]))
     if best.name.endswith(".tmp"):
-        publish_folder(best, out / MODEL)
+        output.publish(best, MODEL)
     elif best.name.endswith(".old"):  # model/ is missing or unfinished: the previous set is the last one
-        discard_tree(out / MODEL)
-        os.replace(best, out / MODEL)
-    for leftover in (MODEL + ".tmp", MODEL + ".old", MODEL + ".trash"):
-        discard_tree(out / leftover)
+        output.remove(MODEL)
+        output.move(best, MODEL)
+    output.remove(MODEL + ".tmp", MODEL + ".old", MODEL + ".trash")
     return _saved_record(out / MODEL)
 
 

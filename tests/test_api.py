@@ -52,7 +52,7 @@ def test_a_table_written_but_never_marked_complete_is_not_read_as_finished(tmp_p
 
     from teachdiag.cli import main
     from teachdiag.errors import InputError
-    from teachdiag.runfolder import RunWriter
+    from teachdiag.runtable import RunWriter
 
     class Kill(BaseException):
         pass

@@ -203,3 +203,25 @@ def test_the_python_api_writes_what_the_cli_writes_for_lr_auto_and_calibrate(tmp
     run = teachdiag.run_probe(out=str(tmp_path / "run"), lr="auto", auto_lr_positions=6, positions="5", **common)
     assert run.record["step"]["lr"] == record["chosen_lr"]
     assert (tmp_path / "run/calibration.png").is_file() and (tmp_path / "run/calibration.pdf").is_file()
+
+
+def test_calibration_json_is_the_run_record_written_last(tmp_path, pair, contexts, monkeypatch):
+    """While the sweep runs, calibration.json is this sweep's run record with "complete": false (an
+    older sweep's record is gone); it is complete only once the table and the figure are written."""
+    import teachdiag.commands.calibrate as cal
+
+    out, real_sweep, seen = tmp_path / "calib", cal.sweep, []
+    out.mkdir()
+    (out / "calibration.json").write_text('{"complete": true, "chosen_lr": 1}\n')  # an older sweep's
+
+    def sweep(*a, **k):
+        seen.append(json.loads((out / "calibration.json").read_text()))
+        return real_sweep(*a, **k)
+
+    monkeypatch.setattr(cal, "sweep", sweep)
+    assert calibrate(pair, contexts, out, "--positions", "4", "--lrs", "1e-4,1e-3") == 0
+    assert seen[0]["complete"] is False and "chosen_lr" not in seen[0] and seen[0]["student"]["weights_sha256"]
+    rec = json.loads((out / "calibration.json").read_text())
+    assert rec["complete"] is True and "summary" in rec
+    assert all((out / f"calibration.{s}").stat().st_size > 0 for s in ("csv", "png", "pdf"))
+    assert not list(out.glob("*.tmp"))

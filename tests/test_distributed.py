@@ -11,7 +11,7 @@ import pytest
 
 from conftest import write_contexts
 from teachdiag.cli import main
-from teachdiag.runfolder import RunWriter
+from teachdiag.runtable import RunWriter
 from teachdiag.table import read_tokens
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1")  # same thread count in every process: same float reductions

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1] / "teachdiag"
 FRONT = {"teachdiag.cli", "teachdiag.api", "teachdiag", "teachdiag.__main__"}  # the front doors may import commands
 # the data chain; a module may import its own rank or lower, never a higher one
 CHAIN = {"teachdiag.contexts": 0, "teachdiag.probe": 1, "teachdiag.table": 2, "teachdiag.scores": 2,
-         "teachdiag.runfolder": 2, "teachdiag.analysis": 3}
+         "teachdiag.runfolder": 2, "teachdiag.runtable": 2, "teachdiag.analysis": 3}
 
 
 def module_name(path: Path) -> str:
@@ -63,3 +63,34 @@ def test_one_module_loads_the_pair():
                 if called in ("load_models", "load_inputs"):
                     callers.add(module_name(path))
     assert callers == {"teachdiag.pair"}, callers
+
+
+PRIMITIVES = {"_atomic_write", "_fsync_write", "_fsync_dir"}  # durable.py's
+FOLDER_OPS = {"claim_folder", "lock_folder", "publish_folder", "discard_tree", "fsync_tree", "disk_faults"}
+
+
+def names_used(path: Path) -> set[str]:
+    """Every name a module refers to: called, passed around, imported or read as an attribute."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Name):
+            found.add(node.id)
+        elif isinstance(node, ast.Attribute):
+            found.add(node.attr)
+        elif isinstance(node, ast.alias):
+            found.add(node.name.rsplit(".", 1)[-1])
+    return found
+
+
+def test_commands_write_only_through_the_run_output():
+    """One writer owns what a command leaves on disk (runfolder.RunOutput: lock, run record, fsynced
+    appends, atomic files, folder swaps, one-line disk errors). durable.py's primitives are used by
+    the writer's module alone, and by probe/stepfile.py (the shared step's own resume file); no
+    command, front door or other library module writes around the writer, nor claims, locks or
+    swaps a folder itself."""
+    users = {module_name(p) for p in sorted(ROOT.rglob("*.py")) if names_used(p) & PRIMITIVES}
+    assert users == {"teachdiag.durable", "teachdiag.runfolder", "teachdiag.probe.stepfile"}, users
+    front = [p for p in sorted(ROOT.rglob("*.py")) if module_name(p).startswith("teachdiag.commands")
+             or module_name(p) in FRONT]
+    around = {module_name(p): sorted(names_used(p) & (PRIMITIVES | FOLDER_OPS)) for p in front}
+    assert not {m: n for m, n in around.items() if n}, around

@@ -130,7 +130,7 @@ def test_a_run_begun_before_an_option_existed_resumes_with_the_value_it_had(tmp_
     """check_resume(added=...): run.json written before --signals has no such option; it resumes as
     signals=full, and is refused (naming the option) if asked to resume as topk."""
     from teachdiag.errors import InputError
-    from teachdiag.runfolder import RunWriter
+    from teachdiag.runtable import RunWriter
     from teachdiag.commands.probe import RESUME_KEYS
 
     models = {"teacher": {"weights_sha256": "t"}, "student": {"weights_sha256": "s"}}
@@ -195,7 +195,7 @@ class Kill(BaseException):
 
 def kill_probe_after(monkeypatch, n_contexts: int):
     """The next probe dies as it appends its (n_contexts + 1)-th context."""
-    from teachdiag.runfolder import RunWriter
+    from teachdiag.runtable import RunWriter
 
     real, calls = RunWriter.append_context, [0]
 

@@ -420,3 +420,80 @@ def test_a_second_rollout_into_the_same_out_is_refused_naming_the_first(tiny, tm
         holder.kill()
         holder.wait()
     assert len(rollout(tiny, prompts, out)) == len(RECORDS)  # a killed holder leaves no stale lock
+
+
+# ---------------------------------------------------------------- the run record beside --out
+
+
+def test_the_run_record_says_what_made_the_file(pair, tmp_path, monkeypatch):
+    """<out>.run.json holds the run header with the student's weight hashes, the same ones probe's
+    run.json records for that model, and the sampling options; it says "complete": false while
+    the batches are sampled and true once --out is in place. A killed rollout's record stays false
+    and its --resume ends it true; a --resume whose student folder now holds other weights is refused
+    before any sampling."""
+    import shutil
+
+    import teachdiag.commands.rollout as ro
+    from teachdiag.provenance import weights_summary
+
+    p = write_prompts(tmp_path / "p.jsonl")
+    out = tmp_path / "r.jsonl"
+    record = tmp_path / "r.jsonl.run.json"
+    real_generate, seen = ro.generate_batch, []
+
+    def generate(*a, **k):  # what a reader sees while the batches are sampled
+        seen.append(json.loads(record.read_text())["complete"])
+        return real_generate(*a, **k)
+
+    monkeypatch.setattr(ro, "generate_batch", generate)
+    rollout(pair[1], p, out, samples=2, batch_size=3, seed=4)
+    monkeypatch.setattr(ro, "generate_batch", real_generate)
+    assert seen and not any(seen)
+    rec = json.loads(record.read_text())
+    assert rec["complete"] is True and rec["n_records"] == 2 * len(RECORDS)
+    assert rec["command"].startswith("teachdiag rollout") and rec["options"]["seed"] == 4
+    assert rec["sampling"]["temperature"] == 1.0 and rec["sampling"]["samples"] == 2
+    assert rec["prompts"]["n_records"] == len(RECORDS)
+    assert rec["student"]["weights_sha256"] == weights_summary(pair[1])["sha256"] is not None
+
+    # probe records the same model with the same hashes
+    probe_out = tmp_path / "probe"
+    assert main(["probe", "--teacher", pair[0], "--student", pair[1], "--contexts", str(out), "--device", "cpu",
+                 "--quiet", "--positions", "4", "--out", str(probe_out)]) == 0
+    probed = json.loads((probe_out / "run.json").read_text())["student"]
+    for key in ("weights_sha256", "config_sha256", "source_dtype", "path"):
+        assert rec["student"][key] == probed[key], key
+
+    # killed mid-sampling: the record stays false; --resume finishes the file and the record
+    student = tmp_path / "student"
+    shutil.copytree(pair[1], student)
+    full, killed = tmp_path / "full.jsonl", tmp_path / "killed.jsonl"
+    rollout(str(student), p, full, samples=2, batch_size=3, seed=4)
+
+    def dies_second(*a, **k):
+        if len(seen) == 1:
+            raise Kill
+        seen.append(1)
+        return real_generate(*a, **k)
+
+    seen.clear()
+    monkeypatch.setattr(ro, "generate_batch", dies_second)
+    with pytest.raises(Kill):
+        rollout(str(student), p, killed, samples=2, batch_size=3, seed=4)
+    monkeypatch.setattr(ro, "generate_batch", real_generate)
+    assert json.loads((tmp_path / "killed.jsonl.run.json").read_text())["complete"] is False
+    rollout(str(student), p, killed, samples=2, batch_size=3, seed=4, resume=True)
+    assert killed.read_bytes() == full.read_bytes()
+    assert json.loads((tmp_path / "killed.jsonl.run.json").read_text())["complete"] is True
+
+    # the same folder name, retrained in place: the records' meta cannot tell, the record's hashes can
+    seen.clear()
+    monkeypatch.setattr(ro, "generate_batch", dies_second)
+    with pytest.raises(Kill):
+        rollout(str(student), p, killed, samples=2, batch_size=3, seed=4, overwrite=True)
+    monkeypatch.setattr(ro, "generate_batch", lambda *a, **k: pytest.fail("sampled before the check"))
+    make_model("qwen2", 128, seed=11).save_pretrained(student)  # conftest.save_pair's student, other weights
+    weights_summary.cache_clear()  # a new process would hash the folder afresh; this one caches by path
+    with pytest.raises(InputError, match="the student model differs") as e:
+        rollout(str(student), p, killed, samples=2, batch_size=3, seed=4, resume=True)
+    assert e.value.file == str(tmp_path / "killed.jsonl.run.json") and e.value.field == "--resume"

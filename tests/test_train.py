@@ -603,3 +603,39 @@ def test_a_disk_without_room_for_two_sets_is_refused_before_the_first_step(tmp_p
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "GB free needed for the checkpoints" in err, err
     assert not steps
+
+
+def test_train_json_is_the_run_record(tmp_path, pair, monkeypatch):
+    """train.json says what is training (both models' weight hashes, as every run record) from before
+    the first step, "complete": false until the last step is saved; a run killed before its first
+    save has saved nothing, and --resume starts it rather than refusing the folder."""
+    import teachdiag.commands.train as train
+    from teachdiag.provenance import weights_summary
+
+    contexts = write_contexts(tmp_path / "c.jsonl", n=2)
+    out = tmp_path / "a"
+    args = ["train", "--teacher", pair[0], "--student", pair[1], "--contexts", str(contexts), "--device", "cpu",
+            "--quiet", "--lr", "1e-3", "--batch", "2", "--steps", "2", "--save-every", "1", "--out", str(out)]
+    real_step, seen, kill = train.train_step, [], [True]
+
+    def step(*a, **k):  # the record a reader sees at each step
+        rec = json.loads((out / "train.json").read_text())
+        seen.append((rec["steps_done"], rec["complete"]))
+        if kill[0]:
+            raise Kill
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(train, "train_step", step)
+    with pytest.raises(Kill):
+        main(args)
+    rec = json.loads((out / "train.json").read_text())
+    assert seen == [(0, False)] and rec["complete"] is False and not (out / "model").exists()
+    assert rec["student"]["weights_sha256"] == weights_summary(pair[1])["sha256"] is not None
+    assert rec["teacher"]["weights_sha256"] == weights_summary(pair[0])["sha256"] is not None
+    seen.clear()
+    kill[0] = False
+    assert main([*args, "--resume"]) == 0
+    rec = json.loads((out / "train.json").read_text())
+    assert seen == [(0, False), (1, False)] and rec["complete"] is True and rec["steps_done"] == 2
+    saved = json.loads((out / "model" / "train_state" / "train.json").read_text())
+    assert saved == {k: v for k, v in rec.items() if k != "complete"}  # the set's record, of those weights

@@ -185,7 +185,7 @@ def test_groups_span_contexts_and_greedy_rows_do_not_depend_on_batching(pair, tm
 def test_a_crash_between_two_contexts_of_a_group_regenerates_the_group(pair, tmp_path, monkeypatch):
     ctx_path = write_records(tmp_path / "c.jsonl", n=6)
     whole = read(run_viability(config(pair, ctx_path, tmp_path / "whole", batch=40)))
-    from teachdiag.runfolder import RunWriter
+    from teachdiag.runtable import RunWriter
 
     real, calls = RunWriter.append_context, []
 

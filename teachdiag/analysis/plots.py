@@ -1,5 +1,5 @@
 """Figures of the analysis: each function takes tidy tables (with a `run` column) and returns a
-matplotlib Figure; save() writes it as PNG (README) and PDF (papers).
+matplotlib Figure; save() writes it as PNG (README) and PDF (papers); encode() gives those bytes.
 
     from teachdiag.analysis import plots
     fig = plots.gain_by_decile(bins, "rel_gain_fkl"); plots.save(fig, "runs/r1/analysis/figures", "gain_by_decile")
@@ -10,6 +10,7 @@ global state, so they render headless (no display, no GUI backend) and still sho
 
 from __future__ import annotations
 
+import io
 import pathlib
 
 import numpy as np
@@ -39,6 +40,17 @@ def _panels(n: int, width: float = 5.0, height: float = 4.0, rows: int = 1,
     FigureCanvasAgg(fig)
     axes = np.atleast_2d(fig.subplots(rows, n, squeeze=False, sharey=sharey))
     return fig, axes
+
+
+def encode(fig: Figure) -> dict[str, bytes]:
+    """{".png": the figure at 150 dpi, ".pdf": the figure}, the bytes save() writes: for a caller that
+    writes them through its run output (calibrate), each file whole or not at all."""
+    out = {}
+    for suffix, kw in ((".png", {"dpi": 150}), (".pdf", {})):
+        buf = io.BytesIO()
+        fig.savefig(buf, format=suffix[1:], **kw)
+        out[suffix] = buf.getvalue()
+    return out
 
 
 def save(fig: Figure, folder: str | pathlib.Path, name: str) -> list[pathlib.Path]:

@@ -114,7 +114,7 @@ def load_run(run: str | pathlib.Path, allow_partial: bool = False) -> dict:
             raise InputError("run is incomplete (complete: false); pass --allow-partial to "
                              "analyze it anyway", file=str(meta_path), field="complete")
     if run.is_dir() and not csv.exists() and meta.get("complete") is False:
-        # killed during its first context: run.json is written, no row yet (runfolder.RunWriter.start)
+        # killed during its first context: run.json is written, no row yet (runtable.RunWriter.start)
         raise InputError("no finished context yet: the run has written no rows (resume it with --resume)",
                          file=str(run))
     if csv.name.startswith("tokens.partial") and not allow_partial:

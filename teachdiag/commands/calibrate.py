@@ -7,8 +7,10 @@ that still stays in the linear regime (calibration.py: measured gain ≈ first-o
 
 Writes calibration.csv (one row per position × lr), calibration.json (chosen lr, rule, per-lr
 summary, and the run header every command writes: models with their weight hashes, tokenizers,
-contexts) and calibration.png/.pdf to --out. Each file is written whole and renamed into place,
-the record last, and the folder is locked while the sweep runs.
+contexts) and calibration.png/.pdf to --out, all through the run output (runfolder.RunOutput):
+the folder is claimed and locked while the sweep runs, calibration.json (the run record) says
+"complete": false from the moment the models have loaded, each file is written whole and renamed
+into place, and the record is written again last, with the sweep and "complete": true.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from teachdiag.flags import opt
 from teachdiag.models import resolve_device
 from teachdiag.pair import open_pair, read_inputs
 from teachdiag.probe.exact import parse_params
-from teachdiag.runfolder import _atomic_write, claim_folder, disk_faults, releases_locks
+from teachdiag.runfolder import RunOutput, releases_locks
 
 
 @dataclass
@@ -41,6 +43,7 @@ class CalibrateConfig(DeviceOptions, StepOptions, ContextOptions, PairOptions): 
 
 
 CALIBRATE_POSITIONS = 64  # cost: N backward + N × len(lrs) forwards
+RECORD = "calibration.json"  # the run record: api.run_calibrate reads its "summary"
 
 
 @releases_locks  # the folder lock is let go when it ends, however
@@ -56,9 +59,12 @@ def run_calibrate(cfg: CalibrateConfig, argv: list[str] | None = None) -> tuple[
     device = resolve_device(cfg.device)
     inputs = read_inputs(cfg)  # a bad tokenizer pair or --top-k is refused before --out is touched
     out = Path(cfg.out)
-    claim_folder(out, overwrite=True, resume=False)  # its files are replaced; two sweeps at once are refused
+    output = RunOutput(out, RECORD, overwrite=True)  # its files are replaced; two sweeps at once are refused
     picks = select_positions(inputs[0], parse_positions(cfg.positions), cfg.seed)
     pair = open_pair(cfg, device, inputs)
+    header = {"teachdiag": __version__, **pair.header("calibrate", argv, asdict(cfg))}
+    kept = "nothing of this sweep is kept; free space or fix permissions, then rerun"
+    output.start(header, kept)  # no record of an older sweep beside this one's files
     table = sweep(pair.teacher, pair.student, pair.contexts, picks, lrs, pair.vocab, cfg.loss, cfg.optimizer,
                   cfg.params, device, cfg.quiet, cfg.top_k, keep=pair.keep)
     summary = summarize(table)
@@ -66,16 +72,17 @@ def run_calibrate(cfg: CalibrateConfig, argv: list[str] | None = None) -> tuple[
 
     from teachdiag.analysis import plots
 
-    record = {"teachdiag": __version__, **pair.header("calibrate", argv, asdict(cfg)), "chosen_lr": lr,
+    record = {**header, "chosen_lr": lr,
               "rule": RULE, "band": list(BAND), "max_negative_share": MAX_NEGATIVE, "gain": GAIN[cfg.loss],
               "summary": json.loads(summary.to_json(orient="records")), "seed": cfg.seed,
               "n_positions": len(picks), "wall_s": round(time.time() - t0, 3)}
-    with disk_faults(out, "nothing of this sweep is kept; free space or fix permissions, then rerun"):
-        (out / "calibration.json").unlink(missing_ok=True)  # no record of an older sweep beside this one's table
-        _atomic_write(out / "calibration.csv", table.to_csv(index=False, float_format="%.17g"))
+    with output.faults(kept):
+        output.write("calibration.csv", table.to_csv(index=False, float_format="%.17g"))
         title = f"{Path(cfg.student).name} ← {Path(cfg.teacher).name}: loss {cfg.loss}, step {cfg.optimizer}"
-        plots.save(plots.calibration(summary, lr, title, band=BAND, max_negative=MAX_NEGATIVE), out, "calibration")
-        _atomic_write(out / "calibration.json", json.dumps(record, indent=2) + "\n")  # last: the sweep is whole
+        figure = plots.calibration(summary, lr, title, band=BAND, max_negative=MAX_NEGATIVE)
+        for suffix, data in plots.encode(figure).items():
+            output.write("calibration" + suffix, data)
+        output.finish(record)  # last: the sweep is whole
 
     lo, hi = summary.iloc[0], summary.iloc[-1]
     lines = [f"wrote {out / 'calibration.csv'}, calibration.json and calibration.png",

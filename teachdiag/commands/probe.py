@@ -34,7 +34,8 @@ from teachdiag.config import (DEMO_POSITIONS, ContextOptions, DeviceOptions, Pai
 from teachdiag.flags import opt
 from teachdiag.probe.exact import parse_params, select_params
 from teachdiag.progress import progress
-from teachdiag.runfolder import RunWriter, releases_locks
+from teachdiag.runfolder import releases_locks
+from teachdiag.runtable import RunWriter
 from teachdiag.table import RUN
 
 PAPER = "arXiv:2605.26844, Not All Disagreement Is Learnable: Token Teachability in On-Policy Distillation"

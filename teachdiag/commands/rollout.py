@@ -31,23 +31,32 @@ written, after cutting a torn last line; a record whose id left --prompts or who
 is refused before any sampling). One rollout at a time writes an --out: a second one is refused in
 one line naming the first one's pid (a flock on <folder>/.<out name>.lock). Progress: a bar on a terminal; off one (SLURM, nohup), a plain line
 every 30 s on stderr. The last line says how many records were written where.
+
+The run record, <out>.run.json (e.g. rollouts.jsonl.run.json), says what made the file: the run
+header (command line, options, device), the student as every run record gives a model (path,
+config and weights sha256, dtype on disk: provenance.model_record), the prompts file's sha256,
+the sampling options, and "complete": false while sampling, true once --out is in place (then
+n_records). A --resume whose student's weights differ from the record's is refused; a file an
+older version wrote, with no record beside it, is resumed by its records' meta alone. Every file
+is written through the run output (runfolder.RunOutput).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from teachdiag import __version__
 from teachdiag.contexts import encode_prompt
 from teachdiag.config import DeviceOptions, require
 from teachdiag.errors import InputError
 from teachdiag.progress import progress
 from teachdiag.flags import opt
 from teachdiag.generation import generate_batch, read_prompts, stop_ids
-from teachdiag.runfolder import _atomic_write, _fsync_write, check_writable, disk_faults, lock_folder, releases_locks
+from teachdiag.provenance import command_header, file_sha256, model_record
+from teachdiag.runfolder import RunOutput, releases_locks
 
 DEFAULT_STUDENT = "smollm2-135m-pruned"
 from teachdiag.demo import DEMO_PROMPTS  # noqa: E402
@@ -101,7 +110,7 @@ def partial_path(out: str | Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
-def _existing(cfg: RolloutConfig, meta: dict) -> tuple[Path | None, list[tuple[int, dict]]]:
+def _existing(cfg: RolloutConfig, meta: dict, output: RunOutput) -> tuple[Path | None, list[tuple[int, dict]]]:
     """(the file a --resume continues, its whole records with their line numbers), after cutting a
     torn last line; refuse what probe refuses. The file is <out>.partial, or --out itself when a
     finished file (or one an older version left unfinished) is resumed."""
@@ -134,8 +143,7 @@ def _existing(cfg: RolloutConfig, meta: dict) -> tuple[Path | None, list[tuple[i
         found.append((line_no, rec))
         keep += len(line)
     if keep < len(data):
-        with open(source, "r+b") as f:
-            f.truncate(keep)
+        output.cut(source, keep)
     return source, found
 
 
@@ -163,12 +171,12 @@ def _check_resumed(found: list[tuple[int, dict]], source: Path, expected: dict[s
 
 
 @releases_locks  # the file lock is let go when it ends, however
-def run_rollout(cfg: RolloutConfig) -> Path:
+def run_rollout(cfg: RolloutConfig, argv: list[str] | None = None) -> Path:
     """Sample `cfg.samples` responses per prompt record and write frozen contexts to `cfg.out`.
 
     Prompts are batched by length to save padding; each finished batch is appended to
     `cfg.out` (see the module docstring for --overwrite / --resume) and the finished file is
-    rewritten in input order (sample 0, 1, ... of each prompt).
+    rewritten in input order (sample 0, 1, ... of each prompt). <out>.run.json records the run.
     """
     from teachdiag.models import load_model, load_tokenizer, resolve_device
     from teachdiag.tokenizers import tokenizer_fingerprint
@@ -176,8 +184,7 @@ def run_rollout(cfg: RolloutConfig) -> Path:
     _validate(cfg)
     records = read_prompts(cfg.prompts, need_teacher=cfg.teacher_prompts)
     out_path = Path(cfg.out)
-    check_writable(out_path.parent)
-    lock_folder(out_path.parent, name=f".{out_path.name}.lock")  # before <out> or <out>.partial is read
+    output = RunOutput.beside(out_path)  # writable, locked: before <out> or <out>.partial is read
     device = resolve_device(cfg.device)
     tok = load_tokenizer(cfg.student, "student", trust_remote_code=cfg.trust_remote_code)
     sampling = {"model": cfg.student, "temperature": cfg.temperature, "top_p": cfg.top_p,
@@ -200,7 +207,7 @@ def run_rollout(cfg: RolloutConfig) -> Path:
             raise InputError(f"id {rid[it]!r} occurs twice once sample suffixes are added",
                              cfg.prompts, records[it[0]]["line"], "id")
         seen[rid[it]] = it[0]
-    source, found = _existing(cfg, sampling)
+    source, found = _existing(cfg, sampling, output)
     expected = {rid[(i, s)]: {"prompt_ids": prompt_ids[i], "line": records[i]["line"], "answer": records[i]["answer"],
                               "teacher_prompt_ids": teacher_ids[i]} for i, s in items}
     _check_resumed(found, source, expected, cfg.prompts)
@@ -208,11 +215,20 @@ def run_rollout(cfg: RolloutConfig) -> Path:
     partial = partial_path(cfg.out)
     model = load_model(cfg.student, "student", dtype="float32", device=device,
                        trust_remote_code=cfg.trust_remote_code)
+    record = {"teachdiag": __version__, **command_header("rollout", argv, asdict(cfg), device),
+              "student": model_record(cfg.student, model, "float32"),
+              "prompts": {"path": str(cfg.prompts), "sha256": file_sha256(cfg.prompts), "n_records": len(records)},
+              "sampling": sampling}
+    if cfg.resume:  # the records' meta names the model; the run record pins its weights (a folder retrained in place)
+        old = output.previous()
+        if old is not None and isinstance(old.get("student"), dict):
+            output.check_models({"student": old["student"]}, {"student": record["student"]})
     if not cfg.resume:  # --overwrite, or a new file: only once the model has loaded
-        _atomic_write(partial, "")
-        out_path.unlink(missing_ok=True)
+        output.write(partial, "")
+        output.remove(out_path)
     elif source == out_path:  # resumed from --out itself: it grows as <out>.partial until done
-        os.replace(out_path, partial)
+        output.move(out_path, partial)
+    output.start(record)
     eos_ids, pad_id = stop_ids(model, tok)
     chat = bool(getattr(tok, "chat_template", None))
 
@@ -241,9 +257,8 @@ def run_rollout(cfg: RolloutConfig) -> Path:
                 out["teacher_prompt_ids"] = teacher_ids[i]
             out["meta"] = meta
             lines.append(json.dumps(out) + "\n")
-        with disk_faults(partial, "the batches written so far are kept; free space or fix permissions, then rerun "
-                                  "with --resume"):
-            _fsync_write(partial, "".join(lines))
+        output.append(partial, "".join(lines), "the batches written so far are kept; free space or fix "
+                                               "permissions, then rerun with --resume")
         n_tokens += sum(len(r) for r, _ in outs)
         bar.set_postfix_str(f"{n_tokens / max(time.time() - t_start, 1e-9):.1f} tok/s")
         bar.update(len(lines))
@@ -253,8 +268,9 @@ def run_rollout(cfg: RolloutConfig) -> Path:
     rank = {rid[it]: k for k, it in enumerate(items)}
     lines = [line for line in partial.read_text(encoding="utf-8").splitlines(keepends=True) if line.strip()]
     lines.sort(key=lambda line: rank[json.loads(line)["id"]])
-    with disk_faults(out_path, f"every record is kept in {partial}; free space, then rerun with --resume"):
-        _atomic_write(out_path, "".join(lines))
-        partial.unlink()
+    with output.faults(f"every record is kept in {partial}; free space, then rerun with --resume"):
+        output.write(out_path, "".join(lines))
+        output.remove(partial)
+        output.finish(dict(record, n_records=len(lines)))  # last: --out is whole
     print(f"wrote {len(lines)} records to {out_path}")
     return out_path

@@ -24,7 +24,11 @@ Writes to --out: model/ (a loadable folder with the tokenizer, float32 unless --
 model/train_state/ holds the AdamW state and the train record of those very weights, and their
 float32 copy when model/ is bf16, for --resume), saved every --save-every steps and at the last,
 train_log.csv (one row a step: loss, kept and total positions, mean fkl of the batch before the
-step, seconds) and train.json (options, versions, progress: a copy of the saved set's record).
+step, seconds) and train.json, the run record (the run header with both models' weight hashes,
+options, versions; steps_done and "complete"): written with "complete": false before the first
+step, again at every save (the saved set's record), "complete": true with the last. Every file
+goes through the run output (runfolder.RunOutput): log rows appended and fsynced, the set swapped
+in whole.
 A save needs two sets on disk for a moment (about 24 bytes a parameter in float32; checked
 before the first step), so that a kill at any point leaves a complete one.
 """
@@ -52,7 +56,7 @@ from teachdiag.models import load_model, resolve_device
 from teachdiag.pair import open_pair, read_inputs
 from teachdiag.probe.signals import SIGNAL_MODES
 from teachdiag.progress import progress
-from teachdiag.runfolder import _atomic_write, _fsync_write, claim_folder, discard_tree, disk_faults, releases_locks
+from teachdiag.runfolder import RunOutput, releases_locks
 from teachdiag.scores import KEEP_RULES, SELECTORS
 from teachdiag.training import (MODEL, STATE, TRAIN_LOSSES, batches, checkpoint_bytes, load_master, load_optimizer,
                                 recover_checkpoint, save_checkpoint, train_step)
@@ -179,10 +183,24 @@ def _check_disk(out: Path, student, dtype: torch.dtype, start: int, cfg: TrainCo
                          file=str(out))
 
 
-def _truncate_log(path: Path, steps: int) -> None:
+LOG = "train_log.csv"
+
+
+def _truncate_log(output: RunOutput, steps: int) -> None:
     """Keep the header and the first `steps` rows of train_log.csv."""
+    path = output.path(LOG)
     lines = path.read_text().splitlines(keepends=True) if path.is_file() else [",".join(LOG_COLUMNS) + "\n"]
-    _atomic_write(path, "".join(lines[: steps + 1]))
+    output.write(LOG, "".join(lines[: steps + 1]))
+
+
+def _saved_steps(output: RunOutput) -> int | None:
+    """steps_done of the run record (train.json), None when unreadable; 0 without one. A record written
+    before the first step says 0: such a run saved nothing and a --resume may start it again."""
+    try:
+        record = output.previous()
+        return 0 if record is None else int(record["steps_done"])
+    except (InputError, KeyError, TypeError, ValueError):
+        return None
 
 
 def _check(cfg: TrainConfig) -> None:
@@ -229,7 +247,8 @@ def run_train(cfg: TrainConfig, argv: list[str] | None = None) -> Path:
     device = resolve_device(cfg.device)
     inputs = read_inputs(cfg)  # a bad tokenizer pair or --top-k is refused before --out is made
     out = Path(cfg.out)
-    claim_folder(out, cfg.overwrite, cfg.resume)  # one trainer per folder, before anything in it is read
+    output = RunOutput(out, "train.json", overwrite=cfg.overwrite, resume=cfg.resume)  # one trainer per folder, claimed
+    # before anything in it is read
     pair = open_pair(cfg, device, inputs)
     teacher, student, ctxs, tok, vocab, keep = pair.teacher, pair.student, pair.contexts, pair.tokenizer, pair.vocab, pair.keep
     student.train(False)  # no dropout: the step is the OPD gradient, nothing random
@@ -238,8 +257,8 @@ def run_train(cfg: TrainConfig, argv: list[str] | None = None) -> Path:
     plan = batches(len(source.prompts) if source else len(ctxs), min(cfg.batch, len(source.prompts) if source
                                                                       else len(ctxs)), cfg.steps, cfg.seed)
     start = 0
-    log_path = out / "train_log.csv"
-    saved = recover_checkpoint(out) if cfg.resume and out.is_dir() else None
+    log_path = output.path(LOG)
+    saved = recover_checkpoint(output) if cfg.resume and out.is_dir() else None
     if saved is not None:
         before = asdict(TrainConfig()) | saved["options"]  # options added since that run: their defaults
         free = ("resume", "overwrite", "steps", "out", "quiet", "threads", "save_every",
@@ -249,7 +268,7 @@ def run_train(cfg: TrainConfig, argv: list[str] | None = None) -> Path:
             raise InputError("options differ from the run being resumed: " + ", ".join(
                 f"{k} ({before.get(k)!r} vs {getattr(cfg, k)!r})" for k in differ), field="--resume", file=str(out))
         start = int(saved["steps_done"])
-        _truncate_log(log_path, start)  # steps logged after the last save are taken again
+        _truncate_log(output, start)  # steps logged after the last save are taken again
         if not load_master(student, out / MODEL):  # no float32 master: model/'s weights are float32 themselves
             # safetensors only, never the hub (models.load_model): a pytorch_model.bin there would be unpickled
             weights = load_model(str((out / MODEL).resolve()), "resume", "float32", "cpu")
@@ -261,20 +280,19 @@ def run_train(cfg: TrainConfig, argv: list[str] | None = None) -> Path:
             raise InputError("saved by teachdiag 0.2, whose model/ and optimizer state can disagree after a kill; "
                              "start again with --overwrite (its selection rule is --select-rule paper_text "
                              "--select-signals full)", field="--resume", file=str(out))
-        # a finished save left model/ and train.json; an unfinished first save (model.tmp/ alone) lost nothing
-        if cfg.resume and any((out / n).exists() for n in (MODEL, "train.json")):
+        # a finished save left model/ and a train.json past step 0; an unfinished first save (model.tmp/
+        # alone, train.json at step 0) lost nothing
+        if cfg.resume and ((out / MODEL).exists() or _saved_steps(output) != 0):
             raise InputError("no complete saved step to resume from (a damaged model/ or train_state); "
                              "--overwrite starts again", field="--resume", file=str(out))
-        out.mkdir(parents=True, exist_ok=True)
-        for old in (MODEL, MODEL + ".tmp", MODEL + ".old"):  # --overwrite: no stale set to resume
-            discard_tree(out / old)
-        for old in ("train.json", "optimizer.safetensors"):  # the latter: a 0.2 folder's AdamW state
-            (out / old).unlink(missing_ok=True)
-        _atomic_write(log_path, ",".join(LOG_COLUMNS) + "\n")
+        # --overwrite: no stale set to resume, no record of another run; the last: a 0.2 folder's AdamW state
+        output.remove(MODEL, MODEL + ".tmp", MODEL + ".old", "train.json", "optimizer.safetensors")
+        output.write(LOG, ",".join(LOG_COLUMNS) + "\n")
     save_dtype = SAVE_DTYPES[cfg.save_dtype]
     _check_disk(out, student, save_dtype, start, cfg)
     record = {"teachdiag": __version__, **pair.header("train", argv, asdict(cfg)), "n_contexts": len(ctxs),
               "torch": torch.__version__, "save_dtype": str(save_dtype).removeprefix("torch."), "steps_done": start}
+    output.start(record)  # "complete": false until the last step is saved
     bar = progress(cfg.steps, "train", "step", cfg.quiet, initial=start)
     for step in range(start, cfg.steps):
         t0 = time.time()
@@ -287,15 +305,20 @@ def run_train(cfg: TrainConfig, argv: list[str] | None = None) -> Path:
                          pw=(cfg.pw_min, cfg.pw_tau, cfg.pw_scale) if cfg.position_weight else None)
         optimizer.zero_grad(set_to_none=True)  # the gradient is spent: not held through the save
         row = {"step": step + 1, **row, "seconds": round(time.time() - t0, 3)}
-        with disk_faults(out, "the last save is kept; free space or fix permissions, then rerun with --resume"):
-            _fsync_write(log_path, ",".join(str(row[c]) for c in LOG_COLUMNS) + "\n")  # on disk before any save
+        output.append(LOG, ",".join(str(row[c]) for c in LOG_COLUMNS) + "\n",  # on disk before any save
+                      "the last save is kept; free space or fix permissions, then rerun with --resume")
         bar.update()
         bar.set_postfix(loss=f"{row['loss']:.4f}", fkl=f"{row['mean_fkl']:.3f}")
         if _saves_at(step + 1, cfg):  # a killed run resumes from the last save
-            with disk_faults(out, "the last complete save is kept; free space or fix permissions, then rerun "
-                                  "with --resume"):
-                save_checkpoint(out, student, tok, optimizer, dict(record, steps_done=step + 1), save_dtype)
+            saved = dict(record, steps_done=step + 1)
+            with output.faults("the last complete save is kept; free space or fix permissions, then rerun "
+                               "with --resume"):
+                save_checkpoint(output, student, tok, optimizer, saved, save_dtype)
+                # the run record follows the set; the last save's is the last write: "complete": true
+                output.write_record(dict(saved, complete=step + 1 == cfg.steps))
     bar.close()
+    if start == cfg.steps:  # a finished run resumed: nothing was trained, the record is whole again
+        output.finish(record)
     student.requires_grad_(False)
     print(f"wrote {out / 'model'} after {cfg.steps} steps, {log_path}", file=sys.stderr)
     return out

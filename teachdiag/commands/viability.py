@@ -20,7 +20,7 @@ and student probability), every tokens.csv signal at the position (probe/signals
 normalised over the run's positions), pos_norm = j/(T−1), and the labels viable_greedy (0/1) and
 viable_sampled (share of the sampled continuations that are correct). run.json records the
 protocol and the solve rate of the rollouts themselves. The run folder is crash-safe like probe's
-(runfolder.py): rows are appended per finished context and --resume carries on.
+(runtable.py): rows are appended per finished context and --resume carries on.
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ from teachdiag.probe.instruments import consecutive
 from teachdiag.probe.signals import SIGNALS, signals_from_logits
 from teachdiag.progress import progress
 from teachdiag.generation import stop_ids
-from teachdiag.runfolder import RunWriter, releases_locks
+from teachdiag.runfolder import releases_locks
+from teachdiag.runtable import RunWriter
 from teachdiag.scores import teachability_scores
 from teachdiag.table import RUN, VIABILITY as TABLE, VIABILITY_COLUMNS as COLUMNS, \
     VIABILITY_TEXT_COLUMNS as TEXT_COLUMNS, pos_norm, read_tokens
