@@ -66,9 +66,19 @@ def safetensors_dtypes(path: str | Path) -> dict[str, int]:
     return out
 
 
-@lru_cache(maxsize=16)
 def weights_summary(folder: str) -> dict:
-    """Files, one sha256 over them (name + bytes of each, in name order), and the dtype on disk."""
+    """Files, one sha256 over them (name + bytes of each, in name order), and the dtype on disk.
+
+    Hashed once per state of the files: the cache is keyed by each weight file's name, size,
+    inode and modification time too, so a folder saved again in place (a notebook that trains
+    and re-probes) is hashed afresh, never given its old weights' hash."""
+    stamp = tuple((p.name, st.st_size, st.st_ino, st.st_mtime_ns) for p in weight_files(folder)
+                  for st in [p.stat()])
+    return _weights_summary(folder, stamp)
+
+
+@lru_cache(maxsize=16)
+def _weights_summary(folder: str, stamp: tuple) -> dict:
     files = weight_files(folder)
     h = hashlib.sha256()
     dtypes: dict[str, int] = {}

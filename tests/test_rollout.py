@@ -493,7 +493,7 @@ def test_the_run_record_says_what_made_the_file(pair, tmp_path, monkeypatch):
         rollout(str(student), p, killed, samples=2, batch_size=3, seed=4, overwrite=True)
     monkeypatch.setattr(ro, "generate_batch", lambda *a, **k: pytest.fail("sampled before the check"))
     make_model("qwen2", 128, seed=11).save_pretrained(student)  # conftest.save_pair's student, other weights
-    weights_summary.cache_clear()  # a new process would hash the folder afresh; this one caches by path
+    # no cache to clear: weights_summary hashes a folder again once its files changed (in this process too)
     with pytest.raises(InputError, match="the student model differs") as e:
         rollout(str(student), p, killed, samples=2, batch_size=3, seed=4, resume=True)
     assert e.value.file == str(tmp_path / "killed.jsonl.run.json") and e.value.field == "--resume"
