@@ -34,7 +34,10 @@ Proposition 1, G_t ≈ η·⟨∇L, ∇ℓ_t⟩ with L the mean loss over the ba
 
 Memory: 8 bytes per stepped float32 parameter in both passes (the weights, and ∇L turned into d in
 place; the jvp takes d itself as its tangent and the scale multiplies its result), plus one
-module's parameters copied while its θ1 forward runs (the largest is the embedding, V·d). Cost per context: two teacher forwards, student forward + backward, one JVP to
+module's parameters copied while its θ1 forward runs (the largest is the embedding, V·d). In pass
+1 the embedding's and the LM head's weight gradients are added into ∇L in place (probe/fused.py),
+not made as (V, d) tensors first, and ∂ℓ/∂z is written into a gradient of the model's own output
+shape, so the backward makes no second (P, V) tensor. Cost per context: two teacher forwards, student forward + backward, one JVP to
 the logits (≈ 3.5 eager forwards on CPU), one forward. grad_norm is ‖∇L‖, the same for every row
 of a group.
 """
@@ -53,6 +56,7 @@ from torch.func import functional_call, jvp
 from teachdiag.contexts import Context
 from teachdiag.probe.exact import select_params
 from teachdiag.probe.forward import teacher_logits, trim_heap
+from teachdiag.probe.fused import grads_in_place
 from teachdiag.probe.rows import make_row
 from teachdiag.probe.signals import SIGNALS, kls_from_logits, loss_grad, row_dot, signals_from_logits
 from teachdiag.probe.stepfile import load_tensors, read_header, save_tensors
@@ -123,11 +127,17 @@ class SharedStep:
                 ids, keep, y = self._view(ctx, positions, device)
                 use = self._usable(t, y)
                 n_used += int(use.sum())
-                with torch.enable_grad():
-                    z = self._logits(ids, keep)  # (P, V), its graph reaches the stepped parameters
-                    if use.any():  # gradients accumulate over contexts
-                        z.backward(self._delta(z.detach(), t, y, use, n_total))
-                z = z.detach()
+                with torch.enable_grad(), grads_in_place(self.model, self.params):
+                    rows = self._logits(ids, keep, cut=False)  # (1, P, V_rows), its graph reaches the stepped parameters
+                    z = rows[0, :, : self.vocab].detach()  # (P, V)
+                    if use.any():  # gradients accumulate over contexts; embedding and head without a V×d temporary
+                        # ∂ℓ/∂z written into a gradient of the model's own output shape (0 beyond the vocabulary),
+                        # so the backward of the cut [0, :, :V] allocates no second (P, V_rows) tensor
+                        g = torch.zeros_like(rows)
+                        self._delta(z, t, y, use, n_total, out=g[0, :, : self.vocab])
+                        rows.backward(g)
+                        del g
+                    del rows
                 sig = signals_from_logits(z, t, y, self.top_k, self.keep, self.signals)
                 ok = torch.isfinite(z).all(1) & torch.isfinite(t).all(1)
                 self.before[c] = ({k: v.cpu() for k, v in sig.items()}, ok.cpu())
@@ -183,9 +193,11 @@ class SharedStep:
         self.grads = self.directions = None
         self.before = {}
 
-    def _logits(self, ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """(P, V) float32 student logits at sequence indices `keep` of ids (T,)."""
-        return self.model(input_ids=ids[None], logits_to_keep=keep, use_cache=False).logits[0, :, : self.vocab].float()
+    def _logits(self, ids: torch.Tensor, keep: torch.Tensor, cut: bool = True) -> torch.Tensor:
+        """(P, V) float32 student logits at sequence indices `keep` of ids (T,); cut=False: the model's
+        output itself, (1, P, V_rows) (V_rows ≥ V when the head is padded beyond the vocabulary)."""
+        z = self.model(input_ids=ids[None], logits_to_keep=keep, use_cache=False).logits.float()
+        return z[0, :, : self.vocab] if cut else z
 
     @staticmethod
     def _view(ctx: Context, positions: list[int], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -205,11 +217,13 @@ class SharedStep:
             use &= self.keep[y]
         return use
 
-    def _delta(self, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor, use: torch.Tensor, divisor: int) -> torch.Tensor:
-        """(P, V) ∂(Σ_t ℓ_t / divisor)/∂z over the usable rows (chunked: signals.loss_grad); 0 elsewhere."""
+    def _delta(self, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor, use: torch.Tensor, divisor: int,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """(P, V) ∂(Σ_t ℓ_t / divisor)/∂z over the usable rows (chunked: signals.loss_grad); 0 elsewhere.
+        out: a zero (P, V) tensor to write it into."""
         if use.all():
-            return loss_grad(z, t, y, self.loss, self.keep, divisor)
-        delta = torch.zeros_like(z)
+            return loss_grad(z, t, y, self.loss, self.keep, divisor, out=out)
+        delta = torch.zeros_like(z) if out is None else out
         delta[use] = loss_grad(z[use], t[use], y[use], self.loss, self.keep, divisor)  # rows chosen before the loss
         return delta
 

@@ -231,12 +231,14 @@ def probe_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 
 
 def loss_grad(student_logits: torch.Tensor, teacher_logits: torch.Tensor, token_ids: torch.Tensor,
-              loss: str, keep: torch.Tensor | None = None, divisor: int = 1) -> torch.Tensor:
+              loss: str, keep: torch.Tensor | None = None, divisor: int = 1,
+              out: torch.Tensor | None = None) -> torch.Tensor:
     """(P, V) ∂(probe_loss / divisor)/∂z, in the logits' dtype: the gradient probe_loss's backward
     would leave on z, bit for bit, computed chunk_rows(V) rows at a time (each row's loss depends on
     its own row only), so no float64 graph of every position exists at once. The caller passes it on
-    with z.backward(grad). Rows whose loss is not finite must be left out first, as for probe_loss."""
-    out = torch.empty_like(student_logits)
+    with z.backward(grad). Rows whose loss is not finite must be left out first, as for probe_loss.
+    out: a (P, V) tensor to write it into (e.g. a view of a wider gradient buffer), returned."""
+    out = torch.empty_like(student_logits) if out is None else out
     for r in _chunks(len(student_logits), student_logits.shape[-1]):
         z = student_logits[r].detach().requires_grad_(True)  # (C, V) a leaf: the graph ends here
         with torch.enable_grad():
