@@ -37,8 +37,8 @@ place; the jvp takes d itself as its tangent and the scale multiplies its result
 module's parameters copied while its θ1 forward runs (the largest is the embedding, V·d). In pass
 1 the embedding's and the LM head's weight gradients are added into ∇L in place (probe/fused.py),
 not made as (V, d) tensors first, and ∂ℓ/∂z is written into a gradient of the model's own output
-shape, so the backward makes no second (P, V) tensor. Cost per context: two teacher forwards, student forward + backward, one JVP to
-the logits (≈ 3.5 eager forwards on CPU), one forward. grad_norm is ‖∇L‖, the same for every row
+shape, so the backward makes no second (P, V) tensor. Cost per context: two teacher forwards,
+student forward + backward, one JVP to the logits (≈ 3.5 eager forwards on CPU), one forward. grad_norm is ‖∇L‖, the same for every row
 of a group.
 """
 
