@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from teachdiag.probe.forward import teacher_logits, trim_heap
+from teachdiag.probe.fused import grads_in_place
 from teachdiag.probe.signals import (at_token, clipped_fkl, probe_loss, restrict, signals_from_logits,
                                      token_index)
 from teachdiag.runfolder import RunOutput
@@ -88,6 +89,7 @@ def train_step(student, teacher, ctxs, batch: list[int], vocab: int, *, loss: st
     CPU (tests/test_train.py keeps that algorithm as the reference).
     """
     optimizer.zero_grad(set_to_none=True)  # the last step's gradient is not held through this one's scoring
+    trainable = [p for p in student.parameters() if p.requires_grad]
     contexts = [ctxs[c] for c in batch]
     lengths = [len(ctx.response_ids) for ctx in contexts]
     ends = np.cumsum(lengths)  # context i's rows are ends[i] - lengths[i] : ends[i] of the batch's rows
@@ -120,7 +122,8 @@ def train_step(student, teacher, ctxs, batch: list[int], vocab: int, *, loss: st
         mask = torch.from_numpy(kept_here).to(device)
         if not mask.any():
             return 0.0
-        with torch.enable_grad():
+        # the embedding's and head's weight gradients into .grad in place, without (V, d) temporaries
+        with torch.enable_grad(), grads_in_place(student, trainable):
             z = logits(ids, at)[mask]  # (kept, V)
             if t is None:
                 per = sampled_token_loss(z, lp_t[mask], y[mask], keep)  # (kept,)
