@@ -80,7 +80,8 @@ def train_step(student, teacher, ctxs, batch: list[int], vocab: int, *, loss: st
     Memory: one context's (R, V) teacher logits at a time, never the batch's (its scores' float64
     passes run signals.chunk_rows(V) rows at a time). A first pass scores each context (teacher and student forwards, no
     gradient) and keeps only (R,) arrays; the selector then picks over the whole batch; a second
-    pass takes each context's loss and backward.
+    pass takes each context's loss and backward, the embedding's and head's weight gradients added
+    into .grad in place (probe/fused.py: no (V, d) temporaries; the same sums in another order).
     Of the teacher, sampled_token needs only log p_T(y), kept from the first pass; reverse_kl and
     clipped_fkl need whole rows, so the teacher runs again on each context with a kept position:
     those two losses cost twice the teacher forwards of holding the batch's logits, unless
