@@ -142,7 +142,7 @@ def stepped(model: nn.Module, named: list[tuple[str, torch.Tensor]], directions:
             scale: float) -> Iterator[Stepped]:
     """Forwards of `model` inside see θ1 = θ0 − lr·scale·d while its weights stay θ0 between modules.
 
-    Each module that holds stepped parameters has them stepped in place (apply_step's own add_, so
+    Each module that holds stepped parameters has them stepped in place (by apply_step, so
     the same floats as stepping the whole model) when its forward begins, after a copy of their θ0,
     and copied back when it ends: at no time is there a copy of more than the modules whose forward
     is running (one at a time in a decoder; the tied embedding twice, never together), where stepping
@@ -164,8 +164,7 @@ def stepped(model: nn.Module, named: list[tuple[str, torch.Tensor]], directions:
             live[id(p)] = 1
             saved.append((p, p.detach().clone()))
             held[0] += p.numel() * p.element_size()
-            with torch.no_grad():
-                p.add_(step[id(p)], alpha=-lr * scale)
+            apply_step([p], [step[id(p)]], lr, scale)  # the one definition of θ1
         stats.peak_bytes = max(stats.peak_bytes, held[0])
         counts.setdefault(id(module), []).append(len(mine))
 
