@@ -52,9 +52,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT)]  # gpu_pairs beside this file, this checkout's teachdiag
 
 from gpu_pairs import SHAPES, build_pair  # noqa: E402
+from teachdiag.probe.signals import CHUNK_BYTES as CHUNK, LIVE  # noqa: E402  one chunk's float64 temporaries
 
 BASE = 0.535e9  # peak RSS of a `teachdiag probe` on the tiny pair (torch, transformers, the CLI), 2026-12-03
-CHUNK, LIVE = 256 * 2**20, 8  # probe/signals.CHUNK_BYTES and LIVE: one chunk's float64 temporaries
 FLAGS = {"shared": ["--gain", "shared"], "per_position": [], "checkpoint": ["--student-after", "{after}"],
          "linear": ["--mode", "linear"]}
 

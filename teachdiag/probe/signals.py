@@ -21,7 +21,7 @@ student_dropped_mass / teacher_dropped_mass say how much of each full softmax wa
 
 Chunks: the float64 passes (signals, the KLs after a step, a loss's gradient) run over at most
 chunk_rows(V) positions at a time, so a context's float64 peak is about CHUNK_BYTES whatever its
-length: at V = 151,936 a (192, V) float64 tensor is 233 MB and the signals hold ~8 at once. Every
+length: at V = 151,936 a (192, V) float64 tensor is 233 MB and the signals hold ~10 at once. Every
 quantity is per row, so chunking changes no number: bitwise equal with one torch thread; with
 several, torch may split a short chunk's row sums across threads (≈ 1e-16 relative).
 """
@@ -44,13 +44,14 @@ LOSSES = ("reverse_kl", "forward_kl", "sampled_token")
 # ids) or from the teacher's own list only (topk_lb, a lower bound)
 SIGNAL_MODES = ("full", "topk", "topk_lb")
 # the float64 temporaries of one chunk of positions stay under about CHUNK_BYTES: signals_from_logits
-# holds up to LIVE (rows, V) float64 tensors at once (two log-softmaxes, two exps, kl's terms)
-CHUNK_BYTES = 256 * 2**20
-LIVE = 8
+# and loss_grad's autograd hold up to LIVE (rows, V) float64 tensors at once (two log-softmaxes, two
+# exps, kl's terms; a backward's gradients), measured by the peak RSS of one call: 9.1–9.5 on CPU
+CHUNK_BYTES = 128 * 2**20
+LIVE = 10
 
 
 def chunk_rows(vocab: int) -> int:
-    """Positions per chunk of the float64 passes: 27 at V = 151,936, 85 at V = 49,152."""
+    """Positions per chunk of the float64 passes: 11 at V = 151,936, 34 at V = 49,152."""
     return max(1, CHUNK_BYTES // (LIVE * 8 * vocab))
 
 
@@ -116,13 +117,13 @@ def kl(log_p: torch.Tensor, log_q: torch.Tensor, p: torch.Tensor | None = None) 
     """KL(p ‖ q) along the last dim from log-probabilities; 0·log 0 counts as 0, NaN stays NaN.
     p: log_p.exp() when the caller has it already (a (P, V) float64 exp is not free)."""
     p = log_p.exp() if p is None else p
-    return torch.where(p == 0, torch.zeros_like(p), p * (log_p - log_q)).sum(-1)
+    return torch.where(p == 0, 0.0, p * (log_p - log_q)).sum(-1)  # a scalar 0: no (P, V) zeros made
 
 
 def entropy(log_p: torch.Tensor, p: torch.Tensor | None = None) -> torch.Tensor:
     """Shannon entropy along the last dim, nats."""
     p = log_p.exp() if p is None else p
-    return -torch.where(p == 0, torch.zeros_like(p), p * log_p).sum(-1)
+    return -torch.where(p == 0, 0.0, p * log_p).sum(-1)
 
 
 def signals_from_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
