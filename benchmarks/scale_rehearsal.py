@@ -21,8 +21,8 @@ Each result is printed beside memory_model()'s prediction and appended to --log 
 
 The memory model (bytes; N_s, N_t parameters, V vocabulary, P probed positions of a context, T its
 tokens) is the weights and the per-context tensors each instrument holds at its peak:
-  shared        base + 2·N_t + max(pass 1: 8·N_s + A_train(T) + 3·4PV,
-                                    pass 2: 8·N_s + 4·V·d_s + 2·A_eval(T) + 5·4PV) + C
+  shared        base + 2·N_t + max(pass 1: 8·N_s + A_train(T) + 2·4PV + 2PV,
+                                    pass 2: 8·N_s + 4·V·d_s + 2·A_eval(T) + 4·4PV + 2PV) + C
   per_position  base + 2·N_t + 12·N_s + 4·V·d_s + A_train(T) + 4PV + C        (one position per backward)
   checkpoint    base + 2·N_t + 8·N_s + A_eval(T) + 3·4PV + C
   linear        base + 2·N_t + 4·N_s + 2·B·A_train(T) + 4PV + C              (B = --batch positions)
@@ -30,7 +30,7 @@ with 4·V·d_s the tied embedding's gradient made before it is added (the shared
 adds it in place, probe/fused.py; its pass 2 holds that module's θ0 copy while its stepped forward
 runs, steps.stepped), A_train(T) = 4·T·layers·(7d + 4kv
 + 4f) the activations a backward keeps, A_eval(T) = 4·T·(2d + 2f) a forward's working set, C the
-float64 chunk of probe/signals.py (at most CHUNK_BYTES) and base the process's own (torch, transformers:
+float64 chunk of probe/signals.py (at most CHUNK_BYTES), 2PV the bfloat16 teacher's logits, and base the process's own (torch, transformers:
 measured on the tiny pair). The 2·N_t is the bfloat16 teacher. On a GPU the same terms hold with
 base ≈ the CUDA context.
 """
@@ -107,7 +107,8 @@ def memory_model(instrument: str, s: Arch, t: Arch, vocab: int, positions: int, 
     pv = 4.0 * positions * vocab  # one (P, V) float32 tensor
     grad_emb = 4.0 * s.rows * s.d
     if instrument == "shared":
-        student = max(8 * s.n + s.act_train(tokens) + 3 * pv, 8 * s.n + grad_emb + 2 * s.act_eval(tokens) + 5 * pv)
+        t_pv = teacher_bytes / 4 * pv  # the teacher's (P, V) logits, kept in its own dtype
+        student = max(8 * s.n + s.act_train(tokens) + 2 * pv + t_pv, 8 * s.n + grad_emb + 2 * s.act_eval(tokens) + 4 * pv + t_pv)
     elif instrument == "per_position":
         student = 12 * s.n + grad_emb + s.act_train(tokens) + pv
     elif instrument == "checkpoint":

@@ -37,7 +37,8 @@ place; the jvp takes d itself as its tangent and the scale multiplies its result
 module's parameters copied while its θ1 forward runs (the largest is the embedding, V·d). In pass
 1 the embedding's and the LM head's weight gradients are added into ∇L in place (probe/fused.py),
 not made as (V, d) tensors first, and ∂ℓ/∂z is written into a gradient of the model's own output
-shape, so the backward makes no second (P, V) tensor. Cost per context: two teacher forwards,
+shape, so the backward makes no second (P, V) tensor. The teacher's logits stay in its own dtype
+(bfloat16: half the bytes; the float64 passes upcast them exactly, so no number changes). Cost per context: two teacher forwards,
 student forward + backward, one JVP to the logits (≈ 3.5 eager forwards on CPU), one forward. grad_norm is ‖∇L‖, the same for every row
 of a group.
 """
@@ -123,7 +124,7 @@ class SharedStep:
         try:
             for c in group:
                 ctx, positions = ctxs[c], by_ctx[c]
-                t = teacher_logits(teacher, ctx, positions, self.vocab, device)  # (P, V)
+                t = teacher_logits(teacher, ctx, positions, self.vocab, device, dtype=None)  # (P, V), its own dtype
                 ids, keep, y = self._view(ctx, positions, device)
                 use = self._usable(t, y)
                 n_used += int(use.sum())
@@ -170,7 +171,7 @@ class SharedStep:
         rows: dict[int, list[dict]] = {}
         for c in group:
             ctx, positions = ctxs[c], by_ctx[c]
-            t = teacher_logits(teacher, ctx, positions, self.vocab, device)  # (P, V), as in pass 1
+            t = teacher_logits(teacher, ctx, positions, self.vocab, device, dtype=None)  # (P, V), as in pass 1
             ids, keep, y = self._view(ctx, positions, device)
             g_dot_d = self._directional(ids, keep, t, y) if self.first_order else [math.nan] * len(positions)
             with torch.no_grad(), stepped(self.model, self.named, self.directions, self.lr, self.scale):

@@ -23,6 +23,7 @@ from conftest import write_contexts
 from teachdiag.cli import main
 from teachdiag.contexts import load_contexts
 from teachdiag.probe import instruments, stepfile
+from teachdiag.probe import shared as shared_module
 from teachdiag.probe.forward import teacher_logits
 from teachdiag.probe.instruments import make_instrument
 from teachdiag.probe.rows import make_row
@@ -123,6 +124,32 @@ def test_rows_equal_the_previous_algorithm(models, tmp_path, one_thread, loss, o
     group = list(by_ctx)
     old = old_shared_rows(student, teacher, ctxs, by_ctx, group, loss, optimizer, LR[optimizer])
     new = SharedStep(student, "all", loss, optimizer, LR[optimizer], VOCAB).run(teacher, ctxs, by_ctx, group, "cpu")
+    for c in group:
+        for a, b in zip(old[c], new[c]):
+            first_a, first_b = a.pop("gain_first_order"), b.pop("gain_first_order")
+            assert a == b, c
+            assert first_b == pytest.approx(first_a, rel=1e-5, abs=1e-10)
+
+
+def test_a_bfloat16_teachers_logits_stay_bfloat16_and_give_the_same_rows(models, tmp_path, one_thread, monkeypatch):
+    """The shared step keeps a bfloat16 teacher's logits in bfloat16 (half the bytes of each context's
+    (P, V)); every float64 pass upcasts them exactly, so the rows are the float32 path's bit for bit."""
+    teacher, student = models
+    teacher16 = copy.deepcopy(teacher).to(torch.bfloat16)
+    ctxs, by_ctx = _contexts(tmp_path, 3)
+    group = list(by_ctx)
+    old = old_shared_rows(student, teacher16, ctxs, by_ctx, group, "reverse_kl", "normalized", LR["normalized"])
+    seen = []
+
+    def spy(*args, **kw):
+        t = teacher_logits(*args, **kw)
+        seen.append(t.dtype)
+        return t
+
+    monkeypatch.setattr(shared_module, "teacher_logits", spy)
+    new = SharedStep(student, "all", "reverse_kl", "normalized", LR["normalized"], VOCAB).run(
+        teacher16, ctxs, by_ctx, group, "cpu")
+    assert seen and set(seen) == {torch.bfloat16}
     for c in group:
         for a, b in zip(old[c], new[c]):
             first_a, first_b = a.pop("gain_first_order"), b.pop("gain_first_order")

@@ -194,8 +194,8 @@ def test_shared_step_skips_non_finite_teacher_rows(models, tmp_path, monkeypatch
     by_without = {i: [p for p in ps if (i, p) != bad] for i, ps in by_all.items()}
     real = shared_module.teacher_logits
 
-    def poisoned(teacher_, ctx, positions, vocab, device):
-        t = real(teacher_, ctx, positions, vocab, device)
+    def poisoned(teacher_, ctx, positions, vocab, device, **kw):
+        t = real(teacher_, ctx, positions, vocab, device, **kw)
         if ctx.id == ctxs[bad[0]].id and bad[1] in positions:
             t[positions.index(bad[1]), 5] = float("nan")
         return t
