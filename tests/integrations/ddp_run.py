@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+import torch.distributed as dist
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DistillationConfig
@@ -30,3 +31,8 @@ trainer.train()
 # a file per rank: two ranks printing to one pipe can run their lines together
 (root / f"rank{os.environ['RANK']}.json").write_text(json.dumps({
     "rank": int(os.environ["RANK"]), "processes": trainer.accelerator.num_processes, "log": trainer.selection_log}))
+# tear gloo down explicitly, both ranks done first: left to interpreter exit, a rank could abort in
+# its gloo threads' destructors ("terminate called without an active exception", SIGABRT)
+if dist.is_initialized():
+    dist.barrier()
+    dist.destroy_process_group()
