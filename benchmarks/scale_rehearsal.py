@@ -23,7 +23,7 @@ The memory model (bytes; N_s, N_t parameters, V vocabulary, P probed positions o
 tokens) is the weights and the per-context tensors each instrument holds at its peak:
   shared        base + 2·N_t + max(pass 1: 8·N_s + A_train(T) + 2·4PV + 2PV,
                                     pass 2: 8·N_s + 4·V·d_s + 2·A_eval(T) + 4·4PV + 2PV) + C
-  per_position  base + 2·N_t + 12·N_s + 4·V·d_s + A_train(T) + 4PV + C        (one position per backward)
+  per_position  base + 2·N_t + 8·N_s + 4·V·d_s + A_train(T) + 4PV + C         (one position per backward)
   checkpoint    base + 2·N_t + 8·N_s + A_eval(T) + 3·4PV + C
   linear        base + 2·N_t + 4·N_s + 2·B·A_train(T) + 4PV + C              (B = --batch positions)
 with 4·V·d_s the tied embedding's gradient made before it is added (the shared step's gradient pass
@@ -110,7 +110,7 @@ def memory_model(instrument: str, s: Arch, t: Arch, vocab: int, positions: int, 
         t_pv = teacher_bytes / 4 * pv  # the teacher's (P, V) logits, kept in its own dtype
         student = max(8 * s.n + s.act_train(tokens) + 2 * pv + t_pv, 8 * s.n + grad_emb + 2 * s.act_eval(tokens) + 4 * pv + t_pv)
     elif instrument == "per_position":
-        student = 12 * s.n + grad_emb + s.act_train(tokens) + pv
+        student = 8 * s.n + grad_emb + s.act_train(tokens) + pv  # θ1 module by module (steps.stepped), as shared
     elif instrument == "checkpoint":
         student = 8 * s.n + s.act_eval(tokens) + 3 * pv
     elif instrument == "linear":  # no step, no θ0 copy; the outputs' gradients held beside the activations

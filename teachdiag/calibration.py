@@ -9,7 +9,7 @@ first-order prediction lr·⟨g, d⟩). `teachdiag calibrate` and `probe --lr au
 
 Each sampled position costs one forward + backward at θ0 and one forward per lr: the gradient is
 computed once and reused for the whole grid (SingleStepProbe.position_gradient), and θ0 is
-copied back bit for bit after every step.
+back bit for bit after every step (steps.stepped).
 """
 
 from __future__ import annotations
@@ -90,7 +90,6 @@ def sweep(teacher, student, ctxs: list[Context], picks: list[tuple[int, int]], l
                 del pg  # one gradient copy alive at a time
     finally:
         bar.close()
-        probe.restore()
     return pd.DataFrame(rows)
 
 

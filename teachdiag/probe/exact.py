@@ -10,9 +10,12 @@
 
 For each position j, starting from θ0: forward the prefix prompt + response[:j] (causal, so
 nothing after j matters), take the loss against the fixed teacher distribution, one update
-θ1 = θ0 − lr·d, forward the same prefix again, then copy θ0 back from a saved copy (a
-subtraction would not restore the bits). The "before" numbers come from the same prefix
-forward as the "after" ones, so gain = before − after compares like with like.
+θ1 = θ0 − lr·d, forward the same prefix again. The step is taken module by module inside that
+forward (steps.stepped): each module's θ0 is copied back from a copy of that module alone when
+its forward ends (a subtraction would not restore the bits), so no copy of the whole model's θ0
+is held: 8 bytes per stepped float32 parameter (weights, gradient turned into d) plus the largest
+module. The "before" numbers come from the same prefix forward as the "after" ones, so gain =
+before − after compares like with like.
 
 Precision: the stepped parameters must be float32 or float64. A step of lr·d on bfloat16
 weights rounds to no change for most entries (8-bit mantissa), so the probe refuses them;
@@ -30,7 +33,7 @@ from torch import nn
 from teachdiag.errors import InputError, UnsupportedModel
 from teachdiag.probe.rows import make_row
 from teachdiag.probe.signals import kls_from_logits, probe_loss, signals_from_logits
-from teachdiag.probe.steps import apply_step, global_norm, rule
+from teachdiag.probe.steps import global_norm, rule, stepped
 
 
 
@@ -119,7 +122,7 @@ class PositionGrad:
 
 
 class SingleStepProbe:
-    """Holds θ0 for the stepped parameters and probes positions one at a time."""
+    """Probes positions one at a time, each from θ0 (the weights are θ0 between calls)."""
 
     def __init__(self, model: nn.Module, params: str, loss: str, optimizer: str, lr: float,
                  vocab: int, top_k: int = 16, keep: torch.Tensor | None = None, signals: str = "full") -> None:
@@ -135,7 +138,6 @@ class SingleStepProbe:
             if p.dtype not in (torch.float32, torch.float64):
                 raise ValueError(f"stepped parameter {name} is {p.dtype}; a small step would round "
                                  "to nothing, keep the student in float32")
-        self.theta0 = [p.detach().clone() for p in self.params]
         self.n_stepped = sum(p.numel() for p in self.params)
 
     def _last_logits(self, ids: torch.Tensor) -> torch.Tensor:
@@ -189,13 +191,10 @@ class SingleStepProbe:
         return PositionGrad(prefix, t, y, before, directions, scale, grad_norm, g_dot_d, finite)
 
     def stepped_logits(self, pg: PositionGrad, lr: float) -> torch.Tensor:
-        """(1, V) logits of pg's prefix at θ1 = θ0 − lr·scale·d; θ0 is back afterwards, bit for bit."""
-        try:
-            apply_step(self.params, pg.directions, lr, pg.scale)
-            with torch.no_grad():
-                return self._last_logits(pg.prefix)
-        finally:  # also on OOM or Ctrl-C: the caller's model is never left at θ1
-            self.restore()
+        """(1, V) logits of pg's prefix at θ1 = θ0 − lr·scale·d; θ0 is back afterwards, bit for bit
+        (also on OOM or Ctrl-C: steps.stepped restores each module however its forward ends)."""
+        with torch.no_grad(), stepped(self.model, self.named, pg.directions, lr, pg.scale):
+            return self._last_logits(pg.prefix)
 
     def row(self, pg: PositionGrad, s_after: torch.Tensor, lr: float) -> dict[str, float]:
         """The tokens.csv row of one position: signals before, KLs after the step of size lr, gains."""
@@ -215,9 +214,3 @@ class SingleStepProbe:
             prefix = student_ids[: n_prompt + j]
             rows.append(self.probe_position(prefix, teacher_logits[i], int(student_ids[n_prompt + j])))
         return rows
-
-    @torch.no_grad()
-    def restore(self) -> None:
-        """Copy θ0 back into the stepped parameters (exact, bit for bit)."""
-        for p, p0 in zip(self.params, self.theta0):
-            p.copy_(p0)

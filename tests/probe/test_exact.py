@@ -191,6 +191,34 @@ def test_teacher_runs_once_per_context(tmp_path, pair, contexts, monkeypatch):
     assert calls["student"] == df["context_id"].nunique() + len(df)
 
 
+def test_the_step_holds_no_copy_of_the_whole_model(pair, contexts, monkeypatch):
+    """θ1 is taken module by module (steps.stepped): beside the weights and the gradient turned into
+    d, the only copy of parameters is the running module's, never more than the largest module."""
+    import contextlib
+
+    from teachdiag.probe import exact, steps
+
+    student = load(pair[1])
+    peaks, real = [], steps.stepped
+
+    @contextlib.contextmanager
+    def spy(*args):
+        with real(*args) as stats:
+            yield stats
+        peaks.append(stats.peak_bytes)
+
+    monkeypatch.setattr(exact, "stepped", spy)
+    ctx = read_contexts(contexts)[1]
+    ids = torch.tensor(ctx["prompt_ids"] + ctx["response_ids"])
+    probe = SingleStepProbe(student, "all", "reverse_kl", "adam", 1e-4, VOCAB)
+    probe.run_context(ids, len(ctx["prompt_ids"]), torch.randn(2, VOCAB), [0, 2])
+    largest = max(sum(p.numel() * 4 for p in m.parameters(recurse=False)) for m in student.modules())
+    assert len(peaks) == 2 and all(0 < peak <= largest for peak in peaks)
+    held = [t for v in vars(probe).values() for t in (v if isinstance(v, list) else [v])
+            if isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter)]
+    assert sum(t.numel() for t in held) == 0  # the probe keeps no θ0 of its own between positions
+
+
 def test_weights_restored_when_the_after_forward_fails(pair, contexts):
     student = load(pair[1])
     before = copy.deepcopy(student.state_dict())
