@@ -101,3 +101,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def stepped_peaks(monkeypatch):
+    """watch(module) -> a list that gets steps.stepped's peak_bytes (the θ0 copies held at once) of
+    every step `module` takes through its own `stepped` name."""
+    import contextlib
+
+    from teachdiag.probe import steps
+
+    def watch(module) -> list[int]:
+        peaks = []
+
+        @contextlib.contextmanager
+        def spy(*args):
+            with steps.stepped(*args) as stats:
+                yield stats
+            peaks.append(stats.peak_bytes)
+
+        monkeypatch.setattr(module, "stepped", spy)
+        return peaks
+
+    return watch

@@ -191,23 +191,13 @@ def test_teacher_runs_once_per_context(tmp_path, pair, contexts, monkeypatch):
     assert calls["student"] == df["context_id"].nunique() + len(df)
 
 
-def test_the_step_holds_no_copy_of_the_whole_model(pair, contexts, monkeypatch):
+def test_the_step_holds_no_copy_of_the_whole_model(pair, contexts, stepped_peaks):
     """θ1 is taken module by module (steps.stepped): beside the weights and the gradient turned into
     d, the only copy of parameters is the running module's, never more than the largest module."""
-    import contextlib
-
-    from teachdiag.probe import exact, steps
+    from teachdiag.probe import exact
 
     student = load(pair[1])
-    peaks, real = [], steps.stepped
-
-    @contextlib.contextmanager
-    def spy(*args):
-        with real(*args) as stats:
-            yield stats
-        peaks.append(stats.peak_bytes)
-
-    monkeypatch.setattr(exact, "stepped", spy)
+    peaks = stepped_peaks(exact)
     ctx = read_contexts(contexts)[1]
     ids = torch.tensor(ctx["prompt_ids"] + ctx["response_ids"])
     probe = SingleStepProbe(student, "all", "reverse_kl", "adam", 1e-4, VOCAB)

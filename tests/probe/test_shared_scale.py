@@ -7,7 +7,6 @@ scaled copy of d), written out from torch and teachdiag's building blocks, so th
 checked against the old numbers, not against numbers pasted in.
 """
 
-import contextlib
 import copy
 import errno
 import math
@@ -177,33 +176,23 @@ def test_rows_left_out_of_the_loss_stay_within_float_noise(models, tmp_path, one
                     assert b[k] == pytest.approx(a[k], rel=1e-5, abs=5e-7), k
 
 
-def test_eight_bytes_per_parameter(models, tmp_path, monkeypatch):
+def test_eight_bytes_per_parameter(models, tmp_path, monkeypatch, stepped_peaks):
     """The step is applied from ∇L's own memory (d in place), the JVP's tangent is that memory too,
     and θ1 is taken module by module: beside the weights and d, nothing of the parameters' size is
     made but the copy of the modules whose θ1 forward is running (never more than the largest)."""
-    import teachdiag.probe.shared as shared_module
-    from teachdiag.probe import steps
-
     teacher, student = models
     ctxs, by_ctx = _contexts(tmp_path, 2)
     step = SharedStep(student, "all", "reverse_kl", "adam", 1e-4, VOCAB)
     step.gradient(teacher, ctxs, by_ctx, list(by_ctx), "cpu")
     grad_ptrs = [g.data_ptr() for g in step.grads]
-    seen, peaks = [], []
-    real_jvp, real_stepped = shared_module.jvp, steps.stepped
+    seen, real_jvp = [], shared_module.jvp
 
     def spy(f, primals, tangents):
         seen.append([t.data_ptr() for t in tangents[0].values()])
         return real_jvp(f, primals, tangents)
 
-    @contextlib.contextmanager
-    def spy_stepped(*args):
-        with real_stepped(*args) as stats:
-            yield stats
-        peaks.append(stats.peak_bytes)
-
     monkeypatch.setattr(shared_module, "jvp", spy)
-    monkeypatch.setattr(shared_module, "stepped", spy_stepped)
+    peaks = stepped_peaks(shared_module)
     theta0 = copy.deepcopy(student.state_dict())
     step.rescore(teacher, ctxs, by_ctx, list(by_ctx), "cpu")
     assert [d.data_ptr() for d in step.directions] == grad_ptrs and step.grads is None
