@@ -22,17 +22,18 @@ from teachdiag.contexts import Context
 
 def teacher_logits(teacher, ctx: Context, positions: list[int], vocab: int, device: torch.device | str,
                    dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
-    """(P, V) float32 teacher logits for response[positions], from ONE teacher forward of the context
-    (the LM head only at those positions), moved to the student's `device`. dtype: as view_logits."""
+    """(P, V) teacher logits for response[positions], from ONE teacher forward of the context (the
+    LM head only at those positions), moved to the student's `device`; float32, or with dtype None
+    the teacher's own dtype (view_logits)."""
     return view_logits(teacher, ctx.teacher_view, ctx.response_ids, positions, vocab, device, dtype)
 
 
 def view_logits(model, view: list[int], response_ids: list[int], positions: list[int], vocab: int,
                 device: torch.device | str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
-    """(P, V) float32 logits of `model` predicting response[positions] after `view` (a prompt's ids),
-    from one forward without gradient, the LM head only at those positions; moved to `device`.
-    dtype None: the model's own (a bfloat16 model's logits at half the bytes; for callers whose
-    float64 passes upcast them, which is exact, so every number is the float32 path's)."""
+    """(P, V) logits of `model` predicting response[positions] after `view` (a prompt's ids), from
+    one forward without gradient, the LM head only at those positions; moved to `device`. float32,
+    or with dtype None the model's own (a bfloat16 model's logits at half the bytes, for callers
+    whose float64 passes upcast them: exact, so every number is the float32 path's)."""
     m_device = model.get_input_embeddings().weight.device  # the first GPU of a spread model
     ids = torch.tensor(view + response_ids[:-1], device=m_device)
     keep = torch.tensor([len(view) + j - 1 for j in positions], device=m_device)

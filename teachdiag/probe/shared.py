@@ -38,9 +38,9 @@ module's parameters copied while its θ1 forward runs (the largest is the embedd
 1 the embedding's and the LM head's weight gradients are added into ∇L in place (probe/fused.py),
 not made as (V, d) tensors first, and ∂ℓ/∂z is written into a gradient of the model's own output
 shape, so the backward makes no second (P, V) tensor. The teacher's logits stay in its own dtype
-(bfloat16: half the bytes; the float64 passes upcast them exactly, so no number changes). Cost per context: two teacher forwards,
-student forward + backward, one JVP to the logits (≈ 3.5 eager forwards on CPU), one forward. grad_norm is ‖∇L‖, the same for every row
-of a group.
+(bfloat16: half the bytes; the float64 passes upcast them exactly, so no number changes). Cost per
+context: two teacher forwards, student forward + backward, one JVP to the logits (≈ 3.5 eager
+forwards on CPU), one forward. grad_norm is ‖∇L‖, the same for every row of a group.
 """
 
 from __future__ import annotations
