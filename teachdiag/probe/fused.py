@@ -37,12 +37,15 @@ class _Head(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(h, weight)
+        # the weight itself, not saved_tensors: under saved-tensor hooks (checkpointing, CPU offload)
+        # those give back another tensor object, and a .grad set on it would be lost
+        ctx.save_for_backward(h)
+        ctx.weight = weight
         return F.linear(h, weight)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        h, weight = ctx.saved_tensors
+        (h,), weight = ctx.saved_tensors, ctx.weight
         with torch.no_grad():
             _grad_of(weight).addmm_(g.reshape(-1, g.shape[-1]).t(), h.reshape(-1, h.shape[-1]))  # (V, d)
         return (g @ weight if ctx.needs_input_grad[0] else None), None

@@ -1,5 +1,7 @@
 """probe/fused.py: the embedding's and head's weight gradients added in place equal autograd's own."""
 
+import contextlib
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -18,15 +20,16 @@ def _model(kind: str, tied: bool):
     return LlamaForCausalLM(cfg).float()
 
 
-def _grads(model, fused: bool):
-    """∇ over two backwards (accumulating, as the shared step's contexts do), token 3 the padding id."""
+def _grads(model, fused: bool, hooks=contextlib.nullcontext):
+    """∇ over two backwards (accumulating, as the shared step's contexts do), token 3 the padding id;
+    hooks: a context manager around each forward and backward."""
     params = list(model.parameters())
     for p in params:
         p.grad = None
         p.requires_grad_(True)
     for k in range(2):
         ids = torch.tensor([[1, 5, 9, 3, 5, 7, 5]]) + k
-        with grads_in_place(model, params) if fused else torch.enable_grad():
+        with grads_in_place(model, params) if fused else torch.enable_grad(), hooks():
             z = model(input_ids=ids, use_cache=False).logits
             z.backward(torch.randn(z.shape, generator=torch.Generator().manual_seed(k)))
     return [p.grad.clone() for p in params]
@@ -50,3 +53,14 @@ def test_only_the_differentiated_weights_are_taken_over():
     with grads_in_place(model, [head.weight]):
         assert "forward" in vars(head) and "forward" not in vars(model.get_input_embeddings())
     assert "forward" not in vars(head)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_saved_tensor_hooks_lose_no_gradient(tied, one_thread):
+    """Under saved-tensor hooks (checkpointing, CPU offload) ctx.saved_tensors are other tensor
+    objects: the head's .grad must still land on the parameter itself."""
+    model = _model("qwen2", tied)
+    plain = _grads(model, True)
+    hooked = _grads(model, True, lambda: torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t))
+    for (name, _), a, b in zip(model.named_parameters(), plain, hooked):
+        assert torch.equal(a, b), name
