@@ -21,18 +21,19 @@ Each result is printed beside memory_model()'s prediction and appended to --log 
 
 The memory model (bytes; N_s, N_t parameters, V vocabulary, P probed positions of a context, T its
 tokens) is the weights and the per-context tensors each instrument holds at its peak:
-  shared        base + 2·N_t + max(pass 1: 8·N_s + A_train(T) + 2·4PV + 2PV,
+  shared        base + 2·N_t + max(pass 1: 8·N_s + A_recompute(T) + 2·4PV + 2PV,
                                     pass 2: 8·N_s + 4·V·d_s + 2·A_eval(T) + 4·4PV + 2PV) + C
   per_position  base + 2·N_t + 8·N_s + 4·V·d_s + A_train(T) + 4PV + C         (one position per backward)
   checkpoint    base + 2·N_t + 8·N_s + A_eval(T) + 3·4PV + C
   linear        base + 2·N_t + 4·N_s + 2·B·A_train(T) + 4PV + C              (B = --batch positions)
 with 4·V·d_s the tied embedding's gradient made before it is added (the shared step's gradient pass
 adds it in place, probe/fused.py; its pass 2 holds that module's θ0 copy while its stepped forward
-runs, steps.stepped), A_train(T) = 4·T·layers·(7d + 4kv
-+ 4f) the activations a backward keeps, A_eval(T) = 4·T·(2d + 2f) a forward's working set, C the
-float64 chunk of probe/signals.py (at most CHUNK_BYTES), 2PV the bfloat16 teacher's logits, and base the process's own (torch, transformers:
-measured on the tiny pair). The 2·N_t is the bfloat16 teacher. On a GPU the same terms hold with
-base ≈ the CUDA context.
+runs, steps.stepped), A_train(T) = 4·T·layers·(7d + 4kv + 4f) the activations a backward keeps,
+A_recompute(T) = 4·T·layers·d + A_train(T)/layers those it keeps with the layers recomputed (the
+shared step's gradient pass, probe/recompute.py), A_eval(T) = 4·T·(2d + 2f) a forward's working
+set, C the float64 chunk of probe/signals.py (at most CHUNK_BYTES), 2PV the bfloat16 teacher's
+logits, and base the process's own (torch, transformers: measured on the tiny pair). The 2·N_t is
+the bfloat16 teacher. On a GPU the same terms hold with base ≈ the CUDA context.
 """
 
 from __future__ import annotations
@@ -83,6 +84,11 @@ class Arch:
     def act_train(self, tokens: int) -> float:
         return 4.0 * tokens * self.layers * (7 * self.d + 4 * self.kv + 4 * self.f)
 
+    def act_recompute(self, tokens: int) -> float:
+        """A backward's activations with the layers recomputed (probe/recompute.py): every layer's
+        input, and one layer's own activations at a time."""
+        return 4.0 * tokens * self.layers * self.d + self.act_train(tokens) / self.layers
+
     def act_eval(self, tokens: int) -> float:
         return 4.0 * tokens * (2 * self.d + 2 * self.f)
 
@@ -108,7 +114,7 @@ def memory_model(instrument: str, s: Arch, t: Arch, vocab: int, positions: int, 
     grad_emb = 4.0 * s.rows * s.d
     if instrument == "shared":
         t_pv = teacher_bytes / 4 * pv  # the teacher's (P, V) logits, kept in its own dtype
-        student = max(8 * s.n + s.act_train(tokens) + 2 * pv + t_pv, 8 * s.n + grad_emb + 2 * s.act_eval(tokens) + 4 * pv + t_pv)
+        student = max(8 * s.n + s.act_recompute(tokens) + 2 * pv + t_pv, 8 * s.n + grad_emb + 2 * s.act_eval(tokens) + 4 * pv + t_pv)
     elif instrument == "per_position":
         student = 8 * s.n + grad_emb + s.act_train(tokens) + pv  # θ1 module by module (steps.stepped), as shared
     elif instrument == "checkpoint":

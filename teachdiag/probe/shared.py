@@ -13,8 +13,9 @@ The per-position probe asks how much a position can teach itself (θ1 = θ0 − 
 paper's gain asks how much position t improves when the student is trained on everything: its
 Proposition 1, G_t ≈ η·⟨∇L, ∇ℓ_t⟩ with L the mean loss over the batch. Here:
 
-1. θ0, per context: a teacher forward, a student forward, ∂ℓ/∂z from the float64 loss a chunk of
-   positions at a time (signals.loss_grad), one backward; ∇L of L = mean of ℓ_t over the group's
+1. θ0, per context: a teacher forward, a student forward whose decoder layers keep only their
+   inputs (probe/recompute.py), ∂ℓ/∂z from the float64 loss a chunk of positions at a time
+   (signals.loss_grad), one backward that runs each layer again; ∇L of L = mean of ℓ_t over the group's
    usable positions accumulates in float32, and the signals before the step come from the same
    forward. A position whose loss cannot be finite (non-finite teacher logits; sampled_token at a
    y outside the shared ids) is left out before its loss is computed: a NaN row's backward would
@@ -37,10 +38,13 @@ place; the jvp takes d itself as its tangent and the scale multiplies its result
 module's parameters copied while its θ1 forward runs (the largest is the embedding, V·d). In pass
 1 the embedding's and the LM head's weight gradients are added into ∇L in place (probe/fused.py),
 not made as (V, d) tensors first, and ∂ℓ/∂z is written into a gradient of the model's own output
-shape, so the backward makes no second (P, V) tensor. The teacher's logits stay in its own dtype
-(bfloat16: half the bytes; the float64 passes upcast them exactly, so no number changes). Cost per
-context: two teacher forwards, student forward + backward, one JVP to the logits (≈ 3.5 eager
-forwards on CPU), one forward. grad_norm is ‖∇L‖, the same for every row of a group.
+shape, so the backward makes no second (P, V) tensor; the layers' activations are never alive beside
+the float64 chunks of the loss (recomputed in the backward, one layer at a time: the same floats,
+so ∇L is unchanged bit for bit). The teacher's logits stay in its own dtype (bfloat16: half the
+bytes; the float64 passes upcast them exactly, so no number changes). In pass 2 the heap the JVP
+freed is handed back before the θ1 forward copies its largest module. Cost per context: two
+teacher forwards, student forward + backward + the layers once more, one JVP to the logits (≈ 3.5
+eager forwards on CPU), one forward. grad_norm is ‖∇L‖, the same for every row of a group.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ from teachdiag.contexts import Context
 from teachdiag.probe.exact import select_params
 from teachdiag.probe.forward import teacher_logits, trim_heap
 from teachdiag.probe.fused import grads_in_place
+from teachdiag.probe.recompute import recomputed_layers
 from teachdiag.probe.rows import make_row
 from teachdiag.probe.signals import SIGNALS, kls_from_logits, loss_grad, row_dot, signals_from_logits
 from teachdiag.probe.stepfile import load_tensors, read_header, save_tensors
@@ -128,7 +133,7 @@ class SharedStep:
                 ids, keep, y = self._view(ctx, positions, device)
                 use = self._usable(t, y)
                 n_used += int(use.sum())
-                with torch.enable_grad(), grads_in_place(self.model, self.params):
+                with torch.enable_grad(), grads_in_place(self.model, self.params), recomputed_layers(self.model):
                     rows = self._logits(ids, keep, cut=False)  # (1, P, V_rows), its graph reaches the stepped parameters
                     z = rows[0, :, : self.vocab].detach()  # (P, V)
                     if use.any():  # gradients accumulate over contexts; embedding and head without a V×d temporary
@@ -174,6 +179,7 @@ class SharedStep:
             t = teacher_logits(teacher, ctx, positions, self.vocab, device, dtype=None)  # (P, V), as in pass 1
             ids, keep, y = self._view(ctx, positions, device)
             g_dot_d = self._directional(ids, keep, t, y) if self.first_order else [math.nan] * len(positions)
+            trim_heap()  # the JVP's freed pages, before the θ1 forward copies the largest module
             with torch.no_grad(), stepped(self.model, self.named, self.directions, self.lr, self.scale):
                 z1 = self._logits(ids, keep)  # (P, V) at θ1; the weights are θ0 again when it returns
             after = kls_from_logits(z1, t, self.keep)

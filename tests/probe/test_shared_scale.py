@@ -7,6 +7,7 @@ scaled copy of d), written out from torch and teachdiag's building blocks, so th
 checked against the old numbers, not against numbers pasted in.
 """
 
+import contextlib
 import copy
 import errno
 import math
@@ -204,6 +205,31 @@ def test_eight_bytes_per_parameter(models, tmp_path, monkeypatch, stepped_peaks)
     assert all(torch.equal(theta0[k], v) for k, v in student.state_dict().items())
     step.release()
     assert step.directions is None
+
+
+def test_the_gradient_pass_keeps_only_the_layers_inputs(models, tmp_path, monkeypatch, one_thread):
+    """The gradient pass recomputes the decoder layers in its backward (probe/recompute.py): less is
+    saved for the backward than by the plain forward, and ∇L is the same bit for bit."""
+    teacher, student = models
+    ctxs, by_ctx = _contexts(tmp_path, 2)
+
+    def gradient():
+        kept = []
+
+        def pack(t):
+            kept.append(t.numel() * t.element_size())
+            return t
+
+        step = SharedStep(student, "all", "reverse_kl", "normalized", 1e-2, VOCAB)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            step.gradient(teacher, ctxs, by_ctx, list(by_ctx), "cpu")
+        return step.grads, sum(kept)
+
+    recomputed, kept_recomputed = gradient()
+    monkeypatch.setattr(shared_module, "recomputed_layers", lambda model: contextlib.nullcontext())
+    plain, kept_plain = gradient()
+    assert all(torch.equal(a, b) for a, b in zip(recomputed, plain))
+    assert kept_recomputed < 0.5 * kept_plain
 
 
 def _instrument(student, tmp_path, resume=False, **kw):
