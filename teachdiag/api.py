@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from teachdiag.table import RUN, TOKENS, read_tokens
+from teachdiag.table import RUN, TOKENS, all_parts, read_tokens
 
 
 @dataclass
@@ -38,7 +38,9 @@ def load_run(path: str | Path, allow_partial: bool = False) -> Run:
 
     A run whose run.json says "complete": false is refused (InputError) unless allow_partial: a
     kill between writing tokens.csv and marking the run complete leaves a table that looks
-    finished but was never confirmed; `--resume` finishes it."""
+    finished but was never confirmed; `--resume` finishes it. With allow_partial, a run killed
+    before its table was merged gives the rows of every rank's part (tokens.partial*.csv) in file
+    order, teachability and incompat normalised over the rows present (as analyze reads them)."""
     from teachdiag.errors import InputError
 
     path = Path(path)
@@ -50,6 +52,15 @@ def load_run(path: str | Path, allow_partial: bool = False) -> Run:
     if isinstance(record, dict) and record.get("complete") is False and not allow_partial:
         raise InputError("run is incomplete (complete: false); finish it with --resume, or pass "
                          "allow_partial=True", file=str(path / RUN), field="complete")
+    if not csv.is_file() and allow_partial:
+        parts = [read_tokens(p) for p, _ in all_parts(path) if p.is_file() and p.stat().st_size > 0]
+        if parts:
+            from teachdiag.scores import teachability_columns  # scipy: only for a partial run
+
+            table = pd.concat(parts, ignore_index=True)
+            table["teachability"], table["incompat"] = teachability_columns(
+                table["union_fkl"], table["compat_mass"], table["finite"].to_numpy() == 1)
+            return Run(path, table, record)
     if not csv.is_file():
         raise InputError("no such file", file=str(csv))
     return Run(path, read_tokens(csv), record)

@@ -80,3 +80,44 @@ def test_a_table_written_but_never_marked_complete_is_not_read_as_finished(tmp_p
     assert len(teachdiag.load_run(out, allow_partial=True).table) == len(teachdiag.load_run(tmp_path / "full").table)
     assert main([*args, str(out), "--resume"]) == 0
     pd.testing.assert_frame_equal(teachdiag.load_run(out).table, teachdiag.load_run(tmp_path / "full").table)
+
+
+def test_a_run_killed_before_its_table_was_merged_is_read_with_allow_partial(tmp_path, pair, monkeypatch):
+    """A kill after the first context leaves tokens.partial.csv and no tokens.csv: load_run refuses it,
+    and with allow_partial gives those rows, equal to the finished run's but for teachability and
+    incompat, normalised over the rows present."""
+    import pandas as pd
+    import pytest
+
+    from teachdiag.cli import main
+    from teachdiag.errors import InputError
+    from teachdiag.runtable import RunWriter
+
+    class Kill(BaseException):
+        pass
+
+    contexts = write_contexts(tmp_path / "c.jsonl", n=3)
+    args = ["probe", "--teacher", pair[0], "--student", pair[1], "--contexts", str(contexts), "--device", "cpu",
+            "--quiet", "--out"]
+    assert main([*args, str(tmp_path / "full")]) == 0
+    real = RunWriter.append_context
+
+    def append_context(self, context_id, rows):
+        real(self, context_id, rows)
+        raise Kill
+
+    monkeypatch.setattr(RunWriter, "append_context", append_context)
+    out = tmp_path / "r"
+    with pytest.raises(Kill):
+        main([*args, str(out)])
+    assert not (out / "tokens.csv").exists() and (out / "tokens.partial.csv").is_file()
+    with pytest.raises(InputError, match="incomplete"):
+        teachdiag.load_run(out)
+    part = teachdiag.load_run(out, allow_partial=True).table
+    full = teachdiag.load_run(tmp_path / "full").table
+    first = full[full["context_id"] == full["context_id"].iloc[0]].reset_index(drop=True)
+    assert len(part) == len(first) > 0
+    rest = [c for c in full.columns if c not in ("teachability", "incompat")]
+    pd.testing.assert_frame_equal(part[rest], first[rest])
+    finite = part["finite"] == 1
+    assert part.loc[finite, "teachability"].notna().all() and part.loc[~finite, "teachability"].isna().all()
