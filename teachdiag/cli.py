@@ -59,7 +59,7 @@ def _rollout(cfg, argv: list[str]) -> None:
 def _analyze(cfg, argv: list[str]) -> None:
     from teachdiag.commands.analyze import run_analyze
 
-    run_analyze(cfg)
+    run_analyze(cfg, argv)
 
 
 def _train(cfg, argv: list[str]) -> None:

@@ -9,6 +9,7 @@
     out.publish(tmp_folder, "model")     # a folder swapped in whole (train's checkpoint set)
     out.finish(record)                   # the run record again, "complete": true, last
     RunOutput.beside("r.jsonl", ".run.json")  # one file's output (rollout): r.jsonl.run.json, a lock of its own
+    RunOutput.rewritten("runs/r1/analysis", "analysis.json")  # a folder rewritten in place (analyze)
 
 Every write turns a failing disk (full, read-only, gone) into one line naming the file and what
 survived (disk_faults), instead of a traceback. The record is the run header (provenance: command
@@ -16,7 +17,7 @@ line, options, device, models with their weight hashes) plus what the command ad
 atomically, so a reader sees the old record or the new one, never half of one, and a record that
 says "complete": false (or none at all) means the other files are not to be trusted as finished.
 probe and viability write their tables through the table layer on top of this (runtable.py);
-train, rollout and calibrate use it directly. Only this module calls the durable.py primitives
+train, rollout, calibrate and analyze use it directly. Only this module calls the durable.py primitives
 for a command (tests/test_layout.py holds every command to that).
 
 Also here: claim_folder and lock_folder (one writer per folder or file, by flock), check_writable,
@@ -205,6 +206,16 @@ class RunOutput:
         check_writable(file.parent)
         lock_folder(file.parent, name=f".{file.name}.lock")  # before the file or its record is read
         return cls(file.parent, file.name + suffix, claim=False)
+
+    @classmethod
+    def rewritten(cls, folder: str | Path, record: str) -> "RunOutput":
+        """The output of a command that rewrites its folder's files in place, whatever is there
+        (analyze: each table replaced whole): made, checked writable and locked now, before any
+        work, but not required empty; the record says "complete": false while it is rewritten."""
+        folder = Path(folder)
+        check_writable(folder)
+        lock_folder(folder)
+        return cls(folder, record, claim=False)
 
     def path(self, name: str | Path) -> Path:
         """Where `name` lives: a str is a name in the folder ("train_log.csv", "model/x.json"); a

@@ -24,13 +24,14 @@ import teachdiag.analysis.paper as paper
 import teachdiag.analysis.paper_report as paper_report
 import teachdiag.analysis.plots as plots
 from teachdiag.analysis.instruments import agreement
-from teachdiag.analysis.report import markdown_table, run_line
+from teachdiag.analysis.report import Write, markdown_table, run_line
 
 
 def analyze_paper(runs: Sequence[dict], out: pathlib.Path, fig_dir: pathlib.Path, n_boot: int,
-                  seed: int, log: Callable[[str], None]) -> pathlib.Path:
-    """Every statistic of the paper protocol for each run (dicts from runs.load_run); returns
-    the summary.md path. Raises InputError for a table without response_length."""
+                  seed: int, log: Callable[[str], None], write: Write) -> pathlib.Path:
+    """Every statistic of the paper protocol for each run (dicts from runs.load_run), every file
+    through `write` (the command's run output); returns the summary.md path. Raises InputError for a
+    table without response_length."""
     parts: dict[str, list[pd.DataFrame]] = {k: [] for k in ("regressions", "q3", "bins", "selection")}
     scored = {}
     for r in runs:
@@ -48,15 +49,15 @@ def analyze_paper(runs: Sequence[dict], out: pathlib.Path, fig_dir: pathlib.Path
         log(f"{r['name']}: paper statistics done in {time.time() - t0:.1f} s")
     tables = {k: pd.concat(v, ignore_index=True) for k, v in parts.items()}
     for k, v in tables.items():
-        v.to_csv(out / f"paper_{k}.csv", index=False)
+        write(out / f"paper_{k}.csv", v.to_csv(index=False))
     if len(scored) > 1:  # several runs (instruments, K values): how far their gains agree, position by position
-        agreement(scored, "G_KLf", n_boot, seed).to_csv(out / "instruments.csv", index=False)
+        write(out / "instruments.csv", agreement(scored, "G_KLf", n_boot, seed).to_csv(index=False))
     top_k = {r["name"]: r.get("top_k") for r in runs}
     shown = paper_report.write_paper_tables(out, tables["q3"], tables["selection"],
-                                            tables["regressions"], top_k)
+                                            tables["regressions"], top_k, write)
     t9 = paper_report.table9(tables["regressions"], tables["q3"], top_k)
     titles = {r["name"]: r["title"] for r in runs}
-    written = plots.save(plots.beta_gap(t9, titles), fig_dir, "paper_betas")
+    written = plots.save(plots.beta_gap(t9, titles), fig_dir, "paper_betas", write)
     png = [p for p in written if p.suffix == ".png"][0]
     rel = os.path.relpath(png, out)  # the link works from out/, as in commands/analyze.py
     md = ["# teachdiag analysis: the paper's protocol", "", "## Data", ""]
@@ -73,6 +74,6 @@ def analyze_paper(runs: Sequence[dict], out: pathlib.Path, fig_dir: pathlib.Path
            "Figure: standardized coefficients β_L (of D^L = Dn·Cn) and β_I (of D^I = Dn·(1 − Cn)) "
            "in the decomposition model, with 95% cluster-bootstrap CIs, per run and gain; the "
            "paper's 14B→1.7B values as open markers.", ""]
-    (out / "summary.md").write_text("\n".join(md))
+    write(out / "summary.md", "\n".join(md))
     log(f"wrote {out} (paper protocol; figure {png})")
     return out / "summary.md"

@@ -15,7 +15,7 @@ import pathlib
 import numpy as np
 import pandas as pd
 
-from teachdiag.analysis.report import to_latex
+from teachdiag.analysis.report import Write, to_latex, write_plain
 
 # The paper's numbers (arXiv 2605.26844), copied from the design brief's "The paper's numbers to hold a
 # reproduction against" (checkpoint gain, G_KLf). NaN: the paper gives no such number.
@@ -161,16 +161,17 @@ CAPTIONS = {
 
 
 def write_paper_tables(out: str | pathlib.Path, q3: pd.DataFrame, sel: pd.DataFrame,
-                       reg: pd.DataFrame, top_k: dict[str, int | None]) -> dict[str, pd.DataFrame]:
+                       reg: pd.DataFrame, top_k: dict[str, int | None],
+                       write: Write = write_plain) -> dict[str, pd.DataFrame]:
     """Write paper_table1.csv, paper_table2.csv, paper_table9.csv (numbers, ours and the paper's)
-    and paper_tables.tex (booktabs); returns the display tables for summary.md."""
+    and paper_tables.tex (booktabs), each through `write`; returns the display tables for summary.md."""
     out = pathlib.Path(out)
     t1, t2, t9 = table1(q3, top_k), table2(sel), table9(reg, q3, top_k)
     for name, df in (("table1", t1), ("table2", t2), ("table9", t9)):
-        df.to_csv(out / f"paper_{name}.csv", index=False)
+        write(out / f"paper_{name}.csv", df.to_csv(index=False))
     shown = display_tables(t1, t2, t9)
     tex = [to_latex(shown[k], CAPTIONS[k], label=f"tab:teachdiag-paper-{k}") for k in shown]
-    (out / "paper_tables.tex").write_text("\n".join(tex))
+    write(out / "paper_tables.tex", "\n".join(tex))
     return shown
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import pathlib
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
@@ -53,13 +54,19 @@ def encode(fig: Figure) -> dict[str, bytes]:
     return out
 
 
-def save(fig: Figure, folder: str | pathlib.Path, name: str) -> list[pathlib.Path]:
-    """Write <folder>/<name>.png (150 dpi) and .pdf; returns both paths."""
+def save(fig: Figure, folder: str | pathlib.Path, name: str,
+         write: Callable[[pathlib.Path, bytes], None] | None = None) -> list[pathlib.Path]:
+    """Write <folder>/<name>.png (150 dpi) and .pdf; returns both paths. write: how each file's bytes
+    (encode) go to disk; a command passes its run output's (each file whole or not at all)."""
     folder = pathlib.Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / f"{name}.png", folder / f"{name}.pdf"]
-    fig.savefig(paths[0], dpi=150)
-    fig.savefig(paths[1])
+    paths = []
+    for suffix, data in encode(fig).items():
+        paths.append(folder / f"{name}{suffix}")
+        if write is None:
+            paths[-1].write_bytes(data)
+        else:
+            write(paths[-1], data)
     return paths
 
 

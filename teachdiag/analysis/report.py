@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pathlib
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -218,9 +218,19 @@ def run_line(r: dict) -> str:
             + (", ".join(f"{k}={v}" for k, v in (r.get("options") or {}).items()) or "none"))
 
 
+Write = Callable[[pathlib.Path, str | bytes], None]  # how a file goes to disk: a run output's write, or:
+
+
+def write_plain(path: pathlib.Path, data: str | bytes) -> None:
+    """`path` written as it is, text as UTF-8 (a notebook's call; `teachdiag analyze` passes its
+    run output's write, each file whole or not at all)."""
+    path.write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
+
+
 def write_summary(out: str | pathlib.Path, runs: Sequence[dict], corr: pd.DataFrame,
                   reg: pd.DataFrame, q3: pd.DataFrame, sel: pd.DataFrame, gain: str,
-                  figures: Sequence[str] = (), ta_opd: pd.DataFrame | None = None) -> tuple[pathlib.Path, pathlib.Path]:
+                  figures: Sequence[str] = (), ta_opd: pd.DataFrame | None = None,
+                  write: Write = write_plain) -> tuple[pathlib.Path, pathlib.Path]:
     """Write summary.md and summary.tex into `out`. runs: dicts with name, path, n_rows,
     n_excluded, n_contexts, complete, top_k, options (from the loader); ta_opd: the
     selection_ta_opd table (selection.ta_opd_selection), shown as its own section."""
@@ -267,8 +277,8 @@ def write_summary(out: str | pathlib.Path, runs: Sequence[dict], corr: pd.DataFr
         for f in figures:
             stem = pathlib.Path(f).stem
             md += [f"![{stem}]({f})", "", f"*{stem}*: {FIGURE_CAPTIONS.get(stem, '')}", ""]
-    (out / "summary.md").write_text("\n".join(md))
-    (out / "summary.tex").write_text("".join(tex_text))
+    write(out / "summary.md", "\n".join(md))
+    write(out / "summary.tex", "".join(tex_text))
     return out / "summary.md", out / "summary.tex"
 
 

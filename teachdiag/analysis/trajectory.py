@@ -30,6 +30,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from teachdiag.analysis import plots
+from teachdiag.analysis.report import Write
 from teachdiag.analysis.stats import add_scores, q3_gap, terciles
 from teachdiag.errors import InputError
 from teachdiag.table import TOKENS, read_tokens
@@ -117,9 +118,10 @@ def step_tables(folder: pathlib.Path) -> list[tuple[int, pathlib.Path]]:
 
 
 def analyze_monitor(paths: list[str], out: pathlib.Path, fig_dir: pathlib.Path, n_boot: int, seed: int,
-                    log: Callable[[str], None]) -> pathlib.Path:
+                    log: Callable[[str], None], write: Write) -> pathlib.Path:
     """`teachdiag analyze` on a monitor folder: every step's row again from its tokens.csv, now with
-    cluster-bootstrap CIs (n_boot resamples): trajectory.csv, trajectory.md and figures/trajectory.png."""
+    cluster-bootstrap CIs (n_boot resamples): trajectory.csv, trajectory.md and figures/trajectory.png,
+    each through `write` (the command's run output)."""
     if len(paths) != 1:
         raise InputError("give one monitor folder at a time", field="runs")
     folder = monitor_folder(paths[0])
@@ -132,8 +134,8 @@ def analyze_monitor(paths: list[str], out: pathlib.Path, fig_dir: pathlib.Path, 
         log(f"step {step}: {rows[-1]['finite']} positions")
     traj = pd.DataFrame(rows, columns=COLUMNS)
     out.mkdir(parents=True, exist_ok=True)
-    traj.to_csv(out / TRAJECTORY, index=False)
-    plots.save(plot_trajectory(traj), fig_dir, "trajectory")
+    write(out / TRAJECTORY, traj.to_csv(index=False))
+    plots.save(plot_trajectory(traj), fig_dir, "trajectory", write)
     lines = [f"# Monitor trajectory: {folder}", "",
              "Checkpoint gain θ0 → θ_step on the frozen bank; gains in nats (gain_fkl) and as a share of fkl "
              f"(rel_gain_fkl); Q3 gap with a 95% cluster-bootstrap CI over contexts ({n_boot} resamples).", "",
@@ -144,5 +146,5 @@ def analyze_monitor(paths: list[str], out: pathlib.Path, fig_dir: pathlib.Path, 
         lines.append(f"| {r['step']} | {r['finite']} | {r['gain_fkl']:.4g} | {split('teachability')} | "
                      f"{split('compat_mass')} | {r['q3_rel_gain_fkl']:.3g} [{r['q3_rel_gain_fkl_ci_low']:.3g}, "
                      f"{r['q3_rel_gain_fkl_ci_high']:.3g}] |")
-    (out / "trajectory.md").write_text("\n".join(lines) + "\n")
+    write(out / "trajectory.md", "\n".join(lines) + "\n")
     return out

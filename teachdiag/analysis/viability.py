@@ -28,7 +28,7 @@ from scipy.stats import rankdata
 import teachdiag.analysis.plots as plots
 from teachdiag.analysis.bootstrap import count_chunks, percentile_ci
 from teachdiag.analysis.minimum import MIN_CLASS, ci_note
-from teachdiag.analysis.report import markdown_table, run_label
+from teachdiag.analysis.report import Write, markdown_table, run_label
 from teachdiag.errors import InputError
 from teachdiag.scores import position_weight
 from teachdiag.table import PARTIAL, RUN, VIABILITY, VIABILITY_COLUMNS, VIABILITY_TEXT_COLUMNS, read_tokens
@@ -127,9 +127,10 @@ def is_viability_run(path: str) -> bool:
 
 
 def analyze_viability(paths: list[str], out: Path, fig_dir: Path, n_boot: int, seed: int,
-                      log: Callable[[str], None]) -> Path:
+                      log: Callable[[str], None], write: Write) -> Path:
     """`teachdiag analyze` on viability runs: viability_auroc.csv, viability_by_position.csv,
-    viability.md and figures/viability.png (+ .pdf), every run side by side."""
+    viability.md and figures/viability.png (+ .pdf), every run side by side; each file through
+    `write` (the command's run output)."""
     aucs, bins, lines, folders = [], [], [], {}
     for path in paths:
         p = Path(path)
@@ -157,13 +158,13 @@ def analyze_viability(paths: list[str], out: Path, fig_dir: Path, n_boot: int, s
         lines += _run_lines(name, df, meta)
     auc, by_pos = pd.concat(aucs, ignore_index=True), pd.concat(bins, ignore_index=True)
     auc = auc[["run", "rows", *[c for c in auc.columns if c not in ("run", "rows")]]]
-    auc.to_csv(out / "viability_auroc.csv", index=False)
-    by_pos[["run", *[c for c in by_pos.columns if c != "run"]]].to_csv(out / "viability_by_position.csv", index=False)
+    write(out / "viability_auroc.csv", auc.to_csv(index=False))
+    write(out / "viability_by_position.csv", by_pos[["run", *[c for c in by_pos.columns if c != "run"]]].to_csv(index=False))
     written = []
     for name in dict.fromkeys(auc["run"]):
         fig = plots.viability(auc[(auc["run"] == name) & (auc["rows"] == "all")], by_pos[by_pos["run"] == name],
                               title=name)
-        written += plots.save(fig, fig_dir, "viability" if len(paths) == 1 else f"viability_{folders[name]}")
+        written += plots.save(fig, fig_dir, "viability" if len(paths) == 1 else f"viability_{folders[name]}", write)
     shown = auc.assign(auroc=auc["auroc"].map(lambda v: f"{v:.3f}" if np.isfinite(v) else "—"),
                        ci=[f"[{lo:.3f}, {hi:.3f}]" if np.isfinite(lo) else n or "—"
                            for lo, hi, n in zip(auc["ci_low"], auc["ci_high"], auc["note"])])
@@ -172,7 +173,7 @@ def analyze_viability(paths: list[str], out: Path, fig_dir: Path, n_boot: int, s
           markdown_table(shown[["run", "rows", "label", "predictor", "orientation", "n_rows", "viable_share", "auroc",
                                 "ci", "paper"]].assign(viable_share=shown["viable_share"].map(lambda v: f"{v:.3f}"))),
           "", *[f"![viability]({os.path.relpath(w, out)})" for w in written if w.suffix == ".png"], ""]
-    (out / "viability.md").write_text("\n".join(md), encoding="utf-8")
+    write(out / "viability.md", "\n".join(md))
     log(f"wrote {out} ({len(written)} figure files in {fig_dir})")
     return out
 

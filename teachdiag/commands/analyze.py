@@ -10,6 +10,11 @@ ceil(ρN)), selection_ta_opd.csv (what the released TA-OPD rule keeps, batches o
 deciles.csv, summary.md, summary.tex, and figures/*.png + *.pdf. Every table has a `run` column.
 A run is a folder holding tokens.csv (or tokens.csv.gz) and run.json, or a path to the CSV itself.
 Rows whose `finite` flag is 0 are excluded from every statistic; their count is reported.
+
+Every file goes through the run output (runfolder.RunOutput): whole or not at all, and
+analysis.json, the record (command line, options, teachdiag's version, and the sha256 of every
+table and run record read), says "complete": false until the last file is in place. A kill or a
+full disk therefore never leaves a table that looks finished; the folder is locked while it runs.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import os
 import pathlib
 import sys
 import time
+from dataclasses import asdict
+from datetime import datetime, timezone
 
 import pandas as pd
 
@@ -32,7 +39,13 @@ from teachdiag.analysis.runs import CONTRASTS, DECILE_SCORES, add_response_lengt
 from teachdiag.analysis.trajectory import analyze_monitor, monitor_folder
 from teachdiag.analysis.viability import analyze_viability, is_viability_run
 from teachdiag.errors import InputError
-from teachdiag.runfolder import check_writable
+from teachdiag.provenance import code_version, file_sha256
+from teachdiag.runfolder import RunOutput, releases_locks
+from teachdiag.table import RUN, TOKENS, VIABILITY, all_parts
+
+RECORD = "analysis.json"
+KEPT = ("each file written so far is whole, and analysis.json says complete: false; free space or fix "
+        "permissions, then run analyze again")
 
 # ---------------------------------------------------------------- the command
 
@@ -40,9 +53,49 @@ def _log(msg: str) -> None:
     print(f"teachdiag analyze: {msg}", file=sys.stderr, flush=True)
 
 
-def run_analyze(cfg: AnalyzeConfig) -> pathlib.Path:
+def _inputs(paths: list[str]) -> list[dict]:
+    """Each given run by content: the sha256 of every table and run record analyze reads from it
+    (a monitor folder: each step's tokens.csv), named relative to the path given."""
+    found = []
+    for path in map(pathlib.Path, paths):
+        files = [path]
+        if path.is_dir():
+            monitor = monitor_folder(path)
+            files = sorted(monitor.glob(f"*/{TOKENS}")) if monitor else [
+                *(path / n for n in (TOKENS, TOKENS + ".gz", VIABILITY, RUN)), *(part for part, _ in all_parts(path))]
+        found.append({"path": str(path), "sha256": {str(f.relative_to(path)) if path.is_dir() else f.name:
+                                                    file_sha256(f) for f in files if f.is_file()}})
+    return found
+
+
+class AnalysisOutput:
+    """analyze's output folder: checked writable and locked, its record analysis.json written with
+    "complete": false before the first file and true after the last; `write` puts one file (a
+    table, a figure, the summary; in the folder or in --figures) in place whole."""
+
+    def __init__(self, out: pathlib.Path, cfg: AnalyzeConfig, argv: list[str] | None) -> None:
+        self.out, self.files = out, []
+        self.output = RunOutput.rewritten(out, RECORD)
+        self.output.kept = KEPT
+        self.record = {"command": " ".join(["teachdiag", "analyze", *(argv or [])]), "options": asdict(cfg),
+                       "teachdiag": code_version(), "inputs": _inputs(cfg.runs),
+                       "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        self.output.start(self.record)
+
+    def write(self, path: pathlib.Path, data: str | bytes) -> None:
+        self.output.write(pathlib.Path(path), data)
+        self.files.append(os.path.relpath(path, self.out))
+
+    def finish(self) -> None:
+        self.output.finish(dict(self.record, files=self.files,
+                                finished=datetime.now(timezone.utc).isoformat(timespec="seconds")))
+
+
+@releases_locks
+def run_analyze(cfg: AnalyzeConfig, argv: list[str] | None = None) -> pathlib.Path:
     """Run every statistic of cfg.protocol on every run of cfg.runs and write the tables, summary
-    and figures. Returns the output folder."""
+    and figures through an AnalysisOutput. argv: the command line's arguments, for the record (a
+    call from Python has none: its options are the record's). Returns the output folder."""
     if not cfg.runs:
         raise InputError("give at least one run folder", field="runs")
     known = (*analysis.GAINS, "gain_first_order")
@@ -56,7 +109,10 @@ def run_analyze(cfg: AnalyzeConfig) -> pathlib.Path:
     out = pathlib.Path(cfg.out) if cfg.out else (first if first.is_dir() else first.parent) / "analysis"
     fig_dir = pathlib.Path(cfg.figures) if cfg.figures else out / "figures"
     if all(monitor_folder(r) for r in cfg.runs):  # a live monitor's steps (analysis/trajectory.py)
-        return analyze_monitor(cfg.runs, out, fig_dir, cfg.bootstrap, cfg.seed, _log)
+        output = AnalysisOutput(out, cfg, argv)
+        analyze_monitor(cfg.runs, out, fig_dir, cfg.bootstrap, cfg.seed, _log, output.write)
+        output.finish()
+        return out
     kinds = {is_viability_run(r) for r in cfg.runs}
     if kinds == {True}:  # `teachdiag viability` runs: AUROC of each predictor (analysis/viability.py)
         for flag, value, default in (("protocol", cfg.protocol, "teachdiag"), ("gain", cfg.gain, "rel_gain_fkl"),
@@ -64,8 +120,10 @@ def run_analyze(cfg: AnalyzeConfig) -> pathlib.Path:
                                      ("response_lengths", cfg.response_lengths, "")):
             if value != default:  # refused, not ignored: a viability run has no gains or protocols
                 raise InputError("does not apply to a viability run (viability.csv)", field=f"--{flag.replace('_', '-')}")
-        out.mkdir(parents=True, exist_ok=True)
-        return analyze_viability(cfg.runs, out, fig_dir, cfg.bootstrap, cfg.seed, _log)
+        output = AnalysisOutput(out, cfg, argv)
+        analyze_viability(cfg.runs, out, fig_dir, cfg.bootstrap, cfg.seed, _log, output.write)
+        output.finish()
+        return out
     if len(kinds) > 1:
         raise InputError("give either probe runs (tokens.csv) or viability runs (viability.csv), not both",
                          field="runs")
@@ -74,7 +132,7 @@ def run_analyze(cfg: AnalyzeConfig) -> pathlib.Path:
     if bank is not None and cfg.protocol == "paper":  # the paper's H, D are full-vocabulary; a bank has top-K lists
         raise InputError("a TA-OPD token bank has no full-vocabulary entropy or fkl, which the paper protocol "
                          "needs; analyze it with the default protocol", file=bank["path"], field="--protocol")
-    check_writable(out)  # a read-only --out is refused now, not after every statistic is computed
+    output = AnalysisOutput(out, cfg, argv)  # a read-only --out is refused now, not after every statistic
     if cfg.response_lengths:
         runs = [add_response_lengths(r, cfg.response_lengths) for r in runs]
     names = [r["name"] for r in runs]
@@ -85,11 +143,11 @@ def run_analyze(cfg: AnalyzeConfig) -> pathlib.Path:
         r["title"] = describe(r)
         if "bank" in r:
             _log(f"{r['name']}: {describe_bank(r['bank'])}")
-    out.mkdir(parents=True, exist_ok=True)
     if cfg.protocol == "paper":
         from teachdiag.analysis.paper_command import analyze_paper  # the paper's tables
 
-        analyze_paper(runs, out, fig_dir, cfg.bootstrap, cfg.seed, _log)
+        analyze_paper(runs, out, fig_dir, cfg.bootstrap, cfg.seed, _log, output.write)
+        output.finish()
         return out
     tables: dict[str, list[pd.DataFrame]] = {k: [] for k in
                                              ("corr", "reg", "q3", "sel", "ta", "dec", "split")}
@@ -126,7 +184,7 @@ def run_analyze(cfg: AnalyzeConfig) -> pathlib.Path:
                                           ("corr", "reg", "q3", "sel", "ta", "dec", "split"))
     for name, df in [("correlations", corr), ("regressions", reg), ("q3", q3),
                      ("selection", sel), ("selection_ta_opd", ta), ("deciles", dec)]:
-        df.to_csv(out / f"{name}.csv", index=False)
+        output.write(out / f"{name}.csv", df.to_csv(index=False))
     titles = {r["name"]: r["title"] for r in runs}
     figs = {
         "gain_vs_fkl": plots.gain_vs_fkl(scored, cfg.gain, seed=cfg.seed, titles=titles),
@@ -137,11 +195,12 @@ def run_analyze(cfg: AnalyzeConfig) -> pathlib.Path:
         "correlation_heatmap": plots.correlation_heatmap(corr, titles=titles),
     }
     if len(scored) > 1:  # several runs: how far their gains agree where they measured the same positions
-        agreement(scored, cfg.gain, cfg.bootstrap, cfg.seed).to_csv(out / "instruments.csv", index=False)
+        output.write(out / "instruments.csv", agreement(scored, cfg.gain, cfg.bootstrap, cfg.seed).to_csv(index=False))
     written = []
     for name, fig in figs.items():
-        written += plots.save(fig, fig_dir, name)
+        written += plots.save(fig, fig_dir, name, output.write)
     rel = [os.path.relpath(p, out) for p in written if p.suffix == ".png"]  # links work from out/
-    report.write_summary(out, runs, corr, reg, q3, sel, cfg.gain, figures=rel, ta_opd=ta)
+    report.write_summary(out, runs, corr, reg, q3, sel, cfg.gain, figures=rel, ta_opd=ta, write=output.write)
+    output.finish()
     _log(f"wrote {out} ({len(written)} figure files in {fig_dir})")
     return out

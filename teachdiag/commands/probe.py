@@ -245,14 +245,15 @@ def run_probe(cfg: ProbeConfig, argv: list[str] | None = None) -> Path:
                       positions_per_s=round(n_new / max(probe_s, 1e-9), 4))
         writer.finish(record, order=[ctxs[c].id for c in by_ctx])
         if lr_auto:  # the sweep that chose the lr, drawn beside the table (CLI and Python API alike)
-            _draw_lr_auto(cfg, writer.out, lr, lr_auto)
+            _draw_lr_auto(cfg, writer.out, lr, lr_auto, writer.output.write)
     distributed.barrier()  # the other ranks return once tokens.csv exists
     distributed.close()
     return writer.out
 
 
-def _draw_lr_auto(cfg: ProbeConfig, out: Path, lr: float, lr_auto: dict) -> None:
-    """calibration.png/.pdf: the --lr auto sweep's median gain/first-order ratio per lr, the chosen lr marked."""
+def _draw_lr_auto(cfg: ProbeConfig, out: Path, lr: float, lr_auto: dict, write) -> None:
+    """calibration.png/.pdf: the --lr auto sweep's median gain/first-order ratio per lr, the chosen lr marked;
+    each file through `write` (the run output's: whole or not at all)."""
     import pandas as pd
 
     from teachdiag.analysis import plots
@@ -260,7 +261,7 @@ def _draw_lr_auto(cfg: ProbeConfig, out: Path, lr: float, lr_auto: dict) -> None
     fig = plots.calibration(pd.DataFrame(lr_auto["summary"]), lr,
                             f"--lr auto for {cfg.student}: loss {cfg.loss}, step {cfg.optimizer}",
                             band=BAND, max_negative=MAX_NEGATIVE)
-    plots.save(fig, out, "calibration")
+    plots.save(fig, out, "calibration", write)
 
 
 def summary_lines(out: Path) -> list[str]:

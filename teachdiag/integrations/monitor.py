@@ -117,9 +117,9 @@ def score(model: torch.nn.Module, bank: FixedBank) -> pd.DataFrame:
     return df
 
 
-def _write(path: Path, text: str) -> None:
+def _write(path: Path, data: str | bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")  # a reader never sees half a file
-    tmp.write_text(text)
+    tmp.write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
     tmp.replace(path)
 
 
@@ -176,7 +176,7 @@ def save_check(folder: Path, step: int, df: pd.DataFrame, row: dict, bank: Fixed
     old = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=[*COLUMNS, "seconds", "positions_per_s"])
     traj = pd.concat([old[old["step"] != step], pd.DataFrame([row])], ignore_index=True).sort_values("step")
     _write(path, traj.to_csv(index=False))
-    plots.save(plot_trajectory(traj), folder, "trajectory")
+    plots.save(plot_trajectory(traj), folder, "trajectory", _write)
 
 
 def refuse_sharded(args) -> None:

@@ -189,3 +189,64 @@ def test_titles_of_lr_auto_and_checkpoint_runs():
     assert "lr auto" in describe({"options": opts, "table": t})  # an older record: no crash
     assert describe({"options": opts, "table": pd.DataFrame({"instrument": ["checkpoint"]})}).startswith(
         "checkpoint gain: θ0 → θτ")
+
+
+def test_the_record_names_every_file_and_the_tables_read(analyzed):
+    """analysis.json: complete, the files written (tables, summary, figures), and the sha256 of each
+    input table and run record, so a number in a paper can be traced to the bytes it came from."""
+    from teachdiag.provenance import file_sha256
+
+    out, r1 = analyzed
+    record = json.loads((out / "analysis.json").read_text())
+    assert record["complete"] is True and record["command"].startswith("teachdiag analyze")
+    assert record["options"]["bootstrap"] == 50 and record["teachdiag"]["version"]
+    assert set(TABLES) | {f"figures/{f}.{s}" for f in FIGURES for s in ("png", "pdf")} <= set(record["files"])
+    assert all((out / f).is_file() for f in record["files"])
+    first = record["inputs"][0]
+    assert first["path"] == str(r1)
+    assert first["sha256"] == {"tokens.csv": file_sha256(r1 / "tokens.csv"), "run.json": file_sha256(r1 / "run.json")}
+    assert not list(out.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("protocol", ["teachdiag", "paper"])
+def test_a_disk_failing_mid_analysis_is_one_line_and_leaves_no_finished_look(tmp_path, monkeypatch, capsys,
+                                                                           protocol):
+    """A full disk at the fourth file: one line naming the file (exit 2, no traceback); the files
+    before it are whole (equal to an unbroken run's), none is torn, and analysis.json says
+    complete: false. Run again, the analysis completes."""
+    import errno
+    import os
+
+    import teachdiag.durable as durable
+    from teachdiag.cli import main
+
+    run = write_run(tmp_path / "r", n_ctx=12, n_pos=10, seed=4)
+    args = ["analyze", str(run), "--bootstrap", "20", "--protocol", protocol]
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    real, calls = durable._fsync_write, []
+
+    def failing_write(path, text, mode="a"):
+        calls.append(pathlib.Path(path).name)
+        if len(calls) == 5:  # the record, then the fourth file
+            real(path, text[: len(text) // 2], mode)  # torn where a real disk would tear it
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real(path, text, mode)
+
+    monkeypatch.setattr(durable, "_fsync_write", failing_write)
+    out = tmp_path / "broken"
+    capsys.readouterr()
+    assert main([*args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # the progress lines, then the error
+    torn = calls[-1].removesuffix(".tmp")
+    assert sum("error" in line for line in err) == 1 and not any("Traceback" in line for line in err), err
+    assert err[-1].startswith(f"teachdiag: error: {out}/{torn}")
+    assert os.strerror(errno.ENOSPC) in err[-1] and "complete: false" in err[-1]
+    assert json.loads((out / "analysis.json").read_text())["complete"] is False
+    assert not list(out.rglob("*.tmp")) and not list(out.rglob(torn))
+    written = [n.removesuffix(".tmp") for n in calls[1:4]]
+    for name in written:  # whole, and the same as the unbroken run's (figures: PNGs are deterministic)
+        if not name.endswith(".pdf"):
+            assert next(out.rglob(name)).read_bytes() == next((tmp_path / "whole").rglob(name)).read_bytes(), name
+    monkeypatch.setattr(durable, "_fsync_write", real)
+    assert main([*args, "--out", str(out)]) == 0
+    assert json.loads((out / "analysis.json").read_text())["complete"] is True

@@ -32,7 +32,7 @@ def test_titles_name_the_models_not_the_folder_timestamp(tmp_path, monkeypatch):
     (run / "run.json").write_text(json.dumps({"complete": True, "top_k": 16, "options": {
         "teacher": "org/Teacher-7B", "student": "/models/student-1b", "optimizer": "normalized", "loss": "reverse_kl"}}))
     figs = {}
-    def keep(fig, folder, name):  # the figures themselves, to read their texts
+    def keep(fig, folder, name, write=None):  # the figures themselves, to read their texts
         figs[name] = fig
         return [tmp_path / f"{name}.png", tmp_path / f"{name}.pdf"]
 
