@@ -3,8 +3,14 @@
 import subprocess
 import sys
 
+import pandas as pd
+import pytest
+
 import teachdiag
 from conftest import write_contexts
+from teachdiag.cli import main
+from teachdiag.errors import InputError
+from teachdiag.runtable import RunWriter
 
 
 def test_api_round_trip(tmp_path, pair):
@@ -31,14 +37,23 @@ def test_import_is_light_and_every_name_resolves():
 
 
 def test_api_refuses_unknown_names_before_loading(tmp_path):
-    import pytest
-
-    from teachdiag.errors import InputError
-
     with pytest.raises(InputError, match="--optimizer"):
         teachdiag.run_probe(optimizer="adamw", out=str(tmp_path / "a"))
     with pytest.raises(InputError, match="--loss"):
         teachdiag.run_probe(loss="kl", out=str(tmp_path / "b"))
+
+
+class Kill(BaseException):
+    """A kill -9 at a chosen write, as the tests below inject it."""
+
+
+def _full_run(tmp_path, pair) -> list[str]:
+    """A finished probe of 3 contexts in tmp_path/full; returns its arguments, less the --out folder."""
+    contexts = write_contexts(tmp_path / "c.jsonl", n=3)
+    args = ["probe", "--teacher", pair[0], "--student", pair[1], "--contexts", str(contexts), "--device", "cpu",
+            "--quiet", "--out"]
+    assert main([*args, str(tmp_path / "full")]) == 0
+    return args
 
 
 def test_a_table_written_but_never_marked_complete_is_not_read_as_finished(tmp_path, pair, monkeypatch):
@@ -47,20 +62,7 @@ def test_a_table_written_but_never_marked_complete_is_not_read_as_finished(tmp_p
     finishes it to the uninterrupted table."""
     import json
 
-    import pandas as pd
-    import pytest
-
-    from teachdiag.cli import main
-    from teachdiag.errors import InputError
-    from teachdiag.runtable import RunWriter
-
-    class Kill(BaseException):
-        pass
-
-    contexts = write_contexts(tmp_path / "c.jsonl", n=3)
-    args = ["probe", "--teacher", pair[0], "--student", pair[1], "--contexts", str(contexts), "--device", "cpu",
-            "--quiet", "--out"]
-    assert main([*args, str(tmp_path / "full")]) == 0
+    args = _full_run(tmp_path, pair)
     real = RunWriter.write_record
 
     def write_record(self, record):
@@ -86,20 +88,7 @@ def test_a_run_killed_before_its_table_was_merged_is_read_with_allow_partial(tmp
     """A kill after the first context leaves tokens.partial.csv and no tokens.csv: load_run refuses it,
     and with allow_partial gives those rows, equal to the finished run's but for teachability and
     incompat, normalised over the rows present."""
-    import pandas as pd
-    import pytest
-
-    from teachdiag.cli import main
-    from teachdiag.errors import InputError
-    from teachdiag.runtable import RunWriter
-
-    class Kill(BaseException):
-        pass
-
-    contexts = write_contexts(tmp_path / "c.jsonl", n=3)
-    args = ["probe", "--teacher", pair[0], "--student", pair[1], "--contexts", str(contexts), "--device", "cpu",
-            "--quiet", "--out"]
-    assert main([*args, str(tmp_path / "full")]) == 0
+    args = _full_run(tmp_path, pair)
     real = RunWriter.append_context
 
     def append_context(self, context_id, rows):
