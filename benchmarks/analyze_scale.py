@@ -104,8 +104,11 @@ def committed_runs(work: pathlib.Path) -> list[tuple[str, list[str]]]:
                                 ("checkpoint", "demo_checkpoint_tokens", "demo_checkpoint_run")):
         (runs / name).mkdir(parents=True, exist_ok=True)
         for link, target in (("tokens.csv.gz", f"{table}.csv.gz"), ("run.json", f"{record}.json")):
-            if not (runs / name / link).exists():
-                (runs / name / link).symlink_to(data / target)
+            path = runs / name / link
+            if path.is_symlink():  # made by another checkout, maybe gone since: this one's data
+                path.unlink()
+            if not path.exists():
+                path.symlink_to(data / target)
     for name in ("demo_heldout", "demo_heldout_released"):  # one gain_<selector>/ run per selector
         gains = pd.read_csv(data / name / "heldout_gains.csv.gz", dtype={"context_id": str})
         for sel, part in gains.groupby("selector", sort=False):

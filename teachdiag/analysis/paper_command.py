@@ -24,14 +24,14 @@ import teachdiag.analysis.paper as paper
 import teachdiag.analysis.paper_report as paper_report
 import teachdiag.analysis.plots as plots
 from teachdiag.analysis.instruments import agreement
-from teachdiag.analysis.report import Write, markdown_table, run_line
+from teachdiag.analysis.report import Write, markdown_table, run_line, write_plain
 
 
 def analyze_paper(runs: Sequence[dict], out: pathlib.Path, fig_dir: pathlib.Path, n_boot: int,
-                  seed: int, log: Callable[[str], None], write: Write) -> pathlib.Path:
+                  seed: int, log: Callable[[str], None], write: Write = write_plain) -> pathlib.Path:
     """Every statistic of the paper protocol for each run (dicts from runs.load_run), every file
-    through `write` (the command's run output); returns the summary.md path. Raises InputError for a
-    table without response_length."""
+    through `write` (the command's run output; without one, write_plain); returns the summary.md
+    path. Raises InputError for a table without response_length."""
     parts: dict[str, list[pd.DataFrame]] = {k: [] for k in ("regressions", "q3", "bins", "selection")}
     scored = {}
     for r in runs:

@@ -30,7 +30,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from teachdiag.analysis import plots
-from teachdiag.analysis.report import Write
+from teachdiag.analysis.report import Write, write_plain
 from teachdiag.analysis.stats import add_scores, q3_gap, terciles
 from teachdiag.errors import InputError
 from teachdiag.table import TOKENS, read_tokens
@@ -118,10 +118,10 @@ def step_tables(folder: pathlib.Path) -> list[tuple[int, pathlib.Path]]:
 
 
 def analyze_monitor(paths: list[str], out: pathlib.Path, fig_dir: pathlib.Path, n_boot: int, seed: int,
-                    log: Callable[[str], None], write: Write) -> pathlib.Path:
+                    log: Callable[[str], None], write: Write = write_plain) -> pathlib.Path:
     """`teachdiag analyze` on a monitor folder: every step's row again from its tokens.csv, now with
     cluster-bootstrap CIs (n_boot resamples): trajectory.csv, trajectory.md and figures/trajectory.png,
-    each through `write` (the command's run output)."""
+    each through `write` (the command's run output; without one, write_plain)."""
     if len(paths) != 1:
         raise InputError("give one monitor folder at a time", field="runs")
     folder = monitor_folder(paths[0])

@@ -28,7 +28,7 @@ from scipy.stats import rankdata
 import teachdiag.analysis.plots as plots
 from teachdiag.analysis.bootstrap import count_chunks, percentile_ci
 from teachdiag.analysis.minimum import MIN_CLASS, ci_note
-from teachdiag.analysis.report import Write, markdown_table, run_label
+from teachdiag.analysis.report import Write, markdown_table, run_label, write_plain
 from teachdiag.errors import InputError
 from teachdiag.scores import position_weight
 from teachdiag.table import PARTIAL, RUN, VIABILITY, VIABILITY_COLUMNS, VIABILITY_TEXT_COLUMNS, read_tokens
@@ -127,10 +127,10 @@ def is_viability_run(path: str) -> bool:
 
 
 def analyze_viability(paths: list[str], out: Path, fig_dir: Path, n_boot: int, seed: int,
-                      log: Callable[[str], None], write: Write) -> Path:
+                      log: Callable[[str], None], write: Write = write_plain) -> Path:
     """`teachdiag analyze` on viability runs: viability_auroc.csv, viability_by_position.csv,
     viability.md and figures/viability.png (+ .pdf), every run side by side; each file through
-    `write` (the command's run output)."""
+    `write` (the command's run output; without one, write_plain)."""
     aucs, bins, lines, folders = [], [], [], {}
     for path in paths:
         p = Path(path)

@@ -14,7 +14,8 @@ Rows whose `finite` flag is 0 are excluded from every statistic; their count is 
 Every file goes through the run output (runfolder.RunOutput): whole or not at all, and
 analysis.json, the record (command line, options, teachdiag's version, and the sha256 of every
 table and run record read), says "complete": false until the last file is in place. A kill or a
-full disk therefore never leaves a table that looks finished; the folder is locked while it runs.
+full disk therefore never leaves a table that looks finished; the folder is locked while it runs,
+and files an earlier analysis there wrote and this one does not are removed when it completes.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import teachdiag.analysis.plots as plots
 import teachdiag.analysis.report as report
 import teachdiag.analysis.selection as selection
 import teachdiag.analysis.stats as analysis
-from teachdiag.analysis.bank import describe_bank
+from teachdiag.analysis.bank import bank_files, describe_bank, is_bank
 from teachdiag.analysis.instruments import agreement
 from teachdiag.analysis.options import AnalyzeConfig
 from teachdiag.analysis.runs import CONTRASTS, DECILE_SCORES, add_response_lengths, describe, load_run
@@ -55,16 +56,21 @@ def _log(msg: str) -> None:
 
 def _inputs(paths: list[str]) -> list[dict]:
     """Each given run by content: the sha256 of every table and run record analyze reads from it
-    (a monitor folder: each step's tokens.csv), named relative to the path given."""
+    (a monitor folder: each step's tokens.csv; a token bank: its rollout files; a CSV: it and the
+    run.json beside it), named relative to the folder given, or to the CSV's own folder."""
     found = []
     for path in map(pathlib.Path, paths):
-        files = [path]
-        if path.is_dir():
-            monitor = monitor_folder(path)
-            files = sorted(monitor.glob(f"*/{TOKENS}")) if monitor else [
-                *(path / n for n in (TOKENS, TOKENS + ".gz", VIABILITY, RUN)), *(part for part, _ in all_parts(path))]
-        found.append({"path": str(path), "sha256": {str(f.relative_to(path)) if path.is_dir() else f.name:
-                                                    file_sha256(f) for f in files if f.is_file()}})
+        root = path if path.is_dir() else path.parent
+        if path.is_dir() and monitor_folder(path):
+            files = sorted(monitor_folder(path).glob(f"*/{TOKENS}"))
+        elif path.is_dir() and is_bank(path):
+            files = bank_files(path)
+        elif path.is_dir():
+            files = [*(path / n for n in (TOKENS, TOKENS + ".gz", VIABILITY, RUN)), *(p for p, _ in all_parts(path))]
+        else:
+            files = [path, path.parent / RUN]
+        found.append({"path": str(path), "sha256": {str(f.relative_to(root)): file_sha256(f)
+                                                    for f in files if f.is_file()}})
     return found
 
 
@@ -77,8 +83,11 @@ class AnalysisOutput:
         self.out, self.files = out, []
         self.output = RunOutput.rewritten(out, RECORD)
         self.output.kept = KEPT
+        before = self.output.previous("--out") or {}
+        self.stale = [f for f in before.get("files", []) if isinstance(f, str)]  # an earlier analysis's files
         self.record = {"command": " ".join(["teachdiag", "analyze", *(argv or [])]), "options": asdict(cfg),
-                       "teachdiag": code_version(), "inputs": _inputs(cfg.runs),
+                       "teachdiag": code_version(), "inputs": _inputs(cfg.runs + ([cfg.response_lengths]
+                                                                                  if cfg.response_lengths else [])),
                        "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         self.output.start(self.record)
 
@@ -87,6 +96,9 @@ class AnalysisOutput:
         self.files.append(os.path.relpath(path, self.out))
 
     def finish(self) -> None:
+        """The files an earlier analysis here wrote and this one did not are removed (whole but stale:
+        they would pass for this analysis's), then the record says complete."""
+        self.output.remove(*(self.out / f for f in self.stale if f not in self.files))
         self.output.finish(dict(self.record, files=self.files,
                                 finished=datetime.now(timezone.utc).isoformat(timespec="seconds")))
 

@@ -56,10 +56,14 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 def recomputed_layers(model: nn.Module) -> Iterator[int]:
     """Inside, each decoder layer's forward is checkpointed (module docstring); yields how many."""
     layers = decoder_layers(model)
+    own = [vars(layer).get("forward") for layer in layers]  # a forward set on the instance (a hook, a patch)
     for layer in layers:
-        layer.forward = functools.partial(checkpoint, type(layer).forward.__get__(layer), use_reentrant=False)
+        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)  # whichever it was
     try:
         yield len(layers)
     finally:
-        for layer in layers:
-            del layer.forward  # the class's forward again
+        for layer, forward in zip(layers, own):
+            if forward is None:
+                del layer.forward  # the class's forward again
+            else:
+                layer.forward = forward

@@ -250,3 +250,23 @@ def test_a_disk_failing_mid_analysis_is_one_line_and_leaves_no_finished_look(tmp
     monkeypatch.setattr(durable, "_fsync_write", real)
     assert main([*args, "--out", str(out)]) == 0
     assert json.loads((out / "analysis.json").read_text())["complete"] is True
+
+
+def test_an_earlier_analysis_files_not_written_again_are_removed(tmp_path):
+    """Analysing again into the same --out with one run instead of two: the earlier instruments.csv
+    (written only for several runs) is removed, not left whole and stale beside the new tables; a
+    file of the user's is left alone. A run given as its CSV is hashed with the run.json beside it."""
+    from teachdiag.provenance import file_sha256
+
+    r1 = write_run(tmp_path / "a", n_ctx=10, n_pos=10, seed=1)
+    r2 = write_run(tmp_path / "b", n_ctx=10, n_pos=10, seed=2)
+    out = tmp_path / "out"
+    run_analyze(AnalyzeConfig(runs=[str(r1), str(r2)], bootstrap=0, out=str(out)))
+    assert (out / "instruments.csv").is_file()
+    (out / "notes.txt").write_text("mine")
+    run_analyze(AnalyzeConfig(runs=[str(r1 / "tokens.csv")], bootstrap=0, out=str(out)))
+    record = json.loads((out / "analysis.json").read_text())
+    assert not (out / "instruments.csv").exists() and (out / "notes.txt").read_text() == "mine"
+    assert "instruments.csv" not in record["files"] and all((out / f).is_file() for f in record["files"])
+    assert record["inputs"][0]["sha256"] == {"tokens.csv": file_sha256(r1 / "tokens.csv"),
+                                             "run.json": file_sha256(r1 / "run.json")}

@@ -80,3 +80,24 @@ def test_a_model_without_decoder_layers_is_left_as_it_is():
     with recomputed_layers(model) as n:
         assert n == 0
     assert decoder_layers(model) == []
+
+
+def test_a_forward_set_on_the_instance_is_wrapped_and_put_back(one_thread):
+    """A layer whose instance already has a forward (an accelerate hook, a patch) is recomputed
+    through that forward, and has it again afterwards; the context manager nests."""
+    model = _model("llama")
+    layer = model.model.layers[0]
+    seen = []
+
+    def patched(*args, **kwargs):
+        seen.append(1)
+        return type(layer).forward(layer, *args, **kwargs)
+
+    layer.forward = patched
+    want = _grads(model, False)
+    seen.clear()
+    with recomputed_layers(model):
+        got = _grads(model, True)
+    assert len(seen) == 4  # 2 contexts: the forward and its recompute in the backward
+    assert vars(layer)["forward"] is patched and "forward" not in vars(model.model.layers[1])
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
