@@ -60,9 +60,9 @@ def _inputs(paths: list[str]) -> list[dict]:
     run.json beside it), named relative to the folder given, or to the CSV's own folder."""
     found = []
     for path in map(pathlib.Path, paths):
-        root = path if path.is_dir() else path.parent
-        if path.is_dir() and monitor_folder(path):
-            files = sorted(monitor_folder(path).glob(f"*/{TOKENS}"))
+        root, monitor = (path, monitor_folder(path)) if path.is_dir() else (path.parent, None)
+        if monitor:
+            files = sorted(monitor.glob(f"*/{TOKENS}"))
         elif path.is_dir() and is_bank(path):
             files = bank_files(path)
         elif path.is_dir():
@@ -72,6 +72,15 @@ def _inputs(paths: list[str]) -> list[dict]:
         found.append({"path": str(path), "sha256": {str(f.relative_to(root)): file_sha256(f)
                                                     for f in files if f.is_file()}})
     return found
+
+
+def _ours(out: pathlib.Path, name: object) -> bool:
+    """Whether `name`, from an earlier analysis.json, is a file analyze could have written in `out`:
+    a table, summary or figure inside it (a record copied in with other runs, or edited, never makes
+    analyze delete anything else)."""
+    path = pathlib.PurePosixPath(str(name))
+    return (isinstance(name, str) and not path.is_absolute() and ".." not in path.parts
+            and path.suffix in (".csv", ".md", ".tex", ".png", ".pdf"))
 
 
 class AnalysisOutput:
@@ -84,7 +93,7 @@ class AnalysisOutput:
         self.output = RunOutput.rewritten(out, RECORD)
         self.output.kept = KEPT
         before = self.output.previous("--out") or {}
-        self.stale = [f for f in before.get("files", []) if isinstance(f, str)]  # an earlier analysis's files
+        self.stale = [f for f in before.get("files", []) if _ours(out, f)]  # an earlier analysis's files
         self.record = {"command": " ".join(["teachdiag", "analyze", *(argv or [])]), "options": asdict(cfg),
                        "teachdiag": code_version(), "inputs": _inputs(cfg.runs + ([cfg.response_lengths]
                                                                                   if cfg.response_lengths else [])),

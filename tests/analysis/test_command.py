@@ -270,3 +270,9 @@ def test_an_earlier_analysis_files_not_written_again_are_removed(tmp_path):
     assert "instruments.csv" not in record["files"] and all((out / f).is_file() for f in record["files"])
     assert record["inputs"][0]["sha256"] == {"tokens.csv": file_sha256(r1 / "tokens.csv"),
                                              "run.json": file_sha256(r1 / "run.json")}
+    # a record edited (or copied in) to name files outside the analysis is not obeyed
+    (tmp_path / "precious.csv").write_text("keep")
+    record["files"] += ["../precious.csv", str(tmp_path / "precious.csv"), "notes.txt"]
+    (out / "analysis.json").write_text(json.dumps(record))
+    run_analyze(AnalyzeConfig(runs=[str(r1)], bootstrap=0, out=str(out)))
+    assert (tmp_path / "precious.csv").read_text() == "keep" and (out / "notes.txt").read_text() == "mine"
