@@ -84,9 +84,10 @@ def _ours(out: pathlib.Path, name: object) -> bool:
 
 
 class AnalysisOutput:
-    """analyze's output folder: checked writable and locked, its record analysis.json written with
-    "complete": false before the first file and true after the last; `write` puts one file (a
-    table, a figure, the summary; in the folder or in --figures) in place whole."""
+    """analyze's output folder: checked writable and locked when made, its record analysis.json
+    written with "complete": false just before the first file (input refused before that leaves
+    none) and true after the last; `write` puts one file (a table, a figure, the summary; in the
+    folder or in --figures) in place whole."""
 
     def __init__(self, out: pathlib.Path, cfg: AnalyzeConfig, argv: list[str] | None) -> None:
         self.out, self.files = out, []
@@ -98,9 +99,10 @@ class AnalysisOutput:
                        "teachdiag": code_version(), "inputs": _inputs(cfg.runs + ([cfg.response_lengths]
                                                                                   if cfg.response_lengths else [])),
                        "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        self.output.start(self.record)
 
     def write(self, path: pathlib.Path, data: str | bytes) -> None:
+        if not self.files:
+            self.output.start(self.record)
         self.output.write(pathlib.Path(path), data)
         self.files.append(os.path.relpath(path, self.out))
 

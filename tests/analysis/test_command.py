@@ -276,3 +276,15 @@ def test_an_earlier_analysis_files_not_written_again_are_removed(tmp_path):
     (out / "analysis.json").write_text(json.dumps(record))
     run_analyze(AnalyzeConfig(runs=[str(r1)], bootstrap=0, out=str(out)))
     assert (tmp_path / "precious.csv").read_text() == "keep" and (out / "notes.txt").read_text() == "mine"
+
+
+def test_input_refused_by_a_statistics_module_leaves_no_record(tmp_path):
+    """Two monitor folders are refused inside analysis/trajectory.py, before any file is written:
+    --out holds no analysis.json that could pass for an analysis begun."""
+    for name in ("m1", "m2"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "trajectory.csv").write_text("step\n")
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match="one monitor folder at a time"):
+        run_analyze(AnalyzeConfig(runs=[str(tmp_path / "m1"), str(tmp_path / "m2")], out=str(out)))
+    assert not (out / "analysis.json").exists()
