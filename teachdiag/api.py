@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from teachdiag.table import RUN, TOKENS, all_parts, read_tokens
+from teachdiag.table import RUN, TOKENS, read_tokens, row_parts
 
 
 @dataclass
@@ -53,7 +53,7 @@ def load_run(path: str | Path, allow_partial: bool = False) -> Run:
         raise InputError("run is incomplete (complete: false); finish it with --resume, or pass "
                          "allow_partial=True", file=str(path / RUN), field="complete")
     if not csv.is_file() and allow_partial:
-        parts = [read_tokens(p) for p, _ in all_parts(path) if p.is_file() and p.stat().st_size > 0]
+        parts = [read_tokens(p) for p in row_parts(path)]
         if parts:
             from teachdiag.scores import teachability_columns  # scipy: only for a partial run
 

@@ -29,7 +29,7 @@ import pandas as pd
 from teachdiag.errors import InputError
 from teachdiag.runfolder import RunOutput, disk_faults
 from teachdiag.scores import teachability_columns
-from teachdiag.table import COLUMNS, RUN, TEXT_COLUMNS, TOKENS, all_parts, part_files, read_tokens, rows_to_csv
+from teachdiag.table import COLUMNS, RUN, TEXT_COLUMNS, TOKENS, all_parts, part_files, read_tokens, row_parts, rows_to_csv
 
 
 class RunWriter:
@@ -152,8 +152,7 @@ class RunWriter:
 
     def merged_rows(self, order: list[str]) -> pd.DataFrame:
         """Every part's rows, contexts in `order` (the single-process order), each exactly once."""
-        parts = [read_tokens(p, self.columns, self.text_columns) for p, _ in all_parts(self.out)
-                 if p.exists() and p.stat().st_size > 0]
+        parts = [read_tokens(p, self.columns, self.text_columns) for p in row_parts(self.out)]
         df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=self.columns)
         rank = {cid: i for i, cid in enumerate(order)}
         found = df.groupby("context_id", sort=False).size().index

@@ -55,6 +55,11 @@ def all_parts(out: Path) -> list[tuple[Path, Path]]:
     return [part_files(out, r) for r in sorted(ranks)]
 
 
+def row_parts(out: Path) -> list[Path]:
+    """Every rank's rows file that holds something (a killed run's partial table), rank 0 first."""
+    return [p for p, _ in all_parts(out) if p.is_file() and p.stat().st_size > 0]
+
+
 def pos_norm(position, response_length) -> np.ndarray:
     """Relative position j/(T − 1) of 0-based position j in a response of T tokens (0 = first
     token, 1 = last; a one-token response gives 0). The paper protocol's pos_norm and the

@@ -24,7 +24,8 @@ import teachdiag.analysis.paper as paper
 import teachdiag.analysis.paper_report as paper_report
 import teachdiag.analysis.plots as plots
 from teachdiag.analysis.instruments import agreement
-from teachdiag.analysis.report import Write, markdown_table, run_line, write_plain
+from teachdiag.analysis.plots import Write, write_plain
+from teachdiag.analysis.report import markdown_table, run_line
 
 
 def analyze_paper(runs: Sequence[dict], out: pathlib.Path, fig_dir: pathlib.Path, n_boot: int,

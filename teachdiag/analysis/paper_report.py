@@ -15,7 +15,8 @@ import pathlib
 import numpy as np
 import pandas as pd
 
-from teachdiag.analysis.report import Write, to_latex, write_plain
+from teachdiag.analysis.plots import Write, write_plain
+from teachdiag.analysis.report import to_latex
 
 # The paper's numbers (arXiv 2605.26844), copied from the design brief's "The paper's numbers to hold a
 # reproduction against" (checkpoint gain, G_KLf). NaN: the paper gives no such number.

@@ -54,8 +54,16 @@ def encode(fig: Figure) -> dict[str, bytes]:
     return out
 
 
-def save(fig: Figure, folder: str | pathlib.Path, name: str,
-         write: Callable[[pathlib.Path, bytes], None] | None = None) -> list[pathlib.Path]:
+Write = Callable[[pathlib.Path, str | bytes], None]  # how a file goes to disk: a run output's write, or:
+
+
+def write_plain(path: pathlib.Path, data: str | bytes) -> None:
+    """`path` written as it is, text as UTF-8 (a notebook's call; `teachdiag analyze` passes its
+    run output's write, each file whole or not at all)."""
+    path.write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
+
+
+def save(fig: Figure, folder: str | pathlib.Path, name: str, write: Write = write_plain) -> list[pathlib.Path]:
     """Write <folder>/<name>.png (150 dpi) and .pdf; returns both paths. write: how each file's bytes
     (encode) go to disk; a command passes its run output's (each file whole or not at all)."""
     folder = pathlib.Path(folder)
@@ -63,10 +71,7 @@ def save(fig: Figure, folder: str | pathlib.Path, name: str,
     paths = []
     for suffix, data in encode(fig).items():
         paths.append(folder / f"{name}{suffix}")
-        if write is None:
-            paths[-1].write_bytes(data)
-        else:
-            write(paths[-1], data)
+        write(paths[-1], data)
     return paths
 
 

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import pathlib
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 
-from teachdiag.analysis.plots import gain_label
+from teachdiag.analysis.plots import Write, gain_label, write_plain
 
 # (label, correlation signal, selector): the rows of the paper table
 ROWS = [
@@ -216,15 +216,6 @@ def run_line(r: dict) -> str:
             f"as non-finite, {r['n_contexts']} contexts, K = {r.get('top_k')}, "
             f"complete = {r.get('complete')}{inst}{lengths}; options: "
             + (", ".join(f"{k}={v}" for k, v in (r.get("options") or {}).items()) or "none"))
-
-
-Write = Callable[[pathlib.Path, str | bytes], None]  # how a file goes to disk: a run output's write, or:
-
-
-def write_plain(path: pathlib.Path, data: str | bytes) -> None:
-    """`path` written as it is, text as UTF-8 (a notebook's call; `teachdiag analyze` passes its
-    run output's write, each file whole or not at all)."""
-    path.write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
 
 
 def write_summary(out: str | pathlib.Path, runs: Sequence[dict], corr: pd.DataFrame,

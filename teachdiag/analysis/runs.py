@@ -20,7 +20,7 @@ import teachdiag.analysis.selection as selection
 from teachdiag.analysis.bank import is_bank, read_bank
 from teachdiag.errors import InputError
 from teachdiag.scores import teachability_scores
-from teachdiag.table import COLUMNS, TEXT_COLUMNS, PARTIAL, all_parts, line_of_row, read_tokens
+from teachdiag.table import COLUMNS, TEXT_COLUMNS, PARTIAL, all_parts, line_of_row, read_tokens, row_parts
 
 # absent from older tables, left absent: response_length, instrument (0.2); the probability mass
 # dropped by a pair whose tokenizers differ in added/special ids (tokenizers.py)
@@ -121,7 +121,7 @@ def load_run(run: str | pathlib.Path, allow_partial: bool = False) -> dict:
         raise InputError("run is incomplete (no tokens.csv yet); pass --allow-partial to analyze "
                          "it anyway", file=str(csv))
     if csv.name == PARTIAL:  # an interrupted torchrun run: every rank's part, not just rank 0's
-        loaded = [load_tokens(p) for p, _ in all_parts(csv.parent) if p.is_file() and p.stat().st_size > 0]
+        loaded = [load_tokens(p) for p in row_parts(csv.parent)]
         if not loaded:
             raise InputError("no finished contexts yet", file=str(csv))
         table, excluded = pd.concat([t for t, _ in loaded], ignore_index=True), sum(e for _, e in loaded)

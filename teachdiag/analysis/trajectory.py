@@ -30,7 +30,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from teachdiag.analysis import plots
-from teachdiag.analysis.report import Write, write_plain
+from teachdiag.analysis.plots import Write, write_plain
 from teachdiag.analysis.stats import add_scores, q3_gap, terciles
 from teachdiag.errors import InputError
 from teachdiag.table import TOKENS, read_tokens

@@ -28,7 +28,8 @@ from scipy.stats import rankdata
 import teachdiag.analysis.plots as plots
 from teachdiag.analysis.bootstrap import count_chunks, percentile_ci
 from teachdiag.analysis.minimum import MIN_CLASS, ci_note
-from teachdiag.analysis.report import Write, markdown_table, run_label, write_plain
+from teachdiag.analysis.plots import Write, write_plain
+from teachdiag.analysis.report import markdown_table, run_label
 from teachdiag.errors import InputError
 from teachdiag.scores import position_weight
 from teachdiag.table import PARTIAL, RUN, VIABILITY, VIABILITY_COLUMNS, VIABILITY_TEXT_COLUMNS, read_tokens

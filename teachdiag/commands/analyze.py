@@ -74,8 +74,8 @@ def _inputs(paths: list[str]) -> list[dict]:
     return found
 
 
-def _ours(out: pathlib.Path, name: object) -> bool:
-    """Whether `name`, from an earlier analysis.json, is a file analyze could have written in `out`:
+def _ours(name: object) -> bool:
+    """Whether `name`, from an earlier analysis.json, is a file analyze could have written in --out:
     a table, summary or figure inside it (a record copied in with other runs, or edited, never makes
     analyze delete anything else)."""
     path = pathlib.PurePosixPath(str(name))
@@ -94,7 +94,7 @@ class AnalysisOutput:
         self.output = RunOutput.rewritten(out, RECORD)
         self.output.kept = KEPT
         before = self.output.previous("--out") or {}
-        self.stale = [f for f in before.get("files", []) if _ours(out, f)]  # an earlier analysis's files
+        self.stale = [f for f in before.get("files", []) if _ours(f)]  # an earlier analysis's files
         self.record = {"command": " ".join(["teachdiag", "analyze", *(argv or [])]), "options": asdict(cfg),
                        "teachdiag": code_version(), "inputs": _inputs(cfg.runs + ([cfg.response_lengths]
                                                                                   if cfg.response_lengths else [])),
